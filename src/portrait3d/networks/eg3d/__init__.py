@@ -1,0 +1,1 @@
+"""EG3D: tri-plane generator, camera utilities, ray sampler, volume renderer, super-resolution."""

@@ -1,0 +1,128 @@
+"""portrait3d's own network format: one ``.safetensors`` file whose metadata holds the JSON config.
+
+safetensors stores raw tensors and a JSON header only, so reading it can never
+execute code. The header's ``__metadata__`` carries::
+
+    {"format": "portrait3d-network", "format_version": "1",
+     "architecture": "stylegan2" | "eg3d", "config": "<JSON of the typed config dataclass>",
+     "extra": "<JSON of renderer constants, e.g. EG3D plane axes>"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from portrait3d.checkpoints.safe_pickle import CheckpointError
+
+__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write"]
+
+FORMAT = "portrait3d-network"
+FORMAT_VERSION = "1"
+
+
+def _architecture(net: nn.Module) -> tuple[str, dict[str, Any]]:
+    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
+    from portrait3d.networks.stylegan2 import Generator
+
+    if isinstance(net, TriPlaneGenerator):
+        return "eg3d", net.config.to_dict()
+    if isinstance(net, Generator):
+        return "stylegan2", net.config.to_dict()
+    raise TypeError(f"cannot save a {type(net).__name__}: only StyleGAN2 and EG3D generators are supported")
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any, overwrite: bool = False) -> Path:
+    """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_network(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write ``net`` (StyleGAN2 ``Generator`` or EG3D ``TriPlaneGenerator``) in our format, atomically."""
+    from safetensors.torch import save_file
+
+    arch, config = _architecture(net)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    extra: dict[str, Any] = {}
+    if arch == "eg3d":
+        extra["plane_axes"] = net.renderer.plane_axes.tolist()
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": arch,
+            "config": json.dumps(config), "extra": json.dumps(extra)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
+
+
+def is_native_file(head: bytes) -> bool:
+    """Whether the first bytes look like a safetensors file (8-byte header length, then ``{``)."""
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n < 100_000_000 and head[8:9] == b"{"
+
+
+def load_native(path: str | os.PathLike[str]) -> nn.Module:
+    """Load a network written by :func:`save_network` (eval mode, no grad)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt safetensors file ({str(e)[:100]})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError("safetensors file is not a portrait3d network (no portrait3d metadata)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"unsupported portrait3d network format version {meta.get('format_version')!r}")
+    try:
+        config = json.loads(meta["config"])
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError("portrait3d network has an unreadable config") from None
+    arch = meta.get("architecture")
+    try:
+        if arch == "stylegan2":
+            from portrait3d.networks.stylegan2 import Generator, StyleGAN2Config
+
+            net: nn.Module = Generator(StyleGAN2Config.from_dict(config))
+        elif arch == "eg3d":
+            from portrait3d.networks.eg3d.triplane import EG3DConfig, TriPlaneGenerator
+
+            net = TriPlaneGenerator(EG3DConfig.from_dict(config))
+        else:
+            raise CheckpointError(f"unknown architecture {arch!r} in portrait3d network")
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"portrait3d network config does not describe a valid {arch} network: {e}") from None
+    from portrait3d.checkpoints.state import load_state_strict
+
+    load_state_strict(net, state, f"{arch} network")
+    if arch == "eg3d" and "plane_axes" in extra:
+        net.renderer.plane_axes.copy_(torch.tensor(extra["plane_axes"], dtype=torch.float32))
+    return net.eval().requires_grad_(False)

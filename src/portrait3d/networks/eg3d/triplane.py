@@ -1,0 +1,276 @@
+"""EG3D tri-plane generator (Chan et al., "Efficient Geometry-aware 3D Generative Adversarial Networks").
+
+A StyleGAN2 backbone synthesises three 32-channel feature planes (Sec. 3.2); an
+``OSGDecoder`` turns averaged plane features into density and colour features,
+which the :class:`ImportanceRenderer` volume-renders (Sec. 3.3) into a low-resolution
+feature image; a super-resolution module produces the final image (Sec. 4.2).
+
+Official signatures::
+
+    ws  = G.mapping(z, c, truncation_psi=0.7)                      # [N, num_ws, 512]
+    out = G.synthesis(ws, c, neural_rendering_resolution=None,     # dict:
+                      noise_mode='const', deterministic=False)     #  image [N,3,R,R], image_raw, image_depth
+    out = G(z, c)                                                  # mapping + synthesis
+
+``c`` is the 25-d camera: row-major cam2world 4x4 (16) + normalised intrinsics 3x3 (9),
+see :func:`portrait3d.networks.eg3d.camera.camera_from_angles`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from portrait3d.checkpoints.safe_pickle import CheckpointError, PersistentStub
+from portrait3d.networks.eg3d.decoder import OSGDecoder
+from portrait3d.networks.eg3d.ray_sampler import RaySampler
+from portrait3d.networks.eg3d.renderer import ImportanceRenderer, sample_density_grid
+from portrait3d.networks.eg3d.superresolution import build_superresolution
+from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
+
+__all__ = ["RenderingConfig", "EG3DConfig", "TriPlaneGenerator", "triplane_from_stub"]
+
+
+@dataclass
+class RenderingConfig:
+    """EG3D ``rendering_kwargs``. Fields the renderer reads plus the training options checkpoints carry."""
+
+    image_resolution: int = 512
+    superresolution_module: str = "training.superresolution.SuperresolutionHybrid8XDC"
+    sr_antialias: bool = True
+    superresolution_noise_mode: str = "none"
+    disparity_space_sampling: bool = False
+    clamp_mode: str = "softplus"
+    c_gen_conditioning_zero: bool = False
+    c_scale: float = 1.0
+    depth_resolution: int = 48
+    depth_resolution_importance: int = 48
+    ray_start: float | str = 2.25
+    ray_end: float | str = 3.3
+    box_warp: float = 1.0
+    avg_camera_radius: float = 2.7
+    avg_camera_pivot: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.2])
+    decoder_lr_mul: float = 1.0
+    white_back: bool = False
+    density_noise: float = 0.0
+    # Training-only options kept so a converted checkpoint carries everything it had.
+    gpc_reg_prob: float = 0.5
+    density_reg: float = 0.25
+    density_reg_p_dist: float = 0.004
+    reg_type: str = "l1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def options(self) -> dict[str, Any]:
+        """The flat dict the renderer and official code read (``rendering_kwargs``)."""
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    @classmethod
+    def from_kwargs(cls, kw: dict[str, Any]) -> "RenderingConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in kw.items() if k not in known}
+        vals = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k in known}
+        return cls(extra=extra, **vals)
+
+
+@dataclass
+class EG3DConfig:
+    """Everything needed to build a :class:`TriPlaneGenerator`; saved as JSON beside our safetensors."""
+
+    z_dim: int = 512
+    c_dim: int = 25
+    w_dim: int = 512
+    img_resolution: int = 512
+    img_channels: int = 3
+    neural_rendering_resolution: int = 64
+    sr_num_fp16_res: int = 4
+    mapping: MappingConfig = field(default_factory=lambda: MappingConfig(num_layers=2, w_avg_beta=0.998))
+    backbone: SynthesisConfig = field(default_factory=lambda: SynthesisConfig(
+        channel_base=32768, channel_max=512, num_fp16_res=0, conv_clamp=None))
+    sr_fused_modconv_default: bool | str = "inference_only"
+    rendering: RenderingConfig = field(default_factory=RenderingConfig)
+    plane_channels: int = 32
+    plane_resolution: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EG3DConfig":
+        d = dict(d)
+        return cls(mapping=MappingConfig(**d.pop("mapping", {})),
+                   backbone=SynthesisConfig(**d.pop("backbone", {})),
+                   rendering=RenderingConfig(**d.pop("rendering", {})), **d)
+
+
+class TriPlaneGenerator(nn.Module):
+    """EG3D generator: camera-conditioned mapping, tri-plane backbone, renderer, super-resolution."""
+
+    def __init__(self, config: EG3DConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.z_dim = config.z_dim
+        self.c_dim = config.c_dim
+        self.w_dim = config.w_dim
+        self.img_resolution = config.img_resolution
+        self.img_channels = config.img_channels
+        self.rendering_kwargs = config.rendering.options()
+        self.neural_rendering_resolution = config.neural_rendering_resolution
+        self.renderer = ImportanceRenderer()
+        self.ray_sampler = RaySampler()
+        self.backbone = Generator(StyleGAN2Config(
+            z_dim=config.z_dim, c_dim=config.c_dim, w_dim=config.w_dim,
+            img_resolution=config.plane_resolution, img_channels=config.plane_channels * 3,
+            mapping=config.mapping, synthesis=config.backbone))
+        self.superresolution = build_superresolution(
+            config.rendering.superresolution_module, channels=config.plane_channels,
+            img_resolution=config.img_resolution, sr_num_fp16_res=config.sr_num_fp16_res,
+            sr_antialias=config.rendering.sr_antialias, fused_modconv_default=config.sr_fused_modconv_default)
+        self.decoder = OSGDecoder(config.plane_channels, {"decoder_lr_mul": config.rendering.decoder_lr_mul,
+                                                          "decoder_output_dim": config.plane_channels})
+        self._last_planes: torch.Tensor | None = None
+
+    @property
+    def num_ws(self) -> int:
+        return self.backbone.num_ws
+
+    def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1,
+                truncation_cutoff: int | None = None, update_emas: bool = False) -> torch.Tensor:
+        """``z [N, z_dim], c [N, 25] -> ws [N, num_ws, w_dim]`` (camera-conditioned, Sec. 4.3)."""
+        if self.rendering_kwargs["c_gen_conditioning_zero"]:
+            c = torch.zeros_like(c)
+        return self.backbone.mapping(z, c * self.rendering_kwargs.get("c_scale", 0), truncation_psi=truncation_psi,
+                                     truncation_cutoff=truncation_cutoff, update_emas=update_emas)
+
+    def planes(self, ws: torch.Tensor, **synthesis_kwargs: Any) -> torch.Tensor:
+        """Tri-plane features ``[N, 3, C, H, W]`` for ``ws``."""
+        planes = self.backbone.synthesis(ws, **synthesis_kwargs)
+        return planes.view(len(planes), 3, self.config.plane_channels, planes.shape[-2], planes.shape[-1])
+
+    def synthesis(self, ws: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: int | None = None,
+                  update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
+                  deterministic: bool = False, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Render ``ws`` from camera ``c``.
+
+        Args:
+            ws: ``[N, num_ws, w_dim]``; c: ``[N, 25]``.
+            neural_rendering_resolution: volume-rendering resolution (default: the model's).
+            deterministic: mid-bin stratified depths and ``det=True`` importance sampling.
+        Returns:
+            ``image [N,3,R,R]``, ``image_raw [N,3,r,r]``, ``image_depth [N,1,r,r]``.
+        """
+        if c.ndim != 2 or c.shape[1] != 25:
+            raise ValueError(f"camera c must have shape [N, 25], not {list(c.shape)}")
+        cam2world = c[:, :16].view(-1, 4, 4)
+        intrinsics = c[:, 16:25].view(-1, 3, 3)
+        if neural_rendering_resolution is None:
+            neural_rendering_resolution = self.neural_rendering_resolution
+        else:
+            self.neural_rendering_resolution = neural_rendering_resolution
+        ray_origins, ray_directions = self.ray_sampler(cam2world, intrinsics, neural_rendering_resolution)
+        n = ray_origins.shape[0]
+        if use_cached_backbone and self._last_planes is not None:
+            planes = self._last_planes
+        else:
+            planes = self.planes(ws, update_emas=update_emas, **synthesis_kwargs)
+        if cache_backbone:
+            self._last_planes = planes
+        features, depth, _ = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
+                                           deterministic=deterministic)
+        h = w = neural_rendering_resolution
+        feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], h, w).contiguous()
+        depth_image = depth.permute(0, 2, 1).reshape(n, 1, h, w)
+        rgb_image = feature_image[:, :3]
+        sr_kwargs = {k: v for k, v in synthesis_kwargs.items() if k != "noise_mode"}
+        sr_image = self.superresolution(rgb_image, feature_image, ws,
+                                        noise_mode=self.rendering_kwargs["superresolution_noise_mode"], **sr_kwargs)
+        return {"image": sr_image, "image_raw": rgb_image, "image_depth": depth_image}
+
+    def sample(self, coordinates: torch.Tensor, directions: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
+               truncation_psi: float = 1, truncation_cutoff: int | None = None, update_emas: bool = False,
+               **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Decoder output at points ``[N, M, 3]``: ``{'rgb': [N,M,32], 'sigma': [N,M,1]}`` (raw density)."""
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
+                          update_emas=update_emas)
+        return self.sample_mixed(coordinates, directions, ws, update_emas=update_emas, **synthesis_kwargs)
+
+    def sample_mixed(self, coordinates: torch.Tensor, directions: torch.Tensor, ws: torch.Tensor,
+                     truncation_psi: float = 1, truncation_cutoff: int | None = None, update_emas: bool = False,
+                     **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        """As :meth:`sample` but from given ``ws``."""
+        planes = self.planes(ws, update_emas=update_emas, **synthesis_kwargs)
+        return self.renderer.run_model(planes, self.decoder, coordinates, directions, self.rendering_kwargs)
+
+    @torch.no_grad()
+    def density_grid(self, ws: torch.Tensor, resolution: int = 128, max_batch: int = 1_000_000,
+                     **synthesis_kwargs: Any) -> tuple[torch.Tensor, Any, float]:
+        """Raw density on EG3D's shape-extraction grid for one latent (``ws [1, num_ws, w_dim]``).
+
+        Returns ``(sigmas [R, R, R], corner [3], voxel_size)`` (see
+        :func:`portrait3d.networks.eg3d.renderer.sample_density_grid`); meshes come from
+        marching cubes on this grid.
+        """
+        planes = self.planes(ws[:1], **synthesis_kwargs)
+        box = float(self.rendering_kwargs["box_warp"])
+
+        def decode(coords: torch.Tensor) -> torch.Tensor:
+            dirs = torch.zeros_like(coords)
+            dirs[..., -1] = -1
+            return self.renderer.run_model(planes, self.decoder, coords, dirs, self.rendering_kwargs)["sigma"]
+
+        return sample_density_grid(decode, resolution=resolution, cube_length=box, max_batch=max_batch,
+                                   device=ws.device)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1,
+                truncation_cutoff: int | None = None, neural_rendering_resolution: int | None = None,
+                update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
+                **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
+                          update_emas=update_emas)
+        return self.synthesis(ws, c, update_emas=update_emas, neural_rendering_resolution=neural_rendering_resolution,
+                              cache_backbone=cache_backbone, use_cached_backbone=use_cached_backbone,
+                              **synthesis_kwargs)
+
+
+def triplane_from_stub(stub: PersistentStub) -> TriPlaneGenerator:
+    """Build our :class:`TriPlaneGenerator` from an official pickle's ``TriPlaneGenerator`` stub."""
+    from portrait3d.checkpoints.nvidia import stub_child, stub_init_kwargs, stub_state_dict, stylegan2_config_from_stub
+    from portrait3d.checkpoints.state import load_state_strict
+
+    kw = stub_init_kwargs(stub, ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels"))
+    rendering = dict(stub.state.get("rendering_kwargs") or kw.get("rendering_kwargs") or {})
+    if not rendering:
+        raise CheckpointError("TriPlaneGenerator in the pickle has no rendering_kwargs")
+    backbone = stub_child(stub, "backbone")
+    bb_cfg = stylegan2_config_from_stub(backbone)
+    sr_kwargs = dict(kw.get("sr_kwargs") or {})
+    sr_fused = sr_kwargs.pop("fused_modconv_default", True)
+    sr_kwargs.pop("channel_base", None)  # ignored by the official SR modules as well
+    sr_kwargs.pop("channel_max", None)
+    if sr_kwargs:
+        raise CheckpointError(f"unsupported super-resolution option(s): {', '.join(sorted(sr_kwargs))}")
+    nrr = stub.state.get("neural_rendering_resolution", 64)
+    try:
+        cfg = EG3DConfig(
+            z_dim=int(kw["z_dim"]), c_dim=int(kw["c_dim"]), w_dim=int(kw["w_dim"]),
+            img_resolution=int(kw["img_resolution"]), img_channels=int(kw["img_channels"]),
+            neural_rendering_resolution=int(nrr), sr_num_fp16_res=int(kw.get("sr_num_fp16_res", 0)),
+            mapping=bb_cfg.mapping, backbone=bb_cfg.synthesis, sr_fused_modconv_default=sr_fused,
+            rendering=RenderingConfig.from_kwargs(rendering),
+            plane_channels=bb_cfg.img_channels // 3, plane_resolution=bb_cfg.img_resolution)
+        net = TriPlaneGenerator(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"unsupported EG3D configuration in the pickle: {e}") from None
+    load_state_strict(net, stub_state_dict(stub), "EG3D generator")
+    axes = stub_child(stub, "renderer").state.get("plane_axes")
+    if isinstance(axes, torch.Tensor):
+        if axes.shape != net.renderer.plane_axes.shape:
+            raise CheckpointError("EG3D renderer plane axes have an unexpected shape")
+        net.renderer.plane_axes.copy_(axes)
+    return net.eval().requires_grad_(False)
+

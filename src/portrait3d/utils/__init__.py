@@ -1,0 +1,1 @@
+"""Small shared helpers (image conversion and atomic file output)."""
