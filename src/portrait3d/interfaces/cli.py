@@ -35,7 +35,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @_fail_cleanly

@@ -282,6 +282,9 @@ class SynthesisBlock(nn.Module):
         self.channels_last = use_fp16 and fp16_channels_last
         self.fused_modconv_default = fused_modconv_default
         self.upsample = upsample
+        # StyleGAN2-ADA's code runs use_fp16 blocks in float16 on every device (EG3D's and
+        # stylegan3's fall back to float32 off CUDA). True reproduces ADA's CPU arithmetic.
+        self.fp16_on_cpu = False
         self.register_buffer("resample_filter", ops.setup_filter(list(resample_filter)))
         self.num_conv = 0
         self.num_torgb = 0
@@ -309,15 +312,16 @@ class SynthesisBlock(nn.Module):
                 **layer_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], "ws")
         w_iter = iter(ws.unbind(dim=1))
-        if ws.device.type != "cuda" and not getattr(self, "_fp16_on_cpu", False):
-            force_fp32 = True  # fp16 is a CUDA speed-up only; CPU stays float32 as the official code does
+        if ws.device.type != "cuda" and not self.fp16_on_cpu:
+            force_fp32 = True  # fp16 is a CUDA speed-up only; our CPU path stays float32
         dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
         memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
         if fused_modconv is None:
             fused_modconv = self.fused_modconv_default
         if fused_modconv == "inference_only":
             fused_modconv = not self.training
-        if getattr(self, "_fp16_on_cpu", False):
+        if self.fp16_on_cpu and fused_modconv is not False:
+            # StyleGAN2-ADA's rule: the grouped (fused) path only in float32 or for a single sample.
             fused_modconv = (not self.training) and (dtype == torch.float32 or int(ws.shape[0]) == 1)
 
         if self.in_channels == 0:

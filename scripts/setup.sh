@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root and install portrait3d with pinned versions.
+# Needs only python3 (3.10+) and access to PyPI; torch comes from the CPU wheel pinned below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"

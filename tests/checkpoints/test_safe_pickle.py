@@ -1,0 +1,113 @@
+"""Loading a checkpoint never executes code from it."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from portrait3d import CheckpointError, load_network
+from portrait3d.checkpoints.safe_pickle import PersistentStub, UnsafeCheckpointError, safe_load_pickle
+from tests.conftest import parity_file
+
+
+def _nvidia_style_pickle(module_src: str, class_name: str = "Generator", extra: object = None) -> bytes:
+    """A pickle laid out like NVIDIA's persistence format, made with throw-away fake modules."""
+    mod = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # never called: only referenced by name in the pickle
+        raise AssertionError
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class Obj:
+        def __reduce__(self):
+            meta = dict(type="class", version=6, module_src=module_src, class_name=class_name,
+                        state={"_init_args": (), "_init_kwargs": {}, "_modules": {}})
+            return (_reconstruct_persistent_obj, (meta,))
+
+    sys.modules["torch_utils"] = types.ModuleType("torch_utils")
+    sys.modules["torch_utils.persistence"] = mod
+    try:
+        return pickle.dumps({"G_ema": Obj(), "extra": extra}, protocol=3)
+    finally:
+        del sys.modules["torch_utils.persistence"], sys.modules["torch_utils"]
+
+
+def test_fixture_tripwire_source_is_never_executed(monkeypatch):
+    """The fixture's embedded module_src raises if executed; we also watch exec/eval/compile for it."""
+    path = parity_file("stylegan2_64.pkl")
+    seen: list[str] = []
+    real = {name: getattr(builtins, name) for name in ("exec", "eval", "compile")}
+
+    def watch(name):
+        def wrapper(source, *args, **kwargs):
+            if isinstance(source, (str, bytes)) and b"never be executed" in (
+                    source if isinstance(source, bytes) else source.encode()):
+                seen.append(name)
+            return real[name](source, *args, **kwargs)
+        return wrapper
+
+    for name in real:
+        monkeypatch.setattr(builtins, name, watch(name))
+    data = safe_load_pickle(path.read_bytes())
+    G = load_network(path)
+    for name in real:
+        monkeypatch.setattr(builtins, name, real[name])
+    stub = data["G_ema"]
+    assert isinstance(stub, PersistentStub) and stub.module_src_len > 0
+    assert G.num_ws == 10
+    assert seen == []
+
+
+def test_embedded_source_with_side_effect_is_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    src = f"open({str(marker)!r}, 'w').write('x')\nclass Generator: pass\n"
+    ckpt = tmp_path / "evil.pkl"
+    ckpt.write_bytes(_nvidia_style_pickle(src))
+    with pytest.raises(CheckpointError):
+        load_network(ckpt)  # no constructor args: refused, and ...
+    assert not marker.exists()  # ... the embedded source never ran
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_unknown_global_is_refused_before_running(tmp_path):
+    ckpt = tmp_path / "evil.pkl"
+    ckpt.write_bytes(pickle.dumps({"G_ema": _System()}, protocol=3))
+    with pytest.raises(UnsafeCheckpointError, match=r"'posix.system'|'os.system'|not on portrait3d's allow-list"):
+        load_network(ckpt)
+
+
+@pytest.mark.parametrize("payload", [
+    (eval, ("1+1",)),
+    (getattr, ("abc", "upper")),
+    (Path.unlink, (Path("/nonexistent"),)),
+])
+def test_other_hostile_globals_are_refused(tmp_path, payload):
+    class Evil:
+        def __reduce__(self):
+            return payload
+
+    ckpt = tmp_path / "evil.pkl"
+    ckpt.write_bytes(pickle.dumps({"G_ema": Evil()}, protocol=3))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_network(ckpt)
+    assert "\n" not in str(info.value)
+
+
+def test_unsupported_network_class_is_a_clear_error(tmp_path):
+    ckpt = tmp_path / "disc.pkl"
+    ckpt.write_bytes(_nvidia_style_pickle("raise RuntimeError", class_name="Discriminator"))
+    with pytest.raises(CheckpointError, match="network class 'Discriminator' is not supported"):
+        load_network(ckpt)
