@@ -316,13 +316,13 @@ class SynthesisBlock(nn.Module):
             force_fp32 = True  # fp16 is a CUDA speed-up only; our CPU path stays float32
         dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
         memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        if fused_modconv is None and self.fp16_on_cpu:
+            # StyleGAN2-ADA's rule: the grouped (fused) path only in float32 or for a single sample.
+            fused_modconv = (not self.training) and (dtype == torch.float32 or int(ws.shape[0]) == 1)
         if fused_modconv is None:
             fused_modconv = self.fused_modconv_default
         if fused_modconv == "inference_only":
             fused_modconv = not self.training
-        if self.fp16_on_cpu and fused_modconv is not False:
-            # StyleGAN2-ADA's rule: the grouped (fused) path only in float32 or for a single sample.
-            fused_modconv = (not self.training) and (dtype == torch.float32 or int(ws.shape[0]) == 1)
 
         if self.in_channels == 0:
             x = self.const.to(dtype=dtype, memory_format=memory_format)
