@@ -11,6 +11,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "fixtures" / "parity"
 
 
+def shared_path(relative: str) -> Path:
+    """Path under ../shared; skips the test cleanly when it is absent."""
+    p = SHARED / relative
+    if not p.exists():
+        pytest.skip(f"{p} not available (../shared is absent)")
+    return p
+
+
 def parity_file(name: str) -> Path:
     """Path of a parity fixture; skips the test cleanly when ../shared is absent."""
     p = PARITY / name

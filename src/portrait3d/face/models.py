@@ -1,0 +1,43 @@
+"""Locate the offline model files shipped by pip packages (never downloaded at run time).
+
+* dlib models come from the ``face_recognition_models`` wheel. Importing that package fails on
+  recent Python (it needs ``pkg_resources``), so we find its folder with ``importlib.util.find_spec``.
+* mediapipe 0.10.21's wheel carries its ``.tflite`` / ``.binarypb`` models and the canonical face
+  geometry under ``mediapipe/modules``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+__all__ = ["DLIB_MODELS", "dlib_model_path", "mediapipe_root"]
+
+DLIB_MODELS = {
+    "shape_68": "shape_predictor_68_face_landmarks.dat",
+    "shape_5": "shape_predictor_5_face_landmarks.dat",
+    "recognition": "dlib_face_recognition_resnet_model_v1.dat",
+    "cnn_detector": "mmod_human_face_detector.dat",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        raise RuntimeError(f"the '{name}' package is not installed (run scripts/setup.sh)")
+    return Path(spec.origin).resolve().parent
+
+
+def dlib_model_path(key: str) -> Path:
+    """Path of a dlib model file: ``key`` in :data:`DLIB_MODELS` (e.g. ``'shape_68'``)."""
+    path = _package_dir("face_recognition_models") / "models" / DLIB_MODELS[key]
+    if not path.exists():
+        raise RuntimeError(f"dlib model file missing: {path}")
+    return path
+
+
+def mediapipe_root() -> Path:
+    """The installed ``mediapipe`` package folder (its bundled models live under ``modules/``)."""
+    return _package_dir("mediapipe")
