@@ -8,3 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+# mediapipe 0.10.21 is the last release whose wheel ships its face models; its metadata asks for
+# numpy<2 (it runs fine on numpy 2) and jax, so it goes in without its declared dependencies.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt mediapipe==0.10.21

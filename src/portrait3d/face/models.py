@@ -8,11 +8,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["DLIB_MODELS", "dlib_model_path", "mediapipe_root"]
+__all__ = ["DLIB_MODELS", "dlib_model_path", "mediapipe_root", "quiet_native_stderr"]
 
 DLIB_MODELS = {
     "shape_68": "shape_predictor_68_face_landmarks.dat",
@@ -41,3 +45,22 @@ def dlib_model_path(key: str) -> Path:
 def mediapipe_root() -> Path:
     """The installed ``mediapipe`` package folder (its bundled models live under ``modules/``)."""
     return _package_dir("mediapipe")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence C++-level stderr (MediaPipe/TFLite print INFO and absl warnings there on every graph
+    start, and no environment variable turns them off). Python exceptions still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. under some test runners): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

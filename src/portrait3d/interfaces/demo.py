@@ -9,7 +9,8 @@ from torch import nn
 
 from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
 from portrait3d.networks.eg3d.camera import camera_from_angles
-from portrait3d.utils.image import depth_to_uint8, make_grid, save_png, to_uint8
+from portrait3d.face.io import save_image
+from portrait3d.utils.image import depth_to_uint8, make_grid, to_uint8
 
 YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
 
@@ -53,7 +54,7 @@ def run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: in
     with torch.no_grad():
         z = torch.randn(samples, g2.z_dim, generator=gen)
         img2 = g2(z, torch.zeros(samples, g2.c_dim), truncation_psi=truncation, noise_mode="const")
-        save_png(make_grid(to_uint8(img2), cols=min(samples, 8)), out / "samples_2d.png", overwrite=force)
+        save_image(out / "samples_2d.png", make_grid(to_uint8(img2), cols=min(samples, 8)), overwrite=force)
 
         z3 = torch.randn(samples, g3.z_dim, generator=gen)
         c_front = camera_from_angles([0.0] * samples, [0.0] * samples)
@@ -66,8 +67,8 @@ def run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: in
             views.append(o["image"])
             depths.append(torch.nn.functional.interpolate(o["image_depth"], size=o["image"].shape[-1]))
     order = lambda ts: torch.stack(ts, 1).flatten(0, 1)  # noqa: E731 - rows = samples, columns = yaws
-    save_png(make_grid(to_uint8(order(views)), cols=len(YAWS)), out / "views_3d.png", overwrite=force)
-    save_png(make_grid(depth_to_uint8(order(depths)), cols=len(YAWS)), out / "depth_3d.png", overwrite=force)
+    save_image(out / "views_3d.png", make_grid(to_uint8(order(views)), cols=len(YAWS)), overwrite=force)
+    save_image(out / "depth_3d.png", make_grid(depth_to_uint8(order(depths)), cols=len(YAWS)), overwrite=force)
     readme = (
         "portrait3d demo output\n\n"
         f"samples_2d.png  {samples} faces from the 2D StyleGAN2 generator ({src2}), truncation {truncation}.\n"

@@ -1,16 +1,11 @@
-"""Tensor <-> image conversion, grids and atomic PNG writing."""
+"""Tensor -> image conversion and grids (files are written with :func:`portrait3d.face.io.save_image`)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from portrait3d.checkpoints.native import atomic_write
-
-__all__ = ["to_uint8", "depth_to_uint8", "make_grid", "save_png"]
+__all__ = ["to_uint8", "depth_to_uint8", "make_grid"]
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -41,10 +36,3 @@ def make_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
     return grid
-
-
-def save_png(image: np.ndarray, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write ``uint8 [H, W, C]`` as PNG atomically (never a half-written file)."""
-    from PIL import Image
-
-    return atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), overwrite=overwrite)

@@ -16,7 +16,9 @@ EG3D camera convention
 Angles
 ------
 :func:`camera_from_angles` takes head-pose angles in degrees: yaw 0 / pitch 0 is frontal,
-positive yaw turns the head to its left, positive pitch tilts it up. :func:`look_at_pose` keeps
+positive yaw turns the head to its left, positive pitch tilts it up, and the optional positive
+roll tilts the head toward its left shoulder (the camera turns about its viewing axis; in the image
+the face turns clockwise). :func:`pose_angles_from_camera` inverts it, roll included. :func:`look_at_pose` keeps
 EG3D's raw ``LookAtPoseSampler`` parameters (``horizontal``, ``vertical`` in radians), with which
 the official scripts pass ``pi/2 + angle_y`` and ``pi/2 + angle_p``: there a positive ``angle_y``
 turns the head to its *right*, and ``angle_p`` is not a geometric angle (the camera elevation is
@@ -39,6 +41,8 @@ __all__ = [
     "camera_vector",
     "camera_from_angles",
     "angles_from_camera",
+    "pose_angles_from_camera",
+    "roll_from_camera",
 ]
 
 AngleLike = Union[float, Sequence[float], torch.Tensor]
@@ -180,6 +184,7 @@ def camera_from_angles(
     radius: float = 2.7,
     fov_deg: float = 18.837,
     pivot: Sequence[float] = (0.0, 0.0, 0.2),
+    roll_deg: AngleLike = 0.0,
 ) -> torch.Tensor:
     """EG3D 25-d camera label for a head pose given as true angles in degrees.
 
@@ -190,6 +195,11 @@ def camera_from_angles(
       right, world -x; the nose points toward the image right). Yaw is the geometric azimuth.
     * positive **pitch** tilts the head **up** (the camera moves below the face, world -y, and
       sees more of the chin). Pitch is the geometric elevation of the camera, negated.
+    * positive **roll** tilts the head toward **its left shoulder**: the camera is rotated about
+      its own viewing axis (its position and the point it looks at are unchanged) so that the face
+      turns **clockwise** in the image by ``roll`` (the top of the head moves toward the image
+      right): camera coordinates become ``Rz(roll) @ p``. With roll 0 (the default) the label is
+      exactly EG3D's look-at camera.
 
     The camera sits at ``radius`` from the world origin and looks at ``pivot`` with the EG3D
     look-at frame and :func:`fov_to_intrinsics`, exactly as ``LookAtPoseSampler`` does. In EG3D's
@@ -203,18 +213,20 @@ def camera_from_angles(
         radius: distance of the camera from the world origin.
         fov_deg: field of view in degrees.
         pivot: point looked at.
+        roll_deg: float, or sequence / tensor ``[N]`` (broadcast against the other angles).
 
     Returns:
         float32 ``[25]`` for scalar angles, ``[N, 25]`` otherwise.
     """
-    batched = _is_batched(yaw_deg) or _is_batched(pitch_deg)
+    batched = _is_batched(yaw_deg) or _is_batched(pitch_deg) or _is_batched(roll_deg)
     device = torch.device("cpu")
-    for a in (yaw_deg, pitch_deg):
+    for a in (yaw_deg, pitch_deg, roll_deg):
         if isinstance(a, torch.Tensor):
             device = a.device
     yaw = torch.deg2rad(torch.as_tensor(yaw_deg, dtype=torch.float64, device=device).reshape(-1))
     pitch = torch.deg2rad(torch.as_tensor(pitch_deg, dtype=torch.float64, device=device).reshape(-1))
-    yaw, pitch = torch.broadcast_tensors(yaw, pitch)
+    roll = torch.deg2rad(torch.as_tensor(roll_deg, dtype=torch.float64, device=device).reshape(-1))
+    yaw, pitch, roll = torch.broadcast_tensors(yaw, pitch, roll)
     if bool((pitch.abs() >= math.pi / 2).any()):
         raise ValueError("pitch must lie strictly between -90 and 90 degrees")
     # Position on the sphere in float64, then the official float32 look-at frame.
@@ -223,6 +235,14 @@ def camera_from_angles(
     origins = origins.to(torch.float32)
     lookat = torch.tensor(list(pivot), dtype=torch.float32, device=device)
     cam2world = create_cam2world_matrix(normalize_vecs(lookat - origins), origins)
+    if bool((roll != 0).any()):
+        # world2cam' = Rz(roll) world2cam in camera axes (x right, y down), i.e.
+        # cam2world' = cam2world Rz(roll)^T; computed in float64 and rounded once.
+        cos, sin, zero, one = torch.cos(roll), torch.sin(roll), torch.zeros_like(roll), torch.ones_like(roll)
+        rz_t = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1),
+                            torch.stack([zero, zero, one], -1)], -2)
+        cam2world = cam2world.clone()
+        cam2world[:, :3, :3] = (cam2world[:, :3, :3].to(torch.float64) @ rz_t).to(torch.float32)
     c = camera_vector(cam2world, fov_to_intrinsics(fov_deg, device=device))
     return c if batched else c[0]
 
@@ -251,3 +271,48 @@ def angles_from_camera(
     if single:
         return float(yaw[0]), float(pitch[0]), float(radius[0])
     return yaw, pitch, radius
+
+
+def _flat16(c: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """``[N, 16]`` cam2world entries of a label ``[25]`` / ``[N, 25]`` or cam2world ``[4, 4]`` / ``[N, 4, 4]``."""
+    single = c.dim() == 1 or (c.dim() == 2 and c.shape == (4, 4))
+    flat = c.reshape(-1, 16) if c.shape[-1] == 4 else c.reshape(-1, c.shape[-1])
+    return flat[:, :16], single
+
+
+def roll_from_camera(c: torch.Tensor) -> Union[float, torch.Tensor]:
+    """Roll in degrees (rotation about the viewing axis) of a camera, as :func:`camera_from_angles` sets it.
+
+    ``roll = atan2(R[1, 0], -R[1, 1])`` with ``R`` the cam2world rotation (``R[1, 0]``: world-y
+    component of the camera's right axis, ``R[1, 1]``: that of its down axis), in float64. It is 0
+    for EG3D's look-at cameras (their right axis is horizontal).
+
+    Args:
+        c: camera label ``[25]`` or ``[N, 25]`` (or a cam2world ``[4, 4]`` / ``[N, 4, 4]``).
+
+    Returns:
+        Python float for a single camera, float64 tensor ``[N]`` otherwise.
+    """
+    flat, single = _flat16(c)
+    r = flat.to(torch.float64)
+    roll = torch.rad2deg(torch.atan2(r[:, 4], -r[:, 5]))
+    return float(roll[0]) if single else roll
+
+
+def pose_angles_from_camera(
+    c: torch.Tensor,
+) -> Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor], Union[float, torch.Tensor],
+           Union[float, torch.Tensor]]:
+    """Inverse of :func:`camera_from_angles` including roll: ``(yaw_deg, pitch_deg, roll_deg, radius)``.
+
+    ``yaw``, ``pitch`` and ``radius`` are those of :func:`angles_from_camera` (camera position
+    around the world origin); ``roll`` is :func:`roll_from_camera`.
+
+    Args:
+        c: camera label ``[25]`` or ``[N, 25]`` (or a cam2world ``[4, 4]`` / ``[N, 4, 4]``).
+
+    Returns:
+        Python floats for a single camera, float64 tensors ``[N]`` otherwise.
+    """
+    yaw, pitch, radius = angles_from_camera(c)
+    return yaw, pitch, roll_from_camera(c), radius
