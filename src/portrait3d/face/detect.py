@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from portrait3d.face.errors import NoFaceError
-from portrait3d.face.models import quiet_native_stderr
+from portrait3d.face.models import ReleasesOnExit, quiet_native_stderr
 
 __all__ = ["BACKENDS", "MEDIAPIPE_KEYPOINTS", "Detection", "FaceDetector", "box_iou", "select_face"]
 
@@ -143,7 +143,7 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-class FaceDetector:
+class FaceDetector(ReleasesOnExit):
     """Detect faces in an RGB image.
 
     Args:
@@ -192,18 +192,6 @@ class FaceDetector:
             except Exception:  # pragma: no cover - closing twice / during interpreter exit
                 pass
         self._mp.clear()
-
-    def __enter__(self) -> "FaceDetector":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------ API
     def detect(self, image: np.ndarray) -> list[Detection]:

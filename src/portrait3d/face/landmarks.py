@@ -29,7 +29,7 @@ import numpy as np
 
 from portrait3d.face.detect import Detection
 from portrait3d.face.errors import NoFaceError
-from portrait3d.face.models import quiet_native_stderr
+from portrait3d.face.models import ReleasesOnExit, quiet_native_stderr
 
 __all__ = [
     "IBUG68_REGIONS",
@@ -191,7 +191,7 @@ def _box_of(face: Detection | Sequence[float]) -> tuple[tuple[float, float, floa
     return box, "box"  # type: ignore[return-value]
 
 
-class LandmarkDetector:
+class LandmarkDetector(ReleasesOnExit):
     """Landmarks of a detected face.
 
     Args:
@@ -234,18 +234,6 @@ class LandmarkDetector:
             except Exception:  # pragma: no cover
                 pass
             self._mesh = None
-
-    def __enter__(self) -> "LandmarkDetector":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------ API
     def detect(self, image: np.ndarray, face: Detection | Sequence[float]) -> FaceLandmarks:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["DLIB_MODELS", "dlib_model_path", "mediapipe_root", "quiet_native_stderr"]
+__all__ = ["DLIB_MODELS", "dlib_model_path", "mediapipe_root", "quiet_native_stderr", "ReleasesOnExit"]
 
 DLIB_MODELS = {
     "shape_68": "shape_predictor_68_face_landmarks.dat",
@@ -64,3 +64,22 @@ def quiet_native_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+class ReleasesOnExit:
+    """Mixin for objects holding native graphs: ``with obj:`` and garbage collection call ``close()``."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass instance
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort during interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -26,6 +26,7 @@ from portrait3d.face.align import ALIGNERS, AlignedFace, apply_transform
 from portrait3d.face.detect import Detection, FaceDetector, select_face
 from portrait3d.face.io import load_image
 from portrait3d.face.landmarks import LandmarkDetector
+from portrait3d.face.models import ReleasesOnExit
 from portrait3d.face.pose import HeadPose, camera_from_pose, estimate_head_pose
 
 __all__ = ["FaceResult", "FacePipeline", "EG3D_FOV_DEG", "DEFAULT_SIZES"]
@@ -57,7 +58,7 @@ class FaceResult:
     camera: torch.Tensor
 
 
-class FacePipeline:
+class FacePipeline(ReleasesOnExit):
     """Detection, landmarks, alignment and camera estimation with one policy for every tool.
 
     Args:
@@ -92,12 +93,6 @@ class FacePipeline:
     def close(self) -> None:
         self.detector.close()
         self.landmarker.close()
-
-    def __enter__(self) -> "FacePipeline":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 
