@@ -1,0 +1,156 @@
+"""Aligned-face datasets for training: built once from photos, cached as one uint8 array + JSON labels.
+
+    python -m portrait3d.training.dataset build ../shared/data/utkface ~/.cache/portrait3d/utkface128
+
+writes ``images.npy`` (``uint8 [N, R, R, 3]``, memory-mapped when read), ``labels.json``
+(file names, EG3D 25-d cameras and head poses of the aligned crops, EG3D ``dataset.json``
+layout under ``"labels"``) and ``failures.json`` (photos skipped and why). Photos are aligned
+with :class:`portrait3d.face.pipeline.FacePipeline` (``style='default'``), the crop the
+default models are trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+__all__ = ["AlignedFaceDataset", "build_dataset"]
+
+
+@dataclass
+class _Paths:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images.npy"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels.json"
+
+
+class AlignedFaceDataset(torch.utils.data.Dataset):
+    """A built dataset. Items: ``(image float [3, R, R] in [-1, 1], camera float [25])``.
+
+    Args:
+        root: folder written by :func:`build_dataset`.
+        mirror: also yield every face flipped left-right (camera mirrored too), doubling the set.
+        limit: use only the first ``limit`` faces (tests, quick runs).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], mirror: bool = True, limit: int | None = None) -> None:
+        p = _Paths(Path(root))
+        if not p.images.exists() or not p.labels.exists():
+            raise FileNotFoundError(f"{root} is not a built dataset (no images.npy / labels.json)")
+        self.images = np.load(p.images, mmap_mode="r")
+        meta = json.loads(p.labels.read_text())
+        self.names = [n for n, _ in meta["labels"]]
+        self.cameras = torch.tensor([c for _, c in meta["labels"]], dtype=torch.float32)
+        n = len(self.names) if limit is None else min(limit, len(self.names))
+        self.count = n
+        self.mirror = mirror
+        self.resolution = int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return self.count * (2 if self.mirror else 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = i >= self.count
+        j = i - self.count if flip else i
+        img = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1).float() / 127.5 - 1
+        cam = self.cameras[j].clone()
+        if flip:
+            img = img.flip(-1)
+            cam = mirror_camera(cam)
+        return img, cam
+
+    def all_images_uint8(self, limit: int | None = None) -> np.ndarray:
+        """The first ``limit`` (default all) faces as ``uint8 [N, R, R, 3]`` (for FID statistics)."""
+        return np.asarray(self.images[: self.count if limit is None else min(limit, self.count)])
+
+
+def mirror_camera(c: torch.Tensor) -> torch.Tensor:
+    """The EG3D label of the left-right mirrored image (as EG3D's dataset mirroring): negate the
+    world-x row/column of the rotation and the x translation."""
+    m = c[:16].view(4, 4).clone()
+    flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+    m = flip @ m @ torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+    return torch.cat([m.reshape(16), c[16:]])
+
+
+def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector: str = "mediapipe") -> dict:
+    """Align ``photos`` into ``out`` (see module docstring). Returns a summary dict."""
+    from tqdm import tqdm
+
+    from portrait3d.checkpoints.native import atomic_write
+    from portrait3d.face.errors import FaceError
+    from portrait3d.face.pipeline import FacePipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    p = _Paths(out)
+    tmp_images = out / "images.partial.npy"
+    arr = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(photos), resolution, resolution, 3))
+    labels, poses, failures = [], {}, {}
+    n = 0
+    with FacePipeline(style="default", output_size=resolution, detector=detector) as pipe:
+        for photo in tqdm(photos, desc="aligning", unit="photo", smoothing=0.05):
+            try:
+                r = pipe(photo)
+            except (FaceError, ValueError) as e:
+                failures[photo.name] = str(e)
+                continue
+            arr[n] = r.aligned.image
+            labels.append([photo.name, [float(v) for v in r.camera.tolist()]])
+            poses[photo.name] = [r.pose.yaw_deg, r.pose.pitch_deg, r.pose.roll_deg]
+            n += 1
+    arr.flush()
+    del arr
+    # Keep only the filled rows, then publish atomically.
+    full = np.load(tmp_images, mmap_mode="r")
+    atomic_write(p.images, lambda tmp: np.save(open(tmp, "wb"), np.asarray(full[:n])), overwrite=True)
+    del full
+    tmp_images.unlink()
+    summary = {"photos": len(photos), "aligned": n, "failed": len(failures), "resolution": resolution,
+               "style": "default", "detector": detector}
+    atomic_write(p.labels, lambda tmp: Path(tmp).write_text(json.dumps({"labels": labels, "poses": poses,
+                                                                        "summary": summary})), overwrite=True)
+    atomic_write(out / "failures.json", lambda tmp: Path(tmp).write_text(json.dumps(failures, indent=1)),
+                 overwrite=True)
+    return summary
+
+
+@click.group()
+def cli() -> None:
+    """Build aligned-face training datasets."""
+
+
+@cli.command()
+@click.argument("photos_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resolution", type=int, default=128, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N photos (sorted by name).")
+@click.option("--holdout", type=int, default=0, show_default=True,
+              help="Leave out every N-th photo (by sorted name) for evaluation; 0 keeps all.")
+@click.option("--detector", type=click.Choice(["mediapipe", "dlib-hog"]), default="mediapipe", show_default=True)
+def build(photos_dir: Path, out: Path, resolution: int, limit: int | None, holdout: int, detector: str) -> None:
+    """Align every photo in PHOTOS_DIR into the dataset folder OUT."""
+    photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if holdout:
+        held = photos[holdout - 1::holdout]
+        photos = [p for i, p in enumerate(photos) if (i + 1) % holdout]
+        (out).mkdir(parents=True, exist_ok=True)
+        (out / "holdout.txt").write_text("\n".join(p.name for p in held) + "\n")
+    if limit:
+        photos = photos[:limit]
+    print(json.dumps(build_dataset(photos, out, resolution, detector)))
+
+
+if __name__ == "__main__":
+    cli()
