@@ -1,0 +1,489 @@
+"""EG3D trainer: camera-conditioned tri-plane generator against a dual discriminator.
+
+    python -m portrait3d.training.eg3d --data ~/.cache/portrait3d/utkface128 --out runs/eg3d \\
+        --config cpu-small --kimg 200 --batch 8
+    torchrun --nproc_per_node=4 -m portrait3d.training.eg3d --data ... --config gpu
+
+As NVIDIA's EG3D ``training/loss.py`` (``StyleGAN2Loss`` with dual discrimination):
+
+* cameras: fakes are rendered from cameras drawn from the dataset's labels (estimated by the face
+  pipeline when the dataset was built, mirrored with the images); the mapping network is
+  conditioned on the same camera, or with probability ``swap`` on another random dataset camera
+  (generator pose conditioning, "GPC"; ``swap`` fades from 1 to ``rendering.gpc_reg_prob`` over
+  ``gpc_reg_fade_kimg``);
+* the discriminator sees ``{'image', 'image_raw'}`` and the rendering camera; for reals
+  ``image_raw`` is the real image resized to the neural-rendering resolution (antialiased) and, with
+  ``blur_raw_target``, blurred like the fakes during the initial blur fade;
+* losses: non-saturating logistic; lazy R1 on both real inputs (every ``D_reg_interval``);
+  density regularisation every ``G_reg_interval``: ``density_reg * L1(sigma(p), sigma(p + eps))``
+  at 1000 random points per sample in the unit box, ``eps ~ N(0, density_reg_p_dist^2)``;
+* neural rendering at ``neural_rendering_resolution`` (32 or 64; optionally faded to a final value),
+  super-resolution to 128 (``SuperresolutionHybrid2X``).
+
+``density_reg``, ``density_reg_p_dist``, ``reg_type`` and ``gpc_reg_prob`` live in
+``cfg.G.rendering`` (EG3D's ``rendering_kwargs``), so the exported generator carries them.
+Randomness, sharding, checkpoints, progress: :mod:`portrait3d.training.loop`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from portrait3d.networks import ops
+from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator, filtered_resizing
+from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
+from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
+from portrait3d.training import augment
+from portrait3d.training.loop import (BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig, Shard, StepFn,
+                                      broadcast_module, config_to_dict, init_distributed, lazy_adam,
+                                      load_training_state, make_loader, optimizer_phase, run_loop, save_grid,
+                                      shutdown_distributed)
+from portrait3d.training.stylegan2 import apply_run_options, auto_r1_gamma, fid_hook
+
+__all__ = ["EG3DTrainConfig", "PRESETS", "preset", "train_eg3d", "dataset_cameras", "gaussian_blur"]
+
+PHASE_IDS = {"Gmain": 1, "Greg": 2, "Dmain": 3, "Dreg": 4}
+DENSITY_REG_POINTS = 1000  # points per sample, as EG3D
+
+
+@dataclass
+class EG3DTrainConfig:
+    """Everything an EG3D run needs besides the data; stored in every snapshot."""
+
+    G: EG3DConfig = field(default_factory=EG3DConfig)
+    D: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(c_dim=25))
+    run: RunConfig = field(default_factory=RunConfig)
+    lr_G: float = 0.0025
+    lr_D: float = 0.002
+    betas: tuple[float, float] = (0.0, 0.99)
+    eps: float = 1e-8
+    r1_gamma: float | None = None        # None: auto_r1_gamma(resolution, batch)
+    D_reg_interval: int = 16
+    G_reg_interval: int = 4              # density regularisation
+    style_mixing_prob: float = 0.0       # EG3D trains without style mixing
+    gpc_reg_fade_kimg: float = 1000.0
+    neural_rendering_resolution_final: int | None = None  # None: keep G.neural_rendering_resolution
+    neural_rendering_resolution_fade_kimg: float = 1000.0
+    blur_init_sigma: float = 10.0
+    blur_fade_kimg: float | None = None  # None: batch * 200 / 32 (EG3D); 0: no blur
+    blur_raw_target: bool = True
+    augment: str = "color"               # DiffAugment policy on (image, image_raw) pairs
+
+    def gamma(self) -> float:
+        return self.r1_gamma if self.r1_gamma is not None else auto_r1_gamma(self.G.img_resolution, self.run.batch)
+
+    def blur_fade(self) -> float:
+        return self.blur_fade_kimg if self.blur_fade_kimg is not None else self.run.batch * 200 / 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EG3DTrainConfig":
+        d = dict(d)
+        return cls(G=EG3DConfig.from_dict(d.pop("G")), D=DiscriminatorConfig(**d.pop("D")),
+                   run=RunConfig(**d.pop("run")), betas=tuple(d.pop("betas", (0.0, 0.99))), **d)
+
+    def validate(self) -> None:
+        augment.parse_policy(self.augment)
+        if self.D.img_resolution != self.G.img_resolution or self.D.c_dim != 25:
+            raise ValueError("D must be a 25-d camera-conditioned discriminator at the generator's resolution")
+        if self.G.rendering.image_resolution != self.G.img_resolution:
+            raise ValueError("G.rendering.image_resolution must equal G.img_resolution")
+        if self.G.rendering.reg_type != "l1":
+            raise ValueError("only EG3D's 'l1' density regularisation is implemented")
+
+
+def _rendering(depth: int, depth_importance: int) -> RenderingConfig:
+    return RenderingConfig(image_resolution=128,
+                           superresolution_module="training.superresolution.SuperresolutionHybrid2X",
+                           depth_resolution=depth, depth_resolution_importance=depth_importance)
+
+
+def _cpu_small() -> EG3DTrainConfig:
+    return EG3DTrainConfig(
+        G=EG3DConfig(z_dim=512, w_dim=512, img_resolution=128, neural_rendering_resolution=32, sr_num_fp16_res=4,
+                     mapping=MappingConfig(num_layers=2, w_avg_beta=0.998),
+                     backbone=SynthesisConfig(channel_base=4096, channel_max=128, num_fp16_res=0, conv_clamp=None),
+                     rendering=_rendering(24, 24), plane_resolution=128),
+        D=DiscriminatorConfig(c_dim=25, img_resolution=128, channel_base=4096, channel_max=128),
+        run=RunConfig(batch=8, total_kimg=500, snapshot_kimg=5, sample_kimg=1, workers=0, grid_samples=8))
+
+
+def _gpu() -> EG3DTrainConfig:
+    # EG3D's FFHQ networks (256 px tri-planes, 64 px neural rendering, 48+48 samples), 128 px output.
+    return EG3DTrainConfig(
+        G=EG3DConfig(z_dim=512, w_dim=512, img_resolution=128, neural_rendering_resolution=64, sr_num_fp16_res=4,
+                     mapping=MappingConfig(num_layers=2, w_avg_beta=0.998),
+                     backbone=SynthesisConfig(channel_base=32768, channel_max=512, num_fp16_res=0, conv_clamp=None),
+                     rendering=_rendering(48, 48), plane_resolution=256),
+        D=DiscriminatorConfig(c_dim=25, img_resolution=128, channel_base=32768, channel_max=512),
+        run=RunConfig(batch=32, total_kimg=25000, snapshot_kimg=200, sample_kimg=50, workers=3))
+
+
+def _tiny() -> EG3DTrainConfig:
+    # Smoke tests: tiny backbone and D; the 2X super-resolution (fixed widths) still outputs 128 px.
+    return EG3DTrainConfig(
+        G=EG3DConfig(z_dim=32, w_dim=512, img_resolution=128, neural_rendering_resolution=16, sr_num_fp16_res=4,
+                     mapping=MappingConfig(num_layers=2, w_avg_beta=0.998),
+                     backbone=SynthesisConfig(channel_base=512, channel_max=32, num_fp16_res=0, conv_clamp=None),
+                     rendering=_rendering(6, 6), plane_resolution=32),
+        D=DiscriminatorConfig(c_dim=25, img_resolution=128, channel_base=256, channel_max=16),
+        run=RunConfig(batch=4, total_kimg=0.02, snapshot_kimg=0, sample_kimg=0, workers=0, progress=False,
+                      grid_samples=4))
+
+
+PRESETS: dict[str, Callable[[], EG3DTrainConfig]] = {"cpu-small": _cpu_small, "gpu": _gpu, "tiny": _tiny}
+
+
+def preset(name: str) -> EG3DTrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def dataset_cameras(ds: Any) -> torch.Tensor:
+    """The 25-d camera of every item of an :class:`AlignedFaceDataset` (mirrored items included)."""
+    from portrait3d.training.dataset import mirror_camera
+
+    cams = ds.cameras[: ds.count]
+    if ds.mirror:
+        cams = torch.cat([cams, torch.stack([mirror_camera(c) for c in cams])]) if len(cams) else cams
+    return cams.contiguous()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """EG3D's discriminator-input blur: separable ``2^(-(t/sigma)^2)`` kernel over ``|t| <= 3 sigma``."""
+    size = int(np.floor(sigma * 3))
+    if size <= 0:
+        return x
+    f = torch.arange(-size, size + 1, device=x.device, dtype=torch.float32).div(sigma).square().neg().exp2()
+    return ops.upfirdn2d(x, f / f.sum(), padding=size)
+
+
+def neural_rendering_resolution(cfg: EG3DTrainConfig, images_seen: int) -> int:
+    start = cfg.G.neural_rendering_resolution
+    end = cfg.neural_rendering_resolution_final
+    if end is None:
+        return start
+    alpha = min(images_seen / (cfg.neural_rendering_resolution_fade_kimg * 1e3), 1.0)
+    return int(np.rint(start * (1 - alpha) + end * alpha))
+
+
+def swapping_prob(cfg: EG3DTrainConfig, images_seen: int) -> float:
+    alpha = min(images_seen / (cfg.gpc_reg_fade_kimg * 1e3), 1.0) if cfg.gpc_reg_fade_kimg > 0 else 1.0
+    return (1 - alpha) + alpha * cfg.G.rendering.gpc_reg_prob
+
+
+def blur_sigma(cfg: EG3DTrainConfig, images_seen: int) -> float:
+    fade = cfg.blur_fade()
+    return max(1 - images_seen / (fade * 1e3), 0) * cfg.blur_init_sigma if fade > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _mapping(G: TriPlaneGenerator, rnd: BatchRandom, z: torch.Tensor, c_cond: torch.Tensor, c_mix: torch.Tensor,
+             mixing_prob: float, update_emas: bool) -> torch.Tensor:
+    ws = G.mapping(z, c_cond, update_emas=update_emas)
+    if mixing_prob > 0:
+        cutoff = rnd.shared_randint(1, ws.shape[1])
+        if rnd.shared_rand() < mixing_prob:
+            ws[:, cutoff:] = G.mapping(rnd.randn(G.z_dim), c_mix, update_emas=False)[:, cutoff:]
+    return ws
+
+
+def _generate(G: TriPlaneGenerator, rnd: BatchRandom, cams: torch.Tensor, swap: float, nrr: int, mixing_prob: float,
+              update_emas: bool, kw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Render this shard's samples; returns the output dict and the rendering cameras."""
+    z = rnd.randn(G.z_dim)
+    c = cams[rnd.randint(0, len(cams))]
+    c_other = cams[rnd.randint(0, len(cams))]
+    c_cond = torch.where(rnd.rand(1) < swap, c_other, c)
+    ws = _mapping(G, rnd, z, c_cond, c, mixing_prob, update_emas)
+    with rnd.patch_torch():
+        out = G.synthesis(ws, c, neural_rendering_resolution=nrr, update_emas=update_emas, **kw)
+    return out, c
+
+
+def _discriminate(D: DualDiscriminator, img: dict[str, torch.Tensor], c: torch.Tensor, rnd: BatchRandom,
+                  policy: str, sigma: float, kw: dict[str, Any]) -> torch.Tensor:
+    image = gaussian_blur(img["image"], sigma)
+    raw = img["image_raw"]
+    if augment.parse_policy(policy):
+        # As EG3D with its augment pipe: the same transform on the image and the upsampled raw image.
+        size = image.shape[-1]
+        params = augment.sample_params(policy, rnd.global_rows, size, rnd.generator, image.device)
+        params = params.take(rnd.shard.index, rnd.shard.count)
+        raw_up = F.interpolate(raw, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        image = augment.apply(image, params)
+        raw = F.interpolate(augment.apply(raw_up, params), size=raw.shape[-2:], mode="bilinear",
+                            align_corners=False, antialias=True)
+    return D({"image": image, "image_raw": raw}, c, **kw)
+
+
+def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.Tensor) -> StepFn:
+    """The per-step function for :func:`portrait3d.training.loop.run_loop`."""
+    G, D = nets.G, nets.D
+    run = cfg.run
+    local = run.batch // info.world
+    micro = run.batch_gpu or local
+    if local % micro:
+        raise ValueError(f"per-process batch {local} is not a multiple of batch_gpu {micro}")
+    shards = Shard.rounds(info, local // micro)
+    kw = {} if (run.amp and info.device.type == "cuda") else {"force_fp32": True}
+    gamma = cfg.gamma()
+    rendering = cfg.G.rendering
+    density_reg = rendering.density_reg
+
+    def step_fn(step: int, images_seen: int, batch: Any) -> dict[str, float]:
+        real_all = batch[0].to(info.device, non_blocking=True).to(torch.float32)
+        real_c_all = batch[1].to(info.device, non_blocking=True).to(torch.float32)
+        nrr = neural_rendering_resolution(cfg, images_seen)
+        swap = swapping_prob(cfg, images_seen)
+        sigma = blur_sigma(cfg, images_seen)
+        real_raw_all = filtered_resizing(real_all, nrr)
+        if cfg.blur_raw_target:
+            real_raw_all = gaussian_blur(real_raw_all, sigma)
+        n_rounds = len(shards)
+        parts = [(real_all[k::n_rounds], real_raw_all[k::n_rounds], real_c_all[k::n_rounds]) for k in range(n_rounds)]
+        stats: dict[str, list[torch.Tensor]] = {}
+
+        def note(name: str, v: torch.Tensor) -> None:
+            stats.setdefault(name, []).append(v.detach().float().mean())
+
+        def rnd(phase: str, shard: Shard) -> BatchRandom:
+            return BatchRandom(run.seed, (step, PHASE_IDS[phase]), shard, micro, info.device)
+
+        def g_main(shard: Shard) -> torch.Tensor:
+            r = rnd("Gmain", shard)
+            out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
+            logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
+            loss = F.softplus(-logits).mean()
+            note("loss_G", loss)
+            return loss
+
+        def g_reg(shard: Shard) -> torch.Tensor:
+            r = rnd("Greg", shard)
+            z = r.randn(G.z_dim)
+            c = cams[r.randint(0, len(cams))]
+            c_other = cams[r.randint(0, len(cams))]
+            c_cond = c_other if r.shared_rand() < swap else c  # one decision per batch, as EG3D
+            ws = _mapping(G, r, z, c_cond, c, cfg.style_mixing_prob, False)
+            pts = r.rand(DENSITY_REG_POINTS, 3) * 2 - 1
+            pts_near = pts + r.randn(DENSITY_REG_POINTS, 3) * rendering.density_reg_p_dist
+            coords = torch.cat([pts, pts_near], dim=1)
+            dirs = r.randn(2 * DENSITY_REG_POINTS, 3)
+            with r.patch_torch():
+                sig = G.sample_mixed(coords, dirs, ws, update_emas=False, **kw)["sigma"]
+            tv = F.l1_loss(sig[:, :DENSITY_REG_POINTS], sig[:, DENSITY_REG_POINTS:])
+            note("density_tv", tv)
+            return tv * density_reg
+
+        def d_main(shard: Shard, real: torch.Tensor, real_raw: torch.Tensor, real_c: torch.Tensor) -> torch.Tensor:
+            r = rnd("Dmain", shard)
+            with torch.no_grad():
+                out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, True, kw)
+            fake_logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
+            real_logits = _discriminate(D, {"image": real, "image_raw": real_raw}, real_c, r, cfg.augment, sigma, kw)
+            loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+            note("loss_D", loss)
+            note("score_real", real_logits)
+            note("score_fake", fake_logits)
+            return loss
+
+        def d_reg(shard: Shard, real: torch.Tensor, real_raw: torch.Tensor, real_c: torch.Tensor) -> torch.Tensor:
+            r = rnd("Dreg", shard)
+            x = real.detach().requires_grad_(True)
+            x_raw = real_raw.detach().requires_grad_(True)
+            logits = _discriminate(D, {"image": x, "image_raw": x_raw}, real_c, r, cfg.augment, sigma, kw)
+            g_img, g_raw = torch.autograd.grad(logits.sum(), [x, x_raw], create_graph=True)
+            penalty = g_img.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])
+            note("r1_penalty", penalty)
+            return (penalty * (gamma / 2)).mean()
+
+        optimizer_phase(G, nets.opt_G, info, [lambda s=s: g_main(s) for s in shards])
+        if density_reg > 0 and step % cfg.G_reg_interval == 0:
+            optimizer_phase(G, nets.opt_G, info, [lambda s=s: g_reg(s) for s in shards], gain=cfg.G_reg_interval)
+        optimizer_phase(D, nets.opt_D, info, [lambda s=s, p=p: d_main(s, *p) for s, p in zip(shards, parts)])
+        if gamma > 0 and step % cfg.D_reg_interval == 0:
+            optimizer_phase(D, nets.opt_D, info, [lambda s=s, p=p: d_reg(s, *p) for s, p in zip(shards, parts)],
+                            gain=cfg.D_reg_interval)
+        return {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+
+    return step_fn
+
+
+# ----------------------------------------------------------------------------- building and training
+
+
+def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:
+    """G, D, G_ema and optimisers, initialised from ``cfg.run.seed`` (identical on every rank)."""
+    torch.manual_seed(cfg.run.seed)
+    G = TriPlaneGenerator(cfg.G).train().requires_grad_(False).to(device)
+    D = DualDiscriminator(cfg.D).train().requires_grad_(False).to(device)
+    G_ema = copy.deepcopy(G).eval()
+    reg_G = cfg.G_reg_interval if cfg.G.rendering.density_reg > 0 else None
+    opt_G = lazy_adam(G.parameters(), cfg.lr_G, cfg.betas, cfg.eps, reg_G)
+    opt_D = lazy_adam(D.parameters(), cfg.lr_D, cfg.betas, cfg.eps, cfg.D_reg_interval if cfg.gamma() > 0 else None)
+    return Networks(G, D, G_ema, opt_G, opt_D)
+
+
+def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+               resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None) -> Path:
+    """Train (or continue training) an EG3D generator on a built :class:`AlignedFaceDataset`.
+
+    Same conventions as :func:`portrait3d.training.stylegan2.train_stylegan2` (single process or
+    ``torchrun``; ``out_dir`` layout; bit-exact ``resume``; ``metrics`` hook on rank 0). Sample
+    grids show the EMA generator from fixed latents and dataset cameras (``fakes-*``) and its depth
+    (``depth-*``). Returns the path of the exported EMA generator.
+    """
+    from portrait3d.checkpoints.native import save_network
+    from portrait3d.training.dataset import AlignedFaceDataset
+    cfg.validate()
+    info = init_distributed(cfg.run.device)
+    try:
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        run = cfg.run
+        run.apply_threads()
+        ds = AlignedFaceDataset(data_root, mirror=run.mirror, limit=run.limit)
+        if ds.resolution != cfg.G.img_resolution:
+            raise ValueError(f"dataset images are {ds.resolution} px but the generator makes {cfg.G.img_resolution} px")
+        cams = dataset_cameras(ds).to(info.device)
+        nets = build_networks(cfg, info.device)
+        counters = Counters()
+        if resume is not None:
+            counters, meta = load_training_state(resume, nets, "eg3d")
+            old = EG3DTrainConfig.from_dict(meta["config"])
+            if old.G != cfg.G or old.D != cfg.D:
+                raise ValueError("the snapshot was trained with other network settings than the given config")
+        for m in (nets.G, nets.D, nets.G_ema):
+            broadcast_module(m, info)
+        sampler, loader = make_loader(ds, run, info, counters.step)
+        out = Path(out_dir)
+        g = torch.Generator().manual_seed(run.seed + 1)
+        grid_z = torch.randn([run.grid_samples, cfg.G.z_dim], generator=g)
+        grid_c = cams.cpu()[torch.randint(0, len(cams), [run.grid_samples], generator=g)]
+
+        def export(path: Path) -> Any:
+            nrr = neural_rendering_resolution(cfg, counters.images_seen)
+            nets.G_ema.config = dataclasses.replace(nets.G_ema.config, neural_rendering_resolution=nrr)
+            nets.G_ema.neural_rendering_resolution = nrr
+            return save_network(nets.G_ema, path, overwrite=True)
+
+        @torch.no_grad()
+        def grid_fn() -> dict[str, torch.Tensor]:
+            from portrait3d.utils.image import depth_to_uint8
+
+            nrr = neural_rendering_resolution(cfg, counters.images_seen)
+            imgs, depths = [], []
+            for z, c in zip(grid_z.split(4), grid_c.split(4)):
+                o = nets.G_ema(z.to(info.device), c.to(info.device), neural_rendering_resolution=nrr,
+                               noise_mode="const", deterministic=True)
+                imgs.append(o["image"].cpu())
+                depths.append(o["image_depth"].cpu())
+            depth = torch.from_numpy(depth_to_uint8(torch.cat(depths))).permute(0, 3, 1, 2).float() / 127.5 - 1
+            return {"fakes": torch.cat(imgs), "depth": depth}
+
+        if info.is_main and counters.step == 0 and run.grid_samples > 0:
+            out.mkdir(parents=True, exist_ok=True)
+            reals = torch.stack([ds[i][0] for i in sampler.positions(0, run.grid_samples)])
+            save_grid(out / "reals.png", reals)
+        return run_loop(trainer="eg3d", config=cfg.to_dict(), run=run, info=info, out_dir=out, nets=nets,
+                        counters=counters, batches=iter(loader), step_fn=make_step(cfg, nets, info, cams),
+                        grid_fn=grid_fn, export_fn=export, metrics=metrics)
+    finally:
+        shutdown_distributed(info)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Built dataset folder (images.npy + labels.json with cameras).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--config", "preset_name", type=click.Choice(sorted(PRESETS)), default="cpu-small",
+              help="Network and schedule preset.")
+@click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset].")
+@click.option("--batch", type=int, default=None, help="Global batch size [preset].")
+@click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Snapshot folder (or run folder: newest snapshot) to continue from.")
+@click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch].")
+@click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025].")
+@click.option("--lr-d", type=float, default=None, help="Discriminator learning rate [0.002].")
+@click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
+              help="Neural rendering resolution [preset].")
+@click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this.")
+@click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25].")
+@click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004].")
+@click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5].")
+@click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none.")
+@click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none.")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset].")
+@click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset].")
+@click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset].")
+@click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none).")
+@click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset].")
+@click.option("--threads", type=int, default=None, help="CPU threads per process [torch default].")
+@click.option("--limit", type=int, default=None, help="Use only the first N faces.")
+@click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto].")
+@click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on].")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [on].")
+def main(data: Path, out: Path, preset_name: str, kimg: float | None, batch: int | None, batch_gpu: int | None,
+         resume: Path | None, gamma: float | None, lr_g: float | None, lr_d: float | None, neural_res: str | None,
+         neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
+         gpc_prob: float | None, blur_fade: float | None, policy: str | None, seed: int | None, snap: float | None,
+         sample_every: float | None, metrics_every: float | None, fid: int, workers: int | None,
+         threads: int | None, limit: int | None, mirror: bool | None, device: str | None, amp: bool | None,
+         progress: bool | None) -> None:
+    """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun)."""
+    cfg = preset(preset_name)
+    cfg.run = apply_run_options(cfg.run, total_kimg=kimg, batch=batch, batch_gpu=batch_gpu, seed=seed,
+                                snapshot_kimg=snap, sample_kimg=sample_every, metrics_kimg=metrics_every,
+                                workers=workers, threads=threads, limit=limit, mirror=mirror, device=device, amp=amp,
+                                progress=progress)
+    if neural_res is not None:
+        cfg.G.neural_rendering_resolution = int(neural_res)
+    rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
+    cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
+    for name, v in (("r1_gamma", gamma), ("lr_G", lr_g), ("lr_D", lr_d), ("augment", policy),
+                    ("neural_rendering_resolution_final", neural_res_final), ("blur_fade_kimg", blur_fade)):
+        if v is not None:
+            setattr(cfg, name, v)
+    hook = None
+    if fid > 0:
+        from portrait3d.training.dataset import AlignedFaceDataset
+
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
+            cfg.run.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
+        hook = fid_hook(data, fid, dev, cameras=dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror)))
+        if cfg.run.metrics_kimg <= 0:
+            cfg.run.metrics_kimg = cfg.run.snapshot_kimg
+    try:
+        path = train_eg3d(cfg, data, out, resume=resume, metrics=hook)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"exported {path}")
+
+
+if __name__ == "__main__":
+    main()
