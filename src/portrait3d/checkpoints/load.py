@@ -23,8 +23,12 @@ from portrait3d.checkpoints.safe_pickle import CheckpointError, safe_load_pickle
 
 __all__ = ["load_network", "BUILTIN_NETWORKS"]
 
-# Networks shipped inside the package (filled in when the default models are trained).
-BUILTIN_NETWORKS: dict[str, str] = {}
+# Networks shipped inside the package: name -> path relative to the package (each folder has a
+# MODEL_CARD.md saying how it was trained and how well it does).
+BUILTIN_NETWORKS: dict[str, str] = {
+    "default-2d": "models/default-2d/generator.safetensors",
+    "default-3d": "models/default-3d/generator.safetensors",
+}
 
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_BYTES = 8 << 30  # 8 GiB: no generator checkpoint is larger; refuse to slurp anything bigger

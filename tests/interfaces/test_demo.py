@@ -1,0 +1,68 @@
+"""``portrait3d demo``: every output on tiny networks, refusal to overwrite, the random fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from portrait3d import save_network
+from portrait3d.interfaces.cli import main
+from portrait3d.interfaces.demo import OUTPUTS, YAWS
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):
+    p2 = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")
+    p3 = save_network(tiny_eg3d, tmp_path / "g3.safetensors")
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--network-2d", str(p2), "--network-3d", str(p3), "--samples", "3",
+            "--orbit-faces", "2", "--orbit-frames", "4", "--seed", "5"]
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    res2, res3 = tiny_stylegan2.img_resolution, tiny_eg3d.img_resolution
+    views = np.asarray(Image.open(out / "views_3d.png"))
+    assert views.shape == (2 + 3 * (res3 + 2), 2 + len(YAWS) * (res3 + 2), 3)
+    assert np.asarray(Image.open(out / "depth_3d.png")).shape == views.shape
+    assert np.asarray(Image.open(out / "samples_3d.png")).shape[1] == 2 + 3 * (res3 + 2)
+    assert np.asarray(Image.open(out / "samples_2d.png")).shape[1] == 2 + 3 * (res2 + 2)
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(out / "orbit.mp4", format="FFMPEG") as r:
+        assert r.count_frames() == 4
+    readme = (out / "README.txt").read_text()
+    assert str(p2) in readme and str(p3) in readme and "RANDOM" not in readme
+    assert "seed(5)" in readme and "seed(6)" in readme and "ITS left" in readme
+
+    before = (out / "README.txt").read_bytes()
+    again = _run(*args)
+    assert again.exit_code == 2
+    err = again.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--force" in err
+    assert (out / "README.txt").read_bytes() == before
+    assert _run(*args, "--force").exit_code == 0
+
+
+@pytest.mark.parametrize("builtins", [{}, {"default-2d": "models/__missing__/2d.safetensors",
+                                          "default-3d": "models/__missing__/3d.safetensors"}],
+                         ids=["unregistered", "registered-but-not-installed"])
+def test_demo_default_models_fall_back_to_random_and_say_so(tmp_path, monkeypatch, builtins):
+    monkeypatch.setattr("portrait3d.interfaces.demo.BUILTIN_NETWORKS", builtins)
+    out = tmp_path / "d"
+    result = _run("demo", "--out", str(out), "--samples", "1", "--orbit-frames", "2")
+    assert result.exit_code == 0, result.output
+    assert "random" in result.output.lower()
+    readme = (out / "README.txt").read_text()
+    assert "RANDOM-WEIGHT" in readme and "default-2d" in readme and "default-3d" in readme
+    assert all((out / n).is_file() for n in OUTPUTS)
+
+
+def test_demo_rejects_wrong_network_kind(tmp_path, tiny_stylegan2):
+    p2 = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")
+    result = _run("demo", "--out", str(tmp_path / "o"), "--network-3d", str(p2), "--samples", "1")
+    assert result.exit_code == 2 and "expected a TriPlaneGenerator" in result.stderr
