@@ -1,7 +1,6 @@
 """Tests for portrait3d.networks.eg3d.camera (EG3D camera conventions)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ from portrait3d.networks.eg3d.camera import (
     fov_to_intrinsics,
     look_at_pose,
 )
+from tests.conftest import PARITY
 
-FIXTURE = Path("/work/shared/fixtures/parity/eg3d_128.npz")
+FIXTURE = PARITY / "eg3d_128.npz"
 PIVOT = torch.tensor([0.0, 0.0, 0.2])
 
 
