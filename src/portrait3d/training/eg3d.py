@@ -46,7 +46,7 @@ from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 from portrait3d.training import augment
 from portrait3d.training.loop import (BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig, Shard, StepFn,
                                       broadcast_module, config_to_dict, init_distributed, lazy_adam,
-                                      load_training_state, make_loader, optimizer_phase, run_loop, save_grid,
+                                      load_training_state, make_loader, gan_step, run_loop, save_grid,
                                       shutdown_distributed)
 from portrait3d.training.stylegan2 import apply_run_options, auto_r1_gamma, fid_hook
 
@@ -315,14 +315,10 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             note("r1_penalty", penalty)
             return (penalty * (gamma / 2)).mean()
 
-        optimizer_phase(G, nets.opt_G, info, [lambda s=s: g_main(s) for s in shards])
-        if density_reg > 0 and step % cfg.G_reg_interval == 0:
-            optimizer_phase(G, nets.opt_G, info, [lambda s=s: g_reg(s) for s in shards], gain=cfg.G_reg_interval)
-        optimizer_phase(D, nets.opt_D, info, [lambda s=s, p=p: d_main(s, *p) for s, p in zip(shards, parts)])
-        if gamma > 0 and step % cfg.D_reg_interval == 0:
-            optimizer_phase(D, nets.opt_D, info, [lambda s=s, p=p: d_reg(s, *p) for s, p in zip(shards, parts)],
-                            gain=cfg.D_reg_interval)
-        return {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        return gan_step(nets, info, step, shards, parts, g_main, g_reg,
+                        lambda s, p: d_main(s, *p), lambda s, p: d_reg(s, *p),
+                        g_reg_interval=cfg.G_reg_interval if density_reg > 0 else None,
+                        d_reg_interval=cfg.D_reg_interval if gamma > 0 else None, stats=stats)
 
     return step_fn
 

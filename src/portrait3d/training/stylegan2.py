@@ -38,7 +38,7 @@ from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Con
 from portrait3d.training import augment
 from portrait3d.training.loop import (BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig, Shard, StepFn,
                                       all_reduce_mean, broadcast_module, config_to_dict, init_distributed,
-                                      lazy_adam, load_training_state, make_loader, optimizer_phase, run_loop, save_grid,
+                                      lazy_adam, load_training_state, make_loader, gan_step, run_loop, save_grid,
                                       shutdown_distributed)
 
 __all__ = ["StyleGAN2TrainConfig", "PRESETS", "preset", "train_stylegan2", "auto_r1_gamma"]
@@ -221,14 +221,9 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
             note("r1_penalty", penalty)
             return (penalty * (gamma / 2)).mean()
 
-        optimizer_phase(G, nets.opt_G, info, [lambda s=s: g_main(s) for s in shards])
-        if cfg.pl_weight > 0 and step % cfg.G_reg_interval == 0:
-            optimizer_phase(G, nets.opt_G, info, [lambda s=s: g_reg(s) for s in shards], gain=cfg.G_reg_interval)
-        optimizer_phase(D, nets.opt_D, info, [lambda s=s, x=x: d_main(s, x) for s, x in zip(shards, parts)])
-        if gamma > 0 and step % cfg.D_reg_interval == 0:
-            optimizer_phase(D, nets.opt_D, info, [lambda s=s, x=x: d_reg(s, x) for s, x in zip(shards, parts)],
-                            gain=cfg.D_reg_interval)
-        return {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+        return gan_step(nets, info, step, shards, parts, g_main, g_reg, d_main, d_reg,
+                        g_reg_interval=cfg.G_reg_interval if cfg.pl_weight > 0 else None,
+                        d_reg_interval=cfg.D_reg_interval if gamma > 0 else None, stats=stats)
 
     return step_fn
 
