@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,27 +14,9 @@ from safetensors.torch import load_file
 from portrait3d.networks.eg3d.camera import camera_from_angles
 from portrait3d.training import eg3d as E
 from portrait3d.training.loop import run_local_processes
+from tests.conftest import START_METHOD as START, make_dataset
 
-# fork starts the two workers in ~0.1 s instead of re-importing torch in each (~5-15 s on 2 busy cores).
-START = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
 RES = 128
-
-
-def make_dataset(root: Path, n: int, res: int, seed: int = 0) -> Path:
-    """A dataset folder in :mod:`portrait3d.training.dataset`'s on-disk format: discs on a background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:res, 0:res] / res
-    images = []
-    for _ in range(n):
-        cx, cy, r = rng.uniform(0.3, 0.7, 2).tolist() + [rng.uniform(0.15, 0.3)]
-        disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r)[..., None]
-        images.append(np.where(disc, rng.uniform(0, 255, 3), rng.uniform(0, 128, 3)).astype(np.uint8))
-    root.mkdir(parents=True, exist_ok=True)
-    np.save(root / "images.npy", np.stack(images))
-    cams = camera_from_angles(rng.uniform(-30, 30, n).tolist(), rng.uniform(-15, 15, n).tolist())
-    labels = [[f"{i:04d}.jpg", c.tolist()] for i, c in enumerate(cams)]
-    (root / "labels.json").write_text(json.dumps({"labels": labels}))
-    return root
 
 
 def tiny_config(steps: int, batch: int = 2) -> E.EG3DTrainConfig:

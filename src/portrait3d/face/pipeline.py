@@ -15,6 +15,7 @@ aligned landmarks with EG3D's field of view -> :func:`~portrait3d.face.pose.came
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,13 +132,9 @@ def compare_photos(photo_a: str | os.PathLike[str], photo_b: str | os.PathLike[s
             "threshold": idm.SAME_PERSON_THRESHOLD, "same_person": distance < idm.SAME_PERSON_THRESHOLD}
 
 
-_ENCODER: list = []
-
-
+@functools.lru_cache(maxsize=1)
 def _identity_encoder():
     """One :class:`IdentityEncoder` per process (parsing dlib's network takes ~0.2 s)."""
-    if not _ENCODER:
-        from portrait3d.face.identity import IdentityEncoder
+    from portrait3d.face.identity import IdentityEncoder
 
-        _ENCODER.append(IdentityEncoder().eval())
-    return _ENCODER[0]
+    return IdentityEncoder().eval()
