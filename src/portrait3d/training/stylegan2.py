@@ -102,6 +102,19 @@ def _cpu_small() -> StyleGAN2TrainConfig:
         run=RunConfig(batch=16, total_kimg=1000, snapshot_kimg=10, sample_kimg=2, workers=0))
 
 
+def _cpu_fast() -> StyleGAN2TrainConfig:
+    # Thin high-resolution layers (16 ch at 128 px, 32 at 64 px): ~0.09 s per image for a G+D step on
+    # 2 CPU cores, 11x faster than cpu-small, so a CPU session sees tens of thousands of images.
+    # No DiffAugment: D cannot memorise 44k mirrored faces in the few hundred kimg a CPU reaches.
+    return StyleGAN2TrainConfig(
+        G=StyleGAN2Config(z_dim=256, w_dim=256, img_resolution=128,
+                          mapping=MappingConfig(num_layers=4),
+                          synthesis=SynthesisConfig(channel_base=2048, channel_max=256)),
+        D=DiscriminatorConfig(img_resolution=128, channel_base=2048, channel_max=256),
+        augment="",
+        run=RunConfig(batch=16, total_kimg=1000, snapshot_kimg=4, sample_kimg=2, workers=0))
+
+
 def _gpu() -> StyleGAN2TrainConfig:
     # Paper-like for 128 px: StyleGAN2 config-F widths at half the base (as StyleGAN2-ADA at <512 px).
     return StyleGAN2TrainConfig(
@@ -120,7 +133,7 @@ def _tiny() -> StyleGAN2TrainConfig:
         run=RunConfig(batch=4, total_kimg=0.02, snapshot_kimg=0, sample_kimg=0, workers=0, progress=False))
 
 
-PRESETS: dict[str, Callable[[], StyleGAN2TrainConfig]] = {"cpu-small": _cpu_small, "gpu": _gpu, "tiny": _tiny}
+PRESETS: dict[str, Callable[[], StyleGAN2TrainConfig]] = {"cpu-small": _cpu_small, "cpu-fast": _cpu_fast, "gpu": _gpu, "tiny": _tiny}
 
 
 def preset(name: str) -> StyleGAN2TrainConfig:

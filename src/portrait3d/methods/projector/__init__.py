@@ -1,0 +1,15 @@
+"""W / W+ optimisation projector (StyleGAN2 GAN inversion with perceptual and identity losses)."""
+
+from portrait3d.methods.projector.projector import (
+    SPACES,
+    ProjectionResult,
+    ProjectorConfig,
+    compute_w_stats,
+    noise_buffer_names,
+    project,
+    resize_target,
+    synthesize,
+)
+
+__all__ = ["SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
+           "resize_target", "synthesize"]
