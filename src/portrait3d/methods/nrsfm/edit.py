@@ -1,0 +1,193 @@
+"""Rigid and non-rigid edits through the regressor φ (Sec. 3.3, eqs. 14-15; transfer, Sec. 4.4).
+
+A target ``q*`` is the latent's own parameters ``φ(w)`` with some components changed (head
+yaw/pitch/roll in degrees, shape coefficients α_k); every other component keeps its current value,
+so asking for "+20° yaw" also asks for "same scale, position and expression".
+
+* :func:`linear_edit` (eq. 14): ``w' = w + J⁺(w) (q* − φ(w))`` with ``J = ∂φ/∂w`` at ``w``: the
+  smallest latent step that the local linearisation of φ says reaches ``q*``. Iterating it
+  (``iterations > 1``) is Gauss-Newton on ``||φ(w) − q*||``.
+* :func:`gradient_edit` (eq. 15): ``min_w ||S⁻¹(φ(w) − q*)||² + λ_ID L_ID(G(w), G(w₀)) + λ_P
+  L_P(G(w), G(w₀))`` by Adam, ``λ_ID = 0.01`` as in the paper, where ``L_ID = 1 − cos`` of the
+  face pipeline's identity embeddings (dlib ResNet port) and ``L_P`` an optional perceptual term.
+* :func:`transfer_target` (Sec. 4.4): the target takes chosen components of another latent's
+  parameters (its pose, its expression, or both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "ANGLE_LIMITS",
+    "ALPHA_LIMIT",
+    "EditSpec",
+    "parse_expr",
+    "edit_target",
+    "transfer_target",
+    "TRANSFER_PARTS",
+    "linear_edit",
+    "gradient_edit",
+]
+
+ANGLE_LIMITS = {"yaw": 60.0, "pitch": 40.0, "roll": 45.0}
+"""Largest accepted change (degrees): beyond these a 2D generator's faces leave its training poses."""
+ALPHA_LIMIT = 5.0
+"""Largest accepted change of a shape coefficient, in standard deviations of α_k over the data."""
+TRANSFER_PARTS = ("pose", "expression", "all")
+
+
+@dataclass
+class EditSpec:
+    """An edit: angle changes in degrees and shape-coefficient changes in standard deviations.
+
+    ``expr`` maps a 1-based component index ``k`` to the change of α_k in units of its standard
+    deviation over the landmark data (so ``{1: 2.0}`` = "two sigmas more of component 1").
+    """
+
+    yaw: float = 0.0
+    pitch: float = 0.0
+    roll: float = 0.0
+    expr: dict[int, float] = field(default_factory=dict)
+
+    def validate(self, num_basis: int) -> None:
+        for name, limit in ANGLE_LIMITS.items():
+            v = float(getattr(self, name))
+            if not (abs(v) <= limit):
+                raise ValueError(f"--{name} {v:g} is out of range (|{name}| <= {limit:g} degrees)")
+        for k, v in self.expr.items():
+            if not 1 <= k <= num_basis:
+                raise ValueError(f"--expr {k}=...: component {k} does not exist (the model has {num_basis})")
+            if not (abs(v) <= ALPHA_LIMIT):
+                raise ValueError(f"--expr {k}={v:g} is out of range (|value| <= {ALPHA_LIMIT:g} standard deviations)")
+
+    def is_identity(self) -> bool:
+        return self.yaw == self.pitch == self.roll == 0 and not any(self.expr.values())
+
+
+def parse_expr(items: Sequence[str]) -> dict[int, float]:
+    """``["1=2", "3=-1.5"] -> {1: 2.0, 3: -1.5}`` with one-line errors for malformed items."""
+    out: dict[int, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            k, v = int(key), float(value)
+        except ValueError:
+            raise ValueError(f"--expr expects COMPONENT=VALUE (e.g. 1=2.0), got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--expr expects COMPONENT=VALUE (e.g. 1=2.0), got {item!r}")
+        if k in out:
+            raise ValueError(f"--expr component {k} given twice")
+        out[k] = v
+    return out
+
+
+def edit_target(q0: torch.Tensor, spec: EditSpec, layout, alpha_std: torch.Tensor) -> torch.Tensor:
+    """``q* [N, P]``: ``q0`` with the angle and α changes of ``spec`` applied (the rest unchanged)."""
+    spec.validate(layout.num_basis)
+    q = q0.detach().clone()
+    theta = layout.theta
+    q[:, theta.start + 0] += spec.yaw
+    q[:, theta.start + 1] += spec.pitch
+    q[:, theta.start + 2] += spec.roll
+    for k, v in spec.expr.items():
+        q[:, layout.alpha.start + k - 1] += v * float(alpha_std[k - 1])
+    return q
+
+
+def transfer_target(q_target_latent: torch.Tensor, q_source: torch.Tensor, layout, part: str = "pose") -> torch.Tensor:
+    """Sec. 4.4: the target latent's parameters with ``part`` (pose = θ, expression = α) taken from the source."""
+    if part not in TRANSFER_PARTS:
+        raise ValueError(f"unknown transfer part {part!r} (choose {', '.join(TRANSFER_PARTS)})")
+    q = q_target_latent.detach().clone()
+    src = q_source.detach()
+    if part in ("pose", "all"):
+        q[:, layout.theta] = src[:, layout.theta]
+    if part in ("expression", "all"):
+        q[:, layout.alpha] = src[:, layout.alpha]
+    return q
+
+
+def _jacobian(phi: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``∂φ̃/∂w`` of the standardised output, ``[N, P, D]`` (one backward per output, batched over N)."""
+    w = w.detach().requires_grad_(True)
+    out = phi.normalised(w)
+    rows = []
+    for p in range(out.shape[1]):
+        (g,) = torch.autograd.grad(out[:, p].sum(), w, retain_graph=p + 1 < out.shape[1])
+        rows.append(g)
+    return torch.stack(rows, dim=1)
+
+
+def linear_edit(phi: torch.nn.Module, latents: torch.Tensor, q_target: torch.Tensor, iterations: int = 1,
+                rcond: float = 1e-5) -> torch.Tensor:
+    """Eq. 14: ``w' = w + J⁺ (q* − φ(w))`` (``iterations`` Gauss-Newton steps; the paper uses one).
+
+    Solved in φ's standardised output units (``J`` of ``S⁻¹φ``); for a full-row-rank ``J`` this is the
+    same minimum-norm latent step as in raw units, and it keeps the pseudo-inverse well conditioned.
+
+    Args:
+        phi: a :class:`~portrait3d.methods.nrsfm.regressor.ParamRegressor`.
+        latents: ``[N, D]`` (flattened W+ is fine).
+        q_target: ``[N, P]`` raw target parameters.
+    """
+    w = latents.detach().clone()
+    for _ in range(max(1, int(iterations))):
+        jac = _jacobian(phi, w)
+        with torch.no_grad():
+            resid = (q_target - phi(w)) / phi.q_std
+            step = torch.linalg.pinv(jac, rtol=rcond) @ resid[..., None]
+            w = w + step[..., 0]
+    return w
+
+
+def gradient_edit(phi: torch.nn.Module, latents: torch.Tensor, q_target: torch.Tensor, *, steps: int = 50,
+                  lr: float = 0.01, render: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  identity_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, lambda_id: float = 0.01,
+                  perceptual_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, lambda_p: float = 0.0,
+                  init: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Eq. 15: minimise ``||S⁻¹(φ(w) − q*)||² + λ_ID L_ID(G(w)) + λ_P L_P(G(w))`` over ``w`` by Adam.
+
+    Args:
+        phi: the regressor.
+        latents: ``[N, D]`` starting latents ``w₀``.
+        q_target: ``[N, P]`` raw targets.
+        steps, lr: Adam schedule (``lr`` in latent units; W has unit-scale coordinates).
+        render: ``latents -> images [N, 3, H, W]`` (the generator); needed by the image terms.
+        identity_loss: ``images -> [N]`` identity distance to the original (``1 − cos``).
+        lambda_id: λ_ID (paper: 0.01).
+        perceptual_loss: ``images -> [N]`` distance to the original image; ``lambda_p`` its weight.
+        init: optional start (e.g. a :func:`linear_edit` result); default ``latents``.
+
+    Returns:
+        ``(edited latents [N, D], history)`` with one dict of loss terms per step.
+    """
+    from tqdm import tqdm
+
+    if (identity_loss is not None or perceptual_loss is not None) and render is None:
+        raise ValueError("image terms of eq. 15 need render=G")
+    w = (init if init is not None else latents).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    hist: list[dict[str, float]] = []
+    for _ in tqdm(range(steps), desc="gradient edit", unit="step", disable=not progress):
+        loss_q = ((phi(w) - q_target) / phi.q_std).square().sum(1)
+        terms = {"q": float(loss_q.detach().mean())}
+        loss = loss_q
+        if render is not None and (identity_loss is not None or perceptual_loss is not None):
+            img = render(w)
+            if identity_loss is not None and lambda_id > 0:
+                lid = identity_loss(img)
+                loss = loss + lambda_id * lid
+                terms["id"] = float(lid.detach().mean())
+            if perceptual_loss is not None and lambda_p > 0:
+                lp = perceptual_loss(img)
+                loss = loss + lambda_p * lp
+                terms["perceptual"] = float(lp.detach().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        hist.append(terms)
+    return w.detach(), hist

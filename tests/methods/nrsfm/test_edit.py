@@ -1,0 +1,119 @@
+"""Edits through φ: eq. 14 (linear), eq. 15 (gradient), transfer, edit specifications."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from portrait3d.methods.nrsfm.edit import (EditSpec, edit_target, gradient_edit, linear_edit, parse_expr,
+                                           transfer_target)
+from portrait3d.methods.nrsfm.regressor import ParamRegressor
+
+
+class _Layout:
+    """Stand-in for the model's parameter layout: [k, yaw, pitch, roll, a1, a2, tx, ty]."""
+
+    num_basis = 2
+    k, theta, alpha, t = slice(0, 1), slice(1, 4), slice(4, 6), slice(6, 8)
+    size = 8
+
+
+def _phi(seed: int = 0) -> ParamRegressor:
+    torch.manual_seed(seed)
+    phi = ParamRegressor(12, 8, hidden=32, layers=3)
+    with torch.no_grad():
+        phi.q_std.copy_(torch.tensor([0.05, 10.0, 5.0, 3.0, 0.02, 0.02, 0.01, 0.01]))
+    return phi.eval()
+
+
+def test_linear_edit_reaches_target_of_a_linear_map():
+    phi = ParamRegressor(12, 8, hidden=8, layers=0)  # no hidden layer: φ is affine, eq. 14 is exact
+    w = torch.randn(4, 12)
+    q_star = phi(w).detach() + torch.randn(4, 8) * 0.1
+    w1 = linear_edit(phi, w, q_star)
+    assert torch.allclose(phi(w1), q_star, atol=1e-4)
+    # Minimum-norm: the step lies in the row space of J (orthogonal to J's null space).
+    jac = phi.net[0].weight  # [8, 12]
+    null = torch.linalg.svd(jac, full_matrices=True).Vh[8:]
+    assert (null @ (w1 - w).T).abs().max() < 1e-4
+
+
+def test_linear_edit_iterations_converge_on_nonlinear_phi():
+    phi = _phi()
+    w = torch.randn(3, 12)
+    q0 = phi(w).detach()
+    q_star = edit_target(q0, EditSpec(yaw=5.0), _Layout, torch.ones(2))
+    err1 = ((phi(linear_edit(phi, w, q_star, iterations=1)) - q_star) / phi.q_std).norm()
+    err4 = ((phi(linear_edit(phi, w, q_star, iterations=4)) - q_star) / phi.q_std).norm()
+    assert err4 < err1
+
+
+def test_gradient_edit_reduces_parameter_loss_and_uses_image_terms():
+    phi = _phi(1)
+    w = torch.randn(2, 12)
+    q_star = phi(w + 0.5 * torch.randn(2, 12)).detach()  # a reachable target
+    calls = []
+
+    def render(x):
+        return x[:, None, :, None].expand(-1, 3, -1, 12)
+
+    def id_loss(img):
+        calls.append(img.shape)
+        return (img - render(w)).square().mean((1, 2, 3))
+
+    w1, hist = gradient_edit(phi, w, q_star, steps=60, lr=0.1, render=render, identity_loss=id_loss, lambda_id=0.01)
+    assert hist[-1]["q"] < 0.2 * hist[0]["q"]
+    assert "id" in hist[-1] and len(calls) == 60
+    with pytest.raises(ValueError, match="render"):
+        gradient_edit(phi, w, q_star, steps=1, identity_loss=id_loss)
+
+
+def test_identity_term_keeps_latent_closer():
+    phi = _phi(2)
+    w = torch.randn(2, 12)
+    q_star = edit_target(phi(w).detach(), EditSpec(yaw=20.0), _Layout, torch.ones(2))
+
+    def render(x):
+        return x[:, None, :, None].expand(-1, 3, -1, 12)
+
+    def id_loss(img):
+        return (img - render(w)).square().mean((1, 2, 3))
+
+    free, _ = gradient_edit(phi, w, q_star, steps=80, lr=0.1)
+    held, _ = gradient_edit(phi, w, q_star, steps=80, lr=0.1, render=render, identity_loss=id_loss, lambda_id=5.0)
+    assert (held - w).norm() < (free - w).norm()
+
+
+def test_edit_target_and_transfer():
+    q0 = torch.zeros(1, 8)
+    q = edit_target(q0, EditSpec(yaw=20, pitch=-5, roll=3, expr={2: 1.5}), _Layout, torch.tensor([0.1, 0.2]))
+    assert q[0, 1:4].tolist() == [20.0, -5.0, 3.0]
+    assert q[0, 5].item() == pytest.approx(0.3)
+    assert q[0, 0] == 0 and q[0, 4] == 0 and (q[0, 6:] == 0).all()
+    src = torch.arange(8.0)[None]
+    tgt = -torch.ones(1, 8)
+    pose = transfer_target(tgt, src, _Layout, "pose")
+    assert pose[0, 1:4].tolist() == [1.0, 2.0, 3.0] and (pose[0, 4:6] == -1).all()
+    expr = transfer_target(tgt, src, _Layout, "expression")
+    assert expr[0, 4:6].tolist() == [4.0, 5.0] and (expr[0, 1:4] == -1).all()
+    with pytest.raises(ValueError, match="transfer part"):
+        transfer_target(tgt, src, _Layout, "hair")
+
+
+@pytest.mark.parametrize("spec, msg", [
+    (EditSpec(yaw=61), "yaw 61 is out of range"),
+    (EditSpec(pitch=-50), "pitch -50 is out of range"),
+    (EditSpec(roll=float("nan")), "roll nan is out of range"),
+    (EditSpec(expr={3: 1.0}), "component 3 does not exist"),
+    (EditSpec(expr={1: 9.0}), "out of range"),
+])
+def test_edit_spec_validation(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        spec.validate(num_basis=2)
+
+
+def test_parse_expr():
+    assert parse_expr(["1=2", "3=-1.5"]) == {1: 2.0, 3: -1.5}
+    for bad in (["x=1"], ["1"], ["1=a"], ["1=1", "1=2"]):
+        with pytest.raises(ValueError):
+            parse_expr(bad)
