@@ -102,3 +102,37 @@ def test_edit_bad_inputs(built, tmp_path):
                                "--out", str(tmp_path / "b")), "bad.safetensors")
     _assert_clean_failure(_run("edit", "1", "--network", str(net), "--yaw", "5", "--out", str(tmp_path / "c")),
                           "no NRSfM editor")
+
+
+def test_edit_photo_inverts_then_edits(built, tmp_path):
+    from tests.conftest import shared_path
+
+    photo = shared_path("data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg")
+    _, net, editor = built
+    out = tmp_path / "photo"
+    res = _run("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--pitch", "5", "--mode", "linear",
+               "--project-steps", "3", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    for name in ("aligned.png", "projection.png", "original.png", "edited.png", "grid.png"):
+        assert (out / name).is_file(), name
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["photo"] == str(photo) and rec["num_faces"] == 1 and rec["projection_steps"] == 3
+
+
+def test_edit_photo_without_face(built, tmp_path):
+    from PIL import Image
+
+    _, net, editor = built
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (256, 256), (120, 120, 120)).save(blank)
+    _assert_clean_failure(_run("edit", str(blank), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
+                               "--out", str(tmp_path / "o")), "face")
+
+
+def test_edit_photo_with_several_faces_needs_an_index(built, tmp_path):
+    from tests.conftest import shared_path
+
+    photo = shared_path("data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg")
+    _, net, editor = built
+    _assert_clean_failure(_run("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
+                               "--out", str(tmp_path / "o")), "--face-index")

@@ -159,6 +159,8 @@ def _latent_from_photo(G, editor, photo: Path, project_steps: int, face_index: i
         raise ValueError("photos can be edited only with a W or W+ editor (Z has no projector)")
     with FacePipeline(style="default", output_size=int(G.img_resolution)) as pipe:
         face = pipe(photo, face_index=face_index)
+    if face.num_faces > 1 and face_index is None:
+        raise ValueError(f"{face.num_faces} faces found in {photo}: choose one with --face-index (0 = largest)")
     aligned = face.aligned.image
     save_image(out / "aligned.png", aligned, overwrite=force)
     target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1

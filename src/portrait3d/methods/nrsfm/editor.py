@@ -41,6 +41,11 @@ class BuildConfig:
     num_basis: int = 8
     factorize_samples: int = 4000
     factorize_steps: int = 2000
+    # Joint refinement after eqs. 3-10 lowers the landmark error a little but, on real faces, lets
+    # the basis trade depth relief for pose (500 UTKFace photos, K=3: NRSfM yaw vs PnP yaw median
+    # |diff| 8.3 deg with 100 rounds, 2.5 deg without; RMSE 2.8 vs 3.0 px at 200 px), and edits are
+    # judged by the pose estimator: so the paper's plain pipeline is the default.
+    refine_iters: int = 0
     fit_steps: int = 200
     regressor: RegressorConfig = field(default_factory=RegressorConfig)
 
@@ -149,7 +154,7 @@ def build_editor(G: torch.nn.Module, cfg: BuildConfig, cache_dir: str | os.PathL
     lm = torch.as_tensor(good.landmarks, dtype=torch.float32)
     n_fac = min(len(good), cfg.factorize_samples)
     fac = factorize(lm[:n_fac], num_basis=cfg.num_basis, scheme=good.scheme, steps=cfg.factorize_steps,
-                    progress=progress)
+                    refine_iters=cfg.refine_iters, progress=progress)
     model = fac.model
     q = fit_params(model, lm, steps=cfg.fit_steps, progress=progress)
     fit_rmse = reprojection_error(model, q, lm)
@@ -166,7 +171,8 @@ def build_editor(G: torch.nn.Module, cfg: BuildConfig, cache_dir: str | os.PathL
         "regressor_best_val_loss": min(hist["val"]) if hist["val"] else None,
         "yaw_range_deg": [float(q[:, model.layout.theta.start].min()), float(q[:, model.layout.theta.start].max())],
         "config": {"data": asdict(cfg.data), "num_basis": cfg.num_basis, "factorize_samples": cfg.factorize_samples,
-                   "factorize_steps": cfg.factorize_steps, "fit_steps": cfg.fit_steps,
+                   "factorize_steps": cfg.factorize_steps, "refine_iters": cfg.refine_iters,
+                   "fit_steps": cfg.fit_steps,
                    "regressor": asdict(cfg.regressor)},
     }
     editor = NRSfMEditor(model, phi, good.space, alpha_std, meta={"build": report, "resolution": res})
