@@ -84,3 +84,13 @@ def make_dataset(root: Path, n: int, res: int, seed: int = 0) -> Path:
     labels = [[f"{i:04d}.jpg", c.tolist()] for i, c in enumerate(cams)]
     (root / "labels.json").write_text(json.dumps({"labels": labels}))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on the 2-core machine, busy with training, two OpenMP threads
+    oversubscribe and made Inception / identity / projector tests 3-10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

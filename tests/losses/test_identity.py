@@ -15,12 +15,7 @@ from tests.conftest import shared_path
 TRAIN = "data/portraits/face_recognition/examples/knn_examples/train"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic(size: int = 200, seed: int = 0):

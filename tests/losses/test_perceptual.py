@@ -23,14 +23,7 @@ PORTRAIT_CLASSES = {834: "suit", 982: "groom", 906: "Windsor tie", 457: "bow tie
                     667: "mortarboard", 617: "lab coat", 903: "wig", 652: "military uniform"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the 2 busy cores of CI/dev machines OpenMP oversubscription made
-    these small convolutions several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,7 @@ from portrait3d.metrics import fid
 from tests.conftest import shared_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The Inception runs ~0.3 s per image on one core; with 2 threads on a 2-core machine that is
-    also busy (training), OpenMP oversubscription made it up to 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scipy_fid(mu1, s1, mu2, s2):

@@ -9,12 +9,7 @@ import torch
 from portrait3d.methods.projector import ProjectorConfig, compute_w_stats, noise_buffer_names, project, synthesize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> ProjectorConfig:
