@@ -1,0 +1,703 @@
+"""Pre-training of the latent encoder E and the pose estimator P on pseudo pairs (Ko et al., WACV 2023).
+
+    python -m portrait3d.methods.inversion3d.train encoder --network default-3d --out runs/inv3d-E --kimg 200
+    python -m portrait3d.methods.inversion3d.train pose --network default-3d --out runs/inv3d-P --kimg 200
+
+The paper (Sec. 3, "Latent Encoder E and Pose Estimator P") trains both networks on pairs
+``x_ps = G(w_ps, pi_ps)`` rendered by the frozen generator (:mod:`.pseudo`), E "following the
+training strategy of e4e" (Tov et al. 2021) with G and its discriminator D; the issue cites the
+supplement's eqs. 1-6 for these losses. The "supp. eq." numbers below assign them to the terms in
+the order the issue lists the terms (E: 1-4, P: 5-6); the supplement's text was not available to
+us, so that assignment is unchecked. Terms marked "ours" are not among them.
+
+Encoder (``x = x_ps``, ``pi = pi_ps`` the pair's known camera, ``w_hat = w_avg + E(x)``,
+``x_hat = G(w_hat, pi)``)::
+
+    L_E = l2 ||x - x_hat||^2                      (supp. eq. 1: pixel MSE, mean over pixels)
+        + lp  L_perc(x, x_hat)                    (supp. eq. 2: LPIPS in the paper; here
+                                                   portrait3d.losses.PerceptualLoss, an
+                                                   EfficientNet-Lite0 feature distance -- NOT LPIPS)
+        + ladv softplus(-D(x_hat, pi))            (supp. eq. 3: non-saturating adversarial term
+                                                   against the generator's own, frozen, dual
+                                                   discriminator; only when a D is given)
+        + lreg ||E(x)||^2 = ||w_hat - w_avg||^2   (supp. eq. 4: e4e-style delta regulariser, sum
+                                                   over w_dim, mean over the batch)
+        + llat ||w_hat - w_ps||^2                 (ours, off by default: a latent loss that pseudo
+                                                   pairs make possible because w_ps is known; w_ps
+                                                   is the per-layer code, compared layer-wise)
+
+Pose estimator (``P(x) -> (angles, R, t)``)::
+
+    L_P = lang ||angles - angles_ps||^2           (supp. eq. 5: yaw, pitch (and roll when P has
+                                                   roll) in radians^2, summed, mean over the batch)
+        + lrot ||R - R_ps||_F^2                   (with roll: chordal loss on the 6D-derived
+                                                   rotation, Zhou et al. 2019)
+        + lt   ||t - t_ps||^2                     (supp. eq. 6: camera-position offset, world units)
+        + lrep ||G(w_ps, P(x)) - x||^2            (ours, off by default: photometric re-rendering
+                                                   with the pair's known w through the
+                                                   differentiable camera; this is the pixel term of
+                                                   the paper's joint latent / camera optimisation,
+                                                   Sec. 3 "Optimization" subsection, not a pre-training
+                                                   loss of the paper)
+
+The generator and D are frozen (eval mode, ``requires_grad`` off); gradients reach only E / P.
+Renders use ``noise_mode='const'`` and mid-bin ray samples (``deterministic=True``), batches come
+from :class:`.pseudo.PseudoPairStream` seeded by ``(seed, step)``, so a run is a function of its
+config and a resumed run continues **bit-exactly** (snapshot: weights, EMA, Adam state and RNG
+states in ``state.safetensors``, counters and configs in ``state.json``; written to a temporary
+folder and renamed into place). Every ``sample_kimg`` a PNG grid of ``input | reconstruction``
+pairs (for P: the input and ``G(w_ps, P(x))``) is written to ``samples/``; the final EMA (or, with
+``ema_kimg = 0``, last) weights are exported as ``encoder.safetensors`` / ``pose.safetensors``
+(:func:`.networks.save_module`).
+
+:func:`pose_error_deg` measures P alone on fresh pseudo pairs (mean / median absolute angle errors).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from portrait3d.methods.inversion3d.networks import (EncoderConfig, LatentEncoder, PoseConfig, PoseEstimator,
+                                                     rotation_from_angles, save_module)
+from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
+from portrait3d.training.loop import (DistInfo, Progress, _due, _load_optimizer, _optimizer_tensors, _restore_rng,
+                                      _rng_tensors, derive_seed, ema_beta, ema_update, find_snapshot)
+
+__all__ = [
+    "EncoderTrainConfig", "PoseTrainConfig", "encoder_losses", "pose_losses", "train_encoder", "train_pose",
+    "pose_error_deg", "load_eg3d_discriminator", "resolve_device",
+]
+
+STATE_FORMAT = "portrait3d-train-state"  # same layout family as portrait3d.training.loop snapshots
+TRAINERS = {"encoder": "inversion3d-encoder", "pose": "inversion3d-pose"}
+EXPORT_NAMES = {"encoder": "encoder.safetensors", "pose": "pose.safetensors"}
+_INIT_KEY = 0x1A17     # network initialisation seed key
+_GRID_KEY = 0x6A1D     # PseudoPairStream key of the fixed sample-grid pairs
+_EVAL_KEY = 0xE7A1     # PseudoPairStream key of pose_error_deg's pairs (never the training stream)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class _TrainCommon:
+    """Fields shared by both trainers (durations and intervals in thousands of pseudo pairs)."""
+
+    batch: int = 8
+    total_kimg: float = 200.0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    ema_kimg: float = 1.0            # EMA half-life; 0: no EMA (the last weights are exported)
+    ema_rampup: float | None = 0.05  # half-life <= rampup * images seen (as the GAN trainers)
+    snapshot_kimg: float = 10.0      # resumable snapshot; 0: only at the end
+    sample_kimg: float = 2.0         # sample grid; 0: none
+    grid_samples: int = 8
+    keep_snapshots: int = 0          # keep only the newest N snapshot folders; 0: keep all
+    seed: int = 0                    # network initialisation (pseudo.seed seeds the data)
+    device: str = "auto"             # 'auto' | 'cpu' | 'cuda'
+
+    def _validate_common(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, not {self.batch}")
+        if self.total_kimg < 0 or self.lr <= 0 or self.ema_kimg < 0:
+            raise ValueError("total_kimg and ema_kimg must be >= 0 and lr > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        self.pseudo.validate()  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = v.to_dict() if hasattr(v, "to_dict") else (list(v) if isinstance(v, tuple) else v)
+        return d
+
+
+@dataclass
+class EncoderTrainConfig(_TrainCommon):
+    """Settings of :func:`train_encoder` (loss weights: e4e's defaults where e4e has the term)."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    pseudo: PseudoPairConfig = field(default_factory=PseudoPairConfig)
+    lambda_l2: float = 1.0
+    lambda_perceptual: float = 0.8
+    lambda_adv: float = 0.1          # used only when a discriminator is given
+    lambda_reg: float = 2e-4
+    lambda_latent: float = 0.0
+    perceptual_resize: int | None = 224
+
+    def validate(self) -> None:
+        self._validate_common()
+        for k in ("lambda_l2", "lambda_perceptual", "lambda_adv", "lambda_reg", "lambda_latent"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderTrainConfig":
+        d = dict(d)
+        return cls(encoder=EncoderConfig.from_dict(d.pop("encoder")),
+                   pseudo=PseudoPairConfig.from_dict(d.pop("pseudo")), betas=tuple(d.pop("betas")), **d)
+
+
+@dataclass
+class PoseTrainConfig(_TrainCommon):
+    """Settings of :func:`train_pose`.
+
+    The pseudo pairs default to a 0.02 world-unit camera-offset jitter (about 4 px at 128 px) so the
+    offset head learns something; the camera constants of ``pose`` and ``pseudo`` must agree.
+    """
+
+    batch: int = 16
+    pose: PoseConfig = field(default_factory=PoseConfig)
+    pseudo: PseudoPairConfig = field(default_factory=lambda: PseudoPairConfig(translation_std=0.02))
+    lambda_angle: float = 1.0
+    lambda_rotation: float = 1.0     # used only when pose.roll
+    lambda_translation: float = 10.0
+    lambda_reproj: float = 0.0
+
+    def validate(self) -> None:
+        self._validate_common()
+        for k in ("lambda_angle", "lambda_rotation", "lambda_translation", "lambda_reproj"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0")
+        p, q = self.pose, self.pseudo
+        if (p.radius, p.fov_deg, tuple(p.pivot)) != (q.radius, q.fov_deg, tuple(q.pivot)):
+            raise ValueError("pose and pseudo must use the same camera radius, fov_deg and pivot")
+        if q.has_roll and not p.roll:
+            raise ValueError("the pseudo pairs have roll but the pose estimator does not predict it (set pose.roll)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PoseTrainConfig":
+        d = dict(d)
+        return cls(pose=PoseConfig.from_dict(d.pop("pose")), pseudo=PseudoPairConfig.from_dict(d.pop("pseudo")),
+                   betas=tuple(d.pop("betas")), **d)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``'auto'`` (CUDA when available), ``'cpu'`` or ``'cuda'`` -> a :class:`torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _render(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor) -> dict[str, torch.Tensor]:
+    return G.synthesis(ws, camera, noise_mode="const", deterministic=True)
+
+
+def encoder_losses(E: LatentEncoder, G: nn.Module, batch: dict[str, torch.Tensor], cfg: EncoderTrainConfig,
+                   perceptual: nn.Module | None = None, D: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The encoder objective ``L_E`` of the module docstring on one pseudo-pair batch.
+
+    Args:
+        E: the encoder (its mode is left alone); G: the frozen EG3D generator.
+        batch: :func:`.pseudo.sample_pseudo_pairs` output (``image [N,3,R,R]``, ``camera [N,25]``, ``ws``).
+        perceptual: ``forward(x, y) -> [N]`` distance, needed when ``cfg.lambda_perceptual > 0``.
+        D: frozen :class:`~portrait3d.networks.discriminator.DualDiscriminator` or ``None`` (no adversarial term).
+
+    Returns:
+        scalar tensors ``loss`` (weighted total, differentiable w.r.t. E) and the unweighted terms
+        ``l2``, ``reg`` and, when active, ``perceptual``, ``adv``, ``latent``; plus ``recon``
+        (``x_hat [N, 3, R, R]``, detached) for grids.
+    """
+    x, cam = batch["image"], batch["camera"]
+    delta = E.delta(x)                                   # [N, w_dim]
+    w_hat = E.w_avg + delta
+    ws = w_hat.unsqueeze(1).repeat(1, G.num_ws, 1)       # [N, num_ws, w_dim]
+    out = _render(G, ws, cam)
+    x_hat = out["image"]
+    terms: dict[str, torch.Tensor] = {"l2": (x_hat - x).square().mean(), "reg": delta.square().sum(1).mean()}
+    loss = cfg.lambda_l2 * terms["l2"] + cfg.lambda_reg * terms["reg"]
+    if cfg.lambda_perceptual > 0:
+        if perceptual is None:
+            raise ValueError("lambda_perceptual > 0 needs a perceptual loss module")
+        terms["perceptual"] = perceptual(x_hat, x).mean()
+        loss = loss + cfg.lambda_perceptual * terms["perceptual"]
+    if D is not None and cfg.lambda_adv > 0:
+        logits = D({"image": x_hat, "image_raw": out["image_raw"]}, cam)
+        terms["adv"] = F.softplus(-logits).mean()
+        loss = loss + cfg.lambda_adv * terms["adv"]
+    if cfg.lambda_latent > 0:
+        terms["latent"] = (ws - batch["ws"]).square().sum(2).mean()
+        loss = loss + cfg.lambda_latent * terms["latent"]
+    terms["loss"] = loss
+    terms["recon"] = x_hat.detach()
+    return terms
+
+
+def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Tensor],
+                cfg: PoseTrainConfig) -> dict[str, torch.Tensor]:
+    """The pose objective ``L_P`` of the module docstring on one pseudo-pair batch.
+
+    Args:
+        P: the pose estimator (mode left alone); G: the frozen generator (needed only for
+            ``lambda_reproj > 0``).
+        batch: :func:`.pseudo.sample_pseudo_pairs` output (``image``, ``angles [N,3]``, ``translation [N,3]``, ``ws``).
+
+    Returns:
+        scalar tensors ``loss`` and the unweighted terms ``angle``, ``translation`` (and ``rotation``,
+        ``reproj`` when active), plus ``yaw_err`` / ``pitch_err`` / ``roll_err`` (mean absolute
+        errors in degrees, detached) for the progress bar.
+    """
+    pred = P(batch["image"])
+    gt = batch["angles"]
+    k = 3 if P.config.roll else 2
+    diff = torch.deg2rad(pred.angles - gt)[:, :k]
+    terms: dict[str, torch.Tensor] = {
+        "angle": diff.square().sum(1).mean(),
+        "translation": (pred.translation - batch["translation"]).square().sum(1).mean(),
+    }
+    loss = cfg.lambda_angle * terms["angle"] + cfg.lambda_translation * terms["translation"]
+    if P.config.roll and cfg.lambda_rotation > 0:
+        terms["rotation"] = (pred.rotation - rotation_from_angles(gt)).square().sum((1, 2)).mean()
+        loss = loss + cfg.lambda_rotation * terms["rotation"]
+    if cfg.lambda_reproj > 0:
+        if G is None:
+            raise ValueError("lambda_reproj > 0 needs the generator")
+        img = _render(G, batch["ws"], P.camera_from_output(pred))["image"]
+        terms["reproj"] = (img - batch["image"]).square().mean()
+        loss = loss + cfg.lambda_reproj * terms["reproj"]
+    terms["loss"] = loss
+    err = (pred.angles - gt).detach().abs().mean(0)
+    terms.update(yaw_err=err[0], pitch_err=err[1], roll_err=err[2])
+    return terms
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def _save_snapshot(folder: Path, trainer: str, config: dict[str, Any], net: nn.Module, ema: nn.Module | None,
+                   opt: torch.optim.Optimizer, step: int, images_seen: int, export_name: str) -> Path:
+    """Write ``folder`` (``state.safetensors``, ``state.json``, the exported network) atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {f"net.{k}": v for k, v in net.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = _optimizer_tensors(opt, "opt")
+    tensors.update(opt_tensors)
+    tensors.update(_rng_tensors())
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": trainer, "config": config,
+            "network": net.config.to_dict(), "step": step, "images_seen": images_seen, "kimg": images_seen / 1000,
+            "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        save_module(ema if ema is not None else net, tmp / export_name)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _load_snapshot(path: str | os.PathLike[str], trainer: str, net: nn.Module, ema: nn.Module | None,
+                   opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """Restore ``net``, ``ema``, ``opt`` and the RNG states in place; returns ``(step, images_seen)``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from portrait3d.checkpoints.state import load_state_strict
+
+    folder = find_snapshot(path)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise ValueError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
+    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != trainer:
+        raise ValueError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
+    if meta.get("network") != net.config.to_dict():
+        raise ValueError(f"{folder} was trained with a different {type(net).__name__} configuration")
+    for prefix, module in (("net.", net), ("ema.", ema)):
+        if module is None:
+            continue
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not sd and prefix == "ema.":  # snapshot without EMA: start the EMA from the weights
+            sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        load_state_strict(module, sd, f"snapshot {prefix[:-1]}")
+    _load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
+    _restore_rng(tensors)
+    return int(meta["step"]), int(meta["images_seen"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` twice -> ``[2N, C, H, W]`` as ``a0, b0, a1, b1, ...``."""
+    if a.shape[2:] != b.shape[2:]:
+        b = F.interpolate(b, size=a.shape[2:], mode="bilinear", align_corners=False)
+    return torch.stack([a, b], dim=1).flatten(0, 1)
+
+
+def _save_pairs_grid(path: Path, inputs: torch.Tensor, outputs: torch.Tensor) -> Path:
+    """PNG grid of ``input | output`` pairs (``[N, 3, H, W]`` in ``[-1, 1]``), about square."""
+    from portrait3d.face.io import save_image
+    from portrait3d.utils.image import make_grid, to_uint8
+
+    pairs_per_row = max(1, int(math.ceil(math.sqrt(len(inputs)))))
+    return save_image(path, make_grid(to_uint8(_interleave(inputs, outputs)), 2 * pairs_per_row), overwrite=True)
+
+
+def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: Path, resume: Any, progress: bool,
+           loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+           grid_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], device: torch.device) -> Path:
+    trainer, export_name = TRAINERS[kind], EXPORT_NAMES[kind]
+    out_dir = Path(out_dir)
+    config = cfg.to_dict()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.ema_kimg > 0 else None
+    step = images_seen = 0
+    if resume is not None:
+        step, images_seen = _load_snapshot(resume, trainer, net, ema, opt)
+    total = int(round(cfg.total_kimg * 1000))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "samples").mkdir(exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps({"trainer": trainer, "config": config,
+                                                     "network": net.config.to_dict()}, indent=1))
+    stream = PseudoPairStream(G, cfg.batch, cfg.pseudo, start=step)  # type: ignore[attr-defined]
+    grid_batch = None
+    if cfg.sample_kimg > 0 and cfg.grid_samples > 0:
+        grid_stream = PseudoPairStream(G, cfg.grid_samples, cfg.pseudo, key=_GRID_KEY)  # type: ignore[attr-defined]
+        grid_batch = grid_stream.batch_at(0)
+
+    def grid() -> None:
+        if grid_batch is None:
+            return
+        shown = ema if ema is not None else net
+        was_training = shown.training
+        shown.eval()
+        with torch.no_grad():
+            recon = grid_fn(shown, grid_batch)
+        shown.train(was_training)
+        _save_pairs_grid(out_dir / "samples" / f"{kind}-{step:08d}.png", grid_batch["image"], recon)
+
+    def snapshot() -> None:
+        folder = out_dir / f"snapshot-{step:08d}"
+        _save_snapshot(folder, trainer, config, net, ema, opt, step, images_seen, export_name)
+        if cfg.keep_snapshots > 0:
+            for old in sorted(out_dir.glob("snapshot-*"))[: -cfg.keep_snapshots]:
+                shutil.rmtree(old, ignore_errors=True)
+        bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+
+    bar = Progress(DistInfo(device=device), total, min(images_seen, total), out_dir / "log.jsonl", progress)
+    try:
+        if step == 0:
+            grid()
+        while images_seen < total:
+            t0 = time.perf_counter()
+            batch = next(stream)
+            net.train()
+            terms = loss_fn(net, batch)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            if ema is not None:
+                ema_update(ema, net, ema_beta(cfg.batch, cfg.ema_kimg, cfg.ema_rampup, images_seen))
+            prev = images_seen
+            images_seen += cfg.batch
+            step += 1
+            stats = {k: float(v.detach()) for k, v in terms.items() if v.ndim == 0}
+            sec = time.perf_counter() - t0
+            bar.update(cfg.batch, {"step": step, "kimg": images_seen / 1000, "sec": round(sec, 4), **stats})
+            done = images_seen >= total
+            if _due(prev, images_seen, cfg.sample_kimg) or (done and cfg.sample_kimg > 0):
+                grid()
+            if _due(prev, images_seen, cfg.snapshot_kimg) or done:
+                snapshot()
+        final = save_module(ema if ema is not None else net, out_dir / export_name, overwrite=True)
+    finally:
+        bar.close()
+    return final
+
+
+def _prepare_generator(G: nn.Module, device: torch.device) -> nn.Module:
+    if getattr(G, "c_dim", None) != 25 or not hasattr(G, "synthesis") or not hasattr(G, "num_ws"):
+        raise ValueError("G must be an EG3D TriPlaneGenerator (25-d camera conditioning)")
+    return G.to(device).eval().requires_grad_(False)
+
+
+def train_encoder(G: nn.Module, cfg: EncoderTrainConfig, out_dir: str | os.PathLike[str],
+                  resume: str | os.PathLike[str] | None = None, progress: bool = True,
+                  D: nn.Module | None = None) -> Path:
+    """Train a :class:`LatentEncoder` for ``G`` on pseudo pairs; returns the exported ``encoder.safetensors``.
+
+    Args:
+        G: EG3D generator; moved to the device and set to eval mode with ``requires_grad`` off.
+        cfg: :class:`EncoderTrainConfig` (``cfg.encoder`` ``w_dim`` / ``num_ws`` are taken from ``G``).
+        out_dir: run folder (``config.json``, ``log.jsonl``, ``samples/``, ``snapshot-*/``, final export).
+        resume: snapshot folder, or run folder (newest snapshot), to continue from bit-exactly;
+            ``cfg.total_kimg`` may be larger than the snapshot's.
+        progress: tqdm bar.
+        D: optional frozen dual discriminator for the adversarial term (:func:`load_eg3d_discriminator`).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    G = _prepare_generator(G, device)
+    cfg = dataclasses.replace(cfg, encoder=cfg.encoder.for_generator(G))
+    torch.manual_seed(derive_seed(cfg.seed, _INIT_KEY))
+    E = LatentEncoder(cfg.encoder, G).to(device)
+    perceptual = None
+    if cfg.lambda_perceptual > 0:
+        from portrait3d.losses import PerceptualLoss
+
+        perceptual = PerceptualLoss(resize=cfg.perceptual_resize).to(device).eval().requires_grad_(False)
+    if D is not None:
+        if getattr(D, "c_dim", None) != 25 or getattr(D, "img_resolution", None) != G.img_resolution:
+            raise ValueError("D must be a camera-conditioned dual discriminator at the generator's resolution")
+        D = D.to(device).eval().requires_grad_(False)
+
+    def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = encoder_losses(net, G, batch, cfg, perceptual, D)  # type: ignore[arg-type]
+        terms.pop("recon")
+        return terms
+
+    def grid_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _render(G, net(batch["image"]), batch["camera"])["image"]
+
+    return _train("encoder", E, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device)
+
+
+def train_pose(G: nn.Module, cfg: PoseTrainConfig, out_dir: str | os.PathLike[str],
+               resume: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """Train a :class:`PoseEstimator` on pseudo pairs of ``G``; returns the exported ``pose.safetensors``.
+
+    Arguments as :func:`train_encoder`. The sample grid shows each input next to
+    ``G(w_ps, P(x))``, the pair's own latent rendered from the predicted camera.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    G = _prepare_generator(G, device)
+    torch.manual_seed(derive_seed(cfg.seed, _INIT_KEY))
+    P = PoseEstimator(cfg.pose).to(device)
+
+    def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return pose_losses(net, G, batch, cfg)  # type: ignore[arg-type]
+
+    def grid_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _render(G, batch["ws"], net.camera(batch["image"]))["image"]  # type: ignore[operator]
+
+    return _train("pose", P, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device)
+
+
+# ----------------------------------------------------------------------------- evaluation and helpers
+
+
+@torch.no_grad()
+def pose_error_deg(P: PoseEstimator, G: nn.Module, n: int, cfg: PseudoPairConfig, batch: int = 16) -> dict[str, float]:
+    """Camera error of P alone on ``n`` fresh pseudo pairs (a stream key the trainers never use).
+
+    Returns:
+        ``{"n", "yaw_mean", "yaw_median", "pitch_mean", "pitch_median", "roll_mean", "roll_median"}``
+        (absolute errors in degrees) and ``"translation_mean"`` (mean Euclidean error of the camera
+        offset, world units). P's train / eval mode is restored afterwards (it runs in eval mode).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, not {n}")
+    was_training = P.training
+    P.eval()
+    errs, terr = [], []
+    try:
+        stream = PseudoPairStream(G, batch, cfg, key=_EVAL_KEY)
+        done = 0
+        while done < n:
+            pairs = next(stream)
+            m = min(batch, n - done)
+            pred = P(pairs["image"][:m])
+            errs.append((pred.angles - pairs["angles"][:m]).abs().cpu())
+            terr.append((pred.translation - pairs["translation"][:m]).norm(dim=1).cpu())
+            done += m
+    finally:
+        P.train(was_training)
+    e = torch.cat(errs).double()
+    out: dict[str, float] = {"n": float(n)}
+    for i, name in enumerate(("yaw", "pitch", "roll")):
+        out[f"{name}_mean"] = float(e[:, i].mean())
+        out[f"{name}_median"] = float(e[:, i].median())
+    out["translation_mean"] = float(torch.cat(terr).double().mean())
+    return out
+
+
+def load_eg3d_discriminator(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
+    """The dual discriminator ``D`` of an EG3D training snapshot (:mod:`portrait3d.training.eg3d`).
+
+    ``path`` is a snapshot folder or a run folder (its newest snapshot); only ``state.json`` and
+    ``state.safetensors`` are read. Returns D in eval mode with ``requires_grad`` off.
+    """
+    from safetensors.torch import load_file
+
+    from portrait3d.checkpoints.state import load_state_strict
+    from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator
+
+    folder = find_snapshot(path)
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("trainer") != "eg3d":
+        raise ValueError(f"{folder} is not an EG3D training snapshot")
+    D = DualDiscriminator(DiscriminatorConfig(**meta["config"]["D"]))
+    tensors = load_file(str(folder / "state.safetensors"))
+    load_state_strict(D, {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}, "EG3D discriminator")
+    return D.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--network", type=str, default="default-3d", help="EG3D generator checkpoint or built-in name."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
+        click.option("--kimg", type=float, default=200.0, help="Training length in thousands of pseudo pairs."),
+        click.option("--batch", type=int, default=None, help="Batch size [8 encoder, 16 pose]."),
+        click.option("--lr", type=float, default=1e-4, help="Adam learning rate."),
+        click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Snapshot folder (or run folder: newest snapshot) to continue from."),
+        click.option("--input-size", type=int, default=128, help="Network input resolution (power of two)."),
+        click.option("--depth", type=click.Choice(["18", "34"]), default="34", help="ResNet depth."),
+        click.option("--width", type=int, default=64, help="ResNet width (channels of the first stage)."),
+        click.option("--yaw", "yaw_max", type=float, default=30.0, help="Pseudo pairs: yaw in [-YAW, YAW] degrees."),
+        click.option("--pitch", "pitch_max", type=float, default=20.0, help="Pseudo pairs: pitch in [-PITCH, PITCH]."),
+        click.option("--pose-dist", type=click.Choice(["uniform", "gaussian"]), default="uniform",
+                     help="Pseudo-pair pose distribution (gaussian: clipped, range = +-2 std)."),
+        click.option("--psi", type=float, default=0.7, help="Pseudo pairs: truncation psi."),
+        click.option("--seed", type=int, default=0, help="Seed of the network initialisation and of the pseudo pairs."),
+        click.option("--snap", type=float, default=10.0, help="Snapshot interval in kimg (0: only at the end)."),
+        click.option("--sample-every", type=float, default=2.0, help="Sample-grid interval in kimg (0: none)."),
+        click.option("--ema", "ema_kimg", type=float, default=1.0,
+                     help="EMA half-life in kimg (0: export the last weights)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."),
+        click.option("--threads", type=int, default=None, help="CPU threads [torch default]."),
+        click.option("--progress/--no-progress", default=True, help="Progress bar."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _apply_common(cfg: Any, kw: dict[str, Any]) -> None:
+    if kw["batch"] is not None:
+        cfg.batch = kw["batch"]
+    cfg.total_kimg, cfg.lr, cfg.seed = kw["kimg"], kw["lr"], kw["seed"]
+    cfg.snapshot_kimg, cfg.sample_kimg, cfg.ema_kimg, cfg.device = kw["snap"], kw["sample_every"], kw["ema_kimg"], \
+        kw["device"]
+    cfg.pseudo = dataclasses.replace(cfg.pseudo, yaw_range=(-kw["yaw_max"], kw["yaw_max"]),
+                                     pitch_range=(-kw["pitch_max"], kw["pitch_max"]), distribution=kw["pose_dist"],
+                                     truncation_psi=kw["psi"], seed=kw["seed"])
+
+
+def _load_generator(name: str, device: str) -> nn.Module:
+    from portrait3d.checkpoints.load import load_network
+    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
+
+    G = load_network(name, device=resolve_device(device))
+    if not isinstance(G, TriPlaneGenerator):
+        raise ValueError(f"{name} is not an EG3D (3D) generator")
+    return G
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def cli() -> None:
+    """Pre-train the 3D-inversion encoder E and pose estimator P on generator pseudo pairs."""
+
+
+@cli.command("encoder")
+@_common_options
+@click.option("--discriminator", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="EG3D training snapshot (or run folder) whose D gives the adversarial term.")
+@click.option("--lambda-perceptual", type=float, default=0.8, help="Perceptual-loss weight (0: off).")
+@click.option("--lambda-adv", type=float, default=0.1, help="Adversarial weight (with --discriminator).")
+@click.option("--lambda-reg", type=float, default=2e-4, help="||delta w||^2 weight.")
+@click.option("--lambda-latent", type=float, default=0.0, help="Latent loss ||E(x) - w||^2 weight.")
+def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv: float, lambda_reg: float,
+                lambda_latent: float, **kw: Any) -> None:
+    """Train the latent encoder E (e4e-style, into W) and export encoder.safetensors."""
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    arch = EncoderConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"])
+    cfg = EncoderTrainConfig(encoder=arch, lambda_perceptual=lambda_perceptual, lambda_adv=lambda_adv,
+                             lambda_reg=lambda_reg, lambda_latent=lambda_latent)
+    _apply_common(cfg, kw)
+    try:
+        G = _load_generator(kw["network"], cfg.device)
+        D = load_eg3d_discriminator(discriminator) if discriminator is not None else None
+        path = train_encoder(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"], D=D)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"exported {path}")
+
+
+@cli.command("pose")
+@_common_options
+@click.option("--roll/--no-roll", default=False, help="Predict roll (6D rotation) and draw pseudo pairs with roll.")
+@click.option("--roll-max", type=float, default=15.0, help="With --roll: roll in [-ROLL_MAX, ROLL_MAX] degrees.")
+@click.option("--translation-std", type=float, default=0.02, help="Pseudo-pair camera offset std (world units).")
+@click.option("--lambda-translation", type=float, default=10.0, help="Camera-offset loss weight.")
+@click.option("--lambda-reproj", type=float, default=0.0, help="Re-rendering loss ||G(w, P(x)) - x||^2 weight.")
+@click.option("--eval-n", type=int, default=64, help="Fresh pseudo pairs for the final pose-error report (0: none).")
+def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_translation: float, lambda_reproj: float,
+             eval_n: int, **kw: Any) -> None:
+    """Train the pose estimator P and export pose.safetensors."""
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    cfg = PoseTrainConfig(pose=PoseConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"],
+                                              roll=roll),
+                          lambda_translation=lambda_translation, lambda_reproj=lambda_reproj)
+    _apply_common(cfg, kw)
+    cfg.pseudo = dataclasses.replace(cfg.pseudo, translation_std=translation_std,
+                                     roll_range=(-roll_max, roll_max) if roll else (0.0, 0.0))
+    try:
+        G = _load_generator(kw["network"], cfg.device)
+        path = train_pose(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"])
+        err = pose_error_deg(load_pose_for_eval(path, G), G, eval_n, cfg.pseudo) if eval_n > 0 else None
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"exported {path}")
+    if err is not None:
+        click.echo(f"pose error on {eval_n} fresh pseudo pairs (degrees; translation in world units): "
+                   + json.dumps({k: round(v, 4) for k, v in err.items()}))
+
+
+def load_pose_for_eval(path: Path, G: nn.Module) -> PoseEstimator:
+    """Load an exported pose estimator onto ``G``'s device (used by the CLI's final evaluation)."""
+    from portrait3d.methods.inversion3d.networks import load_module
+
+    P = load_module(path, device=next(G.parameters()).device)
+    if not isinstance(P, PoseEstimator):
+        raise ValueError(f"{path} is not a pose estimator")
+    return P
+
+
+if __name__ == "__main__":
+    cli()
