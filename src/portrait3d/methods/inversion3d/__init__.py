@@ -5,6 +5,10 @@
 * :mod:`.train`: pre-training of E and P (``python -m portrait3d.methods.inversion3d.train``); import its
   names from the module itself (importing it here would make ``python -m`` warn that the module was
   imported twice).
+* :mod:`.camera_params`: the differentiable camera (angles + learnable translation) being optimised.
+* :mod:`.warp`: depth reprojection and the warp loss.
+* :mod:`.pti`: pivotal tuning with the depth-smoothness regulariser.
+* :mod:`.optimize`: Algorithm 1 (alternating latent / camera steps) and the baselines, Algorithms 2-3.
 """
 
 from portrait3d.methods.inversion3d.networks import (
@@ -25,3 +29,7 @@ from portrait3d.methods.inversion3d.networks import (
     save_module,
 )
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, sample_poses, sample_pseudo_pairs
+from portrait3d.methods.inversion3d.camera_params import CameraParams
+from portrait3d.methods.inversion3d.optimize import ImageLoss, InversionConfig, InversionResult, LossWeights, invert
+from portrait3d.methods.inversion3d.pti import PTIConfig, depth_smoothness, pivotal_tuning
+from portrait3d.methods.inversion3d.warp import warp_image, warp_loss

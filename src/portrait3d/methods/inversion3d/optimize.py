@@ -1,0 +1,537 @@
+"""3D GAN inversion with pose optimisation (Ko et al., "3D GAN Inversion with Pose Optimization", WACV 2023).
+
+Given a portrait ``x`` and an initial latent / camera (from the encoder and pose estimator of the
+paper, or from our face pipeline), :func:`invert` finds ``(w, pi)`` with which the EG3D generator
+reproduces ``x``, then optionally tunes the generator around that pivot. Three algorithms:
+
+* **Algorithm 1** (Ko et al., main paper): start from ``(w_init, pi_init)``; alternate
+  ``latent_steps_per_round`` *latent steps* -- Adam on ``w`` with the camera fixed, image loss
+  ``L_img`` (pixel MSE + perceptual + identity) -- with ``camera_steps_per_round`` *camera steps* --
+  Adam on the camera (yaw, pitch, optional roll, and the learnable translation ``t``) with ``w``
+  fixed, on the depth-based warping loss ``L_warp`` (:mod:`.warp`: the input image warped to a
+  canonical view ``pi_c`` with the rendered depth, compared with ``G(w, pi_c)``) plus
+  ``camera_image_weight * L_img``; then optional pivotal tuning with depth smoothness (:mod:`.pti`).
+* **Algorithm 2** (supplement baseline): the camera stays the given one (e.g. the face pipeline's
+  estimate; used as is, never re-parameterised); optimise ``w`` on ``L_img``; optional PTI.
+* **Algorithm 3** (supplement baseline): plain joint gradient descent on ``w`` and the camera on
+  ``L_img`` (no warping loss, no alternation); optional PTI.
+
+Common details (ours unless stated):
+
+* ``L_img`` is :class:`ImageLoss`; its ``description`` names the perceptual network
+  (EfficientNet-Lite0 by default -- an offline LPIPS substitute, **not LPIPS**).
+* The renderer is called as ``G.synthesis(ws, c)`` with the camera being optimised: EG3D's
+  synthesis takes no separate conditioning camera (conditioning only enters through the mapping
+  network, which the optimisation bypasses; ``w_avg`` is computed with the initial camera as
+  conditioning, as EG3D's projectors do). Ray sampling is deterministic during optimisation when the
+  renderer supports it (``cfg.deterministic``), which removes the stratified-sampling noise from the
+  gradients.
+* latent space ``"w"`` (one ``w`` broadcast to all layers, the paper's ``w in R^{1 x 512}``) or
+  ``"w+"``; learning rates follow the StyleGAN2 projector's ramp (linear warm-up, cosine decay,
+  :mod:`portrait3d.methods.projector`), each block (latent / camera / joint) over its own steps;
+  the projector's decaying Gaussian latent noise is added to ``w`` in latent and joint steps.
+* The generator is never modified (PTI tunes a copy); gradients are taken with
+  ``torch.autograd.grad`` w.r.t. our own tensors only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from portrait3d.methods.inversion3d.camera_params import CameraParams
+from portrait3d.methods.inversion3d.pti import PTIConfig, pivotal_tuning, render
+from portrait3d.methods.inversion3d.warp import warp_loss
+from portrait3d.methods.projector.projector import (
+    ProjectorConfig,
+    _lr_at,
+    _scaled_landmarks,
+    compute_w_stats,
+    resize_target,
+)
+
+__all__ = ["ALGORITHMS", "ImageLoss", "InversionConfig", "InversionResult", "LossWeights", "invert",
+           "phase_schedule"]
+
+ALGORITHMS = {1: "alternating latent / camera steps with depth-based warping (Ko et al. Alg. 1)",
+              2: "latent only, camera fixed to the initial estimate (supplement Alg. 2)",
+              3: "joint latent + camera gradient descent on the image loss (supplement Alg. 3)"}
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+@dataclass
+class LossWeights:
+    """Weights of :class:`ImageLoss`'s terms."""
+
+    mse: float = 1.0
+    perceptual: float = 1.0
+    identity: float = 0.1
+
+
+class ImageLoss(nn.Module):
+    """``L_img = w_mse * MSE + w_p * perceptual + w_id * identity`` against a fixed target.
+
+    Args:
+        target: ``[1, 3, H, H]`` in ``[-1, 1]``; resized to ``resolution`` (area down, bicubic up).
+        landmarks: ``[68, 2]`` iBUG landmarks in ``target``'s pixel coordinates; enable the identity
+            term (:class:`portrait3d.losses.IdentityLoss`, chip alignment fixed by them).
+        weights: :class:`LossWeights`; a zero weight skips (and never builds) that term.
+        resolution: size of the images the loss will see (the generator's ``img_resolution``);
+            default: the target's.
+        perceptual: a perceptual-distance module (``features`` / ``distance`` interface of
+            :mod:`portrait3d.losses.perceptual`) or a :func:`~portrait3d.losses.perceptual_loss` name.
+        perceptual_kwargs: arguments for building it by name (e.g. ``{"resize": 224}``).
+        identity_loss: a ready identity module (``forward(images) -> [N]``) instead of building one.
+
+    ``forward(image [N, 3, R, R]) -> (loss scalar, {"mse", "perceptual", "identity": float})`` (only the
+    active terms). The perceptual features of the target are computed once.
+    """
+
+    def __init__(self, target: torch.Tensor, landmarks: np.ndarray | None = None, weights: LossWeights | None = None,
+                 resolution: int | None = None, perceptual: str | nn.Module = "efficientnet-lite0",
+                 perceptual_kwargs: dict[str, Any] | None = None, identity_loss: nn.Module | None = None) -> None:
+        super().__init__()
+        self.weights = weights or LossWeights()
+        target = torch.as_tensor(target)
+        if target.ndim == 3:
+            target = target[None]
+        if target.ndim != 4 or target.shape[0] != 1:
+            raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+        src_size = int(target.shape[2])
+        res = int(resolution) if resolution is not None else src_size
+        self.register_buffer("target", resize_target(target.to(torch.float32), res).detach())
+        self.perceptual_module: nn.Module | None = None
+        if self.weights.perceptual > 0:
+            if isinstance(perceptual, str):
+                from portrait3d.losses.perceptual import perceptual_loss
+
+                perceptual = perceptual_loss(perceptual, **(perceptual_kwargs or {}))
+            self.perceptual_module = perceptual.to(target.device).eval()
+        self.identity_module: nn.Module | None = None
+        if self.weights.identity > 0 and (identity_loss is not None or landmarks is not None):
+            if identity_loss is None:
+                from portrait3d.losses.identity import IdentityLoss
+
+                identity_loss = IdentityLoss(self.target.cpu(), _scaled_landmarks(landmarks, src_size, res))
+            self.identity_module = identity_loss.to(target.device).eval()
+        self._target_feats: list[torch.Tensor] | None = None
+        if self.perceptual_module is not None and hasattr(self.perceptual_module, "features"):
+            with torch.no_grad():
+                self._target_feats = [f.detach() for f in self.perceptual_module.features(self.target)]
+
+    @property
+    def description(self) -> str:
+        """Which terms and networks the loss uses (quote it next to reported numbers)."""
+        parts = [f"{self.weights.mse:g} x pixel MSE"] if self.weights.mse > 0 else []
+        if self.perceptual_module is not None:
+            desc = getattr(self.perceptual_module, "description", type(self.perceptual_module).__name__)
+            parts.append(f"{self.weights.perceptual:g} x perceptual [{desc}]")
+        if self.identity_module is not None:
+            desc = getattr(self.identity_module, "description", type(self.identity_module).__name__)
+            parts.append(f"{self.weights.identity:g} x identity [{desc}]")
+        return " + ".join(parts) if parts else "(no active term)"
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if image.shape[-2:] != self.target.shape[-2:]:
+            raise ValueError(f"image size {tuple(image.shape[-2:])} differs from the loss resolution "
+                             f"{tuple(self.target.shape[-2:])}")
+        loss = image.new_zeros([])
+        terms: dict[str, float] = {}
+        if self.weights.mse > 0:
+            mse = (image - self.target).square().mean()
+            loss = loss + self.weights.mse * mse
+            terms["mse"] = float(mse.detach())
+        if self.perceptual_module is not None:
+            if self._target_feats is not None:
+                p = self.perceptual_module.distance(image, self._target_feats).mean()
+            else:
+                p = self.perceptual_module(image, self.target).mean()
+            loss = loss + self.weights.perceptual * p
+            terms["perceptual"] = float(p.detach())
+        if self.identity_module is not None:
+            idl = self.identity_module(image).mean()
+            loss = loss + self.weights.identity * idl
+            terms["identity"] = float(idl.detach())
+        return loss, terms
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+@dataclass
+class InversionConfig:
+    """Settings of :func:`invert`. Learning rates: ``lr_w`` in W units, ``lr_cam`` in degrees,
+    ``lr_translation`` in world units (Adam step sizes before the ramp)."""
+
+    algorithm: int = 1                    # 1 (Ko et al.), 2 (camera fixed), 3 (joint, image loss only)
+    steps: int = 400                      # optimiser iterations in all (Alg. 1: latent + camera steps)
+    space: str = "w"                      # "w" (one w for all layers) or "w+"
+    lr_w: float = 0.01
+    lr_cam: float = 0.5                   # degrees
+    lr_translation: float = 0.005         # world units
+    lr_rampup: float = 0.05               # fractions of each block's steps (projector schedule)
+    lr_rampdown: float = 0.25
+    latent_steps_per_round: int = 1       # Alg. 1 alternation: k latent steps ...
+    camera_steps_per_round: int = 1       # ... then k camera steps, repeated
+    mse_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    identity_weight: float = 0.1          # only with landmarks
+    warp_weight: float = 1.0              # L_warp in Alg. 1's camera steps
+    camera_image_weight: float = 1.0      # L_img in Alg. 1's camera steps (0: warping loss only)
+    warp_norm: str = "l2"                 # "l2" or "l1" over the unmasked pixels
+    warp_resolution: int | None = None    # size the warp is computed at (default: the depth's)
+    canonical_yaw: float = 0.0            # pi_c of the warping loss (degrees)
+    canonical_pitch: float = 0.0
+    occlusion_tol: float = 0.05           # world units, see warp.warp_image
+    optimize_roll: bool = False
+    optimize_translation: bool = True
+    initial_noise_factor: float = 0.05    # latent noise, in units of w_std (StyleGAN2 projector)
+    noise_ramp: float = 0.75
+    w_avg_samples: int = 10000
+    w_avg_seed: int = 123
+    perceptual: str = "efficientnet-lite0"
+    perceptual_kwargs: dict[str, Any] = field(default_factory=dict)
+    deterministic: bool = True            # deterministic ray sampling during optimisation
+    pti: bool = False
+    pti_config: PTIConfig = field(default_factory=PTIConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, not {self.algorithm!r}")
+        if self.space not in ("w", "w+"):
+            raise ValueError(f"space must be 'w' or 'w+', not {self.space!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, not {self.steps}")
+        if self.latent_steps_per_round < 1 or self.camera_steps_per_round < 1:
+            raise ValueError("latent_steps_per_round and camera_steps_per_round must be >= 1")
+        if self.warp_norm not in ("l1", "l2"):
+            raise ValueError(f"warp_norm must be 'l1' or 'l2', not {self.warp_norm!r}")
+        if self.w_avg_samples < 1:
+            raise ValueError(f"w_avg_samples must be >= 1, not {self.w_avg_samples}")
+        for name in ("lr_w", "lr_cam", "lr_translation", "lr_rampup", "lr_rampdown", "mse_weight",
+                     "perceptual_weight", "identity_weight", "warp_weight", "camera_image_weight", "occlusion_tol",
+                     "initial_noise_factor", "noise_ramp"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
+        if self.warp_resolution is not None and self.warp_resolution < 2:
+            raise ValueError(f"warp_resolution must be >= 2 or None, not {self.warp_resolution}")
+        if not -90 < self.canonical_pitch < 90:
+            raise ValueError("canonical_pitch must lie strictly between -90 and 90 degrees")
+        if self.pti:
+            self.pti_config.validate()
+
+
+@dataclass
+class InversionResult:
+    """Output of :func:`invert`.
+
+    Attributes:
+        ws: ``[1, num_ws, w_dim]`` the optimised latent (``"w"``: the same row everywhere).
+        camera: ``[1, 25]`` the optimised camera label (Alg. 2: the given one).
+        G: the tuned copy of the generator when PTI ran, else the input ``G`` itself.
+        image: ``[1, 3, R, R]`` ``G`` (above) rendered from ``ws`` and ``camera``.
+        depth: ``[1, 1, r, r]`` its depth (``image_depth``).
+        history: one dict per step (``step``, ``phase`` in ``latent`` / ``camera`` / ``joint`` /
+            ``pti``, ``lr``, ``loss`` and its terms ``mse`` / ``perceptual`` / ``identity`` / ``warp`` /
+            ``depth_smooth`` ..., the camera state ``yaw`` / ``pitch`` / ``roll`` / ``tx`` / ``ty`` / ``tz``
+            before the step, and ``time`` in seconds).
+        timings: seconds per phase (``setup``, ``latent``, ``camera``, ``joint``, ``pti``, ``render``,
+            ``total``).
+        algorithm: 1, 2 or 3.
+        camera_state: final yaw / pitch / roll (degrees) and translation of the camera parameters.
+        loss_description: :attr:`ImageLoss.description` of the image loss used.
+        target: ``[1, 3, R, R]`` the target as compared.
+    """
+
+    ws: torch.Tensor
+    camera: torch.Tensor
+    G: nn.Module
+    image: torch.Tensor
+    depth: torch.Tensor
+    history: list[dict[str, Any]]
+    timings: dict[str, float]
+    algorithm: int
+    camera_state: dict[str, float] = field(default_factory=dict)
+    loss_description: str = ""
+    target: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def phase_schedule(cfg: InversionConfig) -> list[str]:
+    """The phase of every iteration: Alg. 1 repeats ``k_w`` ``"latent"`` then ``k_c`` ``"camera"``
+    steps (starting with the latent block), Alg. 2 is all ``"latent"``, Alg. 3 all ``"joint"``."""
+    if cfg.algorithm == 2:
+        return ["latent"] * cfg.steps
+    if cfg.algorithm == 3:
+        return ["joint"] * cfg.steps
+    period = cfg.latent_steps_per_round + cfg.camera_steps_per_round
+    return ["latent" if i % period < cfg.latent_steps_per_round else "camera" for i in range(cfg.steps)]
+
+
+def _device_of(G: nn.Module) -> torch.device:
+    for p in G.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _lr(base: float, cfg: InversionConfig, t: float) -> float:
+    """The StyleGAN2 projector's ramp (:func:`portrait3d.methods.projector.projector._lr_at`) for ``base``."""
+    return _lr_at(ProjectorConfig(lr=base, lr_rampup=cfg.lr_rampup, lr_rampdown=cfg.lr_rampdown), t)
+
+
+def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if mode == "area" and x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _assign_grads(params: list[torch.Tensor], loss: torch.Tensor) -> None:
+    """``p.grad = d loss / d p`` for our own tensors only (nothing accumulates in the generator)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        p.grad = g if g is not None else torch.zeros_like(p)
+
+
+# ---------------------------------------------------------------------------------------------- invert
+
+def invert(G: nn.Module, target: torch.Tensor, init_ws: torch.Tensor | None, init_camera: torch.Tensor | None,
+           cfg: InversionConfig | None = None, landmarks: np.ndarray | None = None, progress: bool = True,
+           callback: Callable[..., Any] | None = None, *, image_loss: ImageLoss | None = None) -> InversionResult:
+    """Invert a portrait into EG3D: latent + camera (Ko et al. Algorithm 1, or baselines 2 / 3) [+ PTI].
+
+    Args:
+        G: EG3D :class:`~portrait3d.networks.eg3d.triplane.TriPlaneGenerator` (not modified).
+        target: ``[1, 3, H, H]`` (or ``[3, H, H]``) in ``[-1, 1]``, an aligned square crop; resized
+            to ``G.img_resolution``.
+        init_ws: ``[1, num_ws, w_dim]`` initial latent (the encoder's ``w_avg + E(x)``), or ``None`` for
+            ``w_avg`` (mean of ``cfg.w_avg_samples`` mapped latents, conditioned on ``init_camera``).
+            With ``space="w"`` its rows are averaged into one ``w``.
+        init_camera: ``[1, 25]`` initial camera label (pose estimator or face pipeline); ``None``: the
+            frontal camera. Algorithm 2 keeps it unchanged.
+        cfg: :class:`InversionConfig`.
+        landmarks: ``[68, 2]`` iBUG landmarks in ``target``'s pixel coordinates (identity term).
+        progress: tqdm bars.
+        callback: ``callback(step, record, ws, camera, image)`` after every optimisation step (``ws``
+            ``[1, num_ws, w_dim]`` without latent noise, ``camera`` ``[1, 25]``, ``image`` the step's
+            rendering); returning ``True`` stops the optimisation (PTI still runs if enabled).
+        image_loss: a ready :class:`ImageLoss` (e.g. shared between calls) instead of building one.
+
+    Returns:
+        :class:`InversionResult`.
+    """
+    from portrait3d.networks.eg3d.camera import camera_from_angles
+
+    t_start = time.perf_counter()
+    timings = {"setup": 0.0, "latent": 0.0, "camera": 0.0, "joint": 0.0, "pti": 0.0, "render": 0.0}
+    cfg = cfg or InversionConfig()
+    cfg.validate()
+    dev = _device_of(G)
+    res = int(G.img_resolution)
+    rk = getattr(G, "rendering_kwargs", {}) or {}
+    pivot = tuple(float(v) for v in rk.get("avg_camera_pivot", (0.0, 0.0, 0.2)))
+    radius = float(rk.get("avg_camera_radius", 2.7))
+    target = torch.as_tensor(target)
+    if target.ndim == 3:
+        target = target[None]
+    if target.ndim != 4 or target.shape[0] != 1:
+        raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+    target = target.to(dev, torch.float32)
+    if init_camera is None:
+        init_camera = camera_from_angles([0.0], [0.0], radius=radius, pivot=pivot)
+    init_camera = torch.as_tensor(init_camera).detach().to(dev, torch.float32).reshape(-1, 25)
+    if init_camera.shape[0] != 1:
+        raise ValueError(f"init_camera: expected one label [1, 25], got {tuple(init_camera.shape)}")
+
+    if image_loss is None:
+        image_loss = ImageLoss(target, landmarks=landmarks, resolution=res,
+                               weights=LossWeights(cfg.mse_weight, cfg.perceptual_weight, cfg.identity_weight),
+                               perceptual=cfg.perceptual, perceptual_kwargs=cfg.perceptual_kwargs).to(dev)
+    target_r = image_loss.target
+
+    # -- initial latent ------------------------------------------------------------------------
+    num_ws, w_dim = int(G.num_ws), int(G.w_dim)
+    use_noise = cfg.initial_noise_factor > 0 and cfg.noise_ramp > 0
+    w_std = 0.0
+    if init_ws is None or use_noise:
+        w_avg, w_std = compute_w_stats(G, cfg.w_avg_samples, cfg.w_avg_seed, c=init_camera)
+    if init_ws is None:
+        w0 = w_avg.reshape(1, 1, w_dim).expand(1, num_ws, w_dim)
+    else:
+        w0 = torch.as_tensor(init_ws).detach().to(dev, torch.float32)
+        if w0.ndim == 2:
+            w0 = w0[:, None].expand(1, num_ws, w_dim)
+        if w0.shape != (1, num_ws, w_dim):
+            raise ValueError(f"init_ws: expected [1, {num_ws}, {w_dim}], got {tuple(w0.shape)}")
+    w_opt = (w0.mean(1, keepdim=True) if cfg.space == "w" else w0).clone().requires_grad_(True)
+
+    def full_ws(w: torch.Tensor) -> torch.Tensor:
+        return w.expand(1, num_ws, w_dim) if w.shape[1] == 1 else w
+
+    # -- camera --------------------------------------------------------------------------------
+    cam: CameraParams | None = None
+    if cfg.algorithm in (1, 3):
+        cam = CameraParams.from_label(init_camera, pivot=pivot, optimize_roll=cfg.optimize_roll,
+                                      optimize_translation=cfg.optimize_translation).to(dev)
+
+    def current_camera() -> torch.Tensor:
+        return init_camera if cam is None else cam.label()
+
+    canon = None
+    if cfg.algorithm == 1:
+        canon = CameraParams(cfg.canonical_yaw, cfg.canonical_pitch, radius=radius, pivot=pivot,
+                             intrinsics=init_camera[0, 16:].reshape(3, 3)).to(dev).label().detach()
+
+    # -- optimisers ----------------------------------------------------------------------------
+    phases = phase_schedule(cfg)
+    n_phase = {p: phases.count(p) for p in ("latent", "camera", "joint")}
+    opt_w = torch.optim.Adam([w_opt], betas=(0.9, 0.999), lr=cfg.lr_w)
+    cam_groups: list[dict[str, Any]] = []
+    if cam is not None:
+        if cam.angle_parameters():
+            cam_groups.append({"params": cam.angle_parameters(), "lr": cfg.lr_cam, "base": cfg.lr_cam})
+        if cam.translation_parameters():
+            cam_groups.append({"params": cam.translation_parameters(), "lr": cfg.lr_translation,
+                               "base": cfg.lr_translation})
+    opt_cam = torch.optim.Adam(cam_groups, betas=(0.9, 0.999)) if cam_groups else None
+    cam_params = [p for g in cam_groups for p in g["params"]]
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+
+    # canonical rendering (constant while w is fixed) and the resized target for the warp
+    canon_cache: dict[str, Any] = {"version": -1}
+    w_version = 0
+
+    def canonical_view() -> tuple[torch.Tensor, torch.Tensor, int]:
+        if canon_cache["version"] != w_version:
+            with torch.no_grad():
+                out_c = render(G, full_ws(w_opt.detach()), canon, cfg.deterministic)
+            size = cfg.warp_resolution or int(out_c["image_depth"].shape[-1])
+            canon_cache.update(version=w_version, size=size, image=_resize(out_c["image"], size, "area"),
+                               depth=_resize(out_c["image_depth"], size, "bilinear"),
+                               target=_resize(target_r, size, "area"))
+        return canon_cache["image"], canon_cache["depth"], canon_cache["size"]
+
+    timings["setup"] = time.perf_counter() - t_start
+    history: list[dict[str, Any]] = []
+    counters = {"latent": 0, "camera": 0, "joint": 0}
+    bar = None
+    if progress and cfg.steps > 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc=f"3D inversion (alg. {cfg.algorithm})", unit="step", leave=False)
+    try:
+        for step, phase in enumerate(phases):
+            t0 = time.perf_counter()
+            t_block = counters[phase] / max(1, n_phase[phase])
+            counters[phase] += 1
+            t_run = step / max(1, cfg.steps)
+            record: dict[str, Any] = {"step": step, "phase": phase}
+            if cam is not None:
+                record.update(cam.state())
+            if phase in ("latent", "joint"):
+                lr_w = _lr(cfg.lr_w, cfg, t_block)
+                for g in opt_w.param_groups:
+                    g["lr"] = lr_w
+                noise_scale = w_std * cfg.initial_noise_factor * max(0.0, 1.0 - t_run / cfg.noise_ramp) ** 2 \
+                    if use_noise else 0.0
+                w_noise = torch.randn(w_opt.shape, generator=gen).to(dev) * noise_scale
+                c = current_camera() if phase == "joint" else current_camera().detach()
+                out = render(G, full_ws(w_opt + w_noise), c, cfg.deterministic)
+                loss, terms = image_loss(out["image"])
+                record.update(lr=lr_w, w_noise=noise_scale, **terms)
+                params = [w_opt] + (cam_params if phase == "joint" else [])
+                if phase == "joint" and opt_cam is not None:
+                    for g in opt_cam.param_groups:
+                        g["lr"] = _lr(g["base"], cfg, t_block)
+            else:  # camera step of Algorithm 1
+                for g in opt_cam.param_groups:
+                    g["lr"] = _lr(g["base"], cfg, t_block)
+                record["lr"] = opt_cam.param_groups[0]["lr"]
+                c = current_camera()
+                ws_fixed = full_ws(w_opt.detach())
+                loss = c.new_zeros([])
+                if cfg.camera_image_weight > 0:
+                    out = render(G, ws_fixed, c, cfg.deterministic)
+                    l_img, terms = image_loss(out["image"])
+                    loss = loss + cfg.camera_image_weight * l_img
+                    record.update(terms)
+                else:
+                    with torch.no_grad():
+                        out = render(G, ws_fixed, c.detach(), cfg.deterministic)
+                img_c, depth_c, size = canonical_view()
+                l_warp, _, mask = warp_loss(canon_cache["target"], img_c, depth_c, c, canon,
+                                            source_depth=out["image_depth"].detach(),
+                                            occlusion_tol=cfg.occlusion_tol, norm=cfg.warp_norm, return_parts=True)
+                loss = loss + cfg.warp_weight * l_warp
+                record.update(warp=float(l_warp.detach()), warp_valid=float(mask.mean()))
+                params = cam_params
+            record["loss"] = float(loss.detach())
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"inversion diverged at step {step} ({phase}): loss {record['loss']}")
+
+            _assign_grads(params, loss)
+            if phase in ("latent", "joint"):
+                opt_w.step()
+                opt_w.zero_grad(set_to_none=True)
+                w_version += 1
+            if phase in ("camera", "joint") and opt_cam is not None:
+                opt_cam.step()
+                opt_cam.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t0
+            record["time"] = elapsed
+            timings[phase] += elapsed
+            history.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "mse", "warp", "yaw")},
+                                refresh=False)
+            if callback is not None:
+                with torch.no_grad():
+                    stop = callback(step, record, full_ws(w_opt.detach()).clone(), current_camera().detach().clone(),
+                                    out["image"].detach())
+                if stop:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    ws_final = full_ws(w_opt.detach()).clone()
+    with torch.no_grad():
+        camera_final = current_camera().detach().clone()
+    camera_state = cam.state() if cam is not None else {}
+
+    G_out: nn.Module = G
+    if cfg.pti and cfg.pti_config.steps > 0:
+        t0 = time.perf_counter()
+        pcfg = cfg.pti_config
+        same_net = pcfg.perceptual == cfg.perceptual and pcfg.perceptual_kwargs == cfg.perceptual_kwargs
+        shared = image_loss.perceptual_module if same_net and image_loss.perceptual_module is not None else None
+        pti_loss = ImageLoss(target, landmarks=landmarks, resolution=res,
+                             weights=LossWeights(pcfg.mse_weight, pcfg.perceptual_weight, pcfg.identity_weight),
+                             perceptual=shared if shared is not None else pcfg.perceptual,
+                             perceptual_kwargs=pcfg.perceptual_kwargs, identity_loss=image_loss.identity_module).to(dev)
+        G_out, pti_history = pivotal_tuning(G, ws_final, camera_final, target, pcfg, progress,
+                                            landmarks=landmarks, image_loss=pti_loss, step_offset=len(history))
+        history.extend(pti_history)
+        timings["pti"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = render(G_out, ws_final, camera_final, cfg.deterministic)
+    timings["render"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return InversionResult(ws=ws_final, camera=camera_final, G=G_out, image=out["image"].detach(),
+                           depth=out["image_depth"].detach(), history=history, timings=timings,
+                           algorithm=cfg.algorithm, camera_state=camera_state,
+                           loss_description=image_loss.description, target=target_r)
