@@ -178,7 +178,7 @@ def _edit_core(G, editor, latent: torch.Tensor, q_target: torch.Tensor, mode: st
     """Edit one latent and measure it; returns images, landmarks and the result record."""
     from portrait3d.methods.nrsfm.data import ImageLandmarker, synthesize
     from portrait3d.methods.nrsfm.editor import fitted_params
-    from portrait3d.methods.nrsfm.evaluate import _head_pose, _pixels, identity_similarity, make_identity_loss
+    from portrait3d.methods.nrsfm.evaluate import head_pose_deg, to_pixels, identity_similarity, make_identity_loss
 
     res = int(G.img_resolution)
     backend = "dlib" if editor.model.scheme == "ibug68" else "mediapipe"
@@ -192,7 +192,7 @@ def _edit_core(G, editor, latent: torch.Tensor, q_target: torch.Tensor, mode: st
             if not idok0[0]:
                 raise ValueError("no face found in the original image: cannot build the identity term of eq. 15")
             id_loss = make_identity_loss(torch.as_tensor(img0).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                                         _pixels(id0, res))
+                                         to_pixels(id0, res))
         t0 = time.time()
         w1, hist = editor.edit(G, latent, q_target, mode, steps=steps, lambda_id=lambda_id, identity_loss=id_loss,
                                progress=mode == "gradient")
@@ -217,7 +217,7 @@ def _edit_core(G, editor, latent: torch.Tensor, q_target: torch.Tensor, mode: st
         rec["fit_after"] = fitted_params(editor, lm1)[0].tolist()
     if idok0[0] and idok1[0]:
         rec["identity_similarity_dlib"] = identity_similarity(img0[0], img1[0], id0[0], id1[0])
-        p0, p1 = _head_pose(id0[0], res), _head_pose(id1[0], res)
+        p0, p1 = head_pose_deg(id0[0], res), head_pose_deg(id1[0], res)
         if p0 and p1:
             rec["head_pose_before_deg"], rec["head_pose_after_deg"] = list(p0), list(p1)
             rec["head_pose_change_deg"] = [b - a for a, b in zip(p0, p1)]

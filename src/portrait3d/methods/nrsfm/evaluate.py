@@ -28,7 +28,7 @@ from portrait3d.methods.nrsfm.edit import EditSpec, edit_target
 from portrait3d.methods.nrsfm.editor import NRSfMEditor
 
 __all__ = ["EvalConfig", "evaluate_table1", "mouth_component", "identity_similarity", "pose_edit_check",
-           "expression_edit_check", "point_rmse"]
+           "expression_edit_check", "point_rmse", "to_pixels", "head_pose_deg", "make_identity_loss"]
 
 
 @dataclass
@@ -52,7 +52,8 @@ def point_rmse(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np
     return np.sqrt(((a - b) ** 2).sum(-1).mean(-1))
 
 
-def _pixels(lm: np.ndarray, res: int) -> np.ndarray:
+def to_pixels(lm: np.ndarray, res: int) -> np.ndarray:
+    """Normalised ``[0, 1]`` landmarks -> pixel-centre coordinates of a ``res`` x ``res`` image."""
     return lm * res - 0.5
 
 
@@ -88,8 +89,8 @@ def identity_similarity(img_a: np.ndarray, img_b: np.ndarray, lm_a: np.ndarray, 
     from portrait3d.face.identity import cosine_similarity, dlib_descriptor
 
     res = img_a.shape[0]
-    da = dlib_descriptor(img_a, _pixels(lm_a, res))
-    db = dlib_descriptor(img_b, _pixels(lm_b, res))
+    da = dlib_descriptor(img_a, to_pixels(lm_a, res))
+    db = dlib_descriptor(img_b, to_pixels(lm_b, res))
     return float(cosine_similarity(da, db))
 
 
@@ -152,7 +153,7 @@ def evaluate_table1(G: torch.nn.Module, editor: NRSfMEditor, cfg: EvalConfig | N
                     id_loss = None
                     if m == "gradient" and cfg.lambda_id > 0:
                         ref = torch.as_tensor(imgs0).permute(0, 3, 1, 2).float() / 127.5 - 1
-                        id_loss = make_identity_loss(ref, _pixels(id_lm0, res))
+                        id_loss = make_identity_loss(ref, to_pixels(id_lm0, res))
                     w1, _ = editor.edit(G, w, q_star, m, steps=cfg.grad_steps, lr=cfg.grad_lr,
                                         lambda_id=cfg.lambda_id, identity_loss=id_loss)
                     imgs1 = faces.images(w1)
@@ -187,11 +188,12 @@ def mouth_component(editor: NRSfMEditor) -> int:
     return int(torch.argmax(ratio)) + 1
 
 
-def _head_pose(lm: np.ndarray, res: int) -> tuple[float, float, float] | None:
+def head_pose_deg(lm: np.ndarray, res: int) -> tuple[float, float, float] | None:
+    """Face-pipeline head pose ``(yaw, pitch, roll)`` of normalised 68 landmarks, or ``None`` if PnP fails."""
     from portrait3d.face.pose import estimate_head_pose
 
     try:
-        return estimate_head_pose(_pixels(lm, res), (res, res)).angles
+        return estimate_head_pose(to_pixels(lm, res), (res, res)).angles
     except ValueError:
         return None
 
@@ -216,7 +218,7 @@ def _edit_batches(G, editor, spec: EditSpec, n: int, seed: int, mode: str, detec
             id_loss = None
             if mode == "gradient" and lambda_id > 0:
                 ref = torch.as_tensor(imgs0).permute(0, 3, 1, 2).float() / 127.5 - 1
-                id_loss = make_identity_loss(ref, _pixels(id_lm0, res))
+                id_loss = make_identity_loss(ref, to_pixels(id_lm0, res))
             w1, _ = editor.edit(G, w, editor.target(w, spec), mode, steps=grad_steps, lambda_id=lambda_id,
                                 identity_loss=id_loss)
             imgs1 = faces.images(w1)
@@ -242,7 +244,7 @@ def pose_edit_check(G, editor: NRSfMEditor, yaw: float = 20.0, n: int = 100, see
                                                           batch, grad_steps, lambda_id, progress, f"yaw {yaw:+g} ({mode})"):
         for i in range(len(imgs0)):
             total += 1
-            p0, p1 = _head_pose(lm0[i], res), _head_pose(lm1[i], res) if np.isfinite(lm1[i]).all() else None
+            p0, p1 = head_pose_deg(lm0[i], res), head_pose_deg(lm1[i], res) if np.isfinite(lm1[i]).all() else None
             if p0 is None or p1 is None or not (np.isfinite(id0[i]).all() and np.isfinite(id1[i]).all()):
                 continue
             d = p1[0] - p0[0]
@@ -276,7 +278,7 @@ def expression_edit_check(G, editor: NRSfMEditor, sigmas: float = 2.0, n: int = 
             mouth_px.append(d[mouth].mean())
             rest_px.append(d[rest].mean())
             if editor.model.scheme == "ibug68":
-                p0, p1 = _head_pose(lm0[i], res), _head_pose(lm1[i], res)
+                p0, p1 = head_pose_deg(lm0[i], res), head_pose_deg(lm1[i], res)
                 if p0 is not None and p1 is not None:
                     drift.append(max(abs(a - b) for a, b in zip(p0, p1)))
     return {"component": k, "sigmas": sigmas, "mode": mode, "measured": len(mouth_px),
