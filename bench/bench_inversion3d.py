@@ -42,7 +42,8 @@ from typing import Any, Callable
 import click
 import numpy as np
 import torch
-from torch import nn
+
+from portrait3d.interfaces.invert3d import initialise, load_generator, load_init_modules
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_UTK = REPO.parent / "shared" / "data" / "utkface"
@@ -58,34 +59,6 @@ def default_photo() -> Path:
                 return DEFAULT_UTK / ln.strip()
     photos = sorted(p for p in DEFAULT_UTK.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     return photos[HOLDOUT_EVERY - 1]
-
-
-def load_generator(network: str, device: torch.device) -> tuple[nn.Module, bool]:
-    """``(EG3D generator in eval mode, whether it is a built-in network)``."""
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
-    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
-
-    G = load_network(network, device=device)
-    if not isinstance(G, TriPlaneGenerator):
-        raise click.ClickException(f"{network} is a {type(G).__name__}, not an EG3D (3D) generator")
-    return G.eval().requires_grad_(False), network in BUILTIN_NETWORKS
-
-
-def load_init_modules(G: nn.Module, encoder: Path | None, pose: Path | None,
-                      device: torch.device) -> tuple[nn.Module | None, nn.Module | None]:
-    """The latent encoder and pose estimator files (``None`` where not given), checked against ``G``."""
-    from portrait3d.methods.inversion3d.networks import LatentEncoder, PoseEstimator, load_module
-
-    enc = P = None
-    if encoder is not None:
-        enc = load_module(encoder, device=device)
-        if not isinstance(enc, LatentEncoder) or (enc.num_ws, enc.w_dim) != (G.num_ws, G.w_dim):
-            raise click.ClickException(f"{encoder} is not a latent encoder for [{G.num_ws}, {G.w_dim}] latents")
-    if pose is not None:
-        P = load_module(pose, device=device)
-        if not isinstance(P, PoseEstimator):
-            raise click.ClickException(f"{pose} is a {type(P).__name__}, not a pose estimator")
-    return enc, P
 
 
 def _sync(device: torch.device) -> None:
@@ -130,6 +103,7 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     """Time encoder / w_avg initialisation, Algorithm 1, and Algorithm 1 + PTI on one photo."""
     from tqdm import tqdm
 
+    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
     from portrait3d.face.align import apply_transform
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
@@ -138,10 +112,13 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    G, builtin = load_generator(network, dev)
+    try:
+        G, _ = load_generator(network, dev)
+        enc, P = load_init_modules(G, encoder, pose, dev)
+    except ValueError as e:  # CheckpointError included: one-line messages
+        raise click.ClickException(str(e)) from None
     if align == "auto":
-        align = "default" if builtin else "eg3d"
-    enc, P = load_init_modules(G, encoder, pose, dev)
+        align = "default" if network in BUILTIN_NETWORKS else "eg3d"
     photo = photo or default_photo()
 
     t0 = time.perf_counter()
@@ -152,7 +129,6 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     if len(lm) != 68:
         lm = apply_transform(face.aligned.transform, face.landmarks)
     target = (torch.as_tensor(face.aligned.image).permute(2, 0, 1)[None].float() / 127.5 - 1).to(dev)
-    face_cam = face.camera.reshape(1, 25).float().to(dev)
 
     def make_cfg(pti: bool, n_steps: int | None = steps, n_pti: int | None = pti_steps) -> InversionConfig:
         cfg = InversionConfig(algorithm=1, pti=pti, seed=seed)
@@ -165,14 +141,13 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
 
     cfg_plain, cfg_pti = make_cfg(False), make_cfg(True)
 
-    @torch.no_grad()
     def prepare() -> tuple[torch.Tensor | None, torch.Tensor]:
         """Initial ``(ws or None, camera)`` as handed to ``invert`` (which computes w_avg itself for None)."""
-        cam = P.camera(target).detach().float().reshape(1, 25) if P is not None else face_cam
-        return (enc(target).detach().float() if enc is not None else None), cam
+        ws0, cam, _ = initialise(G, target, face.camera, enc, P)
+        return ws0, cam
 
     @torch.no_grad()
-    def initialise() -> None:
+    def init_row() -> None:
         """The timed initialisation row: E(x) [+ P(x)], or w_avg [+ P(x)] as ``invert`` computes it."""
         ws0, cam = prepare()
         if ws0 is None:
@@ -196,7 +171,7 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     breakdown: dict[str, list[dict[str, float]]] = {n: [] for n in names[1:]}
     bar = tqdm(total=3 * repeats, desc="timing", unit="run", disable=not progress)
     for _ in range(repeats):  # interleaved, so slow drifts in the machine's load hit all three alike
-        t, _ = timed(initialise, dev)
+        t, _ = timed(init_row, dev)
         times[names[0]].append(t)
         bar.update(1)
         for name, cfg in ((names[1], cfg_plain), (names[2], cfg_pti)):

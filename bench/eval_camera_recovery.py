@@ -32,7 +32,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -44,8 +43,8 @@ from typing import Any
 import click
 import numpy as np
 import torch
-from torch import nn
 
+from portrait3d.interfaces.invert3d import jsonable, load_generator, load_init_modules
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 
 EVAL_SEED_KEY = 0xCA3E  # pseudo-pair seed offset: keeps these pairs apart from the training streams' seeds
@@ -98,55 +97,6 @@ def _fmt(v: float) -> str:
     return "n/a" if not math.isfinite(v) else f"{v:.2f}"
 
 
-def jsonable(x: Any) -> Any:
-    """Plain JSON types (non-finite floats -> None)."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        x = dataclasses.asdict(x)
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def load_generator(network: str, device: torch.device) -> nn.Module:
-    """EG3D generator (eval mode, ``requires_grad`` off) from a checkpoint path or built-in name."""
-    from portrait3d.checkpoints.load import load_network
-    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
-
-    G = load_network(network, device=device)
-    if not isinstance(G, TriPlaneGenerator):
-        raise click.ClickException(f"{network} is a {type(G).__name__}, not an EG3D (3D) generator")
-    return G.eval().requires_grad_(False)
-
-
-def load_init_modules(G: nn.Module, encoder: Path | None, pose: Path | None,
-                      device: torch.device) -> tuple[nn.Module | None, nn.Module | None]:
-    """The latent encoder and pose estimator files (``None`` where not given), checked against ``G``."""
-    from portrait3d.methods.inversion3d.networks import LatentEncoder, PoseEstimator, load_module
-
-    enc = P = None
-    if encoder is not None:
-        enc = load_module(encoder, device=device)
-        if not isinstance(enc, LatentEncoder) or (enc.num_ws, enc.w_dim) != (G.num_ws, G.w_dim):
-            raise click.ClickException(f"{encoder} is not a latent encoder for [{G.num_ws}, {G.w_dim}] latents")
-    if pose is not None:
-        P = load_module(pose, device=device)
-        if not isinstance(P, PoseEstimator):
-            raise click.ClickException(f"{pose} is a {type(P).__name__}, not a pose estimator")
-    return enc, P
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--network", default="default-3d", help="EG3D checkpoint path or built-in name.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=20, help="Generated images.")
@@ -180,8 +130,11 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    G = load_generator(network, dev)
-    enc, P = load_init_modules(G, encoder, pose, dev)
+    try:
+        G, _ = load_generator(network, dev)
+        enc, P = load_init_modules(G, encoder, pose, dev)
+    except ValueError as e:  # CheckpointError included: one-line messages
+        raise click.ClickException(str(e)) from None
     rk = getattr(G, "rendering_kwargs", {}) or {}
     pivot = tuple(float(v) for v in rk.get("avg_camera_pivot", (0.0, 0.0, 0.2)))
     radius = float(rk.get("avg_camera_radius", 2.7))

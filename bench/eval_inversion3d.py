@@ -66,7 +66,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.interfaces.invert3d import NOVEL_YAWS, psnr, render_views, view_camera
+from portrait3d.interfaces.invert3d import (NOVEL_YAWS, initialise, jsonable, load_generator, load_init_modules,
+                                            psnr, render_views, view_camera)
 from portrait3d.metrics.ssim import ms_ssim, ms_ssim_scales
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 
@@ -167,27 +168,6 @@ def image_metrics(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, aligned:
 
 
 # ----------------------------------------------------------------------------- helpers
-def jsonable(x: Any) -> Any:
-    """Plain JSON types (non-finite floats -> None)."""
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        x = dataclasses.asdict(x)
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def _mean(values: Sequence[float | None]) -> tuple[float, int]:
     """``(mean of the non-missing values, how many)``; NaN when none."""
     v = [float(a) for a in values if a is not None and math.isfinite(float(a))]
@@ -196,47 +176,6 @@ def _mean(values: Sequence[float | None]) -> tuple[float, int]:
 
 def _fmt(v: float, digits: int = 3) -> str:
     return "n/a" if not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def load_generator(network: str, device: torch.device) -> tuple[nn.Module, bool]:
-    """``(EG3D generator in eval mode, whether it is a built-in network)``."""
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
-    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
-
-    G = load_network(network, device=device)
-    if not isinstance(G, TriPlaneGenerator):
-        raise click.ClickException(f"{network} is a {type(G).__name__}, not an EG3D (3D) generator")
-    return G.eval().requires_grad_(False), network in BUILTIN_NETWORKS
-
-
-def load_init_modules(G: nn.Module, encoder: Path | None, pose: Path | None,
-                      device: torch.device) -> tuple[nn.Module | None, nn.Module | None]:
-    """The latent encoder and pose estimator files (``None`` where not given), checked against ``G``."""
-    from portrait3d.methods.inversion3d.networks import LatentEncoder, PoseEstimator, load_module
-
-    enc = P = None
-    if encoder is not None:
-        enc = load_module(encoder, device=device)
-        if not isinstance(enc, LatentEncoder):
-            raise click.ClickException(f"{encoder} is a {type(enc).__name__}, not a latent encoder")
-        if (enc.num_ws, enc.w_dim) != (G.num_ws, G.w_dim):
-            raise click.ClickException(f"{encoder} encodes [{enc.num_ws}, {enc.w_dim}] latents; the generator "
-                                       f"needs [{G.num_ws}, {G.w_dim}]")
-    if pose is not None:
-        P = load_module(pose, device=device)
-        if not isinstance(P, PoseEstimator):
-            raise click.ClickException(f"{pose} is a {type(P).__name__}, not a pose estimator")
-    return enc, P
-
-
-@torch.no_grad()
-def initialise(target: torch.Tensor, face_camera: torch.Tensor, enc: nn.Module | None,
-               P: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(ws [1, num_ws, w_dim] or None = w_avg, camera [1, 25])`` for ``target [1, 3, H, W]``."""
-    ws = enc(target).detach().float() if enc is not None else None
-    cam = P.camera(target).detach().float().reshape(1, 25) if P is not None else \
-        face_camera.reshape(1, 25).float().to(target.device)
-    return ws, cam
 
 
 # ----------------------------------------------------------------------------- one photo
@@ -257,7 +196,7 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
     ref_yp = camera_yaw_pitch(face.camera)
 
     t0 = time.perf_counter()
-    init_ws, init_cam = initialise(target, face.camera, enc, P)
+    init_ws, init_cam, _ = initialise(G, target, face.camera, enc, P)
     t_init = time.perf_counter() - t0
 
     records = []
@@ -333,17 +272,21 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     """Evaluate Algorithms 1-3 with / without PTI on held-out UTKFace photos and deepface portraits."""
     from tqdm import tqdm
 
+    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
     from portrait3d.face.errors import FaceError
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    G, builtin = load_generator(network, dev)
+    try:
+        G, _ = load_generator(network, dev)
+        enc, P = load_init_modules(G, encoder, pose, dev)
+    except ValueError as e:  # CheckpointError included: one-line messages
+        raise click.ClickException(str(e)) from None
     if align == "auto":
-        align = "default" if builtin else "eg3d"
+        align = "default" if network in BUILTIN_NETWORKS else "eg3d"
     res_px = int(G.img_resolution)
-    enc, P = load_init_modules(G, encoder, pose, dev)
     algs = sorted({int(a) for a in algorithms})
 
     datasets: list[tuple[str, list[Path], int, bool, str]] = []

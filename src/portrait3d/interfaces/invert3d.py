@@ -41,7 +41,7 @@ from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from
 from portrait3d.utils.image import to_uint8
 
 __all__ = ["OUTPUTS", "NOVEL_YAWS", "PTI_GENERATOR", "run_invert3d", "run_render", "view_camera", "render_views",
-           "render_filename", "psnr"]
+           "render_filename", "psnr", "jsonable", "load_generator", "load_init_modules", "initialise"]
 
 NOVEL_YAWS = (-30.0, 30.0)
 PTI_GENERATOR = "generator.safetensors"
@@ -121,21 +121,24 @@ def render_filename(yaw: float, pitch: float) -> str:
     return f"render_yaw{_fmt_deg(yaw)}_pitch{_fmt_deg(pitch)}.png"
 
 
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types from tensors, numpy values, paths, dataclasses; non-finite floats -> None."""
+def jsonable(x: Any) -> Any:
+    """Plain JSON types from tensors, numpy values, paths, dataclasses; non-finite floats -> None.
+
+    Dict keys become strings, tuples lists; anything else unknown becomes its ``repr``.
+    """
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         x = dataclasses.asdict(x)
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
-        return _jsonable(x.item() if x.numel() == 1 and x.ndim == 0 else x.tolist())
+        return jsonable(x.item() if x.numel() == 1 and x.ndim == 0 else x.tolist())
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, np.generic):
-        return _jsonable(x.item())
+        return jsonable(x.item())
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, (str, int, bool)) or x is None:
@@ -146,7 +149,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any, force: bool) -> None:
-    text = json.dumps(_jsonable(obj), indent=1)
+    text = json.dumps(jsonable(obj), indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=force)
 
 
@@ -174,8 +177,16 @@ def _check_outputs(out: Path, names: Sequence[str], force: bool, what: str) -> N
                               "pass --force to overwrite")
 
 
-def _load_generator(network: str, device: torch.device) -> tuple[nn.Module, str]:
-    """``(EG3D generator, reference stored in result.json)`` for a checkpoint path or built-in name."""
+def load_generator(network: str, device: torch.device | str) -> tuple[nn.Module, str]:
+    """``(EG3D generator, reference)`` for a checkpoint path or built-in name.
+
+    The generator is in eval mode with ``requires_grad`` off; the reference (stored in ``result.json``)
+    is the built-in name, else the resolved checkpoint path.
+
+    Raises:
+        CheckpointError: unreadable checkpoint, or a built-in network that is not installed.
+        ValueError: not an EG3D (3D) generator. Both with one-line messages.
+    """
     from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
     from portrait3d.checkpoints.safe_pickle import CheckpointError
     from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
@@ -191,40 +202,58 @@ def _load_generator(network: str, device: torch.device) -> tuple[nn.Module, str]
     G = load_network(network, device=device)
     if not isinstance(G, TriPlaneGenerator):
         raise ValueError(f"{network} is a {type(G).__name__}, not an EG3D (3D) generator")
-    return G.eval(), ref
+    return G.eval().requires_grad_(False), ref
 
 
 # ----------------------------------------------------------------------------- initialisation
-def _initialise(G: nn.Module, target: torch.Tensor, face_camera: torch.Tensor, encoder_path: Path | None,
-                pose_path: Path | None) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, str]]:
-    """Initial ``(ws [1, num_ws, w_dim] or None, camera [1, 25], description)`` (Ko et al., Sec. 3.2).
+def load_init_modules(G: nn.Module, encoder_path: Path | None, pose_path: Path | None,
+                      device: torch.device | str) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(latent encoder or None, pose estimator or None)`` loaded from their files, checked against ``G``.
 
-    ``ws = E(target)`` with a :class:`~portrait3d.methods.inversion3d.networks.LatentEncoder` (else ``None``:
-    the optimiser's default start); the camera is ``P.camera(target)`` with a
-    :class:`~portrait3d.methods.inversion3d.networks.PoseEstimator`, else the face pipeline's PnP camera.
+    Raises:
+        ValueError (a :class:`CheckpointError` for unreadable files): not a
+            :class:`~portrait3d.methods.inversion3d.networks.LatentEncoder` /
+            :class:`~portrait3d.methods.inversion3d.networks.PoseEstimator`, or an encoder whose latents do not
+            fit ``G`` -- always with a one-line message.
+    """
+    if encoder_path is None and pose_path is None:
+        return None, None
+    from portrait3d.methods.inversion3d.networks import LatentEncoder, PoseEstimator, load_module
+
+    enc = pose = None
+    if encoder_path is not None:
+        enc = load_module(encoder_path, device=device)
+        if not isinstance(enc, LatentEncoder):
+            raise ValueError(f"{encoder_path} is a {type(enc).__name__}, not a latent encoder")
+        if (enc.num_ws, enc.w_dim) != (G.num_ws, G.w_dim):
+            raise ValueError(f"{encoder_path} encodes latents [{enc.num_ws}, {enc.w_dim}]; the generator "
+                             f"needs [{G.num_ws}, {G.w_dim}]")
+    if pose_path is not None:
+        pose = load_module(pose_path, device=device)
+        if not isinstance(pose, PoseEstimator):
+            raise ValueError(f"{pose_path} is a {type(pose).__name__}, not a pose estimator")
+    return enc, pose
+
+
+@torch.no_grad()
+def initialise(G: nn.Module, target: torch.Tensor, face_camera: torch.Tensor, encoder: nn.Module | None,
+               pose: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, str]]:
+    """Initial ``(ws [1, num_ws, w_dim] or None, camera [1, 25], how)`` (Ko et al., Sec. 3.2).
+
+    ``ws = encoder(target)`` (else ``None``: the optimiser's default start, ``w_avg``); the camera is
+    ``pose.camera(target)``, else ``face_camera`` (the face pipeline's PnP camera). ``encoder`` / ``pose``
+    come from :func:`load_init_modules` (``G`` is the generator they were checked against). ``how`` says
+    where each came from: ``{"latent": "encoder" | "optimiser default",
+    "camera": "pose estimator" | "face pipeline (PnP head pose)"}``.
     """
     ws, camera = None, face_camera.reshape(1, 25).float().to(target.device)
     how = {"latent": "optimiser default", "camera": "face pipeline (PnP head pose)"}
-    if encoder_path is None and pose_path is None:
-        return ws, camera, how
-    from portrait3d.methods.inversion3d.networks import LatentEncoder, PoseEstimator, load_module
-
-    with torch.no_grad():
-        if encoder_path is not None:
-            enc = load_module(encoder_path, device=target.device)
-            if not isinstance(enc, LatentEncoder):
-                raise ValueError(f"{encoder_path} is a {type(enc).__name__}, not a latent encoder")
-            if (enc.num_ws, enc.w_dim) != (G.num_ws, G.w_dim):
-                raise ValueError(f"{encoder_path} encodes latents [{enc.num_ws}, {enc.w_dim}]; the generator "
-                                 f"needs [{G.num_ws}, {G.w_dim}]")
-            ws = enc(target).detach().float()
-            how["latent"] = f"encoder {encoder_path}"
-        if pose_path is not None:
-            pose = load_module(pose_path, device=target.device)
-            if not isinstance(pose, PoseEstimator):
-                raise ValueError(f"{pose_path} is a {type(pose).__name__}, not a pose estimator")
-            camera = pose.camera(target).detach().float().reshape(1, 25)
-            how["camera"] = f"pose estimator {pose_path}"
+    if encoder is not None:
+        ws = encoder(target).detach().float()
+        how["latent"] = "encoder"
+    if pose is not None:
+        camera = pose.camera(target).detach().float().reshape(1, 25)
+        how["camera"] = "pose estimator"
     return ws, camera, how
 
 
@@ -318,7 +347,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     image = load_image(photo)
     dev = torch.device(device)
     t = time.perf_counter()
-    G, network_ref = _load_generator(network, dev)
+    G, network_ref = load_generator(network, dev)
     times["load"] = time.perf_counter() - t
     res_px = int(G.img_resolution)
 
@@ -345,7 +374,11 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
         target = (torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1).to(dev)
 
         t = time.perf_counter()
-        init_ws, init_camera, init_how = _initialise(G, target, face.camera, encoder_path, pose_path)
+        encoder, pose = load_init_modules(G, encoder_path, pose_path, dev)
+        init_ws, init_camera, init_how = initialise(G, target, face.camera, encoder, pose)
+        for key, path in (("latent", encoder_path), ("camera", pose_path)):
+            if path is not None:
+                init_how[key] += f" {path}"
         times["initialise"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -426,7 +459,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     times["total"] = time.perf_counter() - t_start
     record["timings_s"] = times
     _write_json(out / "result.json", record, force)
-    return _jsonable(record)
+    return jsonable(record)
 
 
 # ----------------------------------------------------------------------------- render
@@ -456,9 +489,9 @@ def _load_folder(folder: Path, device: torch.device) -> tuple[nn.Module, torch.T
         gpath = folder / rec["generator"]
         if not gpath.is_file():
             raise FileNotFoundError(f"{gpath}: the tuned generator of this folder is missing")
-        G, _ = _load_generator(str(gpath), device)
+        G, _ = load_generator(str(gpath), device)
     else:
-        G, _ = _load_generator(str(rec["network"]), device)
+        G, _ = load_generator(str(rec["network"]), device)
     if ws.ndim != 3 or ws.shape[0] != 1 or tuple(ws.shape[1:]) != (G.num_ws, G.w_dim):
         raise ValueError(f"{lpath} holds latents {list(ws.shape)}; the generator needs [1, {G.num_ws}, {G.w_dim}]")
     return G, ws.to(device), label[None], rec
