@@ -1,0 +1,280 @@
+"""``portrait3d lift``: a face in 3D with LiftedGAN (Shi et al., CVPR 2021) -- rotate, relight, export.
+
+SOURCE is a seed (an integer: ``w = mapping(z)`` with truncation 0.7, the training distribution), a
+``.npy`` latent (``[w_dim]`` W code or ``[num_ws, w_dim]`` W+ code, optionally with a leading batch
+axis of 1), or a photo, which is aligned with the ``default`` crop (the one portrait3d's built-in
+generators are trained on) and projected into W first. The lifting networks
+(:class:`~portrait3d.methods.lifting.networks.LiftedGenerator`, trained by
+``python -m portrait3d.methods.lifting.train``) predict view, light, canonical depth and albedo.
+
+Outputs in OUT (nothing is overwritten without ``--force``; every file is written atomically), all at
+the lifting resolution ``S``:
+
+* ``image.png``: frontal render (canonical view, predicted light);
+* ``rotated.png``: one row of renders at the given yaws (degrees from the frontal view; positive
+  turns the nose towards the image's left), predicted light;
+* ``relit.png``: frontal renders lit from the left, top, right and bottom (``(dx, dy)`` =
+  ``(1, 0), (0, 1), (-1, 0), (0, -1)``), then the ``--light`` one when given; ambient and diffuse
+  strengths are the predicted ones;
+* ``depth.png`` (colour-mapped canonical depth, near = bright), ``normal.png`` (normal-map colours),
+  ``albedo.png``, ``shading.png`` (canonical shading under the predicted light, divided by its max);
+* ``mesh.obj``: the canonical depth map as a grid mesh coloured by the albedo (``y`` up);
+* ``latent.npy``: the latent that was lifted (``[1, w_dim]`` or ``[1, num_ws, w_dim]``);
+* ``result.json``: view and light predicted by D_V / D_L (angles in degrees), the 2D generator and
+  lifted-model references, the source (seed, latent file or photo) and timings;
+* for a photo also ``aligned.png`` and ``projection.png`` (the crop that was inverted, ``G2D`` of its latent).
+
+Light directions use D_L's parameterisation (Unsup3d's): the light travels along ``(dx, dy, 1)``, so
+``dx > 0`` lights the face from the image's left and ``dy > 0`` from the top; ``--light X,Y`` takes
+the same ``(dx, dy)`` that ``result.json`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from portrait3d.face.io import save_image
+
+__all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "run_lift",
+           "validate_yaws"]
+
+DEFAULT_YAWS: tuple[float, ...] = (-60.0, -30.0, 0.0, 30.0, 60.0)
+#: Relighting directions ``(dx, dy)`` of relit.png: light from the left, top, right, bottom.
+RELIGHT_DIRECTIONS: tuple[tuple[float, float], ...] = ((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))
+LIFT_OUTPUTS = ("image.png", "rotated.png", "relit.png", "depth.png", "normal.png", "albedo.png", "shading.png",
+                "mesh.obj", "latent.npy", "result.json")
+TRUNCATION = 0.7
+
+
+def builtin_lifted_path(network: str) -> Path | None:
+    """Where a built-in network's shipped lifting model would live (None for other networks)."""
+    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+
+    if network not in BUILTIN_NETWORKS:
+        return None
+    return (Path(__file__).resolve().parent.parent / BUILTIN_NETWORKS[network]).parent / "lifted.safetensors"
+
+
+def _train_hint(network: str) -> str:
+    return (f"train one with `python -m portrait3d.methods.lifting.train --network {network} --out RUN` "
+            f"and pass --lifted RUN/lifted.safetensors")
+
+
+def resolve_lifted(network: str, lifted_path: Path | None) -> Path:
+    """The lifting model to use: ``lifted_path``, else the built-in one of ``network``."""
+    if lifted_path is not None:
+        p = Path(lifted_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such lifted model; {_train_hint(network)}")
+        return p
+    p = builtin_lifted_path(network)
+    if p is None or not p.is_file():
+        raise FileNotFoundError(f"no lifted model for network {network!r}: {_train_hint(network)}")
+    return p
+
+
+def _lifted_generator_ref(path: Path) -> str | None:
+    """The 2D generator reference in a lifting file's metadata (None if absent or unreadable:
+    :meth:`LiftedGenerator.load` reports unreadable files)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("generator") or None
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def _check_generator(lifted: Path, ref: str | None, network: str) -> bool:
+    """Refuse a lifting model trained on another 2D generator; True when the match is verified."""
+    from portrait3d.methods.lifting.train import generator_matches
+
+    same = generator_matches(ref, network)
+    if same is False:
+        raise ValueError(f"{lifted.name} was trained on the 2D generator {ref!r}, not {network!r}: "
+                         f"pass --network {ref}")
+    return same is True
+
+
+def parse_light(text: str | None) -> tuple[float, float] | None:
+    """``"x,y"`` -> ``(dx, dy)``, both finite floats in ``[-1, 1]`` (None passes through)."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        x, y = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--light must be X,Y (two numbers in [-1, 1]), not {text!r}") from None
+    if not all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in (x, y)):
+        raise ValueError(f"--light components must lie in [-1, 1], got {text!r}")
+    return x, y
+
+
+def validate_yaws(yaws: Sequence[float] | None) -> tuple[float, ...]:
+    """The yaws to render (default :data:`DEFAULT_YAWS`); each finite with ``|yaw| <= 90``."""
+    if not yaws:
+        return DEFAULT_YAWS
+    out = tuple(float(y) for y in yaws)
+    bad = [y for y in out if not (math.isfinite(y) and abs(y) <= 90.0)]
+    if bad:
+        raise ValueError(f"--yaw must be within [-90, 90] degrees, got {bad[0]:g}")
+    return out
+
+
+def _load_latent_file(path: Path, w_dim: int, num_ws: int) -> torch.Tensor:
+    """A ``.npy`` latent -> ``[1, w_dim]`` (W) or ``[1, num_ws, w_dim]`` (W+)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npy latent ({str(e).splitlines()[0][:80]})") from None
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: latent must be numeric, not {arr.dtype}")
+    shape = tuple(arr.shape)
+    if shape[:1] == (1,) and len(shape) in (2, 3):
+        arr, shape = arr[0], shape[1:]
+    if shape not in ((w_dim,), (num_ws, w_dim)):
+        raise ValueError(f"{path}: latent of shape {tuple(np.shape(arr))} does not fit the generator: "
+                         f"expected [{w_dim}] (W) or [{num_ws}, {w_dim}] (W+)")
+    t = torch.as_tensor(np.asarray(arr, dtype=np.float32))[None]
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{path}: latent contains NaN or infinite values")
+    return t
+
+
+def _classify_source(source: str) -> tuple[str, Any]:
+    """``("seed", int)``, ``("latent", Path)`` or ``("photo", Path)``; checked before anything is loaded."""
+    if source.lstrip("-").isdigit():
+        seed = int(source)
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+        return "seed", seed
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} is neither a seed (integer), a .npy latent nor an existing photo")
+    return ("latent", path) if path.suffix.lower() == ".npy" else ("photo", path)
+
+
+def _degrees(view: torch.Tensor, light: torch.Tensor) -> dict[str, Any]:
+    v, li = view[0].tolist(), light[0].tolist()
+    return {
+        "view": {"pitch_deg": math.degrees(v[0]), "yaw_deg": math.degrees(v[1]), "roll_deg": math.degrees(v[2]),
+                 "tx": v[3], "ty": v[4], "tz": v[5]},
+        "light": {"ambient": li[0], "diffuse": li[1], "dx": li[2], "dy": li[3],
+                  # angle of the travel direction (dx, dy, 1) from the optical axis, per axis
+                  "horizontal_deg": math.degrees(math.atan(li[2])), "vertical_deg": math.degrees(math.atan(li[3]))},
+    }
+
+
+def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: Path | None = None,
+             yaws: Sequence[float] | None = None, light: str | tuple[float, float] | None = None,
+             force: bool = False, face_index: int | None = None, project_steps: int = 300,
+             device: str = "cpu") -> dict[str, Any]:
+    """``portrait3d lift``: see the module docstring for what lands in ``out``.
+
+    Args:
+        source: seed, ``.npy`` latent or photo path.
+        out: output folder.
+        network: the 2D generator (built-in name or checkpoint) the lifted model was trained on.
+        lifted_path: the lifting model (default: ``models/<network>/lifted.safetensors`` when shipped).
+        yaws: render yaws in degrees, ``|yaw| <= 90`` (default :data:`DEFAULT_YAWS`).
+        light: ``"x,y"`` or ``(dx, dy)`` in ``[-1, 1]``: an extra relighting direction.
+        force: overwrite existing outputs.
+        face_index: which face of a photo with several (required then; 0 = largest).
+        project_steps: projector steps for a photo.
+
+    Returns:
+        The ``result.json`` record.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError / CheckpointError / FaceError: one-line messages.
+    """
+    from portrait3d.checkpoints import load_network
+    from portrait3d.checkpoints.native import atomic_write
+    from portrait3d.interfaces.nrsfm import _check_outputs, _latent_from_photo, _write_json, _write_npy
+    from portrait3d.methods.lifting.losses import LiftLossConfig, sample_w
+    from portrait3d.methods.lifting.networks import LiftedGenerator
+    from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
+    from portrait3d.methods.lifting.train import (
+        _depth_uint8,
+        _image_uint8,
+        normal_to_uint8,
+        relight,
+        shading_to_uint8,
+        yaw_view,
+    )
+    from portrait3d.utils.image import make_grid
+
+    t_start = time.perf_counter()
+    yaws = validate_yaws(yaws)
+    extra_light = parse_light(light if light is None or isinstance(light, str) else ",".join(map(str, light)))
+    lifted = resolve_lifted(network, lifted_path)
+    kind, value = _classify_source(source)
+    names = LIFT_OUTPUTS + (("aligned.png", "projection.png") if kind == "photo" else ())
+    _check_outputs(out, names, force)
+    verified = _check_generator(lifted, _lifted_generator_ref(lifted), network)
+
+    t0 = time.perf_counter()
+    G = load_network(network, device=device)
+    if not hasattr(G, "synthesis") or not hasattr(G, "mapping") or getattr(G, "c_dim", 0) != 0:
+        raise ValueError(f"{network}: LiftedGAN lifts an unconditional 2D StyleGAN2 generator")
+    model = LiftedGenerator.load(lifted, g2d=G, device=device)
+    timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
+
+    record: dict[str, Any] = {"network": network, "lifted": str(lifted), "lifted_generator_ref": model.generator_ref,
+                              "generator_ref_verified": verified, "image_size": model.cfg.image_size}
+    if kind == "seed":
+        latent = sample_w(G, 1, TRUNCATION, torch.Generator().manual_seed(value))
+        record.update(seed=value, truncation=TRUNCATION)
+    elif kind == "latent":
+        latent = _load_latent_file(value, model.cfg.w_dim, model.num_ws).to(device)
+        record["latent_file"] = str(value)
+    else:
+        t0 = time.perf_counter()
+        latent, info = _latent_from_photo(G, SimpleNamespace(space="w"), value, project_steps, face_index, out,
+                                          force)
+        latent = latent.to(device)
+        timings["projection_s"] = time.perf_counter() - t0
+        record.update(info)
+        record["face_index"] = face_index
+
+    t0 = time.perf_counter()
+    tx = LiftLossConfig().perturb_tx_per_sin_yaw
+    with torch.no_grad():
+        lo = model(latent)
+        timings["lift_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        frontal = yaw_view(0.0, 1, tx, lo.view.device)
+        image = model.render_view(lo, view=frontal).image
+        rotated = torch.cat([model.render_view(lo, view=yaw_view(y, 1, tx, lo.view.device)).image for y in yaws])
+        dirs = list(RELIGHT_DIRECTIONS) + ([extra_light] if extra_light is not None else [])
+        relit = torch.cat([model.render_view(lo, view=frontal, light=relight(lo.light, dx, dy)).image
+                           for dx, dy in dirs])
+        timings["render_s"] = time.perf_counter() - t0
+    rcfg = model.resolved_renderer_cfg()
+    verts, faces, colors = mesh_from_depth(lo.depth[0].cpu(), ((lo.albedo[0].cpu() + 1) / 2).clamp(0, 1), rcfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(out / "image.png", _image_uint8(image)[0], overwrite=force)
+    save_image(out / "rotated.png", make_grid(_image_uint8(rotated), cols=len(yaws)), overwrite=force)
+    save_image(out / "relit.png", make_grid(_image_uint8(relit), cols=len(dirs)), overwrite=force)
+    save_image(out / "depth.png", _depth_uint8(lo.depth)[0], overwrite=force)
+    save_image(out / "normal.png", normal_to_uint8(lo.normal)[0], overwrite=force)
+    save_image(out / "albedo.png", _image_uint8(lo.albedo)[0], overwrite=force)
+    save_image(out / "shading.png", shading_to_uint8(lo.shading)[0], overwrite=force)
+    atomic_write(out / "mesh.obj", lambda tmp: save_obj(tmp, verts, faces, colors), overwrite=force)
+    _write_npy(out / "latent.npy", latent.detach().cpu().numpy(), force)
+    timings["total_s"] = time.perf_counter() - t_start
+    record.update(_degrees(lo.view.cpu(), lo.light.cpu()))
+    record.update(yaws_deg=list(yaws), relight_directions=[list(d) for d in dirs],
+                  mesh={"vertices": int(verts.shape[0]), "faces": int(faces.shape[0])}, timings=timings)
+    _write_json(out / "result.json", record, force)
+    return record

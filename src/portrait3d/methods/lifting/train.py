@@ -1,0 +1,634 @@
+"""Train the lifting networks of LiftedGAN (Shi, Aggarwal and Jain, CVPR 2021) on a frozen 2D StyleGAN2.
+
+    python -m portrait3d.methods.lifting.train --network default-2d --out runs/lift
+    python -m portrait3d.methods.lifting.train --network default-2d --out runs/lift --resume runs/lift
+    python -m portrait3d.methods.lifting.train --network G.safetensors --out runs/lift-noflip --ablate flip
+
+There is no dataset: every step samples a fresh batch of latents ``w = mapping(z)`` with truncation
+(:func:`portrait3d.methods.lifting.losses.sample_w`, 0.7 as released), lifts them with
+:class:`~portrait3d.methods.lifting.networks.LiftedGenerator` and minimises the Sec. 3.2 losses of
+:func:`~portrait3d.methods.lifting.losses.lift_losses` with Adam. Only the five lifting networks
+(D_V, D_L, M, D_S, D_T) are trained; the 2D generator stays frozen.
+
+Defaults are the authors' released FFHQ-256 configuration: batch 8, Adam ``lr = 1e-4``,
+``betas = (0.9, 0.999)``, weight decay ``5e-4``, 10 epochs of 5000 steps (400 kimg); the loss
+weights of :class:`~portrait3d.methods.lifting.losses.LiftLossWeights`. The perceptual distance is
+portrait3d's EfficientNet-Lite0 feature distance (not the paper's VGG loss) evaluated at the lifting
+resolution unless ``perceptual_resize`` says otherwise; the identity term uses dlib's face ResNet.
+
+Ablations (``--ablate``, Sec. 4.4-style studies): ``flip`` drops the flipped reconstruction (eq. 3);
+``perturb`` drops the perturbation terms (eqs. 4-7: ``perturb_image``, ``perturb_generator``,
+``perturb_param``, ``latent_prior``; the identity term keeps sampling its own perturbed views);
+``identity`` drops eq. 8; ``albedo`` drops the albedo rank term (eq. 9).
+
+Run folder (``OUT``):
+
+* ``snapshot-<step>/``: ``state.safetensors`` (lifting networks ``nets.*``, Adam state
+  ``opt.state.<i>.<k>``, W statistics ``extra.*``, RNG states ``rng.*``), ``state.json`` (format,
+  configuration, counters, optimiser hyper-parameters) and ``lifted.safetensors`` -- written into a
+  temporary folder and renamed into place;
+* ``samples/grid-<step>.png``: fixed latents, one column per face, rows ``G2D(w)`` | canonical albedo |
+  canonical depth | canonical normals | shading | re-rendered | rotated -30 deg | rotated +30 deg |
+  relit (light from the left);
+* ``log.jsonl`` (one record per step: the weighted loss terms, seconds), ``config.json``;
+* ``lifted.safetensors``: the final lifting networks (:meth:`LiftedGenerator.save`), which
+  ``portrait3d lift --lifted`` reads.
+
+Resuming is bit-exact: every random draw of step ``k`` comes from generators seeded by
+``(seed, k)``, and the snapshot restores the weights, the Adam moments and the global RNG state, so
+2 + 2 steps give exactly the weights of 4 uninterrupted steps (same device and thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch import nn
+
+from portrait3d.interfaces.cli import _fail_cleanly
+from portrait3d.methods.lifting.losses import (
+    LiftLossConfig,
+    LiftLossWeights,
+    WStats,
+    lift_losses,
+    make_identity_loss,
+    sample_w,
+    w_statistics,
+)
+from portrait3d.methods.lifting.networks import LiftConfig, LiftedGenerator, LiftOutput
+from portrait3d.methods.lifting.renderer import RendererConfig
+
+__all__ = ["ABLATIONS", "GRID_ROWS", "LiftTrainConfig", "TRAINER", "generator_matches", "grid_rows",
+           "load_lift_state", "normal_to_uint8", "read_lift_snapshot", "relight", "save_lift_state",
+           "shading_to_uint8", "train_lifting", "yaw_view"]
+
+TRAINER = "lifting"
+
+#: ``--ablate`` name -> the :class:`LiftLossWeights` fields it sets to 0.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "flip": ("flip",),
+    "perturb": ("perturb_image", "perturb_generator", "perturb_param", "latent_prior"),
+    "identity": ("identity",),
+    "albedo": ("albedo_rank",),
+}
+
+GRID_ROWS = ("G2D(w)", "albedo", "depth", "normal", "shading", "re-rendered", "yaw -30", "yaw +30", "relit")
+
+# Stream ids of the per-step generators (see derive_seed).
+_LATENTS, _PERTURB, _GRID = 1, 2, 3
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class LiftTrainConfig:
+    """Everything a lifting run needs besides the 2D generator; stored in every snapshot.
+
+    Attributes:
+        network: reference to the 2D generator (built-in name or path) written into lifted files.
+        batch: latents per step (release: 8).
+        total_kimg: training length in thousands of latents (release: 50k steps x 8 = 400).
+        lr, betas, weight_decay: Adam (release: 1e-4, (0.9, 0.999), 5e-4).
+        truncation: truncation psi of the sampled latents (release: 0.7).
+        snapshot_kimg, sample_kimg: intervals of resumable snapshots and sample grids (0 = only at the end).
+        grid_samples: faces (columns) in a sample grid.
+        seed: initialisation, latents, perturbations and grid latents.
+        device: ``'auto'`` (CUDA when available), ``'cpu'`` or ``'cuda'``.
+        threads: torch CPU threads (None: torch's default).
+        w_stats_samples: latents used to estimate the W mean / std of the latent prior (release: 50k).
+        perceptual_resize: side the perceptual network sees (None: the lifting resolution).
+        weights: loss weights before ablation; losses: sampling and shape settings of the losses.
+        lift: the lifting networks; renderer: camera / rasteriser (None: built from ``lift``).
+        ablate: names of :data:`ABLATIONS` switched off.
+    """
+
+    network: str = "default-2d"
+    batch: int = 8
+    total_kimg: float = 400.0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    truncation: float = 0.7
+    snapshot_kimg: float = 40.0
+    sample_kimg: float = 4.0
+    grid_samples: int = 8
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    w_stats_samples: int = 10000
+    perceptual_resize: int | None = None
+    weights: LiftLossWeights = field(default_factory=LiftLossWeights)
+    losses: LiftLossConfig = field(default_factory=LiftLossConfig)
+    lift: LiftConfig = field(default_factory=LiftConfig)
+    renderer: RendererConfig | None = None
+    ablate: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise a one-line :class:`ValueError` on an inconsistent configuration."""
+        unknown = [a for a in self.ablate if a not in ABLATIONS]
+        if unknown:
+            raise ValueError(f"unknown ablation(s) {unknown}: choose from {', '.join(ABLATIONS)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, not {self.batch}")
+        if not (math.isfinite(self.total_kimg) and self.total_images() >= 1):
+            raise ValueError(f"total_kimg must cover at least one latent, not {self.total_kimg}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.weight_decay < 0:
+            raise ValueError("lr must be positive and weight_decay >= 0")
+        if not 0 <= self.truncation <= 1:
+            raise ValueError(f"truncation must be in [0, 1], not {self.truncation}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        if self.w_stats_samples < 2 or self.grid_samples < 0 or self.snapshot_kimg < 0 or self.sample_kimg < 0:
+            raise ValueError("w_stats_samples must be >= 2; grid_samples and intervals >= 0")
+        if self.perceptual_resize is not None and self.perceptual_resize < 8:
+            raise ValueError(f"perceptual_resize must be >= 8 or None, not {self.perceptual_resize}")
+        if self.resolved_renderer().image_size != self.lift.image_size:
+            raise ValueError(f"renderer image_size {self.resolved_renderer().image_size} != "
+                             f"lift image_size {self.lift.image_size}")
+
+    def resolved_renderer(self) -> RendererConfig:
+        """The renderer config (``renderer``, or one matching ``lift``'s size and depth range)."""
+        if self.renderer is not None:
+            return self.renderer
+        return RendererConfig(image_size=self.lift.image_size, min_depth=self.lift.min_depth,
+                              max_depth=self.lift.max_depth)
+
+    def effective_weights(self) -> LiftLossWeights:
+        """``weights`` with the ablated terms set to 0."""
+        off = {name: 0.0 for a in self.ablate for name in ABLATIONS[a]}
+        return dataclasses.replace(self.weights, **off)
+
+    def resolved_device(self) -> torch.device:
+        cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return torch.device("cuda" if cuda else "cpu")
+
+    def total_images(self) -> int:
+        return int(round(self.total_kimg * 1000))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["ablate"] = list(self.ablate)
+        d["renderer"] = dataclasses.asdict(self.resolved_renderer())
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LiftTrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LiftTrainConfig field(s) {unknown}")
+        nested = {
+            "weights": LiftLossWeights(**d.pop("weights", {})),
+            "losses": LiftLossConfig(**d.pop("losses", {})),
+            "lift": LiftConfig.from_dict(d.pop("lift", {})),
+        }
+        rend = d.pop("renderer", None)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        if "ablate" in d:
+            d["ablate"] = tuple(d["ablate"])
+        return cls(**d, **nested, renderer=RendererConfig(**rend) if rend else None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _resolve_reference(ref: str) -> Path | None:
+    """The file a generator reference names (built-in name or path), or None when it is not there."""
+    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+
+    if ref in BUILTIN_NETWORKS:
+        p = Path(__file__).resolve().parents[2] / BUILTIN_NETWORKS[ref]
+    else:
+        p = Path(ref).expanduser()
+    return p.resolve() if p.is_file() else None
+
+
+def generator_matches(a: str | None, b: str | None) -> bool | None:
+    """Whether two generator references (built-in names or paths) name the same file.
+
+    Returns True / False when it can be decided, None when a reference is empty or names no
+    existing file (e.g. a generator that was moved since training).
+    """
+    if not a or not b:
+        return None
+    if a == b:
+        return True
+    pa, pb = _resolve_reference(a), _resolve_reference(b)
+    if pa is None or pb is None:
+        return None
+    return pa == pb
+
+
+def yaw_view(yaw_deg: float | torch.Tensor, n: int = 1, tx_per_sin_yaw: float = 0.02,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """Viewpoints ``[n, 6]`` turned by ``yaw_deg`` from the canonical (frontal) view.
+
+    Pitch and roll are 0; ``tx = tx_per_sin_yaw * sin(yaw)`` as in the training perturbation
+    (:class:`LiftLossConfig`), so renders look like the views the networks were trained on. Positive
+    yaw moves the nose towards the image's left (renderer convention).
+    """
+    yaw = torch.as_tensor(yaw_deg, dtype=torch.float32, device=device).reshape(-1)
+    v = torch.zeros(yaw.numel(), 6, device=device)
+    v[:, 1] = torch.deg2rad(yaw)
+    v[:, 3] = tx_per_sin_yaw * torch.sin(v[:, 1])
+    return v.expand(n, 6).clone() if yaw.numel() == 1 else v
+
+
+def normal_to_uint8(normal: torch.Tensor) -> np.ndarray:
+    """Camera-facing normals ``[N, 3, H, W]`` (``y`` down, ``n_z < 0``) -> ``uint8 [N, H, W, 3]`` in the
+    usual normal-map colours (red = right, green = up, blue = towards the viewer)."""
+    n = normal.detach().float().cpu() * torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    return ((n + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def shading_to_uint8(shading: torch.Tensor) -> np.ndarray:
+    """Shading ``[N, 1, H, W]`` -> grey ``uint8 [N, H, W, 3]``, each image divided by its maximum."""
+    s = shading.detach().float().cpu()
+    s = s / s.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    return (s.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+
+
+def _image_uint8(images: torch.Tensor) -> np.ndarray:
+    from portrait3d.utils.image import to_uint8
+
+    return to_uint8(images.clamp(-1, 1))
+
+
+def _depth_uint8(depth: torch.Tensor) -> np.ndarray:
+    """Canonical depth ``[N, S, S]`` -> colour-mapped ``uint8 [N, S, S, 3]`` (near = bright)."""
+    from portrait3d.interfaces.demo import colour_depth
+
+    return colour_depth(depth[:, None], int(depth.shape[-1]))
+
+
+def relight(light: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """``light [N, 4]`` with its direction replaced by ``(dx, dy)`` (ambient / diffuse kept)."""
+    out = light.clone()
+    out[:, 2], out[:, 3] = dx, dy
+    return out
+
+
+@torch.no_grad()
+def grid_rows(model: LiftedGenerator, w: torch.Tensor, tx_per_sin_yaw: float = 0.02) -> np.ndarray:
+    """The rows of a sample grid for latents ``w [N, w_dim]`` (see :data:`GRID_ROWS`).
+
+    Returns ``uint8 [len(GRID_ROWS) * N, S, S, 3]`` ordered row by row.
+    """
+    out: LiftOutput = model(w)
+    n, dev = w.shape[0], w.device
+    rows = [
+        _image_uint8(model.synthesize(out.ws)),
+        _image_uint8(out.albedo),
+        _depth_uint8(out.depth),
+        normal_to_uint8(out.normal),
+        shading_to_uint8(out.shading),
+        _image_uint8(out.image),
+        _image_uint8(model.render_view(out, view=yaw_view(-30.0, n, tx_per_sin_yaw, dev)).image),
+        _image_uint8(model.render_view(out, view=yaw_view(30.0, n, tx_per_sin_yaw, dev)).image),
+        _image_uint8(model.render_view(out, light=relight(out.light, 1.0, 0.0)).image),
+    ]
+    return np.concatenate(rows)
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def save_lift_state(folder: Path, cfg: LiftTrainConfig, model: LiftedGenerator, opt: torch.optim.Optimizer,
+                    step: int, images_seen: int, stats: WStats) -> Path:
+    """Write a resumable snapshot folder atomically (temporary sibling renamed into place).
+
+    ``state.safetensors``: ``nets.*`` (lifting networks), ``opt.state.<i>.<k>`` (Adam moments),
+    ``extra.w_mean`` / ``extra.w_std`` (latent-prior statistics), ``rng.*`` (global RNG states).
+    ``state.json``: format, trainer, configuration, step, images seen, optimiser hyper-parameters.
+    ``lifted.safetensors``: :meth:`LiftedGenerator.save`.
+    """
+    from safetensors.torch import save_file
+
+    from portrait3d.training.loop import STATE_FORMAT, STATE_VERSION, _optimizer_tensors, _rng_tensors
+
+    tensors = {f"nets.{k}": v for k, v in model.nets.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt, "opt")
+    tensors.update(opt_tensors)
+    tensors.update({"extra.w_mean": stats.mean, "extra.w_std": stats.std.reshape(1)})
+    tensors.update(_rng_tensors())
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "trainer": TRAINER, "config": cfg.to_dict(),
+            "step": step, "images_seen": images_seen, "kimg": images_seen / 1000, "optimizer": opt_meta,
+            "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        model.save(tmp / "lifted.safetensors", overwrite=True)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_lift_snapshot(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """``(snapshot folder, state.json)`` of a snapshot folder or a run folder (its newest snapshot)."""
+    from portrait3d.training.loop import STATE_FORMAT, find_snapshot
+
+    folder = find_snapshot(path)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ValueError(f"{folder}: unreadable state.json") from None
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{folder} is not a portrait3d training snapshot")
+    if meta.get("trainer") != TRAINER:
+        raise ValueError(f"{folder} is a {meta.get('trainer')} snapshot, not a lifting one")
+    return folder, meta
+
+
+def load_lift_state(folder: Path, meta: dict[str, Any], model: LiftedGenerator,
+                    opt: torch.optim.Optimizer) -> tuple[int, int, WStats]:
+    """Restore networks, Adam and the global RNG from a snapshot (in place); returns
+    ``(step, images_seen, W statistics)``."""
+    from safetensors.torch import load_file
+
+    from portrait3d.checkpoints.state import load_state_strict
+    from portrait3d.training.loop import _load_optimizer, _restore_rng
+
+    tensors = load_file(str(folder / "state.safetensors"))
+    dev = next(model.nets.parameters()).device
+    sd = {k[5:]: v for k, v in tensors.items() if k.startswith("nets.")}
+    load_state_strict(model.nets, sd, "snapshot lifting networks")
+    _load_optimizer(opt, tensors, "opt", meta["optimizer"])
+    _restore_rng(tensors)
+    stats = WStats(tensors["extra.w_mean"].to(dev), tensors["extra.w_std"].reshape(()).to(dev))
+    return int(meta["step"]), int(meta["images_seen"]), stats
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _due(prev: int, cur: int, interval_kimg: float) -> bool:
+    if interval_kimg <= 0:
+        return False
+    n = interval_kimg * 1000
+    return math.floor(cur / n) > math.floor(prev / n)
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to start a fresh run over an existing one unless ``force`` (then clear it)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    old = [p for p in ("lifted.safetensors", "log.jsonl", "config.json") if (out / p).exists()]
+    snaps = sorted(out.glob("snapshot-*")) if out.is_dir() else []
+    if (old or snaps) and not force:
+        what = out / (old[0] if old else snaps[0].name)
+        raise FileExistsError(f"{what} already exists: pass --resume {out} to continue that run "
+                              f"or --force to start over")
+    if force:
+        for s in snaps:
+            shutil.rmtree(s, ignore_errors=True)
+        for p in old:
+            (out / p).unlink(missing_ok=True)
+        shutil.rmtree(out / "samples", ignore_errors=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` (a run stopped after its last snapshot), atomically."""
+    from portrait3d.checkpoints.native import atomic_write
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(rec_step, int) and rec_step <= step:
+            keep.append(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)), overwrite=True)
+
+
+def _check_resume(cfg: LiftTrainConfig, meta: dict[str, Any], folder: Path) -> None:
+    try:
+        old = LiftTrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
+    if old.lift != cfg.lift or old.resolved_renderer() != cfg.resolved_renderer():
+        raise ValueError(f"{folder} was trained with other lifting-network or renderer settings")
+    if generator_matches(old.network, cfg.network) is False:
+        raise ValueError(f"{folder} lifts the 2D generator {old.network!r}, not {cfg.network!r}")
+
+
+def _build_losses(cfg: LiftTrainConfig, weights: LiftLossWeights, dev: torch.device) -> dict[str, Any]:
+    """Perceptual and identity networks, built once (only when their terms are on)."""
+    from portrait3d.losses.perceptual import PerceptualLoss
+
+    image_terms = weights.rec > 0 or weights.flip > 0 or weights.perturb_image > 0 or weights.perturb_generator > 0
+    perceptual = PerceptualLoss(resize=cfg.perceptual_resize).to(dev) if weights.perc > 0 and image_terms else None
+    identity = make_identity_loss(cfg.lift.image_size).to(dev) if weights.identity > 0 else None
+    return {"perceptual": perceptual, "identity": identity}
+
+
+def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLike[str],
+                  resume: str | os.PathLike[str] | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Train (or continue training) the lifting networks of ``g2d``; returns ``out_dir/lifted.safetensors``.
+
+    Args:
+        g2d: the frozen 2D StyleGAN2 generator (``cfg.network`` is the reference saved with it).
+        cfg: :class:`LiftTrainConfig`.
+        out_dir: run folder (see the module docstring).
+        resume: a snapshot folder, or a run folder (its newest snapshot): continue bit-exactly.
+            ``cfg`` may change the schedule, not the networks or the renderer.
+        progress: tqdm bar with the loss terms.
+        force: start over in an ``out_dir`` that already holds a run (its snapshots, samples and log
+            are removed). Without it such a folder is refused unless resuming.
+
+    Raises:
+        ValueError / FileExistsError / FileNotFoundError: bad configuration, occupied run folder,
+            missing or mismatched snapshot -- one-line messages.
+    """
+    from portrait3d.checkpoints.native import atomic_write
+    from portrait3d.training.loop import DistInfo, Progress, all_reduce_grads, derive_seed, save_grid
+
+    cfg.validate()
+    if int(g2d.w_dim) != cfg.lift.w_dim:
+        raise ValueError(f"LiftConfig.w_dim = {cfg.lift.w_dim} but the 2D generator has w_dim = {g2d.w_dim}")
+    if getattr(g2d, "c_dim", 0) != 0 or not hasattr(g2d, "synthesis"):
+        raise ValueError("LiftedGAN needs an unconditional 2D StyleGAN2 generator")
+    out = Path(out_dir)
+    snap = read_lift_snapshot(resume) if resume is not None else None
+    if snap is not None:
+        _check_resume(cfg, snap[1], snap[0])
+    same_run = snap is not None and snap[0].resolve().parent == out.resolve()
+    if out.exists() and not same_run:
+        _check_out_dir(out, force)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = cfg.resolved_device()
+    rcfg = cfg.resolved_renderer()
+    weights = cfg.effective_weights()
+
+    g2d = g2d.to(dev).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    model = LiftedGenerator(g2d, cfg.lift, rcfg, generator_ref=cfg.network).to(dev)
+    opt = torch.optim.Adam(model.lifting_parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if snap is not None:
+        step, images_seen, stats = load_lift_state(snap[0], snap[1], model, opt)
+        if same_run:
+            _truncate_log(out / "log.jsonl", step)
+        for group in opt.param_groups:  # the schedule may change on resume
+            group.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    else:
+        step, images_seen = 0, 0
+        stats = w_statistics(g2d, num_samples=cfg.w_stats_samples, seed=cfg.seed)
+    nets = _build_losses(cfg, weights, dev)
+    total = cfg.total_images()
+    grid_w = sample_w(g2d, cfg.grid_samples, cfg.truncation,
+                      torch.Generator().manual_seed(derive_seed(cfg.seed, _GRID))) if cfg.grid_samples else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    config_text = json.dumps({"trainer": TRAINER, "config": cfg.to_dict()}, indent=1)
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(config_text), overwrite=True)
+    info = DistInfo(device=dev)
+
+    def grid() -> None:
+        if grid_w is None:
+            return
+        model.eval()
+        rows = grid_rows(model, grid_w, cfg.losses.perturb_tx_per_sin_yaw)
+        model.train()
+        save_grid(out / "samples" / f"grid-{step:08d}.png", rows, cols=cfg.grid_samples)
+
+    def snapshot() -> None:
+        folder = save_lift_state(out / f"snapshot-{step:08d}", cfg, model, opt, step, images_seen, stats)
+        bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+
+    bar = Progress(info, total, min(images_seen, total), out / "log.jsonl", progress)
+    try:
+        if step == 0 and cfg.sample_kimg > 0:
+            grid()
+        model.train()
+        params = model.lifting_parameters()
+        while images_seen < total:
+            t0 = time.perf_counter()
+            w = sample_w(g2d, cfg.batch, cfg.truncation,
+                         torch.Generator().manual_seed(derive_seed(cfg.seed, step, _LATENTS)))
+            terms = lift_losses(model, g2d, w, weights, rcfg, config=cfg.losses, perceptual=nets["perceptual"],
+                                identity=nets["identity"], w_stats=stats,
+                                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, _PERTURB)))
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            all_reduce_grads(params, info)  # single process: replaces NaN / inf gradients, as our GAN loops do
+            opt.step()
+            prev = images_seen
+            images_seen += cfg.batch
+            step += 1
+            sec = time.perf_counter() - t0
+            record = {"step": step, "kimg": images_seen / 1000, "sec": round(sec, 4),
+                      **{k: float(v.detach()) for k, v in terms.items()}}
+            bar.update(cfg.batch, record)
+            done = images_seen >= total
+            if _due(prev, images_seen, cfg.sample_kimg) or done:
+                grid()
+            if _due(prev, images_seen, cfg.snapshot_kimg) or done:
+                snapshot()
+        final = model.save(out / "lifted.safetensors", overwrite=True)
+    finally:
+        bar.close()
+    return final
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
+              help="2D StyleGAN2 checkpoint or built-in name.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, show_default="400",
+              help="Training length in thousands of sampled latents.")
+@click.option("--batch", type=click.IntRange(1), default=None, show_default="8", help="Latents per step.")
+@click.option("--size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None, show_default="64",
+              help="Resolution of depth, albedo and renders (the 2D images are resized to it).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, show_default="1e-4",
+              help="Adam learning rate.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly.")
+@click.option("--ablate", type=click.Choice(sorted(ABLATIONS)), multiple=True,
+              help="Switch a loss off (repeatable): flip (eq. 3), perturb (eqs. 4-7), identity (eq. 8), "
+                   "albedo (rank, eq. 9).")
+@click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")
+@click.option("--snap", type=click.FloatRange(0), default=None, show_default="40",
+              help="Snapshot interval in kimg (0: only at the end).")
+@click.option("--sample-every", type=click.FloatRange(0), default=None, show_default="4",
+              help="Sample-grid interval in kimg (0: only at the end).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, show_default="auto",
+              help="Device (auto: CUDA when available).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@click.option("--progress/--no-progress", default=True, help="Progress bar with the loss terms.")
+@click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run.")
+@_fail_cleanly
+def main(network: str | None, out: Path, kimg: float | None, batch: int | None, size: str | None, lr: float | None,
+         resume: Path | None, ablate: tuple[str, ...], seed: int | None, snap: float | None,
+         sample_every: float | None, device: str | None, threads: int | None, progress: bool, force: bool) -> None:
+    """Train the LiftedGAN lifting networks (D_V, D_L, M, D_S, D_T) of a frozen 2D StyleGAN2.
+
+    Writes OUT/lifted.safetensors (for `portrait3d lift --lifted`), resumable snapshots, sample grids
+    and log.jsonl.
+    """
+    from portrait3d.checkpoints import load_network
+
+    if resume is not None:
+        _, meta = read_lift_snapshot(resume)
+        try:
+            cfg = LiftTrainConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{resume}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
+        if size is not None and int(size) != cfg.lift.image_size:
+            raise ValueError(f"the resumed run lifts at {cfg.lift.image_size} px; --size cannot change it")
+        cfg.network = network or cfg.network
+    else:
+        cfg = LiftTrainConfig(network=network or "default-2d")
+    G = load_network(cfg.network)
+    if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0 or not hasattr(G, "mapping"):
+        raise ValueError(f"{cfg.network}: LiftedGAN needs an unconditional 2D StyleGAN2 generator")
+    if resume is None:
+        cfg.lift = LiftConfig(w_dim=int(G.w_dim), image_size=int(size or 64))
+    for name, v in (("total_kimg", kimg), ("batch", batch), ("lr", lr), ("seed", seed), ("snapshot_kimg", snap),
+                    ("sample_kimg", sample_every), ("device", device), ("threads", threads)):
+        if v is not None:
+            setattr(cfg, name, v)
+    if ablate:
+        cfg.ablate = tuple(dict.fromkeys(ablate))
+    path = train_lifting(G, cfg, out, resume=resume, progress=progress, force=force)
+    click.echo(f"exported {path}")
+
+
+if __name__ == "__main__":
+    main()
