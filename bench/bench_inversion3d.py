@@ -30,7 +30,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -40,10 +39,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import numpy as np
 import torch
 
-from portrait3d.interfaces.invert3d import initialise, load_generator, load_init_modules
+from portrait3d.interfaces.invert3d import (cli_load_networks, face_landmarks68, initialise, make_inversion_config,
+                                            resolve_align, to_tensor)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_UTK = REPO.parent / "shared" / "data" / "utkface"
@@ -103,41 +102,24 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     """Time encoder / w_avg initialisation, Algorithm 1, and Algorithm 1 + PTI on one photo."""
     from tqdm import tqdm
 
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
-    from portrait3d.face.align import apply_transform
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
     from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
     from portrait3d.methods.projector.projector import compute_w_stats
 
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    try:
-        G, _ = load_generator(network, dev)
-        enc, P = load_init_modules(G, encoder, pose, dev)
-    except ValueError as e:  # CheckpointError included: one-line messages
-        raise click.ClickException(str(e)) from None
-    if align == "auto":
-        align = "default" if network in BUILTIN_NETWORKS else "eg3d"
+    G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
+    align = resolve_align(align, network)
     photo = photo or default_photo()
 
     t0 = time.perf_counter()
     with FacePipeline(style=align, output_size=int(G.img_resolution)) as pipe:
         face = pipe(load_image(photo))
     t_align = time.perf_counter() - t0
-    lm = np.asarray(face.aligned.landmarks, np.float64)
-    if len(lm) != 68:
-        lm = apply_transform(face.aligned.transform, face.landmarks)
-    target = (torch.as_tensor(face.aligned.image).permute(2, 0, 1)[None].float() / 127.5 - 1).to(dev)
+    lm = face_landmarks68(face)
+    target = to_tensor(face.aligned.image, dev)
 
     def make_cfg(pti: bool, n_steps: int | None = steps, n_pti: int | None = pti_steps) -> InversionConfig:
-        cfg = InversionConfig(algorithm=1, pti=pti, seed=seed)
-        if n_steps is not None:
-            cfg.steps = int(n_steps)
-        if pti and n_pti is not None:
-            cfg.pti_config = dataclasses.replace(cfg.pti_config, steps=int(n_pti))
-        cfg.validate()
-        return cfg
+        return make_inversion_config(1, n_steps, pti, n_pti, seed)
 
     cfg_plain, cfg_pti = make_cfg(False), make_cfg(True)
 

@@ -32,7 +32,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -44,7 +43,7 @@ import click
 import numpy as np
 import torch
 
-from portrait3d.interfaces.invert3d import jsonable, load_generator, load_init_modules
+from portrait3d.interfaces.invert3d import cli_load_networks, write_json_report
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 
 EVAL_SEED_KEY = 0xCA3E  # pseudo-pair seed offset: keeps these pairs apart from the training streams' seeds
@@ -128,13 +127,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
     from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, sample_pseudo_pairs
     from portrait3d.utils.image import to_uint8
 
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    try:
-        G, _ = load_generator(network, dev)
-        enc, P = load_init_modules(G, encoder, pose, dev)
-    except ValueError as e:  # CheckpointError included: one-line messages
-        raise click.ClickException(str(e)) from None
+    G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
     rk = getattr(G, "rendering_kwargs", {}) or {}
     pivot = tuple(float(v) for v in rk.get("avg_camera_pivot", (0.0, 0.0, 0.2)))
     radius = float(rk.get("avg_camera_radius", 2.7))
@@ -245,9 +238,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
                    "faces_found": found if P is None else None, "image_loss": loss_description,
                    "rows": rows, "images": per_image, "wall_time_s": total,
                    "environment": {"torch": torch.__version__, "machine": platform.processor() or platform.machine()}}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(jsonable(payload), indent=1) + "\n")
-        click.echo(f"wrote {json_path}")
+        click.echo(f"wrote {write_json_report(json_path, payload)}")
 
 
 if __name__ == "__main__":

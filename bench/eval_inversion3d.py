@@ -53,7 +53,6 @@ Timings are machine-dependent (CPU model, threads, load); compare them within on
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import statistics
@@ -66,8 +65,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.interfaces.invert3d import (NOVEL_YAWS, initialise, jsonable, load_generator, load_init_modules,
-                                            psnr, render_views, view_camera)
+from portrait3d.interfaces.invert3d import (NOVEL_YAWS, cli_load_networks, face_landmarks68, initialise, psnr,
+                                            render_views, resolve_align, to_tensor, view_camera, write_json_report)
 from portrait3d.metrics.ssim import ms_ssim, ms_ssim_scales
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 
@@ -96,11 +95,6 @@ def utk_holdout(utk_dir: Path, holdout_list: Path) -> tuple[list[Path], str]:
 def portrait_photos(folder: Path) -> list[Path]:
     """``folder/*.jpg`` sorted by name."""
     return sorted(folder.glob("*.jpg"))
-
-
-def to_tensor(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``uint8 [H, W, 3]`` -> float ``[1, 3, H, W]`` in ``[-1, 1]``."""
-    return (torch.as_tensor(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1).to(device)
 
 
 # ----------------------------------------------------------------------------- measures
@@ -183,14 +177,11 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
                    pti_steps: int, seed: int, enc: nn.Module | None, P: nn.Module | None,
                    device: torch.device, loss_descriptions: set[str]) -> list[dict[str, Any]]:
     """All (algorithm, PTI) records for one aligned face."""
-    from portrait3d.face.align import apply_transform
     from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
     from portrait3d.methods.inversion3d.pti import pivotal_tuning
 
     aligned = face.aligned.image
-    lm = np.asarray(face.aligned.landmarks, np.float64)
-    if len(lm) != 68:
-        lm = apply_transform(face.aligned.transform, face.landmarks)
+    lm = face_landmarks68(face)
     target = to_tensor(aligned, device)
     scorer = IdentityScorer(pipe.detector, pipe.landmarker, aligned, lm)
     ref_yp = camera_yaw_pitch(face.camera)
@@ -272,20 +263,12 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     """Evaluate Algorithms 1-3 with / without PTI on held-out UTKFace photos and deepface portraits."""
     from tqdm import tqdm
 
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
     from portrait3d.face.errors import FaceError
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
 
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    try:
-        G, _ = load_generator(network, dev)
-        enc, P = load_init_modules(G, encoder, pose, dev)
-    except ValueError as e:  # CheckpointError included: one-line messages
-        raise click.ClickException(str(e)) from None
-    if align == "auto":
-        align = "default" if network in BUILTIN_NETWORKS else "eg3d"
+    G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
+    align = resolve_align(align, network)
     res_px = int(G.img_resolution)
     algs = sorted({int(a) for a in algorithms})
 
@@ -375,9 +358,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                    "datasets": counts, "rows": rows, "records": records, "wall_time_s": total,
                    "environment": {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                                    "python": platform.python_version()}}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(jsonable(payload), indent=1) + "\n")
-        click.echo(f"wrote {json_path}")
+        click.echo(f"wrote {write_json_report(json_path, payload)}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,26 @@ def parity_file(name: str) -> Path:
     return p
 
 
+def run_cli(*args):
+    """``portrait3d ARGS...`` in click's test runner (arguments as strings); returns the click ``Result``."""
+    from click.testing import CliRunner
+
+    from portrait3d.interfaces.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clean_failure(result, pattern: str | None = None) -> None:
+    """A usage failure: exit code 2, one ``error: ...`` line on stderr (containing ``pattern`` if given),
+    no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in result.output, err
+    if pattern is not None:
+        assert pattern in err, err
+
+
 @pytest.fixture
 def tiny_stylegan2():
     from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig

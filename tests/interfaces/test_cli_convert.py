@@ -8,34 +8,21 @@ import zipfile
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from portrait3d import load_network, save_network
-from portrait3d.interfaces.cli import main
-from tests.conftest import parity_file
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _assert_clean_failure(result) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert "Traceback" not in result.output
+from tests.conftest import assert_clean_failure, parity_file, run_cli
 
 
 def test_convert_pickle_then_refuse_to_clobber(tmp_path):
     src = parity_file("stylegan2_64.pkl")
     dst = tmp_path / "g.safetensors"
-    result = _run("convert", str(src), str(dst))
+    result = run_cli("convert", str(src), str(dst))
     assert result.exit_code == 0, result.output
     assert load_network(dst).num_ws == 10
     before = dst.read_bytes()
-    _assert_clean_failure(_run("convert", str(src), str(dst)))
+    assert_clean_failure(run_cli("convert", str(src), str(dst)))
     assert dst.read_bytes() == before
-    assert _run("convert", str(src), str(dst), "--force").exit_code == 0
+    assert run_cli("convert", str(src), str(dst), "--force").exit_code == 0
 
 
 def _bad_files(tmp_path, tiny_stylegan2):
@@ -89,10 +76,10 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, tiny_stylegan2, name):
     src = tmp_path / name
     src.write_bytes(data)
     dst = tmp_path / "out.safetensors"
-    _assert_clean_failure(_run("convert", str(src), str(dst)))
+    assert_clean_failure(run_cli("convert", str(src), str(dst)))
     assert not dst.exists()
 
 
 def test_missing_and_directory_inputs(tmp_path):
-    _assert_clean_failure(_run("convert", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors")))
-    _assert_clean_failure(_run("convert", str(tmp_path), str(tmp_path / "o.safetensors")))
+    assert_clean_failure(run_cli("convert", str(tmp_path / "nope.pkl"), str(tmp_path / "o.safetensors")))
+    assert_clean_failure(run_cli("convert", str(tmp_path), str(tmp_path / "o.safetensors")))

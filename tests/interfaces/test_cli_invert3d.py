@@ -8,29 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from portrait3d import save_network
-from portrait3d.interfaces.cli import main
 from portrait3d.interfaces.invert3d import NOVEL_YAWS, OUTPUTS, psnr, render_filename, view_camera
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
-from tests.conftest import shared_path
+from tests.conftest import assert_clean_failure, run_cli, shared_path
 
 PHOTO = "data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg"
 TWO_FACES = "data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg"
 FAST = ["--orbit-frames", "3", "--mesh-resolution", "24"]
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _assert_clean_failure(result, pattern: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in result.output, err
-    assert pattern in err, err
 
 
 def _tiny_eg3d():
@@ -82,7 +69,7 @@ def inverted(network, modules, tmp_path_factory):
                            (True, ["--steps", "1", "--pti", "--pti-steps", "1", "--encoder", encoder,
                                    "--pose", pose])):
             out = root / ("pti" if pti else "plain")
-            res = _run("invert3d", photo, "--out", out, "--network", network, *extra, *FAST)
+            res = run_cli("invert3d", photo, "--out", out, "--network", network, *extra, *FAST)
             assert res.exit_code == 0, (res.output, res.exception)
             assert f"wrote {out}" in res.output
             folders[pti] = out
@@ -176,7 +163,7 @@ def test_invert3d_writes_every_output(inverted, pti):
 @pytest.mark.parametrize("pti", [False, True])
 def test_render_reproduces_and_extends_the_folder(inverted, pti):
     out = inverted[pti]
-    res = _run("render", out, "--yaw", "-30", "--yaw", "15", "--orbit", "--orbit-frames", "2")
+    res = run_cli("render", out, "--yaw", "-30", "--yaw", "15", "--orbit", "--orbit-frames", "2")
     assert res.exit_code == 0, (res.output, res.exception)
     pitch = round(json.loads((out / "result.json").read_text())["camera"]["pitch_deg"], 1)
     again = out / render_filename(-30, pitch)
@@ -186,17 +173,17 @@ def test_render_reproduces_and_extends_the_folder(inverted, pti):
     a, b = (np.asarray(Image.open(p)).astype(int) for p in (out / "view_yaw-30.png", again))
     assert np.abs(a - b).max() <= 1
 
-    _assert_clean_failure(_run("render", out, "--yaw", "-30"), "pass --force to overwrite")
-    assert _run("render", out, "--yaw", "-30", "--force").exit_code == 0
-    res = _run("render", out, "--pitch", "10")
+    assert_clean_failure(run_cli("render", out, "--yaw", "-30"), "pass --force to overwrite")
+    assert run_cli("render", out, "--yaw", "-30", "--force").exit_code == 0
+    res = run_cli("render", out, "--pitch", "10")
     assert res.exit_code == 0 and (out / "render_yaw+00_pitch+10.png").is_file()
 
 
 def test_invert3d_refuses_to_overwrite_without_force(inverted, network):
     out = inverted[False]
     before = (out / "result.json").read_bytes()
-    res = _run("invert3d", shared_path(PHOTO), "--out", out, "--network", network, "--steps", "1", *FAST)
-    _assert_clean_failure(res, "pass --force to overwrite")
+    res = run_cli("invert3d", shared_path(PHOTO), "--out", out, "--network", network, "--steps", "1", *FAST)
+    assert_clean_failure(res, "pass --force to overwrite")
     assert (out / "result.json").read_bytes() == before
 
 
@@ -205,60 +192,60 @@ def test_invert3d_refuses_to_overwrite_without_force(inverted, network):
 
 def test_existing_output_is_refused_before_any_work(tmp_path, network):
     (tmp_path / "mesh.ply").write_text("mine")
-    res = _run("invert3d", tmp_path / "no-such-photo.jpg", "--out", tmp_path, "--network", network)
-    _assert_clean_failure(res, "mesh.ply")
+    res = run_cli("invert3d", tmp_path / "no-such-photo.jpg", "--out", tmp_path, "--network", network)
+    assert_clean_failure(res, "mesh.ply")
     assert (tmp_path / "mesh.ply").read_text() == "mine"
 
 
 def test_blank_image_has_no_face(tmp_path, network):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((256, 256, 3), 200, np.uint8)).save(blank)
-    _assert_clean_failure(_run("invert3d", blank, "--out", tmp_path / "o", "--network", network), "no face")
+    assert_clean_failure(run_cli("invert3d", blank, "--out", tmp_path / "o", "--network", network), "no face")
     assert not (tmp_path / "o").exists()
 
 
 def test_several_faces_need_face_index(tmp_path, network):
-    res = _run("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "o", "--network", network)
-    _assert_clean_failure(res, "2 faces found")
+    res = run_cli("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "o", "--network", network)
+    assert_clean_failure(res, "2 faces found")
     assert "--face-index" in res.stderr
-    res = _run("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "o", "--network", network,
-               "--face-index", "5")
-    _assert_clean_failure(res, "out of range")
+    res = run_cli("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "o", "--network", network,
+                  "--face-index", "5")
+    assert_clean_failure(res, "out of range")
     assert not (tmp_path / "o").exists()
 
 
 def test_unreadable_or_missing_photo(tmp_path, network):
     bad = tmp_path / "photo.jpg"
     bad.write_bytes(b"not a jpeg at all" * 10)
-    _assert_clean_failure(_run("invert3d", bad, "--out", tmp_path / "o", "--network", network), "not an image")
-    _assert_clean_failure(_run("invert3d", tmp_path / "missing.jpg", "--out", tmp_path / "o", "--network", network),
-                          "no such file")
+    assert_clean_failure(run_cli("invert3d", bad, "--out", tmp_path / "o", "--network", network), "not an image")
+    assert_clean_failure(run_cli("invert3d", tmp_path / "missing.jpg", "--out", tmp_path / "o", "--network", network),
+                         "no such file")
 
 
 def test_bad_network_and_modules(tmp_path, network, tiny_stylegan2):
     photo = tmp_path / "blank.png"
     Image.fromarray(np.full((256, 256, 3), 0, np.uint8)).save(photo)
     g2 = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")
-    _assert_clean_failure(_run("invert3d", photo, "--out", tmp_path / "o", "--network", g2), "not an EG3D")
-    _assert_clean_failure(_run("invert3d", photo, "--out", tmp_path / "o", "--network", tmp_path / "nope.pkl"),
-                          "no such checkpoint")
-    _assert_clean_failure(_run("invert3d", photo, "--out", tmp_path / "o", "--network", network,
-                               "--pose", tmp_path / "nope.safetensors"), "no such pose estimator file")
+    assert_clean_failure(run_cli("invert3d", photo, "--out", tmp_path / "o", "--network", g2), "not an EG3D")
+    assert_clean_failure(run_cli("invert3d", photo, "--out", tmp_path / "o", "--network", tmp_path / "nope.pkl"),
+                         "no such checkpoint")
+    assert_clean_failure(run_cli("invert3d", photo, "--out", tmp_path / "o", "--network", network,
+                                 "--pose", tmp_path / "nope.safetensors"), "no such pose estimator file")
 
 
 def test_render_failures(tmp_path):
-    _assert_clean_failure(_run("render", tmp_path, "--yaw", "10"), "no result.json")
-    _assert_clean_failure(_run("render", tmp_path / "missing", "--yaw", "10"), "no such folder")
-    _assert_clean_failure(_run("render", tmp_path), "nothing to render")
+    assert_clean_failure(run_cli("render", tmp_path, "--yaw", "10"), "no result.json")
+    assert_clean_failure(run_cli("render", tmp_path / "missing", "--yaw", "10"), "no such folder")
+    assert_clean_failure(run_cli("render", tmp_path), "nothing to render")
     (tmp_path / "result.json").write_text("{not json")
-    _assert_clean_failure(_run("render", tmp_path, "--yaw", "10"), "not a result.json")
+    assert_clean_failure(run_cli("render", tmp_path, "--yaw", "10"), "not a result.json")
 
 
 def test_encoder_and_pose_files_must_be_the_right_network(tmp_path, network, modules):
     encoder, pose = modules
     photo = shared_path(PHOTO)
-    _assert_clean_failure(_run("invert3d", photo, "--out", tmp_path / "o", "--network", network, "--pose", encoder),
-                          "not a pose estimator")
-    _assert_clean_failure(_run("invert3d", photo, "--out", tmp_path / "o", "--network", network,
-                               "--encoder", network), "not a portrait3d encoder")
+    assert_clean_failure(run_cli("invert3d", photo, "--out", tmp_path / "o", "--network", network, "--pose", encoder),
+                         "not a pose estimator")
+    assert_clean_failure(run_cli("invert3d", photo, "--out", tmp_path / "o", "--network", network,
+                                 "--encoder", network), "not a portrait3d encoder")
     assert not (tmp_path / "o").exists()

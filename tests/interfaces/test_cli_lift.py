@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from portrait3d import save_network
-from portrait3d.interfaces.cli import main
 from portrait3d.methods.lifting.train import main as train_main
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
+from tests.conftest import assert_clean_failure, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,17 +23,6 @@ OUTPUTS = ("image.png", "rotated.png", "relit.png", "depth.png", "normal.png", "
 S = 16  # lifting resolution of the test model
 OBAMA = "data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg"
 TWO_FACES = "data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg"
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _assert_clean_failure(result, pattern: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in result.output, err
-    assert pattern in err, err
 
 
 def _tiles(path, size: int = S, pad: int = 2) -> int:
@@ -62,9 +51,9 @@ def trained(tmp_path_factory):
 def test_train_cli_refuses_existing_run_and_resumes(trained, tmp_path):
     root, net, _ = trained
     again = CliRunner().invoke(train_main, ["--network", str(net), "--out", str(root / "run"), "--size", str(S)])
-    _assert_clean_failure(again, "--resume")
+    assert_clean_failure(again, "--resume")
     bad = CliRunner().invoke(train_main, ["--network", str(root / "nope.safetensors"), "--out", str(tmp_path / "r")])
-    _assert_clean_failure(bad, "no such checkpoint")
+    assert_clean_failure(bad, "no such checkpoint")
     # resume with only a longer schedule: the rest comes from the snapshot
     import shutil
 
@@ -77,13 +66,13 @@ def test_train_cli_refuses_existing_run_and_resumes(trained, tmp_path):
     assert steps == [1, 2, 3]
     changed = CliRunner().invoke(train_main, ["--out", str(run), "--resume", str(run), "--size", "32",
                                               "--network", str(net)])
-    _assert_clean_failure(changed, "--size cannot change it")
+    assert_clean_failure(changed, "--size cannot change it")
 
 
 def test_lift_seed_writes_every_file(trained, tmp_path):
     _, net, lifted = trained
     out = tmp_path / "o"
-    res = _run("lift", "3", "--network", str(net), "--lifted", str(lifted), "--light", "0.5,-0.5", "--out", str(out))
+    res = run_cli("lift", "3", "--network", str(net), "--lifted", str(lifted), "--light", "0.5,-0.5", "--out", str(out))
     assert res.exit_code == 0, res.output
     assert "view yaw" in res.output
     for name in OUTPUTS:
@@ -104,10 +93,10 @@ def test_lift_seed_writes_every_file(trained, tmp_path):
     assert sum(line.startswith("f ") for line in lines) == 2 * (S - 1) ** 2
     assert np.load(out / "latent.npy").shape == (1, 16)
     # never clobbers without --force; --force overwrites, here with other yaws
-    _assert_clean_failure(_run("lift", "3", "--network", str(net), "--lifted", str(lifted), "--out", str(out)),
-                          "already exists")
-    res = _run("lift", "3", "--network", str(net), "--lifted", str(lifted), "--yaw", "-90", "--yaw", "45",
-               "--out", str(out), "--force")
+    assert_clean_failure(run_cli("lift", "3", "--network", str(net), "--lifted", str(lifted), "--out", str(out)),
+                         "already exists")
+    res = run_cli("lift", "3", "--network", str(net), "--lifted", str(lifted), "--yaw", "-90", "--yaw", "45",
+                  "--out", str(out), "--force")
     assert res.exit_code == 0, res.output
     assert _tiles(out / "rotated.png") == 2 and _tiles(out / "relit.png") == 4
 
@@ -115,10 +104,11 @@ def test_lift_seed_writes_every_file(trained, tmp_path):
 def test_lift_npy_latents(trained, tmp_path):
     _, net, lifted = trained
     seed_out = tmp_path / "seed"
-    assert _run("lift", "5", "--network", str(net), "--lifted", str(lifted), "--out", str(seed_out)).exit_code == 0
+    assert run_cli("lift", "5", "--network", str(net), "--lifted", str(lifted), "--out", str(seed_out)).exit_code == 0
     # the seed's latent.npy lifts to the same face
     out = tmp_path / "w"
-    res = _run("lift", str(seed_out / "latent.npy"), "--network", str(net), "--lifted", str(lifted), "--out", str(out))
+    res = run_cli("lift", str(seed_out / "latent.npy"), "--network", str(net), "--lifted", str(lifted),
+                  "--out", str(out))
     assert res.exit_code == 0, res.output
     a, b = (json.loads((d / "result.json").read_text()) for d in (seed_out, out))
     assert b["latent_file"] == str(seed_out / "latent.npy")
@@ -126,13 +116,13 @@ def test_lift_npy_latents(trained, tmp_path):
     # a W+ code [num_ws, w_dim]
     wplus = tmp_path / "wplus.npy"
     np.save(wplus, np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32))
-    res = _run("lift", str(wplus), "--network", str(net), "--lifted", str(lifted), "--out", str(tmp_path / "wp"))
+    res = run_cli("lift", str(wplus), "--network", str(net), "--lifted", str(lifted), "--out", str(tmp_path / "wp"))
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "wp" / "latent.npy").shape == (1, 8, 16)
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 7), np.float32))
-    _assert_clean_failure(_run("lift", str(bad), "--network", str(net), "--lifted", str(lifted),
-                               "--out", str(tmp_path / "b")), "does not fit")
+    assert_clean_failure(run_cli("lift", str(bad), "--network", str(net), "--lifted", str(lifted),
+                                 "--out", str(tmp_path / "b")), "does not fit")
 
 
 @pytest.mark.parametrize("args, pattern", [
@@ -144,25 +134,25 @@ def test_lift_npy_latents(trained, tmp_path):
 ])
 def test_lift_rejects_bad_values(trained, tmp_path, args, pattern):
     _, net, lifted = trained
-    _assert_clean_failure(_run("lift", "1", "--network", str(net), "--lifted", str(lifted), *args,
-                               "--out", str(tmp_path / "o")), pattern)
+    assert_clean_failure(run_cli("lift", "1", "--network", str(net), "--lifted", str(lifted), *args,
+                                 "--out", str(tmp_path / "o")), pattern)
     assert not (tmp_path / "o").exists()
 
 
 def test_lift_missing_model_and_bad_sources(trained, tmp_path):
     root, net, lifted = trained
-    _assert_clean_failure(_run("lift", "1", "--network", str(net), "--lifted", str(root / "none.safetensors"),
-                               "--out", str(tmp_path / "a")), "python -m portrait3d.methods.lifting.train")
-    _assert_clean_failure(_run("lift", "1", "--network", str(net), "--out", str(tmp_path / "b")),
-                          "no lifted model for network")
-    _assert_clean_failure(_run("lift", "1", "--lifted", str(lifted), "--out", str(tmp_path / "c")),
-                          "trained on the 2D generator")
-    _assert_clean_failure(_run("lift", "no_such.png", "--network", str(net), "--lifted", str(lifted),
-                               "--out", str(tmp_path / "d")), "neither a seed")
+    assert_clean_failure(run_cli("lift", "1", "--network", str(net), "--lifted", str(root / "none.safetensors"),
+                                 "--out", str(tmp_path / "a")), "python -m portrait3d.methods.lifting.train")
+    assert_clean_failure(run_cli("lift", "1", "--network", str(net), "--out", str(tmp_path / "b")),
+                         "no lifted model for network")
+    assert_clean_failure(run_cli("lift", "1", "--lifted", str(lifted), "--out", str(tmp_path / "c")),
+                         "trained on the 2D generator")
+    assert_clean_failure(run_cli("lift", "no_such.png", "--network", str(net), "--lifted", str(lifted),
+                                 "--out", str(tmp_path / "d")), "neither a seed")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
-    _assert_clean_failure(_run("lift", "1", "--network", str(net), "--lifted", str(garbage),
-                               "--out", str(tmp_path / "e")), "garbage.safetensors")
+    assert_clean_failure(run_cli("lift", "1", "--network", str(net), "--lifted", str(garbage),
+                                 "--out", str(tmp_path / "e")), "garbage.safetensors")
 
 
 def test_lift_photo_projects_then_lifts(trained, tmp_path):
@@ -171,8 +161,8 @@ def test_lift_photo_projects_then_lifts(trained, tmp_path):
     photo = shared_path(OBAMA)
     _, net, lifted = trained
     out = tmp_path / "photo"
-    res = _run("lift", str(photo), "--network", str(net), "--lifted", str(lifted), "--project-steps", "2",
-               "--out", str(out))
+    res = run_cli("lift", str(photo), "--network", str(net), "--lifted", str(lifted), "--project-steps", "2",
+                  "--out", str(out))
     assert res.exit_code == 0, res.output
     for name in OUTPUTS + ("aligned.png", "projection.png"):
         assert (out / name).is_file(), name
@@ -186,5 +176,5 @@ def test_lift_photo_with_two_faces_needs_an_index(trained, tmp_path):
 
     photo = shared_path(TWO_FACES)
     _, net, lifted = trained
-    _assert_clean_failure(_run("lift", str(photo), "--network", str(net), "--lifted", str(lifted),
-                               "--out", str(tmp_path / "o")), "--face-index")
+    assert_clean_failure(run_cli("lift", str(photo), "--network", str(net), "--lifted", str(lifted),
+                                 "--out", str(tmp_path / "o")), "--face-index")

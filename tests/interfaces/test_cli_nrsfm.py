@@ -7,22 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from portrait3d import save_network
-from portrait3d.interfaces.cli import main
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _assert_clean_failure(result, pattern: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in result.output, err
-    assert pattern in err, err
+from tests.conftest import assert_clean_failure, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +22,8 @@ def built(tmp_path_factory):
                                   synthesis=SynthesisConfig(channel_base=128, channel_max=16)))
     net = save_network(G, root / "g.safetensors")
     editor = root / "editor.safetensors"
-    res = _run("nrsfm", "build", "--network", str(net), "--out", str(editor), "--samples", "80", "--basis", "2",
-               "--detector", "template", "--epochs", "3", "--cache", str(root / "cache"))
+    res = run_cli("nrsfm", "build", "--network", str(net), "--out", str(editor), "--samples", "80", "--basis", "2",
+                  "--detector", "template", "--epochs", "3", "--cache", str(root / "cache"))
     assert res.exit_code == 0, res.output
     return root, net, editor
 
@@ -47,16 +35,16 @@ def test_build_writes_editor_report_and_figure(built):
     assert report["with_landmarks"] == 80 and report["num_basis"] == 2
     assert np.isfinite(report["factorization_rmse_px"])
     assert (root / "editor_basis.png").is_file()
-    again = _run("nrsfm", "build", "--network", str(built[1]), "--out", str(editor), "--samples", "80")
-    _assert_clean_failure(again, "already exists")
+    again = run_cli("nrsfm", "build", "--network", str(built[1]), "--out", str(editor), "--samples", "80")
+    assert_clean_failure(again, "already exists")
 
 
 @pytest.mark.parametrize("mode", ["linear", "gradient"])
 def test_edit_seed(built, tmp_path, mode):
     _, net, editor = built
     out = tmp_path / mode
-    res = _run("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10", "--expr", "1=1",
-               "--mode", mode, "--steps", "3", "--out", str(out))
+    res = run_cli("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10", "--expr", "1=1",
+                  "--mode", mode, "--steps", "3", "--out", str(out))
     assert res.exit_code == 0, res.output
     for name in ("original.png", "edited.png", "grid.png", "result.json", "latent.npy", "original_latent.npy"):
         assert (out / name).is_file(), name
@@ -66,15 +54,15 @@ def test_edit_seed(built, tmp_path, mode):
     assert rec["target"][yaw] == pytest.approx(rec["phi_before"][yaw] + 10, abs=1e-4)
     assert rec["seed"] == 7 and rec["mode"] == mode
     # Never clobbers without --force.
-    _assert_clean_failure(_run("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10",
-                               "--out", str(out)), "already exists")
+    assert_clean_failure(run_cli("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10",
+                                 "--out", str(out)), "already exists")
 
 
 def test_transfer_seeds(built, tmp_path):
     _, net, editor = built
     out = tmp_path / "t"
-    res = _run("transfer", "1", "2", "--network", str(net), "--nrsfm", str(editor), "--mode", "linear",
-               "--out", str(out))
+    res = run_cli("transfer", "1", "2", "--network", str(net), "--nrsfm", str(editor), "--mode", "linear",
+                  "--out", str(out))
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "result.json").read_text())
     assert rec["part"] == "pose" and (out / "source.png").is_file()
@@ -88,20 +76,20 @@ def test_transfer_seeds(built, tmp_path):
 ])
 def test_edit_rejects_bad_values(built, tmp_path, args, pattern):
     _, net, editor = built
-    _assert_clean_failure(_run("edit", "1", "--network", str(net), "--nrsfm", str(editor), *args,
-                               "--out", str(tmp_path / "o")), pattern)
+    assert_clean_failure(run_cli("edit", "1", "--network", str(net), "--nrsfm", str(editor), *args,
+                                 "--out", str(tmp_path / "o")), pattern)
 
 
 def test_edit_bad_inputs(built, tmp_path):
     _, net, editor = built
-    _assert_clean_failure(_run("edit", "no_such.png", "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
-                               "--out", str(tmp_path / "a")), "neither a seed")
+    assert_clean_failure(run_cli("edit", "no_such.png", "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
+                                 "--out", str(tmp_path / "a")), "neither a seed")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
-    _assert_clean_failure(_run("edit", "1", "--network", str(net), "--nrsfm", str(bad), "--yaw", "5",
-                               "--out", str(tmp_path / "b")), "bad.safetensors")
-    _assert_clean_failure(_run("edit", "1", "--network", str(net), "--yaw", "5", "--out", str(tmp_path / "c")),
-                          "no NRSfM editor")
+    assert_clean_failure(run_cli("edit", "1", "--network", str(net), "--nrsfm", str(bad), "--yaw", "5",
+                                 "--out", str(tmp_path / "b")), "bad.safetensors")
+    assert_clean_failure(run_cli("edit", "1", "--network", str(net), "--yaw", "5", "--out", str(tmp_path / "c")),
+                         "no NRSfM editor")
 
 
 def test_edit_photo_inverts_then_edits(built, tmp_path):
@@ -110,8 +98,8 @@ def test_edit_photo_inverts_then_edits(built, tmp_path):
     photo = shared_path("data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg")
     _, net, editor = built
     out = tmp_path / "photo"
-    res = _run("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--pitch", "5", "--mode", "linear",
-               "--project-steps", "3", "--out", str(out))
+    res = run_cli("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--pitch", "5", "--mode", "linear",
+                  "--project-steps", "3", "--out", str(out))
     assert res.exit_code == 0, res.output
     for name in ("aligned.png", "projection.png", "original.png", "edited.png", "grid.png"):
         assert (out / name).is_file(), name
@@ -125,8 +113,8 @@ def test_edit_photo_without_face(built, tmp_path):
     _, net, editor = built
     blank = tmp_path / "blank.png"
     Image.new("RGB", (256, 256), (120, 120, 120)).save(blank)
-    _assert_clean_failure(_run("edit", str(blank), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
-                               "--out", str(tmp_path / "o")), "face")
+    assert_clean_failure(run_cli("edit", str(blank), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
+                                 "--out", str(tmp_path / "o")), "face")
 
 
 def test_edit_photo_with_several_faces_needs_an_index(built, tmp_path):
@@ -134,5 +122,5 @@ def test_edit_photo_with_several_faces_needs_an_index(built, tmp_path):
 
     photo = shared_path("data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg")
     _, net, editor = built
-    _assert_clean_failure(_run("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
-                               "--out", str(tmp_path / "o")), "--face-index")
+    assert_clean_failure(run_cli("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
+                                 "--out", str(tmp_path / "o")), "--face-index")

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from portrait3d import save_network
-from portrait3d.interfaces.cli import main
 from portrait3d.interfaces.demo import OUTPUTS, YAWS
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, list(args))
+from tests.conftest import run_cli
 
 
 def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):
@@ -22,7 +17,7 @@ def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--network-2d", str(p2), "--network-3d", str(p3), "--samples", "3",
             "--orbit-faces", "2", "--orbit-frames", "4", "--seed", "5"]
-    result = _run(*args)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     res2, res3 = tiny_stylegan2.img_resolution, tiny_eg3d.img_resolution
@@ -40,12 +35,12 @@ def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):
     assert "seed(5)" in readme and "seed(6)" in readme and "ITS left" in readme
 
     before = (out / "README.txt").read_bytes()
-    again = _run(*args)
+    again = run_cli(*args)
     assert again.exit_code == 2
     err = again.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and "--force" in err
     assert (out / "README.txt").read_bytes() == before
-    assert _run(*args, "--force").exit_code == 0
+    assert run_cli(*args, "--force").exit_code == 0
 
 
 @pytest.mark.parametrize("builtins", [{}, {"default-2d": "models/__missing__/2d.safetensors",
@@ -54,7 +49,7 @@ def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):
 def test_demo_default_models_fall_back_to_random_and_say_so(tmp_path, monkeypatch, builtins):
     monkeypatch.setattr("portrait3d.interfaces.demo.BUILTIN_NETWORKS", builtins)
     out = tmp_path / "d"
-    result = _run("demo", "--out", str(out), "--samples", "1", "--orbit-frames", "2")
+    result = run_cli("demo", "--out", str(out), "--samples", "1", "--orbit-frames", "2")
     assert result.exit_code == 0, result.output
     assert "random" in result.output.lower()
     readme = (out / "README.txt").read_text()
@@ -64,5 +59,5 @@ def test_demo_default_models_fall_back_to_random_and_say_so(tmp_path, monkeypatc
 
 def test_demo_rejects_wrong_network_kind(tmp_path, tiny_stylegan2):
     p2 = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")
-    result = _run("demo", "--out", str(tmp_path / "o"), "--network-3d", str(p2), "--samples", "1")
+    result = run_cli("demo", "--out", str(tmp_path / "o"), "--network-3d", str(p2), "--samples", "1")
     assert result.exit_code == 2 and "expected a TriPlaneGenerator" in result.stderr

@@ -21,7 +21,7 @@ from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
 
-__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write"]
+__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write", "read_safetensors_with_metadata"]
 
 FORMAT = "portrait3d-network"
 FORMAT_VERSION = "1"
@@ -60,6 +60,36 @@ def atomic_write(path: str | os.PathLike[str], write: Any, overwrite: bool = Fal
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_safetensors_with_metadata(path: str | os.PathLike[str], expected_format: str, format_version: str,
+                                   foreign: str, version_label: str = "format version"
+                                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file whose ``__metadata__`` names ``expected_format``.
+
+    Only tensors and the JSON header are read, never code.
+
+    Raises:
+        CheckpointError: one line, prefixed with the file name: ``not a readable safetensors file (...)``;
+            ``foreign`` (the ``format`` entry is not ``expected_format``); ``unsupported {version_label} ...``
+            (the ``format_version`` entry is not ``format_version``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p.name}: not a readable safetensors file ({msg})") from None
+    if meta.get("format") != expected_format:
+        raise CheckpointError(f"{p.name}: {foreign}")
+    if meta.get("format_version") != format_version:
+        raise CheckpointError(f"{p.name}: unsupported {version_label} {meta.get('format_version')!r}")
+    return tensors, meta
 
 
 def save_network(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False) -> Path:

@@ -41,7 +41,9 @@ from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from
 from portrait3d.utils.image import to_uint8
 
 __all__ = ["OUTPUTS", "NOVEL_YAWS", "PTI_GENERATOR", "run_invert3d", "run_render", "view_camera", "render_views",
-           "render_filename", "psnr", "jsonable", "load_generator", "load_init_modules", "initialise"]
+           "render_filename", "psnr", "jsonable", "write_json_report", "load_generator", "load_init_modules",
+           "cli_load_networks", "resolve_align", "face_landmarks68", "to_tensor", "initialise",
+           "make_inversion_config"]
 
 NOVEL_YAWS = (-30.0, 30.0)
 PTI_GENERATOR = "generator.safetensors"
@@ -148,6 +150,13 @@ def jsonable(x: Any) -> Any:
     return repr(x)
 
 
+def write_json_report(path: Path, obj: Any) -> Path:
+    """Write ``obj`` (through :func:`jsonable`, indented, newline-terminated) to ``path``, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(obj), indent=1) + "\n")
+    return path
+
+
 def _write_json(path: Path, obj: Any, force: bool) -> None:
     text = json.dumps(jsonable(obj), indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"), overwrite=force)
@@ -205,6 +214,31 @@ def load_generator(network: str, device: torch.device | str) -> tuple[nn.Module,
     return G.eval().requires_grad_(False), ref
 
 
+def resolve_align(align: str, network: str | Path) -> str:
+    """The crop style for ``--align``: ``auto`` is ``default`` for the built-in networks, ``eg3d`` otherwise."""
+    if align != "auto":
+        return align
+    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+
+    return "default" if str(network) in BUILTIN_NETWORKS else "eg3d"
+
+
+def face_landmarks68(face: Any) -> np.ndarray:
+    """``[68, 2]`` float64 landmarks of a :class:`~portrait3d.face.pipeline.FacePipeline` result in its aligned crop
+    (the aligned landmarks, or the photo's 68 points moved into the crop when those are fewer)."""
+    lm = np.asarray(face.aligned.landmarks, np.float64)
+    if len(lm) != 68:
+        from portrait3d.face.align import apply_transform
+
+        lm = apply_transform(face.aligned.transform, face.landmarks)
+    return lm
+
+
+def to_tensor(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``uint8 [H, W, 3]`` -> float ``[1, 3, H, W]`` in ``[-1, 1]``."""
+    return (torch.as_tensor(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1).to(device)
+
+
 # ----------------------------------------------------------------------------- initialisation
 def load_init_modules(G: nn.Module, encoder_path: Path | None, pose_path: Path | None,
                       device: torch.device | str) -> tuple[nn.Module | None, nn.Module | None]:
@@ -235,6 +269,26 @@ def load_init_modules(G: nn.Module, encoder_path: Path | None, pose_path: Path |
     return enc, pose
 
 
+def cli_load_networks(network: str, encoder_path: Path | None, pose_path: Path | None, device: str,
+                      threads: int) -> tuple[nn.Module, nn.Module | None, nn.Module | None, torch.device]:
+    """For command-line scripts: ``torch.set_num_threads(threads)``, then ``(G, encoder or None, pose
+    estimator or None, device)`` (:func:`load_generator`, :func:`load_init_modules`).
+
+    Raises:
+        click.ClickException: a load error's one-line message.
+    """
+    import click
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    try:
+        G, _ = load_generator(network, dev)
+        enc, pose = load_init_modules(G, encoder_path, pose_path, dev)
+    except ValueError as e:  # CheckpointError included: one-line messages
+        raise click.ClickException(str(e)) from None
+    return G, enc, pose, dev
+
+
 @torch.no_grad()
 def initialise(G: nn.Module, target: torch.Tensor, face_camera: torch.Tensor, encoder: nn.Module | None,
                pose: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, str]]:
@@ -257,7 +311,8 @@ def initialise(G: nn.Module, target: torch.Tensor, face_camera: torch.Tensor, en
     return ws, camera, how
 
 
-def _make_config(algorithm: int, steps: int | None, pti: bool, pti_steps: int | None, seed: int | None) -> Any:
+def make_inversion_config(algorithm: int, steps: int | None, pti: bool, pti_steps: int | None,
+                          seed: int | None) -> Any:
     """:class:`~portrait3d.methods.inversion3d.optimize.InversionConfig`; ``None`` keeps its defaults."""
     from portrait3d.methods.inversion3d.optimize import InversionConfig
 
@@ -342,7 +397,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     for p, what in ((encoder_path, "encoder"), (pose_path, "pose estimator")):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such {what} file")
-    cfg = _make_config(algorithm, steps, pti, pti_steps, seed)
+    cfg = make_inversion_config(algorithm, steps, pti, pti_steps, seed)
     times: dict[str, float] = {}
     image = load_image(photo)
     dev = torch.device(device)
@@ -351,10 +406,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     times["load"] = time.perf_counter() - t
     res_px = int(G.img_resolution)
 
-    if align == "auto":
-        from portrait3d.checkpoints.load import BUILTIN_NETWORKS
-
-        align = "default" if str(network) in BUILTIN_NETWORKS else "eg3d"
+    align = resolve_align(align, network)
     with FacePipeline(style=align, output_size=res_px) as pipe:
         t = time.perf_counter()
         try:
@@ -365,13 +417,9 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
             raise ValueError(f"{face.num_faces} faces found in {photo.name}: choose one with --face-index "
                              "(0 = largest)")
         aligned = face.aligned.image
-        lm = np.asarray(face.aligned.landmarks, np.float64)
-        if len(lm) != 68:
-            from portrait3d.face.align import apply_transform
-
-            lm = apply_transform(face.aligned.transform, face.landmarks)
+        lm = face_landmarks68(face)
         times["face"] = time.perf_counter() - t
-        target = (torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1).to(dev)
+        target = to_tensor(aligned, dev)
 
         t = time.perf_counter()
         encoder, pose = load_init_modules(G, encoder_path, pose_path, dev)

@@ -54,8 +54,9 @@ __all__ = [
     "RunConfig", "DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_grads", "all_reduce_mean",
     "broadcast_module", "average_buffers", "Shard", "derive_seed", "BatchRandom", "GlobalBatchSampler",
     "ema_beta", "ema_update", "lazy_adam", "optimizer_phase", "Networks", "Counters", "save_training_state",
-    "load_training_state", "find_snapshot", "save_grid", "Progress", "MetricsFn", "run_loop", "make_loader",
-    "run_local_processes", "StepFn", "config_to_dict",
+    "load_training_state", "find_snapshot", "write_snapshot_folder", "prune_snapshots", "optimizer_tensors",
+    "load_optimizer", "rng_tensors", "restore_rng", "due", "save_grid", "Progress", "MetricsFn", "run_loop",
+    "make_loader", "run_local_processes", "StepFn", "config_to_dict",
 ]
 
 MetricsFn = Callable[[nn.Module, int], dict[str, float]]
@@ -526,7 +527,8 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``opt``'s state as ``({prefix.state.<i>.<k>: tensor}, JSON metadata)`` (type, param groups, scalar states)."""
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -540,8 +542,9 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[st
     return tensors, {"type": type(opt).__name__, "param_groups": groups, "state_scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str,
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str,
                     meta: dict[str, Any]) -> None:
+    """Restore ``opt`` in place from what :func:`optimizer_tensors` wrote under ``prefix``."""
     if meta["type"] != type(opt).__name__:
         raise ValueError(f"snapshot optimiser is {meta['type']}, not {type(opt).__name__}")
     state: dict[int, dict[str, Any]] = {}
@@ -561,7 +564,8 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The global torch (and initialised CUDA) RNG states: ``rng.torch``, ``rng.cuda.<i>``."""
     out = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -569,7 +573,8 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Set the global RNG states saved by :func:`rng_tensors` (those present in ``tensors``)."""
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
@@ -578,33 +583,18 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(states)
 
 
-def save_training_state(folder: str | os.PathLike[str], trainer: str, config: dict[str, Any], nets: Networks,
-                        counters: Counters, extra_files: dict[str, Callable[[Path], Any]] | None = None) -> Path:
+def write_snapshot_folder(folder: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                          extra_files: dict[str, Callable[[Path], Any]] | None = None) -> Path:
     """Write a snapshot folder atomically (a temporary sibling renamed into place).
 
-    ``state.safetensors``: ``G.*``, ``D.*``, ``G_ema.*`` state dicts, ``opt_G.state.<i>.<k>``,
-    ``opt_D...`` optimiser tensors, ``extra.*`` trainer tensors, ``rng.*`` RNG states (``uint8``).
-    ``state.json``: format, trainer, config, step, images seen, optimiser hyper-parameters,
-    metric history. ``extra_files``: ``name -> write(path)`` for more files (the exported generator).
+    ``tensors`` go to ``state.safetensors`` (detached, contiguous CPU copies), ``meta`` to ``state.json``;
+    ``extra_files``: ``name -> write(path)`` for more files (an exported network), written last. An existing
+    ``folder`` is replaced only once everything is written.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in ("G", "D", "G_ema"):
-        for k, v in getattr(nets, name).state_dict().items():
-            tensors[f"{name}.{k}"] = v
-    opt_meta = {}
-    for name in ("opt_G", "opt_D"):
-        t, m = _optimizer_tensors(getattr(nets, name), name)
-        tensors.update(t)
-        opt_meta[name] = m
-    tensors.update({f"extra.{k}": v for k, v in nets.extra.items()})
-    tensors.update(_rng_tensors())
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "trainer": trainer, "config": config,
-            "step": counters.step, "images_seen": counters.images_seen, "kimg": counters.images_seen / 1000,
-            "optimizers": opt_meta, "metrics": counters.metrics, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -626,6 +616,39 @@ def save_training_state(folder: str | os.PathLike[str], trainer: str, config: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def save_training_state(folder: str | os.PathLike[str], trainer: str, config: dict[str, Any], nets: Networks,
+                        counters: Counters, extra_files: dict[str, Callable[[Path], Any]] | None = None) -> Path:
+    """Write a snapshot folder atomically (:func:`write_snapshot_folder`).
+
+    ``state.safetensors``: ``G.*``, ``D.*``, ``G_ema.*`` state dicts, ``opt_G.state.<i>.<k>``,
+    ``opt_D...`` optimiser tensors, ``extra.*`` trainer tensors, ``rng.*`` RNG states (``uint8``).
+    ``state.json``: format, trainer, config, step, images seen, optimiser hyper-parameters,
+    metric history. ``extra_files``: ``name -> write(path)`` for more files (the exported generator).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ("G", "D", "G_ema"):
+        for k, v in getattr(nets, name).state_dict().items():
+            tensors[f"{name}.{k}"] = v
+    opt_meta = {}
+    for name in ("opt_G", "opt_D"):
+        t, m = optimizer_tensors(getattr(nets, name), name)
+        tensors.update(t)
+        opt_meta[name] = m
+    tensors.update({f"extra.{k}": v for k, v in nets.extra.items()})
+    tensors.update(rng_tensors())
+    meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "trainer": trainer, "config": config,
+            "step": counters.step, "images_seen": counters.images_seen, "kimg": counters.images_seen / 1000,
+            "optimizers": opt_meta, "metrics": counters.metrics, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return write_snapshot_folder(folder, tensors, meta, extra_files)
+
+
+def prune_snapshots(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``snapshot-*`` folders of ``run_dir`` (``keep <= 0``: keep all)."""
+    if keep > 0:
+        for old in sorted(run_dir.glob("snapshot-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_snapshot(path: str | os.PathLike[str]) -> Path:
@@ -657,12 +680,12 @@ def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: s
         sd = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
         load_state_strict(getattr(nets, name), sd, f"snapshot {name}")
     for name in ("opt_G", "opt_D"):
-        _load_optimizer(getattr(nets, name), tensors, name, meta["optimizers"][name])
+        load_optimizer(getattr(nets, name), tensors, name, meta["optimizers"][name])
     for k in list(nets.extra):
         v = tensors.get(f"extra.{k}")
         if v is not None:
             nets.extra[k].copy_(v)
-    _restore_rng(tensors)
+    restore_rng(tensors)
     return Counters(int(meta["step"]), int(meta["images_seen"]), list(meta.get("metrics", []))), meta
 
 
@@ -720,7 +743,8 @@ class Progress:
 # ----------------------------------------------------------------------------- the outer loop
 
 
-def _due(prev: int, cur: int, interval_kimg: float) -> bool:
+def due(prev: int, cur: int, interval_kimg: float) -> bool:
+    """Whether going from ``prev`` to ``cur`` images crosses a multiple of ``interval_kimg`` (0: never)."""
     if interval_kimg <= 0:
         return False
     n = interval_kimg * 1000
@@ -759,10 +783,7 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
             return
         folder = out_dir / f"snapshot-{counters.step:08d}"
         save_training_state(folder, trainer, config, nets, counters, {"G_ema.safetensors": export_fn})
-        if run.keep_snapshots > 0:
-            snaps = sorted(out_dir.glob("snapshot-*"))
-            for old in snaps[: -run.keep_snapshots]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_snapshots(out_dir, run.keep_snapshots)
         progress.write(f"snapshot {folder} (kimg {counters.images_seen / 1000:.3f})")
 
     if counters.step == 0 and run.sample_kimg > 0:
@@ -786,15 +807,15 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
                       "sec_per_kimg": round(sec / run.batch * 1000, 2), **dict(zip(names, vals.tolist()))}
             progress.update(run.batch, record)
             done = counters.images_seen >= total
-            if _due(prev, counters.images_seen, run.sample_kimg) or (done and run.sample_kimg > 0):
+            if due(prev, counters.images_seen, run.sample_kimg) or (done and run.sample_kimg > 0):
                 grids()
-            if metrics is not None and info.is_main and (_due(prev, counters.images_seen, run.metrics_kimg) or done):
+            if metrics is not None and info.is_main and (due(prev, counters.images_seen, run.metrics_kimg) or done):
                 vals_m = {k: float(v) for k, v in metrics(nets.G_ema, counters.step).items()}
                 entry = {"step": counters.step, "kimg": counters.images_seen / 1000, **vals_m}
                 counters.metrics.append(entry)
                 progress.log({"metrics": entry})
                 progress.write("metrics " + json.dumps(entry))
-            if _due(prev, counters.images_seen, run.snapshot_kimg) or done:
+            if due(prev, counters.images_seen, run.snapshot_kimg) or done:
                 snapshot()
         if info.is_main:
             export_fn(final)

@@ -566,23 +566,13 @@ def load_module(path: str | os.PathLike[str], device: str | torch.device = "cpu"
         CheckpointError (a :class:`ValueError`): missing, corrupt or foreign file, unknown class,
             invalid config or mismatched weights -- always with a one-line message.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
+    from portrait3d.checkpoints.native import read_safetensors_with_metadata
     from portrait3d.checkpoints.state import load_state_strict
 
     p = Path(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p.name}: not a readable safetensors file ({msg})") from None
-    if meta.get("format") != MODULE_FORMAT:
-        raise CheckpointError(f"{p.name}: not a portrait3d encoder / pose-estimator file (no portrait3d metadata)")
-    if meta.get("format_version") != MODULE_FORMAT_VERSION:
-        raise CheckpointError(f"{p.name}: unsupported format version {meta.get('format_version')!r}")
+    state, meta = read_safetensors_with_metadata(
+        p, MODULE_FORMAT, MODULE_FORMAT_VERSION,
+        foreign="not a portrait3d encoder / pose-estimator file (no portrait3d metadata)")
     name = meta.get("class")
     if name not in _CLASSES:
         raise CheckpointError(f"{p.name}: unknown network class {name!r}")

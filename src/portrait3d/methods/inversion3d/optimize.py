@@ -51,10 +51,13 @@ from portrait3d.methods.inversion3d.pti import PTIConfig, pivotal_tuning, render
 from portrait3d.methods.inversion3d.warp import warp_loss
 from portrait3d.methods.projector.projector import (
     ProjectorConfig,
-    _lr_at,
-    _scaled_landmarks,
+    as_target_image,
     compute_w_stats,
+    device_of,
+    latent_noise_scale,
+    lr_at,
     resize_target,
+    scaled_landmarks,
 )
 
 __all__ = ["ALGORITHMS", "ImageLoss", "InversionConfig", "InversionResult", "LossWeights", "invert",
@@ -100,11 +103,7 @@ class ImageLoss(nn.Module):
                  perceptual_kwargs: dict[str, Any] | None = None, identity_loss: nn.Module | None = None) -> None:
         super().__init__()
         self.weights = weights or LossWeights()
-        target = torch.as_tensor(target)
-        if target.ndim == 3:
-            target = target[None]
-        if target.ndim != 4 or target.shape[0] != 1:
-            raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+        target = as_target_image(target)
         src_size = int(target.shape[2])
         res = int(resolution) if resolution is not None else src_size
         self.register_buffer("target", resize_target(target.to(torch.float32), res).detach())
@@ -120,7 +119,7 @@ class ImageLoss(nn.Module):
             if identity_loss is None:
                 from portrait3d.losses.identity import IdentityLoss
 
-                identity_loss = IdentityLoss(self.target.cpu(), _scaled_landmarks(landmarks, src_size, res))
+                identity_loss = IdentityLoss(self.target.cpu(), scaled_landmarks(landmarks, src_size, res))
             self.identity_module = identity_loss.to(target.device).eval()
         self._target_feats: list[torch.Tensor] | None = None
         if self.perceptual_module is not None and hasattr(self.perceptual_module, "features"):
@@ -278,15 +277,9 @@ def phase_schedule(cfg: InversionConfig) -> list[str]:
     return ["latent" if i % period < cfg.latent_steps_per_round else "camera" for i in range(cfg.steps)]
 
 
-def _device_of(G: nn.Module) -> torch.device:
-    for p in G.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _lr(base: float, cfg: InversionConfig, t: float) -> float:
-    """The StyleGAN2 projector's ramp (:func:`portrait3d.methods.projector.projector._lr_at`) for ``base``."""
-    return _lr_at(ProjectorConfig(lr=base, lr_rampup=cfg.lr_rampup, lr_rampdown=cfg.lr_rampdown), t)
+    """The StyleGAN2 projector's ramp (:func:`portrait3d.methods.projector.projector.lr_at`) for ``base``."""
+    return lr_at(ProjectorConfig(lr=base, lr_rampup=cfg.lr_rampup, lr_rampdown=cfg.lr_rampdown), t)
 
 
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -337,16 +330,12 @@ def invert(G: nn.Module, target: torch.Tensor, init_ws: torch.Tensor | None, ini
     timings = {"setup": 0.0, "latent": 0.0, "camera": 0.0, "joint": 0.0, "pti": 0.0, "render": 0.0}
     cfg = cfg or InversionConfig()
     cfg.validate()
-    dev = _device_of(G)
+    dev = device_of(G)
     res = int(G.img_resolution)
     rk = getattr(G, "rendering_kwargs", {}) or {}
     pivot = tuple(float(v) for v in rk.get("avg_camera_pivot", (0.0, 0.0, 0.2)))
     radius = float(rk.get("avg_camera_radius", 2.7))
-    target = torch.as_tensor(target)
-    if target.ndim == 3:
-        target = target[None]
-    if target.ndim != 4 or target.shape[0] != 1:
-        raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+    target = as_target_image(target)
     target = target.to(dev, torch.float32)
     if init_camera is None:
         init_camera = camera_from_angles([0.0], [0.0], radius=radius, pivot=pivot)
@@ -443,7 +432,7 @@ def invert(G: nn.Module, target: torch.Tensor, init_ws: torch.Tensor | None, ini
                 lr_w = _lr(cfg.lr_w, cfg, t_block)
                 for g in opt_w.param_groups:
                     g["lr"] = lr_w
-                noise_scale = w_std * cfg.initial_noise_factor * max(0.0, 1.0 - t_run / cfg.noise_ramp) ** 2 \
+                noise_scale = latent_noise_scale(w_std, cfg.initial_noise_factor, cfg.noise_ramp, t_run) \
                     if use_noise else 0.0
                 w_noise = torch.randn(w_opt.shape, generator=gen).to(dev) * noise_scale
                 c = current_camera() if phase == "joint" else current_camera().detach()

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from portrait3d.methods.projector.projector import device_of
+
 __all__ = ["PTIConfig", "depth_smoothness", "pivotal_tuning", "render"]
 
 
@@ -125,12 +127,6 @@ def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool 
     return G.synthesis(ws, c, **kw)
 
 
-def _device_of(G: nn.Module) -> torch.device:
-    for p in G.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target: torch.Tensor,
                    cfg: PTIConfig | None = None, progress: bool = True, *, landmarks: np.ndarray | None = None,
                    image_loss: nn.Module | None = None, callback: Callable[..., Any] | None = None,
@@ -161,7 +157,7 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
 
     cfg = cfg or PTIConfig()
     cfg.validate()
-    dev = _device_of(G)
+    dev = device_of(G)
     ws = ws.detach().to(dev)
     camera = camera.detach().to(dev).reshape(-1, 25)
     if image_loss is None:

@@ -60,7 +60,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +73,9 @@ from torch import nn
 from portrait3d.methods.inversion3d.networks import (EncoderConfig, LatentEncoder, PoseConfig, PoseEstimator,
                                                      rotation_from_angles, save_module)
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
-from portrait3d.training.loop import (DistInfo, Progress, _due, _load_optimizer, _optimizer_tensors, _restore_rng,
-                                      _rng_tensors, derive_seed, ema_beta, ema_update, find_snapshot)
+from portrait3d.training.loop import (DistInfo, Progress, derive_seed, due, ema_beta, ema_update, find_snapshot,
+                                      load_optimizer, optimizer_tensors, prune_snapshots, restore_rng,
+                                      rng_tensors, write_snapshot_folder)
 
 __all__ = [
     "EncoderTrainConfig", "PoseTrainConfig", "encoder_losses", "pose_losses", "train_encoder", "train_pose",
@@ -289,38 +289,17 @@ def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Te
 def _save_snapshot(folder: Path, trainer: str, config: dict[str, Any], net: nn.Module, ema: nn.Module | None,
                    opt: torch.optim.Optimizer, step: int, images_seen: int, export_name: str) -> Path:
     """Write ``folder`` (``state.safetensors``, ``state.json``, the exported network) atomically."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {f"net.{k}": v for k, v in net.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    opt_tensors, opt_meta = _optimizer_tensors(opt, "opt")
+    opt_tensors, opt_meta = optimizer_tensors(opt, "opt")
     tensors.update(opt_tensors)
-    tensors.update(_rng_tensors())
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tensors.update(rng_tensors())
     meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": trainer, "config": config,
             "network": net.config.to_dict(), "step": step, "images_seen": images_seen, "kimg": images_seen / 1000,
             "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        save_module(ema if ema is not None else net, tmp / export_name)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    exported = ema if ema is not None else net
+    return write_snapshot_folder(folder, tensors, meta, {export_name: lambda path: save_module(exported, path)})
 
 
 def _load_snapshot(path: str | os.PathLike[str], trainer: str, net: nn.Module, ema: nn.Module | None,
@@ -348,8 +327,8 @@ def _load_snapshot(path: str | os.PathLike[str], trainer: str, net: nn.Module, e
         if not sd and prefix == "ema.":  # snapshot without EMA: start the EMA from the weights
             sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         load_state_strict(module, sd, f"snapshot {prefix[:-1]}")
-    _load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
-    _restore_rng(tensors)
+    load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
+    restore_rng(tensors)
     return int(meta["step"]), int(meta["images_seen"])
 
 
@@ -408,9 +387,7 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
     def snapshot() -> None:
         folder = out_dir / f"snapshot-{step:08d}"
         _save_snapshot(folder, trainer, config, net, ema, opt, step, images_seen, export_name)
-        if cfg.keep_snapshots > 0:
-            for old in sorted(out_dir.glob("snapshot-*"))[: -cfg.keep_snapshots]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_snapshots(out_dir, cfg.keep_snapshots)
         bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
 
     bar = Progress(DistInfo(device=device), total, min(images_seen, total), out_dir / "log.jsonl", progress)
@@ -434,9 +411,9 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
             sec = time.perf_counter() - t0
             bar.update(cfg.batch, {"step": step, "kimg": images_seen / 1000, "sec": round(sec, 4), **stats})
             done = images_seen >= total
-            if _due(prev, images_seen, cfg.sample_kimg) or (done and cfg.sample_kimg > 0):
+            if due(prev, images_seen, cfg.sample_kimg) or (done and cfg.sample_kimg > 0):
                 grid()
-            if _due(prev, images_seen, cfg.snapshot_kimg) or done:
+            if due(prev, images_seen, cfg.snapshot_kimg) or done:
                 snapshot()
         final = save_module(ema if ema is not None else net, out_dir / export_name, overwrite=True)
     finally:

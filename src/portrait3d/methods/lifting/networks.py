@@ -727,23 +727,14 @@ class LiftedGenerator(nn.Module):
             CheckpointError (a ``ValueError``): unreadable / foreign file, bad config, a 2D
                 generator that does not fit, or mismatched weights -- one-line message.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
+        from portrait3d.checkpoints.native import read_safetensors_with_metadata
         from portrait3d.checkpoints.state import load_state_strict
 
         p = Path(path)
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{p.name}: not a readable safetensors file ({msg})") from None
-        if meta.get("format") != LIFT_FORMAT:
-            raise CheckpointError(f"{p.name}: not a portrait3d lifting file (no portrait3d-lifting metadata)")
-        if meta.get("format_version") != LIFT_FORMAT_VERSION:
-            raise CheckpointError(f"{p.name}: unsupported lifting format version {meta.get('format_version')!r}")
+        state, meta = read_safetensors_with_metadata(
+            p, LIFT_FORMAT, LIFT_FORMAT_VERSION,
+            foreign="not a portrait3d lifting file (no portrait3d-lifting metadata)",
+            version_label="lifting format version")
         try:
             cfg = LiftConfig.from_dict(json.loads(meta["config"]))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:

@@ -319,38 +319,19 @@ def save_lift_state(folder: Path, cfg: LiftTrainConfig, model: LiftedGenerator, 
     ``state.json``: format, trainer, configuration, step, images seen, optimiser hyper-parameters.
     ``lifted.safetensors``: :meth:`LiftedGenerator.save`.
     """
-    from safetensors.torch import save_file
-
-    from portrait3d.training.loop import STATE_FORMAT, STATE_VERSION, _optimizer_tensors, _rng_tensors
+    from portrait3d.training.loop import (STATE_FORMAT, STATE_VERSION, optimizer_tensors, rng_tensors,
+                                          write_snapshot_folder)
 
     tensors = {f"nets.{k}": v for k, v in model.nets.state_dict().items()}
-    opt_tensors, opt_meta = _optimizer_tensors(opt, "opt")
+    opt_tensors, opt_meta = optimizer_tensors(opt, "opt")
     tensors.update(opt_tensors)
     tensors.update({"extra.w_mean": stats.mean, "extra.w_std": stats.std.reshape(1)})
-    tensors.update(_rng_tensors())
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tensors.update(rng_tensors())
     meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "trainer": TRAINER, "config": cfg.to_dict(),
             "step": step, "images_seen": images_seen, "kimg": images_seen / 1000, "optimizer": opt_meta,
             "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        model.save(tmp / "lifted.safetensors", overwrite=True)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return write_snapshot_folder(folder, tensors, meta,
+                                 {"lifted.safetensors": lambda path: model.save(path, overwrite=True)})
 
 
 def read_lift_snapshot(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
@@ -376,26 +357,19 @@ def load_lift_state(folder: Path, meta: dict[str, Any], model: LiftedGenerator,
     from safetensors.torch import load_file
 
     from portrait3d.checkpoints.state import load_state_strict
-    from portrait3d.training.loop import _load_optimizer, _restore_rng
+    from portrait3d.training.loop import load_optimizer, restore_rng
 
     tensors = load_file(str(folder / "state.safetensors"))
     dev = next(model.nets.parameters()).device
     sd = {k[5:]: v for k, v in tensors.items() if k.startswith("nets.")}
     load_state_strict(model.nets, sd, "snapshot lifting networks")
-    _load_optimizer(opt, tensors, "opt", meta["optimizer"])
-    _restore_rng(tensors)
+    load_optimizer(opt, tensors, "opt", meta["optimizer"])
+    restore_rng(tensors)
     stats = WStats(tensors["extra.w_mean"].to(dev), tensors["extra.w_std"].reshape(()).to(dev))
     return int(meta["step"]), int(meta["images_seen"]), stats
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def _due(prev: int, cur: int, interval_kimg: float) -> bool:
-    if interval_kimg <= 0:
-        return False
-    n = interval_kimg * 1000
-    return math.floor(cur / n) > math.floor(prev / n)
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -473,7 +447,7 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
             missing or mismatched snapshot -- one-line messages.
     """
     from portrait3d.checkpoints.native import atomic_write
-    from portrait3d.training.loop import DistInfo, Progress, all_reduce_grads, derive_seed, save_grid
+    from portrait3d.training.loop import DistInfo, Progress, all_reduce_grads, derive_seed, due, save_grid
 
     cfg.validate()
     if int(g2d.w_dim) != cfg.lift.w_dim:
@@ -554,9 +528,9 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
                       **{k: float(v.detach()) for k, v in terms.items()}}
             bar.update(cfg.batch, record)
             done = images_seen >= total
-            if _due(prev, images_seen, cfg.sample_kimg) or done:
+            if due(prev, images_seen, cfg.sample_kimg) or done:
                 grid()
-            if _due(prev, images_seen, cfg.snapshot_kimg) or done:
+            if due(prev, images_seen, cfg.snapshot_kimg) or done:
                 snapshot()
         final = model.save(out / "lifted.safetensors", overwrite=True)
     finally:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 __all__ = ["SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
-           "resize_target", "synthesize"]
+           "resize_target", "synthesize", "as_target_image", "device_of", "lr_at", "latent_noise_scale",
+           "scaled_landmarks"]
 
 SPACES = ("w", "w+", "w->w+")
 
@@ -125,7 +126,7 @@ def compute_w_stats(G: nn.Module, num_samples: int = 10000, seed: int = 123, c: 
     """``(w_avg [1, w_dim], w_std)`` from ``num_samples`` latents ``z ~ N(0, I)`` (seeded, CPU
     generator, so the same on every device) mapped with truncation 1. ``w_std`` is the RMS
     Euclidean distance of the samples to the mean, as the official projector uses it."""
-    dev = _device_of(G)
+    dev = device_of(G)
     gen = torch.Generator().manual_seed(int(seed))
     total, sq, ws_all = None, 0.0, []
     for start in range(0, num_samples, batch):
@@ -138,6 +139,16 @@ def compute_w_stats(G: nn.Module, num_samples: int = 10000, seed: int = 123, c: 
     w_avg = w.mean(0, keepdim=True)
     w_std = float(((w - w_avg).square().sum(1).mean()).sqrt())
     return w_avg.to(torch.float32).to(dev), w_std
+
+
+def as_target_image(target: Any) -> torch.Tensor:
+    """``target`` as one image tensor ``[1, 3, H, W]`` (a ``[3, H, W]`` one gains the batch axis)."""
+    target = torch.as_tensor(target)
+    if target.ndim == 3:
+        target = target[None]
+    if target.ndim != 4 or target.shape[0] != 1:
+        raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+    return target
 
 
 def resize_target(target: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -154,19 +165,26 @@ def resize_target(target: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(target, size=(resolution, resolution), mode="bicubic", align_corners=False)
 
 
-def _device_of(G: nn.Module) -> torch.device:
+def device_of(G: nn.Module) -> torch.device:
+    """The device of ``G``'s first parameter (CPU when it has none)."""
     for t in G.parameters():
         return t.device
     return torch.device("cpu")
 
 
-def _lr_at(cfg: ProjectorConfig, t: float) -> float:
+def lr_at(cfg: ProjectorConfig, t: float) -> float:
     """Official schedule: cosine ramp-down over the last ``lr_rampdown``, linear ramp-up at the start."""
     ramp = 1.0 if cfg.lr_rampdown <= 0 else min(1.0, (1.0 - t) / cfg.lr_rampdown)
     ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
     if cfg.lr_rampup > 0:
         ramp *= min(1.0, t / cfg.lr_rampup)
     return cfg.lr * ramp
+
+
+def latent_noise_scale(w_std: float, initial_noise_factor: float, noise_ramp: float, t: float) -> float:
+    """Std of the latent noise at run fraction ``t``: ``w_std * initial_noise_factor * max(0, 1 - t / noise_ramp)^2``
+    (0 when ``noise_ramp <= 0``)."""
+    return w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp) ** 2 if noise_ramp > 0 else 0.0
 
 
 def _noise_regularizer(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -192,7 +210,8 @@ def synthesize(G: nn.Module, ws: torch.Tensor, noise: dict[str, torch.Tensor] | 
     return functional_call(G.synthesis, local, (ws,), {"noise_mode": "const"}, strict=False)
 
 
-def _scaled_landmarks(landmarks, src: int, dst: int) -> np.ndarray:
+def scaled_landmarks(landmarks, src: int, dst: int) -> np.ndarray:
+    """``[68, 2]`` (or ``[5, 2]``) pixel landmarks of a ``src``-px image moved to the same image at ``dst`` px."""
     lm = landmarks.detach().cpu().numpy() if isinstance(landmarks, torch.Tensor) else np.asarray(landmarks)
     lm = np.asarray(lm, dtype=np.float64)
     if lm.ndim == 3 and lm.shape[0] == 1:
@@ -231,13 +250,9 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
     cfg.validate()
     if getattr(G, "c_dim", 0) and c is None:
         raise ValueError(f"this generator is conditioned on a label (c_dim={G.c_dim}): pass c=")
-    dev = _device_of(G)
+    dev = device_of(G)
     res = int(G.img_resolution)
-    target = torch.as_tensor(target)
-    if target.ndim == 3:
-        target = target[None]
-    if target.ndim != 4 or target.shape[0] != 1:
-        raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+    target = as_target_image(target)
     src_size = int(target.shape[2])
     target_r = resize_target(target.to(dev, torch.float32), res).detach()
 
@@ -254,7 +269,7 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
         if identity_loss is None:
             from portrait3d.losses.identity import IdentityLoss
 
-            identity_loss = IdentityLoss(target_r.cpu(), _scaled_landmarks(landmarks, src_size, res))
+            identity_loss = IdentityLoss(target_r.cpu(), scaled_landmarks(landmarks, src_size, res))
         ident = identity_loss.to(dev).eval()
     with torch.no_grad():
         cache = percept is not None and hasattr(percept, "features") and hasattr(percept, "distance")
@@ -292,11 +307,10 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
             for i in range(n_steps):
                 t_phase = i / n_steps
                 t = step / cfg.steps
-                lr = _lr_at(cfg, t_phase)
+                lr = lr_at(cfg, t_phase)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                w_noise_scale = w_std * cfg.initial_noise_factor * max(0.0, 1.0 - t / cfg.noise_ramp) ** 2 \
-                    if cfg.noise_ramp > 0 else 0.0
+                w_noise_scale = latent_noise_scale(w_std, cfg.initial_noise_factor, cfg.noise_ramp, t)
                 w_noise = torch.randn(w_opt.shape, generator=gen).to(dev) * w_noise_scale
                 ws = (w_opt + w_noise).expand(1, num_ws, w_dim)
                 img = synthesize(G, ws, noise)
