@@ -44,11 +44,11 @@ from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscrimin
 from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
 from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 from portrait3d.training import augment
-from portrait3d.training.loop import (BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig, Shard, StepFn,
-                                      broadcast_module, config_to_dict, init_distributed, lazy_adam,
-                                      load_training_state, make_loader, gan_step, run_loop, save_grid,
-                                      shutdown_distributed)
-from portrait3d.training.stylegan2 import apply_run_options, auto_r1_gamma, fid_hook
+from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig,
+                                      Shard, StepFn, apply_cli_options, broadcast_module, config_to_dict,
+                                      init_distributed, lazy_adam, load_training_state, make_loader, gan_step,
+                                      run_cli, run_loop, run_options, save_grid, shutdown_distributed)
+from portrait3d.training.stylegan2 import auto_r1_gamma, fid_hook
 
 __all__ = ["EG3DTrainConfig", "PRESETS", "preset", "train_eg3d", "dataset_cameras", "gaussian_blur"]
 
@@ -409,76 +409,39 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
 # ----------------------------------------------------------------------------- command line
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Built dataset folder (images.npy + labels.json with cameras).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
-@click.option("--config", "preset_name", type=click.Choice(sorted(PRESETS)), default="cpu-small",
-              help="Network and schedule preset.")
-@click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset].")
-@click.option("--batch", type=int, default=None, help="Global batch size [preset].")
-@click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation).")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Snapshot folder (or run folder: newest snapshot) to continue from.")
-@click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch].")
-@click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025].")
-@click.option("--lr-d", type=float, default=None, help="Discriminator learning rate [0.002].")
-@click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
-              help="Neural rendering resolution [preset].")
-@click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this.")
-@click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25].")
-@click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004].")
-@click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5].")
-@click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none.")
-@click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none.")
-@click.option("--seed", type=int, default=None, help="Random seed [0].")
-@click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset].")
-@click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset].")
-@click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset].")
-@click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none).")
-@click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset].")
-@click.option("--threads", type=int, default=None, help="CPU threads per process [torch default].")
-@click.option("--limit", type=int, default=None, help="Use only the first N faces.")
-@click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto].")
-@click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on].")
-@click.option("--progress/--no-progress", default=None, help="Progress bar [on].")
-def main(data: Path, out: Path, preset_name: str, kimg: float | None, batch: int | None, batch_gpu: int | None,
-         resume: Path | None, gamma: float | None, lr_g: float | None, lr_d: float | None, neural_res: str | None,
+@click.command(context_settings=CLI_SETTINGS)
+@run_options(PRESETS, data_help="Built dataset folder (images.npy + labels.json with cameras).", lr_d_default=0.002,
+             extra=[
+    click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
+                 help="Neural rendering resolution [preset]."),
+    click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this."),
+    click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25]."),
+    click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004]."),
+    click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5]."),
+    click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none."),
+    click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none."),
+])
+def main(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
          neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
-         gpc_prob: float | None, blur_fade: float | None, policy: str | None, seed: int | None, snap: float | None,
-         sample_every: float | None, metrics_every: float | None, fid: int, workers: int | None,
-         threads: int | None, limit: int | None, mirror: bool | None, device: str | None, amp: bool | None,
-         progress: bool | None) -> None:
+         gpc_prob: float | None, blur_fade: float | None, policy: str | None, **overrides: Any) -> None:
     """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun)."""
     cfg = preset(preset_name)
-    cfg.run = apply_run_options(cfg.run, total_kimg=kimg, batch=batch, batch_gpu=batch_gpu, seed=seed,
-                                snapshot_kimg=snap, sample_kimg=sample_every, metrics_kimg=metrics_every,
-                                workers=workers, threads=threads, limit=limit, mirror=mirror, device=device, amp=amp,
-                                progress=progress)
+    apply_cli_options(cfg, **overrides)
     if neural_res is not None:
         cfg.G.neural_rendering_resolution = int(neural_res)
     rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
     cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
-    for name, v in (("r1_gamma", gamma), ("lr_G", lr_g), ("lr_D", lr_d), ("augment", policy),
-                    ("neural_rendering_resolution_final", neural_res_final), ("blur_fade_kimg", blur_fade)):
+    for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
+                    ("blur_fade_kimg", blur_fade)):
         if v is not None:
             setattr(cfg, name, v)
-    hook = None
-    if fid > 0:
+
+    def make_fid_hook(dev: torch.device) -> MetricsFn:
         from portrait3d.training.dataset import AlignedFaceDataset
 
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
-            cfg.run.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
-        hook = fid_hook(data, fid, dev, cameras=dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror)))
-        if cfg.run.metrics_kimg <= 0:
-            cfg.run.metrics_kimg = cfg.run.snapshot_kimg
-    try:
-        path = train_eg3d(cfg, data, out, resume=resume, metrics=hook)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"exported {path}")
+        return fid_hook(data, fid, dev, cameras=dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror)))
+
+    run_cli(train_eg3d, cfg, data, out, resume, fid, make_fid_hook)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ __all__ = [
     "ema_beta", "ema_update", "lazy_adam", "optimizer_phase", "Networks", "Counters", "save_training_state",
     "load_training_state", "find_snapshot", "write_snapshot_folder", "prune_snapshots", "optimizer_tensors",
     "load_optimizer", "rng_tensors", "restore_rng", "due", "save_grid", "Progress", "MetricsFn", "run_loop",
-    "make_loader", "run_local_processes", "StepFn", "config_to_dict",
+    "make_loader", "run_local_processes", "StepFn", "config_to_dict", "CLI_SETTINGS", "run_options",
+    "apply_run_options", "apply_cli_options", "run_cli",
 ]
 
 MetricsFn = Callable[[nn.Module, int], dict[str, float]]
@@ -827,3 +828,103 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """``dataclasses.asdict`` with tuples as lists (JSON)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=_jsonable))
+
+
+# ----------------------------------------------------------------------------- command line
+
+CLI_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
+"""``context_settings`` of the trainers' ``click`` commands."""
+
+
+def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
+                extra: Sequence[Callable[[Any], Any]] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``click`` options every trainer has, with the trainer's own options (``extra``) after ``--lr-d``.
+
+    The command receives ``data``, ``out``, ``preset_name``, ``resume`` and ``fid`` (handled by the
+    trainer) and the overrides that :func:`apply_cli_options` applies (``kimg``, ``batch``, ...,
+    ``gamma``, ``lr_g``, ``lr_d``); every override is ``None`` when not given.
+    """
+    import click
+
+    dir_in = click.Path(exists=True, file_okay=False, path_type=Path)
+    options = [
+        click.option("--data", type=dir_in, required=True, help=data_help),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
+        click.option("--config", "preset_name", type=click.Choice(sorted(presets)), default="cpu-small",
+                     help="Network and schedule preset."),
+        click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset]."),
+        click.option("--batch", type=int, default=None, help="Global batch size [preset]."),
+        click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation)."),
+        click.option("--resume", type=dir_in, default=None,
+                     help="Snapshot folder (or run folder: newest snapshot) to continue from."),
+        click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch]."),
+        click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025]."),
+        click.option("--lr-d", type=float, default=None, help=f"Discriminator learning rate [{lr_d_default:g}]."),
+        *extra,
+        click.option("--seed", type=int, default=None, help="Random seed [0]."),
+        click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset]."),
+        click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset]."),
+        click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset]."),
+        click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none)."),
+        click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset]."),
+        click.option("--threads", type=int, default=None, help="CPU threads per process [torch default]."),
+        click.option("--limit", type=int, default=None, help="Use only the first N faces."),
+        click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on]."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto]."),
+        click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on]."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar [on]."),
+    ]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # click lists options in decoration order, innermost last
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def apply_run_options(run: RunConfig, **opts: Any) -> RunConfig:
+    """``RunConfig`` with the CLI options that were given (None = keep the preset's)."""
+    return dataclasses.replace(run, **{k: v for k, v in opts.items() if v is not None})
+
+
+def apply_cli_options(cfg: Any, *, kimg: float | None, batch: int | None, batch_gpu: int | None, seed: int | None,
+                      snap: float | None, sample_every: float | None, metrics_every: float | None,
+                      workers: int | None, threads: int | None, limit: int | None, mirror: bool | None,
+                      device: str | None, amp: bool | None, progress: bool | None, gamma: float | None,
+                      lr_g: float | None, lr_d: float | None) -> None:
+    """Apply the overrides of :func:`run_options` that were given to a train config (in place).
+
+    ``cfg`` is a trainer config with ``run`` (:class:`RunConfig`), ``r1_gamma``, ``lr_G`` and ``lr_D``.
+    """
+    cfg.run = apply_run_options(cfg.run, total_kimg=kimg, batch=batch, batch_gpu=batch_gpu, seed=seed,
+                                snapshot_kimg=snap, sample_kimg=sample_every, metrics_kimg=metrics_every,
+                                workers=workers, threads=threads, limit=limit, mirror=mirror, device=device, amp=amp,
+                                progress=progress)
+    for name, v in (("r1_gamma", gamma), ("lr_G", lr_g), ("lr_D", lr_d)):
+        if v is not None:
+            setattr(cfg, name, v)
+
+
+def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resume: Path | None, fid: int,
+            make_fid_hook: Callable[[torch.device], MetricsFn]) -> None:
+    """The end of a trainer's command: optional FID hook, training, ``ClickException`` on bad input, final path.
+
+    ``make_fid_hook(device)`` is called only when ``fid > 0``; the metrics interval then defaults to the
+    snapshot interval.
+    """
+    import click
+
+    hook = None
+    if fid > 0:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
+            cfg.run.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
+        hook = make_fid_hook(dev)
+        if cfg.run.metrics_kimg <= 0:
+            cfg.run.metrics_kimg = cfg.run.snapshot_kimg
+    try:
+        path = train_fn(cfg, data, out, resume=resume, metrics=hook)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"exported {path}")

@@ -22,7 +22,6 @@ Randomness, sharding and checkpoints: :mod:`portrait3d.training.loop`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,10 +35,10 @@ import torch.nn.functional as F
 from portrait3d.networks.discriminator import Discriminator, DiscriminatorConfig
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 from portrait3d.training import augment
-from portrait3d.training.loop import (BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig, Shard, StepFn,
-                                      all_reduce_mean, broadcast_module, config_to_dict, init_distributed,
-                                      lazy_adam, load_training_state, make_loader, gan_step, run_loop, save_grid,
-                                      shutdown_distributed)
+from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig,
+                                      Shard, StepFn, all_reduce_mean, apply_cli_options, broadcast_module,
+                                      config_to_dict, init_distributed, lazy_adam, load_training_state, make_loader,
+                                      gan_step, run_cli, run_loop, run_options, save_grid, shutdown_distributed)
 
 __all__ = ["StyleGAN2TrainConfig", "PRESETS", "preset", "train_stylegan2", "auto_r1_gamma"]
 
@@ -335,69 +334,21 @@ def fid_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device
     return hook
 
 
-def apply_run_options(run: RunConfig, **opts: Any) -> RunConfig:
-    """``RunConfig`` with the CLI options that were given (None = keep the preset's)."""
-    return dataclasses.replace(run, **{k: v for k, v in opts.items() if v is not None})
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Built dataset folder (images.npy + labels.json).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
-@click.option("--config", "preset_name", type=click.Choice(sorted(PRESETS)), default="cpu-small",
-              help="Network and schedule preset.")
-@click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset].")
-@click.option("--batch", type=int, default=None, help="Global batch size [preset].")
-@click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation).")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Snapshot folder (or run folder: newest snapshot) to continue from.")
-@click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch].")
-@click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025].")
-@click.option("--lr-d", type=float, default=None, help="Discriminator learning rate [0.0025].")
-@click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy, '' for none.")
-@click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9].")
-@click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off].")
-@click.option("--seed", type=int, default=None, help="Random seed [0].")
-@click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset].")
-@click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset].")
-@click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset].")
-@click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none).")
-@click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset].")
-@click.option("--threads", type=int, default=None, help="CPU threads per process [torch default].")
-@click.option("--limit", type=int, default=None, help="Use only the first N faces.")
-@click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto].")
-@click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on].")
-@click.option("--progress/--no-progress", default=None, help="Progress bar [on].")
-def main(data: Path, out: Path, preset_name: str, kimg: float | None, batch: int | None, batch_gpu: int | None,
-         resume: Path | None, gamma: float | None, lr_g: float | None, lr_d: float | None, policy: str | None,
-         mixing: float | None, pl_weight: float | None, seed: int | None, snap: float | None,
-         sample_every: float | None, metrics_every: float | None, fid: int, workers: int | None,
-         threads: int | None, limit: int | None, mirror: bool | None, device: str | None, amp: bool | None,
-         progress: bool | None) -> None:
+@click.command(context_settings=CLI_SETTINGS)
+@run_options(PRESETS, data_help="Built dataset folder (images.npy + labels.json).", lr_d_default=0.0025, extra=[
+    click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy, '' for none."),
+    click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9]."),
+    click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off]."),
+])
+def main(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, policy: str | None,
+         mixing: float | None, pl_weight: float | None, **overrides: Any) -> None:
     """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun)."""
     cfg = preset(preset_name)
-    cfg.run = apply_run_options(cfg.run, total_kimg=kimg, batch=batch, batch_gpu=batch_gpu, seed=seed,
-                                snapshot_kimg=snap, sample_kimg=sample_every, metrics_kimg=metrics_every,
-                                workers=workers, threads=threads, limit=limit, mirror=mirror, device=device, amp=amp,
-                                progress=progress)
-    for name, v in (("r1_gamma", gamma), ("lr_G", lr_g), ("lr_D", lr_d), ("augment", policy),
-                    ("style_mixing_prob", mixing), ("pl_weight", pl_weight)):
+    apply_cli_options(cfg, **overrides)
+    for name, v in (("augment", policy), ("style_mixing_prob", mixing), ("pl_weight", pl_weight)):
         if v is not None:
             setattr(cfg, name, v)
-    hook = None
-    if fid > 0:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
-            cfg.run.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
-        hook = fid_hook(data, fid, dev)
-        if cfg.run.metrics_kimg <= 0:
-            cfg.run.metrics_kimg = cfg.run.snapshot_kimg
-    try:
-        path = train_stylegan2(cfg, data, out, resume=resume, metrics=hook)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"exported {path}")
+    run_cli(train_stylegan2, cfg, data, out, resume, fid, lambda dev: fid_hook(data, fid, dev))
 
 
 if __name__ == "__main__":
