@@ -66,8 +66,8 @@ def tiny_stylegan2():
     return g.eval()
 
 
-@pytest.fixture
-def tiny_eg3d():
+def make_tiny_eg3d():
+    """A small random EG3D (128 px output, 16 px neural rendering) for fast end-to-end tests."""
     from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
     from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 
@@ -81,6 +81,20 @@ def tiny_eg3d():
                                   depth_resolution=8, depth_resolution_importance=8),
         plane_resolution=32))
     return g.eval()
+
+
+@pytest.fixture
+def tiny_eg3d():
+    return make_tiny_eg3d()
+
+
+def make_cli_stylegan2():
+    """A 32 px random StyleGAN2 (z = w = 16) that CLI tests save and pass as ``--network``."""
+    from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
+
+    torch.manual_seed(0)
+    return Generator(StyleGAN2Config(z_dim=16, w_dim=16, img_resolution=32, mapping=MappingConfig(num_layers=2),
+                                     synthesis=SynthesisConfig(channel_base=128, channel_max=16)))
 
 
 # fork starts multi-process test workers in ~0.1 s instead of re-importing torch in each (~5-15 s on 2 busy cores).

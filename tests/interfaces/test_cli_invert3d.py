@@ -13,32 +13,16 @@ from PIL import Image
 from portrait3d import save_network
 from portrait3d.interfaces.invert3d import NOVEL_YAWS, OUTPUTS, psnr, render_filename, view_camera
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
-from tests.conftest import assert_clean_failure, run_cli, shared_path
+from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
 
 PHOTO = "data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg"
 TWO_FACES = "data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg"
 FAST = ["--orbit-frames", "3", "--mesh-resolution", "24"]
 
 
-def _tiny_eg3d():
-    """The configuration of conftest's ``tiny_eg3d`` (128 px output, 16 px neural rendering)."""
-    from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
-    from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
-
-    torch.manual_seed(0)
-    return TriPlaneGenerator(EG3DConfig(
-        z_dim=32, w_dim=512, img_resolution=128, neural_rendering_resolution=16, sr_num_fp16_res=4,
-        mapping=MappingConfig(num_layers=2, w_avg_beta=0.998),
-        backbone=SynthesisConfig(channel_base=512, channel_max=32, num_fp16_res=0, conv_clamp=None),
-        rendering=RenderingConfig(image_resolution=128,
-                                  superresolution_module="training.superresolution.SuperresolutionHybrid2X",
-                                  depth_resolution=8, depth_resolution_importance=8),
-        plane_resolution=32)).eval()
-
-
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
-    return save_network(_tiny_eg3d(), tmp_path_factory.mktemp("net") / "g.safetensors")
+    return save_network(make_tiny_eg3d(), tmp_path_factory.mktemp("net") / "g.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def modules(tmp_path_factory):
     root = tmp_path_factory.mktemp("modules")
     torch.manual_seed(0)
     small = {"input_size": 32, "width": 8, "layers": (1, 1, 1, 1), "head_channels": 16}
-    enc = nets.LatentEncoder(nets.EncoderConfig(**small), generator=_tiny_eg3d())
+    enc = nets.LatentEncoder(nets.EncoderConfig(**small), generator=make_tiny_eg3d())
     pose = nets.PoseEstimator(nets.PoseConfig(**small))
     return nets.save_module(enc, root / "encoder.safetensors"), nets.save_module(pose, root / "pose.safetensors")
 

@@ -13,8 +13,7 @@ from PIL import Image
 
 from portrait3d import save_network
 from portrait3d.methods.lifting.train import main as train_main
-from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,9 +35,7 @@ def _tiles(path, size: int = S, pad: int = 2) -> int:
 def trained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lift")
-    torch.manual_seed(0)
-    G = Generator(StyleGAN2Config(z_dim=16, w_dim=16, img_resolution=32, mapping=MappingConfig(num_layers=2),
-                                  synthesis=SynthesisConfig(channel_base=128, channel_max=16)))
+    G = make_cli_stylegan2()
     net = save_network(G, root / "g.safetensors")
     run = root / "run"
     res = CliRunner().invoke(train_main, ["--network", str(net), "--out", str(run), "--kimg", "0.004", "--batch", "2",

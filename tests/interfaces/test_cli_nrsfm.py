@@ -9,17 +9,14 @@ import pytest
 import torch
 
 from portrait3d import save_network
-from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
-from tests.conftest import assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("nrsfm")
-    torch.manual_seed(0)
-    G = Generator(StyleGAN2Config(z_dim=16, w_dim=16, img_resolution=32, mapping=MappingConfig(num_layers=2),
-                                  synthesis=SynthesisConfig(channel_base=128, channel_max=16)))
+    G = make_cli_stylegan2()
     net = save_network(G, root / "g.safetensors")
     editor = root / "editor.safetensors"
     res = run_cli("nrsfm", "build", "--network", str(net), "--out", str(editor), "--samples", "80", "--basis", "2",
