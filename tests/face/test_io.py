@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -86,14 +85,14 @@ def test_too_small(tmp_path: Path) -> None:
     assert load_image(p2, min_side=16).shape == (20, 400, 3)
 
 
-def test_huge_header_refused_fast_without_decoding(tmp_path: Path) -> None:
+def test_huge_header_refused_without_decoding(tmp_path: Path) -> None:
+    # The file holds a header and no pixel data, so a decode attempt would fail differently: the
+    # "too large" error shows the size check ran on the header alone.
     p = tmp_path / "huge.png"
     _png_header_only(p, 12000, 12000)
     assert p.stat().st_size < 200
-    t = time.perf_counter()
     with pytest.raises(ImageSizeError, match="too large"):
         load_image(p)
-    assert time.perf_counter() - t < 0.5
     # Under Pillow's own bomb limit but over ours (64 MP): our check, with the size in the message.
     p2 = tmp_path / "big.png"
     _png_header_only(p2, 9000, 8000)

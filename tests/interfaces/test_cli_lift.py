@@ -64,6 +64,28 @@ def test_train_cli_refuses_existing_run_and_resumes(trained, tmp_path):
     changed = CliRunner().invoke(train_main, ["--out", str(run), "--resume", str(run), "--size", "32",
                                               "--network", str(net)])
     assert_clean_failure(changed, "--size cannot change it")
+    changed = CliRunner().invoke(train_main, ["--out", str(run), "--resume", str(run), "--decoder-channels", "8",
+                                              "--network", str(net)])
+    assert_clean_failure(changed, "--decoder-channels cannot change it")
+
+
+def test_train_cli_decoder_channels_sets_the_decoder_width(trained, tmp_path):
+    _, net, _ = trained
+    run = tmp_path / "narrow"
+    res = CliRunner().invoke(train_main, ["--network", str(net), "--out", str(run), "--kimg", "0.002", "--batch", "2",
+                                          "--size", str(S), "--decoder-channels", "8", "--no-progress",
+                                          "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    lift = json.loads((run / "config.json").read_text())
+    lift = lift.get("config", lift)["lift"]
+    assert lift["decoder_channel_max"] == 8 and lift["decoder_channel_min"] <= 8
+    from safetensors import safe_open
+
+    with safe_open(str(run / "lifted.safetensors"), framework="pt") as f:
+        # the GroupNorm scales give each decoder layer's width
+        widths = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.startswith("depth.decoder.body")
+                  and len(f.get_slice(k).get_shape()) == 1}
+    assert widths and max(widths) <= 8
 
 
 def test_lift_seed_writes_every_file(trained, tmp_path):

@@ -5,8 +5,8 @@ adapter and the report helpers."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -325,101 +325,18 @@ def test_markdown_and_plot(tmp_path, tiny_stylegan2):
 # ablations
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class CfgWeights:
-    kimg: float = 100.0
-    weights: LiftLossWeights = field(default_factory=LiftLossWeights)
+def test_ablation_config_switches_the_named_losses_off():
+    from portrait3d.methods.lifting.train import LiftTrainConfig
 
-
-@dataclass
-class CfgAblate:
-    total_kimg: int = 100
-    ablate: tuple[str, ...] = ()
-
-
-@dataclass
-class CfgBools:
-    kimg: float = 1.0
-    no_flip: bool = False
-    use_identity: bool = True
-    no_albedo_rank: bool = False
-
-
-@dataclass
-class CfgNothing:
-    kimg: float = 1.0
-
-
-def test_ablation_weights():
-    w = E.ablation_weights("perturb")
+    cfg = E.ablation_config("perturb", 2.5, network="tiny")
+    assert isinstance(cfg, LiftTrainConfig) and cfg.total_kimg == 2.5 and cfg.network == "tiny"
+    w = cfg.effective_weights()
     assert w.perturb_image == w.perturb_generator == w.perturb_param == w.latent_prior == 0
     assert w.flip > 0 and w.identity > 0 and w.rec > 0
-    assert E.ablation_weights("albedo").albedo_rank == 0 and E.ablation_weights("full") == LiftLossWeights()
-    with pytest.raises(ValueError):
-        E.ablation_weights("rec")
-
-
-def test_ablation_train_config_adapters():
-    mod = SimpleNamespace(LiftTrainConfig=CfgWeights)
-    c = E.ablation_train_config(mod, "flip", 2.5)
-    assert c.kimg == 2.5 and c.weights.flip == 0 and c.weights.identity > 0
-    assert E.ablation_train_config(mod, "full", 1).weights == LiftLossWeights()
-    c = E.ablation_train_config(SimpleNamespace(LiftTrainConfig=CfgAblate), "identity", 3)
-    assert c.total_kimg == 3 and isinstance(c.total_kimg, int) and c.ablate == ("identity",)
-    bools = SimpleNamespace(LiftTrainConfig=CfgBools)
-    assert E.ablation_train_config(bools, "flip", 1).no_flip is True
-    assert E.ablation_train_config(bools, "identity", 1).use_identity is False
-    assert E.ablation_train_config(bools, "albedo", 1).no_albedo_rank is True
-    with pytest.raises(TypeError, match="cannot express"):
-        E.ablation_train_config(bools, "perturb", 1)
-    with pytest.raises(TypeError, match="cannot express"):
-        E.ablation_train_config(SimpleNamespace(LiftTrainConfig=CfgNothing), "flip", 1)
-    with pytest.raises(ValueError):
-        E.ablation_train_config(mod, "nope", 1)
-
-
-@dataclass
-class CfgLift:
-    total_kimg: float = 400.0
-    network: str = "default-2d"
-    threads: int | None = None
-    lift: object = None
-    ablate: tuple[str, ...] = ()
-
-
-def test_train_ablation_fills_architecture(tmp_path, tiny_stylegan2):
-    from portrait3d.methods.lifting.networks import LiftConfig
-
-    seen = {}
-
-    def train_lifting(g2d, cfg, out_dir, force=False):
-        seen.update(cfg=cfg, force=force)
-        return tiny_model(tiny_stylegan2).save(out_dir / "lifted.safetensors", overwrite=True)
-
-    trainer = SimpleNamespace(LiftTrainConfig=CfgLift, train_lifting=train_lifting)
-    path = E.train_ablation(trainer, tiny_stylegan2, "perturb", 0.1, tmp_path, network="tiny", threads=1,
-                            device="cpu", force=True)
-    assert path == tmp_path / "lifted.safetensors"
-    cfg = seen["cfg"]
-    assert cfg.lift == LiftConfig(w_dim=32) and cfg.network == "tiny" and cfg.threads == 1 and seen["force"]
-    assert cfg.ablate == ("perturb",) and cfg.total_kimg == 0.1
-    custom = tiny_config()
-    E.train_ablation(trainer, tiny_stylegan2, "full", 1, tmp_path, lift=custom)
-    assert seen["cfg"].lift is custom and seen["cfg"].ablate == () and not seen["force"]
-
-
-def test_ablations_agree_with_trainer():
-    trainer = E.load_trainer()
-    if trainer is None:
-        pytest.skip("portrait3d.methods.lifting.train does not exist yet")
-    assert getattr(trainer, "ABLATIONS", E.ABLATIONS) == E.ABLATIONS
-    cfg = E.ablation_train_config(trainer, "identity", 2.0)
-    assert cfg.total_kimg == 2.0 and "identity" in cfg.ablate
-
-
-def test_load_trainer_absent_and_present():
-    assert E.load_trainer("portrait3d.methods.lifting.no_such_trainer_module") is None
-    assert E.load_trainer("portrait3d.methods.lifting.losses").LiftLossWeights is LiftLossWeights
+    assert E.ablation_config("albedo", 1).effective_weights().albedo_rank == 0
+    assert E.ablation_config("full", 1).effective_weights() == LiftLossWeights()
+    with pytest.raises(ValueError, match="unknown ablation"):
+        E.ablation_config("rec", 1)
 
 
 def test_find_lifted_file_and_train_ablation(tmp_path, tiny_stylegan2):
@@ -435,15 +352,15 @@ def test_find_lifted_file_and_train_ablation(tmp_path, tiny_stylegan2):
     saved = model.save(tmp_path / "sub" / "snap.safetensors")
     assert E.find_lifted_file(tmp_path) == saved and E.find_lifted_file(saved) == saved
 
-    seen = {}
-
-    def train_lifting(g2d, cfg, out_dir):
-        seen["cfg"] = cfg
-        return model  # writes nothing: train_ablation saves the returned model
-
-    trainer = SimpleNamespace(LiftTrainConfig=CfgWeights, train_lifting=train_lifting)
-    path = E.train_ablation(trainer, tiny_stylegan2, "albedo", 0.5, tmp_path / "abl")
+    # a real (tiny) ablation run: the albedo rank term off, the architecture of the evaluated model
+    path = E.train_ablation(tiny_stylegan2, "albedo", 0.002, tmp_path / "abl", lift=model.cfg, batch=2,
+                            network="tiny-test-generator", w_stats_samples=64, grid_samples=2, device="cpu",
+                            threads=1, perceptual_resize=32, progress=False)
     assert path == tmp_path / "abl" / "lifted.safetensors" and path.is_file()
-    assert seen["cfg"].kimg == 0.5 and seen["cfg"].weights.albedo_rank == 0
+    run = json.loads((tmp_path / "abl" / "config.json").read_text())
+    run = run.get("config", run)
+    assert run["ablate"] == ["albedo"] and run["total_kimg"] == 0.002
     back = LiftedGenerator.load(path, g2d=tiny_stylegan2)
     assert back.cfg == model.cfg
+    with pytest.raises(FileExistsError):
+        E.train_ablation(tiny_stylegan2, "albedo", 0.002, tmp_path / "abl", lift=model.cfg, progress=False)

@@ -1,4 +1,6 @@
-"""LiftedGAN / Unsup3d renderer: shading, geometry, occlusion, identity view, gradients, export, speed.
+"""LiftedGAN / Unsup3d renderer: shading, geometry, occlusion, identity view, gradients, export.
+
+Timings live in ``bench/bench_lifting_renderer.py``.
 
 Analytic references are computed independently of the renderer: rays ``K^-1 (u, v, 1)`` of the output
 camera are intersected with planes / spheres in double precision.
@@ -7,7 +9,6 @@ camera are intersected with planes / spheres in double precision.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -393,34 +394,3 @@ def test_mesh_from_depth_and_obj_export(tmp_path):
     assert len(first) == 6 and first[2] == pytest.approx(-1.0)                # y up, z towards the viewer
     assert first[1] == pytest.approx(-float(verts[0, 1]), abs=1e-6)
     assert fs[0] == "f {} {} {}".format(*(faces[0] + 1).tolist())
-
-
-# --------------------------------------------------------------------------------------------------
-# Speed
-# --------------------------------------------------------------------------------------------------
-
-def test_speed_64px_batch4(capsys):
-    g = torch.Generator().manual_seed(5)
-    n, h = 4, 64
-    raw = torch.nn.functional.interpolate(torch.randn(n, 1, 8, 8, generator=g), size=(h, h), mode="bilinear")
-    lines = []
-    for mode in MODES:
-        cfg = RendererConfig(image_size=h, rasterizer=mode)
-        depth = cfg.rescale_depth(torch.tanh(raw[:, 0])).requires_grad_()
-        image = torch.rand(n, 3, h, h, generator=g).requires_grad_()
-        view = _view(yaw=30.0, pitch=10.0, n=n).requires_grad_()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                render(depth, image, view, cfg)
-            t1 = time.perf_counter()
-            out = render(depth, image, view, cfg)
-            (out.image.sum() + out.mask.sum()).backward()
-            times.append((t1 - t0, time.perf_counter() - t1))
-        fwd, both = min(t[0] for t in times), min(t[1] for t in times)
-        lines.append(f"renderer {mode}: 64 px batch 4: forward {fwd * 1e3:.1f} ms, forward+backward "
-                     f"{both * 1e3:.1f} ms ({torch.get_num_threads()} thread)")
-        assert both < 3.0
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

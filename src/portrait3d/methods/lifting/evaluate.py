@@ -69,17 +69,14 @@ paper computed its depth error against a different (dense) pseudo ground truth; 
 
 Ablations
 ---------
-:data:`ABLATIONS` maps the ablation names of the issue (``flip``, ``perturb``, ``identity``,
-``albedo``) to the loss terms of :class:`portrait3d.methods.lifting.losses.LiftLossWeights` they
-remove. :func:`ablation_train_config` builds the trainer's config (``portrait3d.methods.lifting.
-train.LiftTrainConfig``, imported lazily by :func:`load_trainer`, which returns None while the
-trainer does not exist) at a reduced length, and :func:`train_ablation` runs ``train_lifting``.
+:data:`~portrait3d.methods.lifting.losses.ABLATIONS` maps the ablation names (``flip``, ``perturb``,
+``identity``, ``albedo``) to the loss terms they remove; :func:`ablation_config` builds the trainer's
+:class:`~portrait3d.methods.lifting.train.LiftTrainConfig` at a reduced length and
+:func:`train_ablation` runs :func:`~portrait3d.methods.lifting.train.train_lifting` with it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
 import os
 from pathlib import Path
@@ -89,7 +86,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from portrait3d.methods.lifting.losses import LiftLossWeights
+from portrait3d.methods.lifting.losses import ABLATIONS
 from portrait3d.methods.lifting.networks import LIFT_FORMAT, LiftedGenerator, canonical_light
 
 __all__ = [
@@ -111,9 +108,7 @@ __all__ = [
     "markdown_table2",
     "markdown_fig7",
     "plot_identity_vs_yaw",
-    "ablation_weights",
-    "load_trainer",
-    "ablation_train_config",
+    "ablation_config",
     "train_ablation",
     "find_lifted_file",
 ]
@@ -128,16 +123,6 @@ PSEUDO_GT = ("sparse: the face pipeline's 3D mean face posed by PnP on the image
              "(renderer camera), camera-space z at the inner 51 landmarks; per-image least-squares scale "
              "(>= 0) and shift; not the paper's pseudo ground truth")
 """One-line description of the depth pseudo ground truth, for tables and JSON."""
-
-ABLATIONS: dict[str, tuple[str, ...]] = {
-    "flip": ("flip",),
-    "perturb": ("perturb_image", "perturb_generator", "perturb_param", "latent_prior"),
-    "identity": ("identity",),
-    "albedo": ("albedo_rank",),
-}
-"""Ablation name -> the :class:`LiftLossWeights` terms it sets to 0 (the same table as the trainer's
-``--ablate``). ``perturb`` removes the whole perturbation branch (both image terms, the parameter
-cycle and the prior on the perturbed code); the identity loss keeps its own perturbed view."""
 
 _F = np.diag([1.0, -1.0, -1.0])  # the frontal head in camera axes (face pipeline)
 _INNER = np.arange(17, 68)
@@ -825,84 +810,14 @@ def plot_identity_vs_yaw(result: dict[str, Any], path: str | os.PathLike[str], t
 # Ablations
 # ----------------------------------------------------------------------------------------------
 
-def ablation_weights(name: str, base: LiftLossWeights | None = None) -> LiftLossWeights:
-    """``base`` (default :class:`LiftLossWeights`) with the terms of ablation ``name`` set to 0
-    (``'full'`` = unchanged)."""
-    base = base if base is not None else LiftLossWeights()
-    if name == "full":
-        return dataclasses.replace(base)
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r} (choose full or {', '.join(ABLATIONS)})")
-    return dataclasses.replace(base, **{t: 0.0 for t in ABLATIONS[name]})
+def ablation_config(name: str, kimg: float, **fields: Any) -> Any:
+    """The :class:`~portrait3d.methods.lifting.train.LiftTrainConfig` of ablation ``name`` (or ``'full'``,
+    every loss on) trained for ``kimg``; ``fields`` set further config fields (``lift``, ``network`` ...)."""
+    from portrait3d.methods.lifting.train import LiftTrainConfig
 
-
-def load_trainer(module: str = "portrait3d.methods.lifting.train") -> Any:
-    """The trainer module, or None while it does not exist (import errors inside it propagate)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None
-        raise
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
-
-
-def ablation_train_config(train_module: Any, name: str, kimg: float, **overrides: Any) -> Any:
-    """``train_module.LiftTrainConfig`` for ablation ``name`` (or ``'full'``) trained for ``kimg``.
-
-    The trainer was written concurrently with this module, so its switches are found by name:
-
-    * the length: the first of the fields ``kimg``, ``total_kimg``, ``train_kimg``;
-    * the ablation, in this order: a collection / string field ``ablate``, ``ablations``,
-      ``ablation``, ``disable`` or ``disabled_losses`` (set to ``(name,)`` / ``name``); a
-      :class:`LiftLossWeights` field ``weights``, ``loss_weights`` or ``lift_weights`` (its terms of
-      :data:`ABLATIONS` zeroed); boolean fields ``no_<name>`` / ``no_<term>`` (set True) or
-      ``use_<name>`` / ``use_<term>`` (set False).
-
-    Raises:
-        TypeError: the config has none of these fields (the message lists its fields).
-    """
     if name != "full" and name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r} (choose full or {', '.join(ABLATIONS)})")
-    cls = train_module.LiftTrainConfig
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kw = dict(overrides)
-    length = next((k for k in ("kimg", "total_kimg", "train_kimg") if k in fields), None)
-    if length is None:
-        raise TypeError(f"LiftTrainConfig has no kimg / total_kimg / train_kimg field (fields: {sorted(fields)})")
-    default_len = _field_default(fields[length])
-    kw[length] = int(kimg) if isinstance(default_len, int) and float(kimg).is_integer() else kimg
-    if name == "full":
-        return cls(**kw)
-    terms = ABLATIONS[name]
-    for key in ("ablate", "ablations", "ablation", "disable", "disabled_losses"):
-        if key in fields:
-            cur = _field_default(fields[key])
-            if cur is None or isinstance(cur, str):
-                kw[key] = name
-            else:
-                kw[key] = type(cur)([*cur, name]) if isinstance(cur, (list, tuple, set, frozenset)) else (name,)
-            return cls(**kw)
-    for key in ("weights", "loss_weights", "lift_weights"):
-        if key in fields and isinstance(_field_default(fields[key]), LiftLossWeights):
-            kw[key] = ablation_weights(name, kw.get(key) or _field_default(fields[key]))
-            return cls(**kw)
-    switched = False
-    for t in (name, *terms):
-        if f"no_{t}" in fields:
-            kw[f"no_{t}"], switched = True, True
-        if f"use_{t}" in fields:
-            kw[f"use_{t}"], switched = False, True
-    if switched:
-        return cls(**kw)
-    raise TypeError(f"cannot express ablation {name!r} with LiftTrainConfig fields {sorted(fields)}")
+    return LiftTrainConfig(total_kimg=kimg, ablate=() if name == "full" else (name,), **fields)
 
 
 def find_lifted_file(path: str | os.PathLike[str]) -> Path:
@@ -935,40 +850,19 @@ def find_lifted_file(path: str | os.PathLike[str]) -> Path:
     return max(found, key=lambda f: (f.stat().st_mtime, f.name))
 
 
-def train_ablation(train_module: Any, g2d: torch.nn.Module, name: str, kimg: float,
-                   out_dir: str | os.PathLike[str], *, lift: Any = None, renderer_cfg: Any = None,
-                   network: str | None = None, threads: int | None = None, device: str | None = None,
-                   force: bool = False, **overrides: Any) -> Path:
-    """Train ablation ``name`` (or ``'full'``) for ``kimg`` with ``train_module.train_lifting(g2d,
-    cfg, out_dir)`` and return the lifted model file it wrote (a returned path or
-    :class:`LiftedGenerator` is used when the folder holds no lifting file).
+def train_ablation(g2d: torch.nn.Module, name: str, kimg: float, out_dir: str | os.PathLike[str], *,
+                   lift: Any = None, renderer_cfg: Any = None, progress: bool = True, force: bool = False,
+                   **fields: Any) -> Path:
+    """Train ablation ``name`` (or ``'full'``) of ``g2d`` for ``kimg`` into ``out_dir``; returns its
+    ``lifted.safetensors``.
 
-    ``lift`` (a :class:`~portrait3d.methods.lifting.networks.LiftConfig`; default
-    ``LiftConfig(w_dim=g2d.w_dim)``), ``renderer_cfg``, ``network`` (the 2D generator's reference),
-    ``threads`` and ``device`` fill the config fields ``lift``, ``renderer``, ``network``,
-    ``threads``, ``device`` where the config has them (None: left at the trainer's default);
-    ``overrides`` are set as given. Pass the evaluated model's ``cfg`` / renderer config so the
-    ablations share its architecture. ``force`` is handed to ``train_lifting`` (start over in a
-    folder holding a run).
+    ``lift`` (default ``LiftConfig(w_dim=g2d.w_dim)``) and ``renderer_cfg``: pass the evaluated
+    model's so the ablations share its architecture. ``fields`` (``network``, ``threads``, ``device``,
+    ``seed`` ...) go to :func:`ablation_config`; ``force`` starts over in a folder holding a run.
     """
     from portrait3d.methods.lifting.networks import LiftConfig
+    from portrait3d.methods.lifting.train import train_lifting
 
-    fields = {f.name for f in dataclasses.fields(train_module.LiftTrainConfig)}
-    auto = {"lift": lift if lift is not None else LiftConfig(w_dim=int(g2d.w_dim)), "renderer": renderer_cfg,
-            "network": network, "threads": threads, "device": device}
-    for k, v in auto.items():
-        if v is not None and k in fields and k not in overrides:
-            overrides[k] = v
-    cfg = ablation_train_config(train_module, name, kimg, **overrides)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = train_module.train_lifting(g2d, cfg, out, **({"force": True} if force else {}))
-    if isinstance(result, (str, os.PathLike)) and Path(result).is_file():
-        return Path(result)
-    try:
-        return find_lifted_file(out)
-    except FileNotFoundError:
-        model = result[0] if isinstance(result, tuple) and result else result
-        if isinstance(model, LiftedGenerator):
-            return model.save(out / "lifted.safetensors", overwrite=True)
-        raise
+    cfg = ablation_config(name, kimg, lift=lift if lift is not None else LiftConfig(w_dim=int(g2d.w_dim)),
+                          renderer=renderer_cfg, **{k: v for k, v in fields.items() if v is not None})
+    return train_lifting(g2d, cfg, out_dir, progress=progress, force=force)

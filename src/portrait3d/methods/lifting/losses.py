@@ -59,6 +59,7 @@ from portrait3d.methods.lifting.networks import (
 )
 
 __all__ = [
+    "ABLATIONS",
     "LiftLossWeights",
     "LiftLossConfig",
     "WStats",
@@ -83,6 +84,17 @@ __all__ = [
     "lift_losses",
 ]
 
+
+
+#: Ablation name (``--ablate``) -> the :class:`LiftLossWeights` terms it sets to 0. ``perturb`` removes
+#: the whole perturbation branch (eqs. 4-7: both image terms, the parameter cycle and the prior on the
+#: perturbed code); the identity loss (eq. 8) keeps sampling its own perturbed views.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "flip": ("flip",),
+    "perturb": ("perturb_image", "perturb_generator", "perturb_param", "latent_prior"),
+    "identity": ("identity",),
+    "albedo": ("albedo_rank",),
+}
 
 @dataclass
 class LiftLossWeights:

@@ -58,6 +58,7 @@ from torch import nn
 
 from portrait3d.interfaces.cli import _fail_cleanly
 from portrait3d.methods.lifting.losses import (
+    ABLATIONS,
     LiftLossConfig,
     LiftLossWeights,
     WStats,
@@ -74,14 +75,6 @@ __all__ = ["ABLATIONS", "GRID_ROWS", "LiftTrainConfig", "TRAINER", "generator_ma
            "shading_to_uint8", "train_lifting", "yaw_view"]
 
 TRAINER = "lifting"
-
-#: ``--ablate`` name -> the :class:`LiftLossWeights` fields it sets to 0.
-ABLATIONS: dict[str, tuple[str, ...]] = {
-    "flip": ("flip",),
-    "perturb": ("perturb_image", "perturb_generator", "perturb_param", "latent_prior"),
-    "identity": ("identity",),
-    "albedo": ("albedo_rank",),
-}
 
 GRID_ROWS = ("G2D(w)", "albedo", "depth", "normal", "shading", "re-rendered", "yaw -30", "yaw +30", "relit")
 
@@ -552,6 +545,8 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
               help="Resolution of depth, albedo and renders (the 2D images are resized to it).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, show_default="1e-4",
               help="Adam learning rate.")
+@click.option("--decoder-channels", type=click.IntRange(8, 1024), default=None, show_default="256",
+              help="Widest layer of the D_S / D_T decoders (128 halves their cost and size; a new run only).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly.")
 @click.option("--ablate", type=click.Choice(sorted(ABLATIONS)), multiple=True,
@@ -569,7 +564,7 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
 @click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run.")
 @_fail_cleanly
 def main(network: str | None, out: Path, kimg: float | None, batch: int | None, size: str | None, lr: float | None,
-         resume: Path | None, ablate: tuple[str, ...], seed: int | None, snap: float | None,
+         decoder_channels: int | None, resume: Path | None, ablate: tuple[str, ...], seed: int | None, snap: float | None,
          sample_every: float | None, device: str | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train the LiftedGAN lifting networks (D_V, D_L, M, D_S, D_T) of a frozen 2D StyleGAN2.
 
@@ -586,6 +581,9 @@ def main(network: str | None, out: Path, kimg: float | None, batch: int | None, 
             raise ValueError(f"{resume}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
         if size is not None and int(size) != cfg.lift.image_size:
             raise ValueError(f"the resumed run lifts at {cfg.lift.image_size} px; --size cannot change it")
+        if decoder_channels is not None and decoder_channels != cfg.lift.decoder_channel_max:
+            raise ValueError(f"the resumed run's decoders are {cfg.lift.decoder_channel_max} channels wide; "
+                             "--decoder-channels cannot change it")
         cfg.network = network or cfg.network
     else:
         cfg = LiftTrainConfig(network=network or "default-2d")
@@ -594,6 +592,9 @@ def main(network: str | None, out: Path, kimg: float | None, batch: int | None, 
         raise ValueError(f"{cfg.network}: LiftedGAN needs an unconditional 2D StyleGAN2 generator")
     if resume is None:
         cfg.lift = LiftConfig(w_dim=int(G.w_dim), image_size=int(size or 64))
+        if decoder_channels is not None:
+            cfg.lift.decoder_channel_max = decoder_channels
+            cfg.lift.decoder_channel_min = min(cfg.lift.decoder_channel_min, decoder_channels)
     for name, v in (("total_kimg", kimg), ("batch", batch), ("lr", lr), ("seed", seed), ("snapshot_kimg", snap),
                     ("sample_kimg", sample_every), ("device", device), ("threads", threads)):
         if v is not None:
