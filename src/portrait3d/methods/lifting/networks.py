@@ -414,6 +414,10 @@ class DepthDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = _DeconvDecoder(cfg, 1)
+        # Start from the flat plane: a randomly initialised head turns the body's random features into
+        # full-range depth noise, which the flip and rotation losses then spend thousands of steps
+        # smoothing away (the head's gradients stay non-zero, so learning starts at once).
+        nn.init.zeros_(self.decoder.head.weight)
         self.register_buffer("border", border_mask(cfg.image_size, cfg.border_width), persistent=False)
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
