@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from portrait3d import save_network
-from portrait3d.interfaces.demo import OUTPUTS, YAWS
+from portrait3d.interfaces.demo import LIFT_YAWS, LIFTED_OUTPUT, OUTPUTS, YAWS
 from tests.conftest import run_cli
 
 
@@ -33,6 +33,7 @@ def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):
     readme = (out / "README.txt").read_text()
     assert str(p2) in readme and str(p3) in readme and "RANDOM" not in readme
     assert "seed(5)" in readme and "seed(6)" in readme and "ITS left" in readme
+    assert f"{LIFTED_OUTPUT}   not written: no shipped lifted model" in readme
 
     before = (out / "README.txt").read_bytes()
     again = run_cli(*args)
@@ -61,3 +62,28 @@ def test_demo_rejects_wrong_network_kind(tmp_path, tiny_stylegan2):
     p2 = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")
     result = run_cli("demo", "--out", str(tmp_path / "o"), "--network-3d", str(p2), "--samples", "1")
     assert result.exit_code == 2 and "expected a TriPlaneGenerator" in result.stderr
+
+
+def test_demo_lifts_the_2d_faces_when_a_lifted_model_ships(tmp_path, monkeypatch, tiny_stylegan2, tiny_eg3d):
+    from tests.methods.lifting.test_evaluate import tiny_model
+
+    p2 = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")
+    p3 = save_network(tiny_eg3d, tmp_path / "g3.safetensors")
+    model = tiny_model(tiny_stylegan2)
+    lifted = model.save(tmp_path / "lifted.safetensors")
+    monkeypatch.setattr("portrait3d.interfaces.lift.builtin_lifted_path",
+                        lambda network: lifted if network == str(p2) else None)
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", str(out), "--network-2d", str(p2), "--network-3d", str(p3), "--samples", "3",
+                     "--orbit-frames", "2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted((*OUTPUTS, LIFTED_OUTPUT))
+    s = model.cfg.image_size
+    cols = len(LIFT_YAWS) + 4 + 1                 # rotations, four relit views, depth
+    grid = np.asarray(Image.open(out / LIFTED_OUTPUT))
+    assert grid.shape == (2 + 3 * (s + 2), 2 + cols * (s + 2), 3)
+    assert str(lifted) in (out / "README.txt").read_text()
+    # an existing lifted_2d.png also counts as an output that --force must allow to overwrite
+    (out / "README.txt").unlink()
+    again = run_cli("demo", "--out", str(out), "--network-2d", str(p2), "--network-3d", str(p3), "--samples", "1")
+    assert again.exit_code == 2 and LIFTED_OUTPUT in again.stderr

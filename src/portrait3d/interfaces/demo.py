@@ -3,6 +3,8 @@
 Writes into one folder:
 
 * ``samples_2d.png``  grid of StyleGAN2 samples;
+* ``lifted_2d.png``   the first 2D samples lifted to 3D by LiftedGAN (rotated, relit, depth), when the
+  2D generator has a shipped lifted model (``default-2d`` does);
 * ``samples_3d.png``  grid of EG3D samples seen from the front;
 * ``views_3d.png``    the same EG3D faces, one row each, at yaw -30, -15, 0, +15, +30 degrees;
 * ``depth_3d.png``    the rendered depth of every view of ``views_3d.png`` (colour-mapped);
@@ -27,9 +29,12 @@ from portrait3d.face.io import save_image
 from portrait3d.networks.eg3d.camera import camera_from_angles
 from portrait3d.utils.image import make_grid, to_uint8
 
-__all__ = ["OUTPUTS", "YAWS", "auto_threads", "colour_depth", "run_demo"]
+__all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "auto_threads", "colour_depth", "run_demo"]
 
 YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
+LIFT_YAWS = (-45.0, -20.0, 0.0, 20.0, 45.0)
+LIFTED_OUTPUT = "lifted_2d.png"  # written only when the 2D generator has a shipped lifted model
+LIFTED_FACES = 4
 OUTPUTS = ("samples_2d.png", "samples_3d.png", "views_3d.png", "depth_3d.png", "orbit.mp4", "README.txt")
 _FALLBACK_SEED = 0  # the random fallback networks are the same whatever --seed is
 
@@ -125,6 +130,33 @@ def auto_threads() -> int:
     return max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
 
 
+def _lifted_grid(g2: nn.Module, network_2d: str, z: torch.Tensor, truncation: float,
+                 dev: torch.device) -> tuple[np.ndarray | None, str]:
+    """LiftedGAN rows for the 2D faces ``z`` (one row a face: :data:`LIFT_YAWS`, the four relit views,
+    the depth), or ``None`` and the reason when ``network_2d`` ships no lifted model."""
+    from portrait3d.interfaces.lift import RELIGHT_DIRECTIONS, builtin_lifted_path, render_views
+    from portrait3d.methods.lifting.networks import LiftedGenerator
+
+    path = builtin_lifted_path(network_2d)
+    if path is None or not path.is_file():
+        return None, f"no shipped lifted model for the 2D generator {network_2d!r}"
+    model = LiftedGenerator.load(path, g2d=g2, device=dev)
+    w = g2.mapping(z, torch.zeros(len(z), g2.c_dim, device=dev), truncation_psi=truncation)[:, 0]
+    lo = model(w)
+    _, rotated, relit = render_views(model, lo, LIFT_YAWS, RELIGHT_DIRECTIONS)
+    size = int(lo.depth.shape[-1])
+    depth = torch.from_numpy(colour_depth(lo.depth.reshape(len(z), 1, size, size), size))
+    tiles = torch.cat([_uint8_tiles(rotated), _uint8_tiles(relit), depth[:, None]], 1)
+    return tiles.reshape(-1, *tiles.shape[2:]).numpy(), str(path)
+
+
+def _uint8_tiles(images: torch.Tensor) -> torch.Tensor:
+    """``[N, K, 3, S, S]`` in ``[-1, 1]`` -> ``uint8 [N, K, S, S, 3]``."""
+    n, k = images.shape[:2]
+    return torch.from_numpy(to_uint8(images.reshape(n * k, *images.shape[2:]).clamp(-1, 1))).reshape(
+        n, k, *images.shape[3:], 3)
+
+
 def run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: int, truncation: float,
              force: bool, orbit_faces: int = 3, orbit_frames: int = 48, fps: int = 24,
              device: str = "cpu", progress: bool = True, threads: int | None = None) -> dict[str, float]:
@@ -157,7 +189,7 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    existing = [n for n in OUTPUTS if (out / n).exists()]
+    existing = [n for n in (*OUTPUTS, LIFTED_OUTPUT) if (out / n).exists()]
     if existing and not force:
         raise FileExistsError(f"{out} already holds demo outputs ({', '.join(existing)}); pass --force to overwrite")
     dev = torch.device(device)
@@ -186,6 +218,15 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
         grid_cols = min(samples, 4 if samples <= 8 else 8)
         save_image(out / "samples_2d.png", make_grid(np.concatenate(imgs2), cols=grid_cols), overwrite=force)
         times["samples_2d"] = time.perf_counter() - t
+
+        # ---------------------------------------------------------------- the 2D faces lifted (LiftedGAN)
+        t = time.perf_counter()
+        lifted_faces = min(samples, LIFTED_FACES)
+        lifted, lifted_src = (None, "the 2D model is a random placeholder") if random2 else \
+            _lifted_grid(g2, network_2d, z2[:lifted_faces], truncation, dev)
+        if lifted is not None:
+            save_image(out / LIFTED_OUTPUT, make_grid(lifted, cols=len(lifted) // lifted_faces), overwrite=force)
+        times["lifted_2d"] = time.perf_counter() - t
 
         # ---------------------------------------------------------------- 3D yaw sweep
         t = time.perf_counter()
@@ -234,6 +275,14 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
     if random2 or random3:
         warn = ("!! At least one model below is a RANDOM-WEIGHT placeholder: its pictures are untrained-network\n"
                 "!! patterns, not faces. Pass a trained checkpoint with --network-2d / --network-3d.\n\n")
+    if lifted is not None:
+        lifted_line = (f"{LIFTED_OUTPUT}   the first {lifted_faces} faces of samples_2d.png lifted to 3D by LiftedGAN\n"
+                       f"                ({lifted_src}), one row each: the render turned to yaw "
+                       f"{', '.join(f'{y:+.0f}' for y in LIFT_YAWS)}\n"
+                       f"                degrees, then frontal and lit from the left, top, right and bottom, then the\n"
+                       f"                lifted depth (near = bright).")
+    else:
+        lifted_line = f"{LIFTED_OUTPUT}   not written: {lifted_src}."
     readme = f"""portrait3d demo output
 {'=' * 22}
 
@@ -248,6 +297,7 @@ Truncation psi {truncation} for both (1 = no truncation).
 Files
 -----
 samples_2d.png  {samples} faces from the 2D generator, {grid_cols} per row ({n_rows} rows).
+{lifted_line}
 samples_3d.png  {samples} faces from the 3D generator, seen from the front (yaw 0, pitch 0); the same
                 faces as views_3d.png, in the same order.
 views_3d.png    one row per 3D face (the faces of samples_3d.png, left to right, top to bottom); the
@@ -281,7 +331,8 @@ Made by `portrait3d demo` in {time.perf_counter() - t_start:.1f} s on {where}.
 """
     atomic_write(out / "README.txt", lambda tmp: Path(tmp).write_text(readme), overwrite=force)
     times["total"] = time.perf_counter() - t_start
-    print(f"wrote {out}/ ({', '.join(OUTPUTS)}) in {times['total']:.1f} s")
+    written = (*OUTPUTS, LIFTED_OUTPUT) if lifted is not None else OUTPUTS
+    print(f"wrote {out}/ ({', '.join(written)}) in {times['total']:.1f} s")
     if random2 or random3:
         print("note: random-weight placeholder model(s) were used; see README.txt")
     return times

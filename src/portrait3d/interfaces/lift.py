@@ -42,8 +42,8 @@ import torch
 
 from portrait3d.face.io import save_image
 
-__all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "run_lift",
-           "validate_yaws"]
+__all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "render_views",
+           "run_lift", "validate_yaws"]
 
 DEFAULT_YAWS: tuple[float, ...] = (-60.0, -30.0, 0.0, 30.0, 60.0)
 #: Relighting directions ``(dx, dy)`` of relit.png: light from the left, top, right, bottom.
@@ -130,6 +130,31 @@ def validate_yaws(yaws: Sequence[float] | None) -> tuple[float, ...]:
     return out
 
 
+@torch.no_grad()
+def render_views(model: Any, lifted: Any, yaws: Sequence[float],
+                 light_dirs: Sequence[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frontal, rotated and relit renders of lifted faces (``lifted = model(w)``, ``N`` faces).
+
+    The views are the canonical pose turned by each yaw with the training perturbation's
+    translation (:func:`~portrait3d.methods.lifting.train.yaw_view`); relit views are frontal with
+    the light direction replaced by each ``(dx, dy)`` (ambient and diffuse strengths kept).
+
+    Returns:
+        ``frontal [N, 3, S, S]``, ``rotated [N, len(yaws), 3, S, S]``, ``relit [N, len(light_dirs), 3, S, S]``,
+        all in ``[-1, 1]``.
+    """
+    from portrait3d.methods.lifting.losses import LiftLossConfig
+    from portrait3d.methods.lifting.train import relight, yaw_view
+
+    n, dev, tx = lifted.view.shape[0], lifted.view.device, LiftLossConfig().perturb_tx_per_sin_yaw
+    frontal_view = yaw_view(0.0, n, tx, dev)
+    frontal = model.render_view(lifted, view=frontal_view).image
+    rotated = torch.stack([model.render_view(lifted, view=yaw_view(y, n, tx, dev)).image for y in yaws], 1)
+    relit = torch.stack([model.render_view(lifted, view=frontal_view, light=relight(lifted.light, dx, dy)).image
+                         for dx, dy in light_dirs], 1)
+    return frontal, rotated, relit
+
+
 def _load_latent_file(path: Path, w_dim: int, num_ws: int) -> torch.Tensor:
     """A ``.npy`` latent -> ``[1, w_dim]`` (W) or ``[1, num_ws, w_dim]`` (W+)."""
     try:
@@ -200,17 +225,10 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     from portrait3d.checkpoints import load_network
     from portrait3d.checkpoints.native import atomic_write
     from portrait3d.interfaces.nrsfm import _check_outputs, _latent_from_photo, _write_json, _write_npy
-    from portrait3d.methods.lifting.losses import LiftLossConfig, sample_w
+    from portrait3d.methods.lifting.losses import sample_w
     from portrait3d.methods.lifting.networks import LiftedGenerator
     from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
-    from portrait3d.methods.lifting.train import (
-        _depth_uint8,
-        _image_uint8,
-        normal_to_uint8,
-        relight,
-        shading_to_uint8,
-        yaw_view,
-    )
+    from portrait3d.methods.lifting.train import _depth_uint8, _image_uint8, normal_to_uint8, shading_to_uint8
     from portrait3d.utils.image import make_grid
 
     t_start = time.perf_counter()
@@ -247,17 +265,13 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         record["face_index"] = face_index
 
     t0 = time.perf_counter()
-    tx = LiftLossConfig().perturb_tx_per_sin_yaw
+    dirs = list(RELIGHT_DIRECTIONS) + ([extra_light] if extra_light is not None else [])
     with torch.no_grad():
         lo = model(latent)
         timings["lift_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        frontal = yaw_view(0.0, 1, tx, lo.view.device)
-        image = model.render_view(lo, view=frontal).image
-        rotated = torch.cat([model.render_view(lo, view=yaw_view(y, 1, tx, lo.view.device)).image for y in yaws])
-        dirs = list(RELIGHT_DIRECTIONS) + ([extra_light] if extra_light is not None else [])
-        relit = torch.cat([model.render_view(lo, view=frontal, light=relight(lo.light, dx, dy)).image
-                           for dx, dy in dirs])
+        image, rotated, relit = render_views(model, lo, yaws, dirs)
+        rotated, relit = rotated[0], relit[0]
         timings["render_s"] = time.perf_counter() - t0
     rcfg = model.resolved_renderer_cfg()
     verts, faces, colors = mesh_from_depth(lo.depth[0].cpu(), ((lo.albedo[0].cpu() + 1) / 2).clamp(0, 1), rcfg)
