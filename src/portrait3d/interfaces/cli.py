@@ -84,7 +84,8 @@ def demo(out: Path, network_2d: str, network_3d: str, samples: int, orbit_faces:
          seed: int, truncation: float, device: str, threads: int | None, force: bool) -> None:
     """Sample faces, rotate them in 3D, show depth and an orbit video (CPU: well under 2 minutes).
 
-    Writes samples_2d.png, samples_3d.png, views_3d.png, depth_3d.png, orbit.mp4 and README.txt to OUT.
+    Writes samples_2d.png, samples_3d.png, views_3d.png, depth_3d.png, orbit.mp4 and README.txt to OUT, and
+    lifted_2d.png (LiftedGAN rotations and relighting of the 2D faces) when the 2D model ships a lifted model.
     """
     from portrait3d.interfaces.demo import run_demo
 
