@@ -289,14 +289,19 @@ class FaceAnalyzer:
         return dlib_descriptor(big, lm)
 
 
-def _pose_from_landmarks(lm: np.ndarray, size: tuple[int, int], focal: float | None) -> Any:
-    """:class:`~portrait3d.face.pose.HeadPose` of 68 pixel landmarks, or None when PnP fails."""
+def _measure_face(tools: FaceTools, image: np.ndarray, focal: float | None) -> tuple[np.ndarray, Any] | None:
+    """The 68 pixel landmarks of the face in a square ``uint8 [S, S, 3]`` image and its
+    :class:`~portrait3d.face.pose.HeadPose` (None when PnP fails), or None when no face is found."""
     from portrait3d.face.pose import estimate_head_pose
 
-    try:
-        return estimate_head_pose(lm, size, focal=focal)
-    except ValueError:
+    lm = tools.landmarks(image)
+    if lm is None:
         return None
+    size = int(image.shape[0])
+    try:
+        return lm, estimate_head_pose(lm, (size, size), focal=focal)
+    except ValueError:
+        return lm, None
 
 
 class _Faces:
@@ -491,11 +496,11 @@ def depth_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed
             size = imgs.shape[1]
             focal = renderer_focal(model, size)
             for i in range(len(imgs)):
-                lm = tools.landmarks(imgs[i])
-                if lm is None:
+                face = _measure_face(tools, imgs[i], focal)
+                if face is None:
                     continue
                 found += 1
-                pose = _pose_from_landmarks(lm, (size, size), focal)
+                lm, pose = face
                 if pose is None:
                     continue
                 gt = (mean_face @ pose.rotation.T + pose.translation)[idx, 2]
@@ -559,14 +564,13 @@ def pose_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed:
             dv_all.append(dv)
             for src in sources:
                 imgs = _uint8(out.image if src == "render" else _g2d_native(model, w[sl]))
-                size = imgs.shape[1]
-                focal = renderer_focal(model, size)
+                focal = renderer_focal(model, imgs.shape[1])
                 for i in range(len(imgs)):
-                    lm = tools.landmarks(imgs[i])
-                    if lm is None:
+                    face = _measure_face(tools, imgs[i], focal)
+                    if face is None:
                         continue
                     found[src] += 1
-                    pose = _pose_from_landmarks(lm, (size, size), focal)
+                    pose = face[1]
                     if pose is not None:
                         diffs[src].append(_wrap_deg(np.array(pose.angles) - dv[i]))
     dv_cat = np.concatenate(dv_all) if dv_all else np.zeros((0, 3))
@@ -709,24 +713,23 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
             for sl in tqdm(list(_batches(n, batch)), desc=f"identity vs yaw: {label}", unit="batch",
                            disable=not progress):
                 imgs = make(sl)
-                size = imgs[0.0].shape[1]
-                focal = renderer_focal(model, size)
+                focal = renderer_focal(model, imgs[0.0].shape[1])
                 for i in range(len(imgs[0.0])):
-                    lm0 = tools.landmarks(imgs[0.0][i])
-                    if lm0 is None:
+                    front = _measure_face(tools, imgs[0.0][i], focal)
+                    if front is None:
                         continue
                     frontal_found += 1
-                    p0 = _pose_from_landmarks(lm0, (size, size), focal)
+                    lm0, p0 = front
                     if p0 is not None:
                         frontal_yaw.append(p0.yaw_deg)
                     d0 = tools.descriptor(imgs[0.0][i], lm0)
                     for a in signed:
-                        lm = tools.landmarks(imgs[a][i])
-                        if lm is None:
+                        face = _measure_face(tools, imgs[a][i], focal)
+                        if face is None:
                             continue
                         y = abs(a)
+                        lm, p = face
                         cos[y].append(float(cosine_similarity(d0, tools.descriptor(imgs[a][i], lm))))
-                        p = _pose_from_landmarks(lm, (size, size), focal)
                         if p is not None:
                             measured[y].append(math.copysign(1.0, a) * p.yaw_deg)
             methods[key] = {"label": label, "cosine": [_mean(cos[y]) for y in yaws],
