@@ -36,13 +36,7 @@ def tiny_config(steps: int, batch: int = 4) -> StyleGAN2TrainConfig:
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions are fastest single-threaded, and a busy 2-core machine makes 2 threads crawl.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

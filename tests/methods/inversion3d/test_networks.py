@@ -26,12 +26,7 @@ from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from
 TINY = dict(layers=(1, 1, 1, 1), width=8, input_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int, res: int = 128, seed: int = 0) -> torch.Tensor:

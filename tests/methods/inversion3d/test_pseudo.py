@@ -11,12 +11,7 @@ from portrait3d.methods.inversion3d import PseudoPairConfig, PseudoPairStream, s
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

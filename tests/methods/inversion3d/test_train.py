@@ -17,12 +17,7 @@ from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscrimin
 TINY = dict(layers=(1, 1, 1, 1), width=8, input_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_D() -> DualDiscriminator:
