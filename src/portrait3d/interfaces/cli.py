@@ -251,6 +251,11 @@ def edit(source: str, method: str, yaw: float, pitch: float, roll: float, expr: 
         raise ValueError("nothing to edit: give --yaw, --pitch, --roll or --expr")
     rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
                    face_index)
+    _echo_edit_summary(rec, out)
+
+
+def _echo_edit_summary(rec: dict, out: Path) -> None:
+    """The headline figures of an edit / transfer record, then where it was written."""
     click.echo(json.dumps({k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds")
                            if k in rec}))
     click.echo(f"wrote {out}")
@@ -270,9 +275,7 @@ def transfer(source: str, target: str, part: str, network: str, editor_path: Pat
 
     rec = run_transfer(source, target, network, editor_path, part, mode, steps, lambda_id, out, force, detector,
                        project_steps)
-    click.echo(json.dumps({k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds")
-                           if k in rec}))
-    click.echo(f"wrote {out}")
+    _echo_edit_summary(rec, out)
 
 
 # ----------------------------------------------------------------------------- 3D GAN inversion
