@@ -20,6 +20,19 @@ TINY = dict(layers=(1, 1, 1, 1), width=8, input_size=64)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _adam_losses(module: torch.nn.Module, lr: float, steps: int, loss_fn) -> list[float]:
+    """Minimise ``loss_fn()`` over ``module``'s parameters with Adam; the loss before each step."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def _tiny_D() -> DualDiscriminator:
     torch.manual_seed(1)
     return DualDiscriminator(DiscriminatorConfig(c_dim=25, img_resolution=128, channel_base=256, channel_max=16,
@@ -73,14 +86,7 @@ def test_encoder_fits_fixed_batch(tiny_eg3d):
     torch.manual_seed(0)
     E = LatentEncoder(cfg.encoder, G).train()
     batch = sample_pseudo_pairs(G, 1, cfg.pseudo, torch.Generator().manual_seed(1))
-    opt = torch.optim.Adam(E.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(6):
-        terms = encoder_losses(E, G, batch, cfg)
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-        losses.append(float(terms["loss"].detach()))
+    losses = _adam_losses(E, 3e-3, 6, lambda: encoder_losses(E, G, batch, cfg)["loss"])
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[-3:]) < losses[0]
 
@@ -160,14 +166,7 @@ def test_pose_estimator_overfits_fixed_batch(tiny_eg3d):
     batch = PseudoPairStream(G, 4, cfg.pseudo).batch_at(0)
     torch.manual_seed(0)
     P = PoseEstimator(cfg.pose).train()
-    opt = torch.optim.Adam(P.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(30):
-        terms = pose_losses(P, None, batch, cfg)
-        opt.zero_grad()
-        terms["loss"].backward()
-        opt.step()
-        losses.append(float(terms["loss"].detach()))
+    losses = _adam_losses(P, 2e-3, 30, lambda: pose_losses(P, None, batch, cfg)["loss"])
     assert losses[0] > 5 * min(losses[-5:]), losses
 
 
