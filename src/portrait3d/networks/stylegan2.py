@@ -214,12 +214,16 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", fused_modconv: bool = True,
-                gain: float = 1) -> torch.Tensor:
+                gain: float = 1, noise_input: torch.Tensor | None = None) -> torch.Tensor:
+        """``noise_input [N, 1, R, R]``: the unit-variance noise of ``noise_mode='random'``, drawn by the
+        caller (a compiled graph then holds no random op, and the caller owns the seed)."""
         if noise_mode not in ("random", "const", "none"):
             raise ValueError(f"noise_mode must be 'random', 'const' or 'none', not {noise_mode!r}")
         styles = self.affine(w)
         noise = None
-        if self.use_noise and noise_mode == "random":
+        if self.use_noise and noise_mode == "random" and noise_input is not None:
+            noise = noise_input * self.noise_strength
+        elif self.use_noise and noise_mode == "random":
             noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
         if self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
@@ -309,9 +313,12 @@ class SynthesisBlock(nn.Module):
 
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor,
                 force_fp32: bool = False, fused_modconv: FusedModconv | None = None, update_emas: bool = False,
+                noise_inputs: Sequence[torch.Tensor] | None = None,
                 **layer_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], "ws")
         w_iter = iter(ws.unbind(dim=1))
+        convs = [c for c in (getattr(self, "conv0", None), self.conv1) if c is not None]
+        noise_iter = iter(noise_inputs if noise_inputs is not None else [None] * len(convs))
         if ws.device.type != "cuda" and not self.fp16_on_cpu:
             force_fp32 = True  # fp16 is a CUDA speed-up only; our CPU path stays float32
         dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
@@ -332,16 +339,20 @@ class SynthesisBlock(nn.Module):
             _check_shape(x, [None, self.in_channels, in_res, in_res], "x")
             x = x.to(dtype=dtype, memory_format=memory_format)
 
+        def layer(conv: SynthesisLayer, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return conv(x, next(w_iter), fused_modconv=fused_modconv, noise_input=next(noise_iter), **kw,
+                        **layer_kwargs)
+
         if self.in_channels == 0:
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
+            x = layer(self.conv1, x)
         elif self.architecture == "resnet":
             y = self.skip(x, gain=math.sqrt(0.5))
-            x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, gain=math.sqrt(0.5), **layer_kwargs)
+            x = layer(self.conv0, x)
+            x = layer(self.conv1, x, gain=math.sqrt(0.5))
             x = y.add_(x)
         else:
-            x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
-            x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
+            x = layer(self.conv0, x)
+            x = layer(self.conv1, x)
 
         if img is not None and self.upsample:
             img = ops.upsample2d(img, self.resample_filter)
@@ -382,16 +393,31 @@ class SynthesisNetwork(nn.Module):
                 self.num_ws += block.num_torgb
             setattr(self, f"b{res}", block)
 
-    def forward(self, ws: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
+    def noise_shapes(self, batch: int) -> list[list[int]]:
+        """Shapes ``[N, 1, R, R]`` of the per-layer noise inputs, in the order ``noise_inputs`` takes them."""
+        return [[batch, 1, layer.resolution, layer.resolution]
+                for res in self.block_resolutions
+                for layer in (getattr(getattr(self, f"b{res}"), "conv0", None), getattr(self, f"b{res}").conv1)
+                if layer is not None]
+
+    def forward(self, ws: torch.Tensor, noise_inputs: Sequence[torch.Tensor] | None = None,
+                **block_kwargs: Any) -> torch.Tensor:
+        """``noise_inputs``: unit-variance noise per layer (shapes :meth:`noise_shapes`) used by
+        ``noise_mode='random'`` instead of drawing it inside the network."""
         _check_shape(ws, [None, self.num_ws, self.w_dim], "ws")
         ws = ws.to(torch.float32)
         x = img = None
         w_idx = 0
+        n_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
             cur_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv
-            x, img = block(x, img, cur_ws, **block_kwargs)
+            kw = dict(block_kwargs)
+            if noise_inputs is not None:
+                kw["noise_inputs"] = noise_inputs[n_idx:n_idx + block.num_conv]
+                n_idx += block.num_conv
+            x, img = block(x, img, cur_ws, **kw)
         return img
 
 

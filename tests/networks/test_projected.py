@@ -1,0 +1,69 @@
+"""Projected discriminator (Sauer et al. 2021) on tiny inputs with a random-weight feature network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from portrait3d.networks.discriminator import Discriminator, DiscriminatorConfig
+from portrait3d.networks.efficientnet import EfficientNetLite0
+from portrait3d.networks.projected import (ProjectedDiscriminator, ProjectedDiscriminatorConfig,
+                                           VisionAidedDiscriminator)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _disc(c_dim: int = 0, **kw) -> ProjectedDiscriminator:
+    torch.manual_seed(0)
+    cfg = ProjectedDiscriminatorConfig(c_dim=c_dim, feature_resolution=64, proj_channels=8, head_channels=8,
+                                       head_channels_max=16, cmap_dim=8, **kw)
+    return ProjectedDiscriminator(cfg, EfficientNetLite0()).train()
+
+
+def test_forward_backward_feature_net_frozen():
+    D = _disc()
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    logits = D(x)
+    # taps at strides 4, 8, 16, 32 of 64 px: 16, 8, 4, 2 -> heads end at 4, 4, 4, 2
+    assert logits.shape == (4, 16 + 16 + 16 + 4) and logits.dtype == torch.float32
+    D.requires_grad_(True)
+    (torch.relu(1 - logits).mean()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0             # gradients reach the image
+    assert all(p.grad is None for p in D.features.parameters())      # ... never the feature net's weights
+    assert all(not p.requires_grad for p in D.features.parameters())
+    assert all(p.grad is not None for p in D.heads.parameters() if p.requires_grad)
+    assert not D.features.training                                    # BN statistics of ImageNet kept
+
+
+def test_state_dict_holds_heads_and_fixed_mixing_only():
+    D = _disc()
+    keys = D.state_dict().keys()
+    assert not any(k.startswith("_features") or "_conv_stem" in k for k in keys)
+    assert any(k.startswith("mixer.ccm") for k in keys) and any(k.startswith("heads.") for k in keys)
+    assert all(not k.startswith("mixer.") for k, _ in D.named_parameters())  # mixing is not trained
+    again = _disc()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in D.state_dict().items() if k.startswith("mixer."))
+    D.double()
+    assert next(D.features.parameters()).dtype == torch.float64      # _apply moves the frozen net too
+
+
+def test_conditioned_and_vision_aided():
+    D = _disc(c_dim=25)
+    c = torch.randn(2, 25)
+    x = torch.randn(2, 3, 64, 64)
+    assert D(x, c).shape == (2, 52)
+    with pytest.raises(ValueError, match="conditioned"):
+        D(x)
+    pix = Discriminator(DiscriminatorConfig(img_resolution=32, channel_base=64, channel_max=16))
+    both = VisionAidedDiscriminator(pix, _disc())
+    a, b = both(torch.randn(4, 3, 32, 32))
+    assert a.shape == (4, 1) and b.shape[0] == 4
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="taps"):
+        ProjectedDiscriminatorConfig(taps=["stage9"]).validate()
+    with pytest.raises(ValueError, match="increasing"):
+        ProjectedDiscriminatorConfig(taps=["stage2", "stage1"]).validate()
+    with pytest.raises(ValueError, match="multiple"):
+        ProjectedDiscriminatorConfig(feature_resolution=40).validate()
