@@ -69,3 +69,15 @@ def test_safetensors_without_our_metadata_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(CheckpointError, match="not a portrait3d network"):
         load_network(path)
+
+
+def test_half_precision_storage(tiny_stylegan2, tmp_path):
+    full = save_network(tiny_stylegan2, tmp_path / "g32.safetensors")
+    half = save_network(tiny_stylegan2, tmp_path / "g16.safetensors", storage_dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    G = load_network(half)
+    assert all(p.dtype == torch.float32 for p in G.parameters())
+    z = torch.randn(2, G.z_dim)
+    a = tiny_stylegan2.eval()(z, None, noise_mode="const")
+    b = G(z, None, noise_mode="const")
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()

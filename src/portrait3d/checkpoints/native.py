@@ -92,12 +92,19 @@ def read_safetensors_with_metadata(path: str | os.PathLike[str], expected_format
     return tensors, meta
 
 
-def save_network(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write ``net`` (StyleGAN2 ``Generator`` or EG3D ``TriPlaneGenerator``) in our format, atomically."""
+def save_network(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False,
+                 storage_dtype: torch.dtype | None = None) -> Path:
+    """Write ``net`` (StyleGAN2 ``Generator`` or EG3D ``TriPlaneGenerator``) in our format, atomically.
+
+    ``storage_dtype=torch.float16`` stores the floating-point tensors in half precision (shipped models:
+    half the size); :func:`load_native` always returns float32 parameters.
+    """
     from safetensors.torch import save_file
 
     arch, config = _architecture(net)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    if storage_dtype is not None:
+        tensors = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     extra: dict[str, Any] = {}
     if arch == "eg3d":
         extra["plane_axes"] = net.renderer.plane_axes.tolist()
