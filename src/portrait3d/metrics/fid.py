@@ -48,6 +48,7 @@ __all__ = [
     "INCEPTION_SHA1",
     "INCEPTION_NAME",
     "FeatureStats",
+    "generated_batches",
     "inception_path",
     "load_inception",
     "preprocess",
@@ -374,7 +375,8 @@ def generator_sample_fn(G: torch.nn.Module, truncation_psi: float = 1.0, seed: i
     return generate
 
 
-def _generated_batches(generate_fn: Callable[[int], np.ndarray], n: int, batch: int) -> Iterator[np.ndarray]:
+def generated_batches(generate_fn: Callable[[int], np.ndarray], n: int, batch: int) -> Iterator[np.ndarray]:
+    """``n`` images from ``generate_fn`` in batches of at most ``batch`` (``uint8 [k, H, W, 3]`` each)."""
     done = 0
     while done < n:
         k = min(batch, n - done)
@@ -415,7 +417,7 @@ def compute_fid(generate_fn: Callable[[int], np.ndarray], real: np.ndarray | Fea
         else:
             raise FileNotFoundError(f"{p}: neither a built dataset folder nor a statistics .npz")
     extractor = InceptionFeatures(device, batch, progress)
-    feats = extractor.from_batches(_generated_batches(generate_fn, int(n_gen), int(batch)), total=int(n_gen),
+    feats = extractor.from_batches(generated_batches(generate_fn, int(n_gen), int(batch)), total=int(n_gen),
                                    desc=f"generated features ({n_gen})")
     # raw features (not their covariance) keep the small-n path exact and cheap, see fid_from_features
     return fid_from_features(feats, real_stats)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from portrait3d.checkpoints.native import atomic_write
+from portrait3d.face.analyzer import TEMPLATE_BOX
 
 __all__ = [
     "SPACES",
@@ -45,11 +46,9 @@ __all__ = [
 SPACES = ("z", "w", "w+")
 BACKEND_SCHEMES = {"dlib": "ibug68", "mediapipe": "mediapipe468"}
 
-TEMPLATE_BOX = (0.051, 0.048, 0.906, 0.912)
-"""dlib face box ``(x0, y0, x1, y1)`` of faces aligned like the default generators' training crops,
-normalised to the image: the mean dlib-HOG box on 197 of the 128 px UTKFace training crops (std
-0.02-0.05). Used when ``detector='template'``: a generator trained on aligned faces always puts the
-face there, so no detector is needed (and none can fail on early, blurry checkpoints)."""
+# TEMPLATE_BOX (re-exported from the face layer): the mean dlib-HOG box on 197 of the 128 px UTKFace
+# training crops (std 0.02-0.05). With detector='template' a generator trained on aligned faces always
+# puts the face there, so no detector is needed (and none can fail on early, blurry checkpoints).
 
 
 @dataclass

@@ -1,0 +1,102 @@
+"""Face metrics of every snapshot of a StyleGAN2 run, to choose the one to ship.
+
+For each ``snapshot-*/G_ema.safetensors`` of RUN (skipping those already in the output JSON), measures
+on ``--n`` samples (seeded latents, constant noise, no truncation) against ``--n-real`` training faces:
+FD-dlib, KID-dlib, BlazeFace detection rate, yaw/pitch spread ratios and identity-diversity ratio
+(:mod:`portrait3d.metrics.face_stats`), and optionally FID at ``--fid-n`` samples. With ``--holdout``
+(a built dataset of the held-out photos) it also prints the real-vs-real baseline once. Writes
+``RUN/snapshot_metrics.json`` and ``RUN/snapshot_metrics.png`` (each metric against kimg).
+
+    PYTHONPATH=src python bench/eval_snapshots.py RUN --data ~/.cache/portrait3d/utkface128 \\
+        --holdout ~/.cache/portrait3d/utkface128-holdout --n 300
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from portrait3d.checkpoints.load import load_network  # noqa: E402
+from portrait3d.metrics.face_stats import compare, dataset_face_stats, generator_face_stats  # noqa: E402
+
+PLOTTED = ("fd_dlib", "detection", "yaw_std_ratio", "identity_diversity_ratio", "fid")
+
+
+def _plot(rows: list[dict], baseline: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOTTED if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = sorted((r["kimg"], r[k]) for r in rows if k in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        if baseline and k in baseline:
+            ax.axhline(baseline[k], color="grey", ls="--", label="real vs real")
+            ax.legend(fontsize=7)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("kimg")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The built training set (reference faces).")
+@click.option("--holdout", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A built set of held-out photos: the real-vs-real baseline.")
+@click.option("--n", type=click.IntRange(10), default=300, help="Samples per snapshot.")
+@click.option("--n-real", type=click.IntRange(10), default=2000, help="Training faces of the reference.")
+@click.option("--fid-n", type=click.IntRange(0), default=0, help="FID samples per snapshot (0 = no FID).")
+@click.option("--every", type=click.IntRange(1), default=1, help="Only every k-th snapshot.")
+@click.option("--threads", type=click.IntRange(1), default=1)
+def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_real: int, fid_n: int, every: int,
+         threads: int) -> None:
+    torch.set_num_threads(threads)
+    ref = dataset_face_stats(data, n_real, progress=True)
+    baseline = None
+    if holdout is not None:
+        baseline = compare(dataset_face_stats(holdout, None, progress=True), ref)
+        print("real vs real (held-out vs training):", json.dumps({k: round(v, 4) for k, v in baseline.items()}))
+    for run in runs:
+        out = run / "snapshot_metrics.json"
+        rows = json.loads(out.read_text())["rows"] if out.is_file() else []
+        done = {r["snapshot"] for r in rows}
+        snaps = sorted(p for p in run.glob("snapshot-*") if (p / "G_ema.safetensors").is_file())[::-1][::every][::-1]
+        for snap in snaps:
+            if snap.name in done:
+                continue
+            t0 = time.time()
+            G = load_network(snap / "G_ema.safetensors").eval()
+            state = json.loads((snap / "state.json").read_text())
+            m = compare(generator_face_stats(G, n, seed=0), ref)
+            row = {"snapshot": snap.name, "kimg": state["kimg"], "resolution": G.img_resolution, "n": n, **m}
+            if fid_n:
+                from portrait3d.metrics.fid import compute_fid, generator_sample_fn
+
+                row["fid"] = compute_fid(generator_sample_fn(G, seed=0), data, n_gen=fid_n, progress=False)
+                row["fid_n"] = fid_n
+            row["eval_s"] = round(time.time() - t0, 1)
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps({"baseline": baseline, "n_real": n_real, "rows": rows}, indent=1))
+            tmp.replace(out)
+            _plot(rows, baseline, run / "snapshot_metrics.png")
+
+
+if __name__ == "__main__":
+    main()
