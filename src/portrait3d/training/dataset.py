@@ -43,9 +43,12 @@ class AlignedFaceDataset(torch.utils.data.Dataset):
         root: folder written by :func:`build_dataset`.
         mirror: also yield every face flipped left-right (camera mirrored too), doubling the set.
         limit: use only the first ``limit`` faces (tests, quick runs).
+        resolution: serve the faces at this size, a power-of-two fraction of the stored size (box
+            filter, i.e. the mean of each ``k x k`` block); None: the stored size.
     """
 
-    def __init__(self, root: str | os.PathLike[str], mirror: bool = True, limit: int | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], mirror: bool = True, limit: int | None = None,
+                 resolution: int | None = None) -> None:
         p = _Paths(Path(root))
         if not p.images.exists() or not p.labels.exists():
             raise FileNotFoundError(f"{root} is not a built dataset (no images.npy / labels.json)")
@@ -56,7 +59,14 @@ class AlignedFaceDataset(torch.utils.data.Dataset):
         n = len(self.names) if limit is None else min(limit, len(self.names))
         self.count = n
         self.mirror = mirror
-        self.resolution = int(self.images.shape[1])
+        self.stored_resolution = int(self.images.shape[1])
+        self.resolution = resolution or self.stored_resolution
+        factor = self.stored_resolution // self.resolution
+        if self.resolution > self.stored_resolution or factor * self.resolution != self.stored_resolution \
+                or factor & (factor - 1):
+            raise ValueError(f"dataset images are {self.stored_resolution} px; {self.resolution} px is not a "
+                             f"power-of-two fraction of that")
+        self.factor = factor
 
     def __len__(self) -> int:
         return self.count * (2 if self.mirror else 1)
@@ -65,6 +75,8 @@ class AlignedFaceDataset(torch.utils.data.Dataset):
         flip = i >= self.count
         j = i - self.count if flip else i
         img = torch.from_numpy(np.array(self.images[j])).permute(2, 0, 1).float() / 127.5 - 1
+        if self.factor > 1:
+            img = torch.nn.functional.avg_pool2d(img[None], self.factor)[0]
         cam = self.cameras[j].clone()
         if flip:
             img = img.flip(-1)
@@ -139,9 +151,21 @@ def cli() -> None:
 @click.option("--holdout", type=int, default=0, show_default=True,
               help="Leave out every N-th photo (by sorted name) for evaluation; 0 keeps all.")
 @click.option("--detector", type=click.Choice(["mediapipe", "dlib-hog"]), default="mediapipe", show_default=True)
-def build(photos_dir: Path, out: Path, resolution: int, limit: int | None, holdout: int, detector: str) -> None:
-    """Align every photo in PHOTOS_DIR into the dataset folder OUT."""
+@click.option("--only", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Only the photos named in this file, one per line (e.g. another build's holdout.txt).")
+def build(photos_dir: Path, out: Path, resolution: int, limit: int | None, holdout: int, detector: str,
+          only: Path | None) -> None:
+    """Align every photo in PHOTOS_DIR into the dataset folder OUT.
+
+    \b
+    Training set with every 20th photo held out, then the held-out photos as their own set:
+      python -m portrait3d.training.dataset build ../shared/data/utkface DATA --holdout 20
+      python -m portrait3d.training.dataset build ../shared/data/utkface DATA-holdout --only DATA/holdout.txt
+    """
     photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if only is not None:
+        wanted = {line.strip() for line in only.read_text().splitlines() if line.strip()}
+        photos = [p for p in photos if p.name in wanted]
     if holdout:
         held = photos[holdout - 1::holdout]
         photos = [p for i, p in enumerate(photos) if (i + 1) % holdout]

@@ -247,6 +247,11 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
     kw = {} if (run.amp and info.device.type == "cuda") else {"force_fp32": True}
     gamma = cfg.gamma()
     rendering = cfg.G.rendering
+    fast = run.fast_path()  # bf16 autocast + channels_last
+    if fast.compile or fast.compile_d:
+        # The renderer draws its ray jitter inside the network (BatchRandom.patch_torch), which a
+        # compiled graph cannot hold; EG3D runs the fast path eagerly.
+        raise ValueError("the EG3D trainer does not compile (use --no-compile; bf16 and channels_last work)")
     density_reg = rendering.density_reg
 
     def step_fn(step: int, images_seen: int, batch: Any) -> dict[str, float]:
@@ -270,9 +275,10 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
 
         def g_main(shard: Shard) -> torch.Tensor:
             r = rnd("Gmain", shard)
-            out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
-            logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
-            loss = F.softplus(-logits).mean()
+            with fast.autocast(info.device):
+                out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
+                logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
+            loss = F.softplus(-logits.float()).mean()
             note("loss_G", loss)
             return loss
 
@@ -295,10 +301,12 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
 
         def d_main(shard: Shard, real: torch.Tensor, real_raw: torch.Tensor, real_c: torch.Tensor) -> torch.Tensor:
             r = rnd("Dmain", shard)
-            with torch.no_grad():
-                out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, True, kw)
-            fake_logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
-            real_logits = _discriminate(D, {"image": real, "image_raw": real_raw}, real_c, r, cfg.augment, sigma, kw)
+            with fast.autocast(info.device):
+                with torch.no_grad():
+                    out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, True, kw)
+                fake_logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw).float()
+                real_logits = _discriminate(D, {"image": real, "image_raw": real_raw}, real_c, r, cfg.augment, sigma,
+                                            kw).float()
             loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
             note("loss_D", loss)
             note("score_real", real_logits)
@@ -329,8 +337,9 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
 def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:
     """G, D, G_ema and optimisers, initialised from ``cfg.run.seed`` (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
-    G = TriPlaneGenerator(cfg.G).train().requires_grad_(False).to(device)
-    D = DualDiscriminator(cfg.D).train().requires_grad_(False).to(device)
+    fast = cfg.run.fast_path()
+    G = fast.prepare(TriPlaneGenerator(cfg.G).train().requires_grad_(False).to(device))
+    D = fast.prepare(DualDiscriminator(cfg.D).train().requires_grad_(False).to(device))
     G_ema = copy.deepcopy(G).eval()
     reg_G = cfg.G_reg_interval if cfg.G.rendering.density_reg > 0 else None
     opt_G = lazy_adam(G.parameters(), cfg.lr_G, cfg.betas, cfg.eps, reg_G)

@@ -95,6 +95,16 @@ class RunConfig:
     limit: int | None = None           # use only the first N faces
     progress: bool = True              # tqdm bar on rank 0
     threads: int | None = None         # torch CPU threads per process; None: torch's default
+    precision: str = "fp32"            # 'fp32' | 'bf16' (autocast; AMX on CPU): see training.fast
+    channels_last: bool = False        # NHWC weights and activations
+    compile: bool = False              # torch.compile the generator
+    compile_d: bool = False            # torch.compile the discriminator too (slower for the projected D here)
+    max_minutes: float = 0.0           # stop (with a snapshot) after this much wall time; 0: no limit
+
+    def fast_path(self) -> "FastPath":
+        from portrait3d.training.fast import FastPath
+
+        return FastPath(self.precision, self.channels_last, self.compile, self.compile_d)
 
     def apply_threads(self) -> None:
         if self.threads:
@@ -790,6 +800,7 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
     if counters.step == 0 and run.sample_kimg > 0:
         grids()
     ema_kimg = run.resolved_ema_kimg()
+    started = time.monotonic()
     try:
         while counters.images_seen < total:
             t0 = time.perf_counter()
@@ -807,7 +818,14 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
             record = {"step": counters.step, "kimg": counters.images_seen / 1000, "sec": round(sec, 4),
                       "sec_per_kimg": round(sec / run.batch * 1000, 2), **dict(zip(names, vals.tolist()))}
             progress.update(run.batch, record)
-            done = counters.images_seen >= total
+            # A wall-time limit ends the run like the end of the schedule (grids, metrics, snapshot), so a
+            # time-boxed job (a lent accelerator) always leaves a resumable snapshot behind.
+            timed_out = run.max_minutes > 0 and time.monotonic() - started >= run.max_minutes * 60
+            if run.max_minutes > 0 and info.world > 1:  # every rank stops at the same step
+                flag = torch.tensor([float(timed_out)], device=info.device)
+                tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+                timed_out = bool(flag.item())
+            done = counters.images_seen >= total or timed_out
             if due(prev, counters.images_seen, run.sample_kimg) or (done and run.sample_kimg > 0):
                 grids()
             if metrics is not None and info.is_main and (due(prev, counters.images_seen, run.metrics_kimg) or done):
@@ -818,6 +836,9 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
                 progress.write("metrics " + json.dumps(entry))
             if due(prev, counters.images_seen, run.snapshot_kimg) or done:
                 snapshot()
+            if timed_out:
+                progress.write(f"stopping after {run.max_minutes:g} min (max_minutes)")
+                break
         if info.is_main:
             export_fn(final)
     finally:
@@ -868,10 +889,20 @@ def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
         click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none)."),
         click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset]."),
         click.option("--threads", type=int, default=None, help="CPU threads per process [torch default]."),
+        click.option("--max-minutes", type=click.FloatRange(0), default=None,
+                     help="Stop with a snapshot after this much wall time (0 = no limit) [0]."),
         click.option("--limit", type=int, default=None, help="Use only the first N faces."),
         click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto]."),
         click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on]."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="Arithmetic: fp32, or bf16 autocast (AMX on CPU) with fp32 weights and losses [preset]."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC weights and activations [preset]."),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the generator (first steps compile for ~1-2 min) [preset]."),
+        click.option("--compile-d/--no-compile-d", "compile_d", default=None,
+                     help="torch.compile the discriminator too (faster for the pixel D, slower for the projected D "
+                          "here) [preset]."),
         click.option("--progress/--no-progress", default=None, help="Progress bar [on]."),
     ]
 
@@ -892,7 +923,9 @@ def apply_cli_options(cfg: Any, *, kimg: float | None, batch: int | None, batch_
                       snap: float | None, sample_every: float | None, metrics_every: float | None,
                       workers: int | None, threads: int | None, limit: int | None, mirror: bool | None,
                       device: str | None, amp: bool | None, progress: bool | None, gamma: float | None,
-                      lr_g: float | None, lr_d: float | None) -> None:
+                      lr_g: float | None, lr_d: float | None, precision: str | None = None,
+                      channels_last: bool | None = None, compile_: bool | None = None,
+                      compile_d: bool | None = None, max_minutes: float | None = None) -> None:
     """Apply the overrides of :func:`run_options` that were given to a train config (in place).
 
     ``cfg`` is a trainer config with ``run`` (:class:`RunConfig`), ``r1_gamma``, ``lr_G`` and ``lr_D``.
@@ -900,7 +933,8 @@ def apply_cli_options(cfg: Any, *, kimg: float | None, batch: int | None, batch_
     cfg.run = apply_run_options(cfg.run, total_kimg=kimg, batch=batch, batch_gpu=batch_gpu, seed=seed,
                                 snapshot_kimg=snap, sample_kimg=sample_every, metrics_kimg=metrics_every,
                                 workers=workers, threads=threads, limit=limit, mirror=mirror, device=device, amp=amp,
-                                progress=progress)
+                                progress=progress, precision=precision, channels_last=channels_last,
+                                compile=compile_, compile_d=compile_d, max_minutes=max_minutes)
     for name, v in (("r1_gamma", gamma), ("lr_G", lr_g), ("lr_D", lr_d)):
         if v is not None:
             setattr(cfg, name, v)

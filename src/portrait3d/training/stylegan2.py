@@ -22,6 +22,8 @@ Randomness, sharding and checkpoints: :mod:`portrait3d.training.loop`.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from portrait3d.networks.discriminator import Discriminator, DiscriminatorConfig
+from portrait3d.networks.projected import (ProjectedDiscriminator, ProjectedDiscriminatorConfig,
+                                           VisionAidedDiscriminator)
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 from portrait3d.training import augment
 from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig,
@@ -40,9 +44,11 @@ from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistI
                                       config_to_dict, init_distributed, lazy_adam, load_training_state, make_loader,
                                       gan_step, run_cli, run_loop, run_options, save_grid, shutdown_distributed)
 
-__all__ = ["StyleGAN2TrainConfig", "PRESETS", "preset", "train_stylegan2", "auto_r1_gamma"]
+__all__ = ["StyleGAN2TrainConfig", "PRESETS", "DISCRIMINATORS", "preset", "train_stylegan2", "auto_r1_gamma",
+           "grow_generator", "discriminator_losses", "generator_loss"]
 
 PHASE_IDS = {"Gmain": 1, "Greg": 2, "Dmain": 3, "Dreg": 4}
+DISCRIMINATORS = ("stylegan2", "projected", "both")
 
 
 def auto_r1_gamma(resolution: int, batch: int) -> float:
@@ -69,8 +75,14 @@ class StyleGAN2TrainConfig:
     pl_decay: float = 0.01
     style_mixing_prob: float = 0.9
     augment: str = "color,translation,cutout"
+    discriminator: str = "stylegan2"    # 'stylegan2' (pixel, R1) | 'projected' | 'both' (vision-aided)
+    PD: ProjectedDiscriminatorConfig = field(default_factory=ProjectedDiscriminatorConfig)
+    projected_weight: float = 1.0       # weight of the projected head's loss beside the pixel D ('both')
 
     def gamma(self) -> float:
+        """R1 weight; the projected discriminator alone has no R1 (hinge loss, spectral norm)."""
+        if self.discriminator == "projected":
+            return 0.0
         return self.r1_gamma if self.r1_gamma is not None else auto_r1_gamma(self.G.img_resolution, self.run.batch)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,10 +92,15 @@ class StyleGAN2TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "StyleGAN2TrainConfig":
         d = dict(d)
         return cls(G=StyleGAN2Config.from_dict(d.pop("G")), D=DiscriminatorConfig(**d.pop("D")),
-                   run=RunConfig(**d.pop("run")), betas=tuple(d.pop("betas", (0.0, 0.99))), **d)
+                   PD=ProjectedDiscriminatorConfig(**d.pop("PD", {})), run=RunConfig(**d.pop("run")),
+                   betas=tuple(d.pop("betas", (0.0, 0.99))), **d)
 
     def validate(self) -> None:
         augment.parse_policy(self.augment)
+        if self.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, not {self.discriminator!r}")
+        self.PD.validate()
+        self.run.fast_path()  # validates the precision
         if self.D.img_resolution != self.G.img_resolution or self.D.c_dim != self.G.c_dim:
             raise ValueError("G and D must agree on resolution and label size")
         if self.G.c_dim != 0:
@@ -123,6 +140,20 @@ def _gpu() -> StyleGAN2TrainConfig:
         run=RunConfig(batch=32, total_kimg=25000, snapshot_kimg=200, sample_kimg=50, workers=3))
 
 
+def _cpu_proj() -> StyleGAN2TrainConfig:
+    # The CPU recipe: projected discriminator on frozen EfficientNet-Lite0 features (hinge, DiffAugment
+    # colour + translation, no R1), bf16 autocast + channels_last + compiled G. 64 ch at 64 px, 32 at 128.
+    # Train at 64 px first (--resolution 64), then --grow-from that run at 128 px.
+    return StyleGAN2TrainConfig(
+        G=StyleGAN2Config(z_dim=256, w_dim=256, img_resolution=128,
+                          mapping=MappingConfig(num_layers=4),
+                          synthesis=SynthesisConfig(channel_base=4096, channel_max=256)),
+        D=DiscriminatorConfig(img_resolution=128, channel_base=4096, channel_max=256),
+        discriminator="projected", augment="color,translation", lr_G=0.0025, lr_D=0.002,
+        run=RunConfig(batch=16, total_kimg=1000, snapshot_kimg=2, sample_kimg=1, workers=0,
+                      precision="bf16", channels_last=True, compile=True, keep_snapshots=3))
+
+
 def _tiny() -> StyleGAN2TrainConfig:
     # Smoke tests: 32 px, a few channels.
     return StyleGAN2TrainConfig(
@@ -132,7 +163,8 @@ def _tiny() -> StyleGAN2TrainConfig:
         run=RunConfig(batch=4, total_kimg=0.02, snapshot_kimg=0, sample_kimg=0, workers=0, progress=False))
 
 
-PRESETS: dict[str, Callable[[], StyleGAN2TrainConfig]] = {"cpu-small": _cpu_small, "cpu-fast": _cpu_fast, "gpu": _gpu, "tiny": _tiny}
+PRESETS: dict[str, Callable[[], StyleGAN2TrainConfig]] = {"cpu-small": _cpu_small, "cpu-fast": _cpu_fast,
+                                                         "cpu-proj": _cpu_proj, "gpu": _gpu, "tiny": _tiny}
 
 
 def preset(name: str) -> StyleGAN2TrainConfig:
@@ -148,30 +180,74 @@ def _synthesis_kwargs(run: RunConfig, info: DistInfo) -> dict[str, Any]:
     return {} if (run.amp and info.device.type == "cuda") else {"force_fp32": True}
 
 
-def _generate(G: Generator, rnd: BatchRandom, mixing_prob: float, update_emas: bool,
-              kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and ws for this shard's latents, with style mixing (one cutoff per batch)."""
+def generator_loss(logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor], projected_weight: float = 1.0,
+                   kind: str = "stylegan2") -> torch.Tensor:
+    """The generator's loss on fakes, float32.
+
+    Pixel D: non-saturating ``softplus(-D(G(z)))`` (StyleGAN2). Projected D: hinge ``-D(G(z))``
+    averaged over every logit of every scale (Projected GAN). ``'both'``: their sum, the projected
+    part weighted by ``projected_weight``.
+    """
+    if kind == "stylegan2":
+        return F.softplus(-logits.float()).mean()
+    if kind == "projected":
+        return -logits.float().mean()
+    pixel, proj = logits
+    return F.softplus(-pixel.float()).mean() - projected_weight * proj.float().mean()
+
+
+def discriminator_losses(fake: Any, real: Any, projected_weight: float = 1.0,
+                         kind: str = "stylegan2") -> torch.Tensor:
+    """The discriminator's loss on a fake and a real batch, float32.
+
+    Pixel D: ``softplus(D(fake)) + softplus(-D(real))``. Projected D: hinge
+    ``relu(1 + D(fake)) + relu(1 - D(real))`` (mean over logits). ``'both'``: their weighted sum.
+    """
+    def pixel(f: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return F.softplus(f.float()).mean() + F.softplus(-r.float()).mean()
+
+    def hinge(f: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return F.relu(1 + f.float()).mean() + F.relu(1 - r.float()).mean()
+
+    if kind == "stylegan2":
+        return pixel(fake, real)
+    if kind == "projected":
+        return hinge(fake, real)
+    return pixel(fake[0], real[0]) + projected_weight * hinge(fake[1], real[1])
+
+
+def _pixel_logits(logits: Any, kind: str) -> torch.Tensor:
+    return logits[0] if kind == "both" else logits
+
+
+def _generate(G: Generator, synthesis: Callable[..., torch.Tensor], rnd: BatchRandom, mixing_prob: float,
+              update_emas: bool, kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and ws for this shard's latents, with style mixing (one cutoff per batch).
+
+    The noise inputs are drawn here from ``rnd`` (per sample, as every other draw), not inside the
+    network, so a compiled ``synthesis`` holds no random op.
+    """
     z = rnd.randn(G.z_dim)
     ws = G.mapping(z, None, update_emas=update_emas)
     if mixing_prob > 0:
         cutoff = rnd.shared_randint(1, ws.shape[1])
         if rnd.shared_rand() < mixing_prob:
             ws[:, cutoff:] = G.mapping(rnd.randn(G.z_dim), None, update_emas=False)[:, cutoff:]
-    with rnd.patch_torch():
-        img = G.synthesis(ws, update_emas=update_emas, **kw)
+    noise = [rnd.randn(*shape[1:]) for shape in G.synthesis.noise_shapes(ws.shape[0])]
+    img = synthesis(ws, noise_inputs=noise, update_emas=update_emas, **kw)
     return img, ws
 
 
-def _discriminate(D: Discriminator, img: torch.Tensor, rnd: BatchRandom, policy: str,
-                  kw: dict[str, Any]) -> torch.Tensor:
-    img = augment.diff_augment(img, policy, rnd.generator, rank=rnd.shard.index, world=rnd.shard.count)
-    return D(img, None, **kw)
+def _augment(img: torch.Tensor, rnd: BatchRandom, policy: str) -> torch.Tensor:
+    return augment.diff_augment(img, policy, rnd.generator, rank=rnd.shard.index, world=rnd.shard.count)
 
 
 def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> StepFn:
     """The per-step function for :func:`portrait3d.training.loop.run_loop`."""
     G, D = nets.G, nets.D
     run = cfg.run
+    fast = run.fast_path()
+    kind = cfg.discriminator
     local = run.batch // info.world
     micro = run.batch_gpu or local
     if local % micro:
@@ -180,9 +256,14 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
     kw = _synthesis_kwargs(run, info)
     gamma = cfg.gamma()
     pl_rows = max(1, micro // cfg.pl_batch_shrink)
+    synthesis = fast.wrap_G(G.synthesis)
+    disc = fast.wrap_D(D)
+    d_kw = {} if kind == "projected" else kw
 
     def step_fn(step: int, images_seen: int, batch: Any) -> dict[str, float]:
         real = batch[0].to(info.device, non_blocking=True).to(torch.float32)
+        if fast.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
         parts = [real[k::len(shards)] for k in range(len(shards))]
         stats: dict[str, list[torch.Tensor]] = {}
 
@@ -194,17 +275,19 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
 
         def g_main(shard: Shard) -> torch.Tensor:
             r = rnd("Gmain", shard)
-            img, _ = _generate(G, r, cfg.style_mixing_prob, False, kw)
-            logits = _discriminate(D, img, r, cfg.augment, kw)
-            loss = F.softplus(-logits).mean()
+            with fast.autocast(info.device):
+                img, _ = _generate(G, synthesis, r, cfg.style_mixing_prob, False, kw)
+                logits = disc(_augment(img, r, cfg.augment), None, **d_kw)
+            loss = generator_loss(logits, cfg.projected_weight, kind)
             note("loss_G", loss)
             return loss
 
         def g_reg(shard: Shard) -> torch.Tensor:
             r = rnd("Greg", shard, pl_rows)
-            img, ws = _generate(G, r, cfg.style_mixing_prob, False, kw)
-            noise = r.randn(*img.shape[1:]) / math.sqrt(img.shape[2] * img.shape[3])
-            (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
+            with fast.regulariser_context(info.device):
+                img, ws = _generate(G, G.synthesis, r, cfg.style_mixing_prob, False, kw)
+                noise = r.randn(*img.shape[1:]) / math.sqrt(img.shape[2] * img.shape[3])
+                (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
             lengths = grads.square().sum(2).mean(1).sqrt()
             pl_mean = nets.extra["pl_mean"]
             pl_mean.copy_(pl_mean.lerp(all_reduce_mean(lengths.mean().detach(), info), cfg.pl_decay))
@@ -214,21 +297,28 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
 
         def d_main(shard: Shard, x: torch.Tensor) -> torch.Tensor:
             r = rnd("Dmain", shard)
-            with torch.no_grad():
-                img, _ = _generate(G, r, cfg.style_mixing_prob, True, kw)
-            fake_logits = _discriminate(D, img, r, cfg.augment, kw)
-            real_logits = _discriminate(D, x, r, cfg.augment, kw)
-            loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+            with fast.autocast(info.device):
+                with torch.no_grad():
+                    img, _ = _generate(G, synthesis, r, cfg.style_mixing_prob, True, kw)
+                fake_logits = disc(_augment(img, r, cfg.augment), None, **d_kw)
+                real_logits = disc(_augment(x, r, cfg.augment), None, **d_kw)
+            loss = discriminator_losses(fake_logits, real_logits, cfg.projected_weight, kind)
             note("loss_D", loss)
-            note("score_real", real_logits)
-            note("score_fake", fake_logits)
+            for name, v in (("real", real_logits), ("fake", fake_logits)):
+                if kind == "both":
+                    note(f"score_{name}", v[0])
+                    note(f"score_{name}_proj", v[1])
+                else:
+                    note(f"score_{name}", v)
             return loss
 
         def d_reg(shard: Shard, x: torch.Tensor) -> torch.Tensor:
             r = rnd("Dreg", shard)
             x = x.detach().requires_grad_(True)
-            logits = _discriminate(D, x, r, cfg.augment, kw)
-            (grads,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+            pixel_d = D.pixel if kind == "both" else D
+            with fast.regulariser_context(info.device):
+                logits = pixel_d(_augment(x, r, cfg.augment), None, **kw)
+                (grads,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
             penalty = grads.square().sum([1, 2, 3])
             note("r1_penalty", penalty)
             return (penalty * (gamma / 2)).mean()
@@ -243,25 +333,70 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
 # ----------------------------------------------------------------------------- building and training
 
 
+def build_discriminator(cfg: StyleGAN2TrainConfig) -> torch.nn.Module:
+    """The discriminator ``cfg.discriminator`` names; projected ones get the trained, frozen
+    EfficientNet-Lite0 from the installed wheel."""
+    from portrait3d.losses.perceptual import load_efficientnet_lite0
+
+    if cfg.discriminator == "stylegan2":
+        return Discriminator(cfg.D)
+    proj = ProjectedDiscriminator(cfg.PD, load_efficientnet_lite0())
+    return proj if cfg.discriminator == "projected" else VisionAidedDiscriminator(Discriminator(cfg.D), proj)
+
+
 def build_networks(cfg: StyleGAN2TrainConfig, device: torch.device) -> Networks:
     """G, D, G_ema and optimisers, initialised from ``cfg.run.seed`` (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
-    G = Generator(cfg.G).train().requires_grad_(False).to(device)
-    D = Discriminator(cfg.D).train().requires_grad_(False).to(device)
+    fast = cfg.run.fast_path()
+    G = fast.prepare(Generator(cfg.G).train().requires_grad_(False).to(device))
+    D = build_discriminator(cfg).train().requires_grad_(False).to(device)
+    fast.prepare(D)
+    if isinstance(D, (ProjectedDiscriminator, VisionAidedDiscriminator)):
+        proj = D if isinstance(D, ProjectedDiscriminator) else D.projected
+        fast.prepare(proj.features)
     G_ema = copy.deepcopy(G).eval()
     opt_G = lazy_adam(G.parameters(), cfg.lr_G, cfg.betas, cfg.eps, cfg.G_reg_interval if cfg.pl_weight > 0 else None)
     opt_D = lazy_adam(D.parameters(), cfg.lr_D, cfg.betas, cfg.eps, cfg.D_reg_interval if cfg.gamma() > 0 else None)
     return Networks(G, D, G_ema, opt_G, opt_D, extra={"pl_mean": torch.zeros([], device=device)})
 
 
+@torch.no_grad()
+def grow_generator(dst: Generator, src: Generator) -> list[str]:
+    """Initialise ``dst`` from ``src`` of the same or a lower resolution (progressive growing of a skip
+    generator).
+
+    Every tensor whose name and shape match is copied (mapping, and all blocks up to ``src``'s
+    resolution when the channel widths agree). The ToRGB layers of the new top blocks are zeroed,
+    so ``dst`` starts out drawing exactly the upsampled image of ``src``. Returns the names copied.
+    """
+    if dst.img_resolution < src.img_resolution:
+        raise ValueError(f"cannot grow a {src.img_resolution} px generator to {dst.img_resolution} px")
+    if dst.config.synthesis.architecture != "skip":
+        raise ValueError("growing needs the skip architecture (the image is a sum over resolutions)")
+    own = dst.state_dict()
+    copied = []
+    for k, v in src.state_dict().items():
+        if k in own and own[k].shape == v.shape:
+            own[k].copy_(v)
+            copied.append(k)
+    for res in dst.synthesis.block_resolutions:
+        if res > src.img_resolution:
+            torgb = getattr(dst.synthesis, f"b{res}").torgb
+            torgb.weight.zero_()
+            torgb.bias.zero_()
+    return copied
+
+
 def _check_resume_config(cfg: StyleGAN2TrainConfig, meta: dict[str, Any]) -> None:
     old = StyleGAN2TrainConfig.from_dict(meta["config"])
-    if old.G != cfg.G or old.D != cfg.D:
+    if old.G != cfg.G or old.D != cfg.D or old.discriminator != cfg.discriminator or (
+            cfg.discriminator != "stylegan2" and old.PD != cfg.PD):
         raise ValueError("the snapshot was trained with other network settings than the given config")
 
 
 def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                    resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None) -> Path:
+                    resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None,
+                    grow_from: str | os.PathLike[str] | None = None) -> Path:
     """Train (or continue training) a StyleGAN2 on a built :class:`AlignedFaceDataset`.
 
     Works as a single process (CPU or one GPU) or under ``torchrun`` (one process per GPU, or gloo
@@ -277,6 +412,10 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
             bit-exactly (``cfg`` may change the schedule, not the networks).
         metrics: hook ``fn(G_ema, step) -> {name: value}`` run on rank 0 every
             ``cfg.run.metrics_kimg`` and at the end; results go to ``log.jsonl`` and snapshots.
+        grow_from: a snapshot (or run folder) of a run of the same widths at the same or a lower
+            resolution: start a new run from it (:func:`grow_generator` for G and G_ema; the
+            discriminator's weights when their shapes match, as a projected one's do at any
+            resolution, also as the projected head of a ``'both'`` D; fresh optimisers).
     """
     from portrait3d.checkpoints.native import save_network
     from portrait3d.training.dataset import AlignedFaceDataset
@@ -287,11 +426,13 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
             torch.backends.cudnn.benchmark = True
         run = cfg.run
         run.apply_threads()
-        ds = AlignedFaceDataset(data_root, mirror=run.mirror, limit=run.limit)
-        if ds.resolution != cfg.G.img_resolution:
-            raise ValueError(f"dataset images are {ds.resolution} px but the generator makes {cfg.G.img_resolution} px")
+        ds = AlignedFaceDataset(data_root, mirror=run.mirror, limit=run.limit, resolution=cfg.G.img_resolution)
         nets = build_networks(cfg, info.device)
         counters = Counters()
+        if resume is not None and grow_from is not None:
+            raise ValueError("give either resume or grow_from, not both")
+        if grow_from is not None:
+            _grow_networks(cfg, nets, grow_from)
         if resume is not None:
             counters, meta = load_training_state(resume, nets, "stylegan2")
             _check_resume_config(cfg, meta)
@@ -318,6 +459,33 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
         shutdown_distributed(info)
 
 
+def _grow_networks(cfg: StyleGAN2TrainConfig, nets: Networks, source: str | os.PathLike[str]) -> None:
+    """Initialise a fresh run's networks from a lower-resolution snapshot (see ``grow_from``)."""
+    from safetensors.torch import load_file
+
+    from portrait3d.training.loop import find_snapshot
+
+    folder = find_snapshot(source)
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("trainer") != "stylegan2":
+        raise ValueError(f"{folder} is not a StyleGAN2 training snapshot")
+    old = StyleGAN2TrainConfig.from_dict(meta["config"])
+    tensors = load_file(str(folder / "state.safetensors"))
+    for name in ("G", "G_ema"):
+        src = Generator(old.G)
+        src.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        grow_generator(getattr(nets, name), src)
+    d_state = {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}
+    target = nets.D
+    if old.discriminator == "projected" and cfg.discriminator == "both":
+        target = nets.D.projected  # the vision-aided D keeps the trained projected head; its pixel D starts fresh
+    elif old.discriminator != cfg.discriminator:
+        return
+    own = target.state_dict()
+    if set(d_state) == set(own) and all(own[k].shape == v.shape for k, v in d_state.items()):
+        target.load_state_dict(d_state)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -334,21 +502,70 @@ def fid_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device
     return hook
 
 
+def face_metrics_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device,
+                      n_real: int = 2000) -> MetricsFn:
+    """A metrics hook: FD-dlib, KID-dlib, detection rate, pose spread and identity diversity of
+    ``n_gen`` EMA samples against ``n_real`` training faces (:mod:`portrait3d.metrics.face_stats`)."""
+    from portrait3d.metrics.face_stats import compare, dataset_face_stats, generator_face_stats
+
+    keys = ("fd_dlib", "kid_dlib", "detection", "yaw_std_ratio", "pitch_std_ratio", "identity_diversity_ratio")
+
+    def hook(G_ema: torch.nn.Module, step: int) -> dict[str, float]:
+        real = dataset_face_stats(data_root, n_real)
+        m = compare(generator_face_stats(G_ema, n_gen, seed=0, device=device), real)
+        return {k: m[k] for k in keys}
+
+    return hook
+
+
+def _hooks(*hooks: MetricsFn | None) -> MetricsFn:
+    def hook(G_ema: torch.nn.Module, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for h in hooks:
+            if h is not None:
+                out.update(h(G_ema, step))
+        return out
+
+    return hook
+
+
 @click.command(context_settings=CLI_SETTINGS)
 @run_options(PRESETS, data_help="Built dataset folder (images.npy + labels.json).", lr_d_default=0.0025, extra=[
     click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy, '' for none."),
     click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9]."),
     click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off]."),
+    click.option("--discriminator", type=click.Choice(DISCRIMINATORS), default=None,
+                 help="stylegan2 (pixel, R1), projected (EfficientNet-Lite0 features, hinge) or both [preset]."),
+    click.option("--resolution", type=click.Choice(["32", "64", "128", "256", "512", "1024"]), default=None,
+                 help="Train G and D at this size (the dataset is box-filtered down) [preset]."),
+    click.option("--grow-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                 help="Start from a snapshot at the same or a lower resolution (progressive growing)."),
+    click.option("--face-metrics", type=click.IntRange(0), default=0,
+                 help="Face metrics (FD-dlib, detection, pose spread, identity diversity) on N samples at each "
+                      "metrics interval (0 = none; ~0.1 s per sample)."),
 ])
 def main(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, policy: str | None,
-         mixing: float | None, pl_weight: float | None, **overrides: Any) -> None:
-    """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun)."""
+         mixing: float | None, pl_weight: float | None, discriminator: str | None, resolution: str | None,
+         grow_from: Path | None, face_metrics: int, **overrides: Any) -> None:
+    """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun).
+
+    \b
+    The CPU recipe: 64 px first, then grow to 128 px:
+      python -m portrait3d.training.stylegan2 --data DATA --out RUN64 --config cpu-proj --resolution 64
+      python -m portrait3d.training.stylegan2 --data DATA --out RUN128 --config cpu-proj --grow-from RUN64
+    """
     cfg = preset(preset_name)
     apply_cli_options(cfg, **overrides)
-    for name, v in (("augment", policy), ("style_mixing_prob", mixing), ("pl_weight", pl_weight)):
+    for name, v in (("augment", policy), ("style_mixing_prob", mixing), ("pl_weight", pl_weight),
+                    ("discriminator", discriminator)):
         if v is not None:
             setattr(cfg, name, v)
-    run_cli(train_stylegan2, cfg, data, out, resume, fid, lambda dev: fid_hook(data, fid, dev))
+    if resolution is not None:
+        cfg.G.img_resolution = cfg.D.img_resolution = int(resolution)
+    train = functools.partial(train_stylegan2, grow_from=grow_from) if grow_from is not None else train_stylegan2
+    run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: _hooks(
+        fid_hook(data, fid, dev) if fid > 0 else None,
+        face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None))
 
 
 if __name__ == "__main__":
