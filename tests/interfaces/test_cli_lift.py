@@ -199,34 +199,16 @@ def test_lift_photo_with_two_faces_needs_an_index(trained, tmp_path):
                                  "--out", str(tmp_path / "o")), "--face-index")
 
 
-# ------------------------------------------------------------------ the lifted default-2d shipped in the package
+# ------------------------------------------------------------------ default-2d ships no lifted model at present
 
 
-def test_shipped_lifted_default_2d_renders_a_non_flat_face(tmp_path):
-    from portrait3d.checkpoints import load_network
+def test_default_2d_without_a_lifted_model_says_how_to_train_one(tmp_path):
+    """The lifting of the previous default-2d was removed with it (it lifted other weights); until one is
+    retrained on the current generator, ``lift`` refuses with one line that says how to make one."""
     from portrait3d.interfaces.lift import builtin_lifted_path
-    from portrait3d.methods.lifting.networks import LiftedGenerator
-    from portrait3d.methods.lifting.train import yaw_view
 
-    lifted = builtin_lifted_path("default-2d")
-    assert lifted is not None and lifted.is_file(), "the package ships models/default-2d/lifted.safetensors"
-    out = tmp_path / "o"
-    res = run_cli("lift", "11", "--yaw", "-30", "--yaw", "30", "--out", str(out))
-    assert res.exit_code == 0, res.output
-    rec = json.loads((out / "result.json").read_text())
-    assert rec["network"] == "default-2d" and rec["generator_ref_verified"] is True
-    size = rec["image_size"]
-    for name in ("image.png", "depth.png", "normal.png", "albedo.png"):
-        with Image.open(out / name) as im:
-            assert im.size == (size, size), name
-    # The trained depth is a surface, not the flat initial plane, and turning it changes the image.
-    G = load_network("default-2d").eval()
-    model = LiftedGenerator.load(lifted, g2d=G)
-    with torch.no_grad():
-        w = G.mapping(torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(0)), None,
-                      truncation_psi=0.7)[:, 0]
-        o = model(w)
-        turned = model.render_view(o, view=yaw_view(30.0, 4)).image
-    face = o.depth[:, 8:-8, 8:-8] if o.depth.ndim == 3 else o.depth[:, 0, 8:-8, 8:-8]
-    assert float(face.flatten(1).std(1).min()) > 1e-3
-    assert float((turned - o.image).abs().mean()) > 0.02
+    if builtin_lifted_path("default-2d").is_file():
+        pytest.skip("a lifted default-2d ships again")
+    res = run_cli("lift", "11", "--out", str(tmp_path / "o"))
+    assert_clean_failure(res, "python -m portrait3d.methods.lifting.train --network default-2d")
+    assert not (tmp_path / "o").exists()

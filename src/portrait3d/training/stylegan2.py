@@ -109,12 +109,16 @@ class StyleGAN2TrainConfig:
             raise ValueError("batch and regularisation intervals must be positive")
 
 
+def _cpu_nets(channel_base: int) -> dict[str, Any]:
+    """G and D of the CPU presets: 128 px, z = w = 256, 4 mapping layers, at most 256 channels."""
+    return dict(G=StyleGAN2Config(z_dim=256, w_dim=256, img_resolution=128, mapping=MappingConfig(num_layers=4),
+                                  synthesis=SynthesisConfig(channel_base=channel_base, channel_max=256)),
+                D=DiscriminatorConfig(img_resolution=128, channel_base=channel_base, channel_max=256))
+
+
 def _cpu_small() -> StyleGAN2TrainConfig:
     return StyleGAN2TrainConfig(
-        G=StyleGAN2Config(z_dim=256, w_dim=256, img_resolution=128,
-                          mapping=MappingConfig(num_layers=4),
-                          synthesis=SynthesisConfig(channel_base=8192, channel_max=256)),
-        D=DiscriminatorConfig(img_resolution=128, channel_base=8192, channel_max=256),
+        **_cpu_nets(8192),
         run=RunConfig(batch=16, total_kimg=1000, snapshot_kimg=10, sample_kimg=2, workers=0))
 
 
@@ -123,10 +127,7 @@ def _cpu_fast() -> StyleGAN2TrainConfig:
     # 2 CPU cores, 11x faster than cpu-small, so a CPU session sees tens of thousands of images.
     # No DiffAugment: D cannot memorise 44k mirrored faces in the few hundred kimg a CPU reaches.
     return StyleGAN2TrainConfig(
-        G=StyleGAN2Config(z_dim=256, w_dim=256, img_resolution=128,
-                          mapping=MappingConfig(num_layers=4),
-                          synthesis=SynthesisConfig(channel_base=2048, channel_max=256)),
-        D=DiscriminatorConfig(img_resolution=128, channel_base=2048, channel_max=256),
+        **_cpu_nets(2048),
         augment="",
         run=RunConfig(batch=16, total_kimg=1000, snapshot_kimg=4, sample_kimg=2, workers=0))
 
@@ -145,10 +146,7 @@ def _cpu_proj() -> StyleGAN2TrainConfig:
     # colour + translation, no R1), bf16 autocast + channels_last + compiled G. 64 ch at 64 px, 32 at 128.
     # Train at 64 px first (--resolution 64), then --grow-from that run at 128 px.
     return StyleGAN2TrainConfig(
-        G=StyleGAN2Config(z_dim=256, w_dim=256, img_resolution=128,
-                          mapping=MappingConfig(num_layers=4),
-                          synthesis=SynthesisConfig(channel_base=4096, channel_max=256)),
-        D=DiscriminatorConfig(img_resolution=128, channel_base=4096, channel_max=256),
+        **_cpu_nets(4096),
         discriminator="projected", augment="color,translation", lr_G=0.0025, lr_D=0.002,
         run=RunConfig(batch=16, total_kimg=1000, snapshot_kimg=2, sample_kimg=1, workers=0,
                       precision="bf16", channels_last=True, compile=True, keep_snapshots=3))
