@@ -4,7 +4,7 @@ Writes into one folder:
 
 * ``samples_2d.png``  grid of StyleGAN2 samples;
 * ``lifted_2d.png``   the first 2D samples lifted to 3D by LiftedGAN (rotated, relit, depth), when the
-  2D generator has a shipped lifted model (``default-2d`` does);
+  2D generator has a shipped lifted model (``default-2d`` has none at present);
 * ``samples_3d.png``  grid of EG3D samples seen from the front;
 * ``views_3d.png``    the same EG3D faces, one row each, at yaw -30, -15, 0, +15, +30 degrees;
 * ``depth_3d.png``    the rendered depth of every view of ``views_3d.png`` (colour-mapped);
