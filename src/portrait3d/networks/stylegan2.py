@@ -14,6 +14,7 @@ Call signatures are the official ones::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -317,8 +318,7 @@ class SynthesisBlock(nn.Module):
                 **layer_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         _check_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], "ws")
         w_iter = iter(ws.unbind(dim=1))
-        convs = [c for c in (getattr(self, "conv0", None), self.conv1) if c is not None]
-        noise_iter = iter(noise_inputs if noise_inputs is not None else [None] * len(convs))
+        noise_iter = iter(noise_inputs) if noise_inputs is not None else itertools.repeat(None)
         if ws.device.type != "cuda" and not self.fp16_on_cpu:
             force_fp32 = True  # fp16 is a CUDA speed-up only; our CPU path stays float32
         dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32

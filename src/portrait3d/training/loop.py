@@ -54,7 +54,7 @@ __all__ = [
     "RunConfig", "DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_grads", "all_reduce_mean",
     "broadcast_module", "average_buffers", "Shard", "derive_seed", "BatchRandom", "GlobalBatchSampler",
     "ema_beta", "ema_update", "lazy_adam", "optimizer_phase", "Networks", "Counters", "save_training_state",
-    "load_training_state", "find_snapshot", "write_snapshot_folder", "prune_snapshots", "optimizer_tensors",
+    "load_training_state", "read_snapshot", "state_with_prefix", "find_snapshot", "write_snapshot_folder", "prune_snapshots", "optimizer_tensors",
     "load_optimizer", "rng_tensors", "restore_rng", "due", "save_grid", "Progress", "MetricsFn", "run_loop",
     "make_loader", "run_local_processes", "StepFn", "config_to_dict", "CLI_SETTINGS", "run_options",
     "apply_run_options", "apply_cli_options", "run_cli",
@@ -673,11 +673,9 @@ def find_snapshot(path: str | os.PathLike[str]) -> Path:
     return snaps[-1]
 
 
-def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: str) -> tuple[Counters, dict[str, Any]]:
-    """Restore ``nets`` (in place) from a snapshot; returns the counters and the JSON metadata."""
+def read_snapshot(path: str | os.PathLike[str], trainer: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON metadata and tensors of a ``trainer`` snapshot (``path``: a snapshot or run folder)."""
     from safetensors.torch import load_file
-
-    from portrait3d.checkpoints.state import load_state_strict
 
     folder = find_snapshot(path)
     meta = json.loads((folder / "state.json").read_text())
@@ -685,11 +683,23 @@ def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: s
         raise ValueError(f"{folder} is not a portrait3d training snapshot")
     if meta.get("trainer") != trainer:
         raise ValueError(f"{folder} is a {meta.get('trainer')} snapshot, not {trainer}")
-    tensors = load_file(str(folder / "state.safetensors"))
+    meta["folder"] = str(folder)
+    return meta, load_file(str(folder / "state.safetensors"))
+
+
+def state_with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The state dict stored under ``prefix.`` in snapshot tensors (``'G'``, ``'D'``, ``'G_ema'``)."""
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
+def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: str) -> tuple[Counters, dict[str, Any]]:
+    """Restore ``nets`` (in place) from a snapshot; returns the counters and the JSON metadata."""
+    from portrait3d.checkpoints.state import load_state_strict
+
+    meta, tensors = read_snapshot(path, trainer)
     for name in ("G", "D", "G_ema"):
-        head = name + "."
-        sd = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
-        load_state_strict(getattr(nets, name), sd, f"snapshot {name}")
+        load_state_strict(getattr(nets, name), state_with_prefix(tensors, name), f"snapshot {name}")
     for name in ("opt_G", "opt_D"):
         load_optimizer(getattr(nets, name), tensors, name, meta["optimizers"][name])
     for k in list(nets.extra):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from portrait3d.training import augment
 from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig,
                                       Shard, StepFn, all_reduce_mean, apply_cli_options, broadcast_module,
                                       config_to_dict, init_distributed, lazy_adam, load_training_state, make_loader,
-                                      gan_step, run_cli, run_loop, run_options, save_grid, shutdown_distributed)
+                                      read_snapshot, state_with_prefix, gan_step, run_cli, run_loop, run_options, save_grid, shutdown_distributed)
 
 __all__ = ["StyleGAN2TrainConfig", "PRESETS", "DISCRIMINATORS", "preset", "train_stylegan2", "auto_r1_gamma",
            "grow_generator", "discriminator_losses", "generator_loss"]
@@ -212,10 +211,6 @@ def discriminator_losses(fake: Any, real: Any, projected_weight: float = 1.0,
     if kind == "projected":
         return hinge(fake, real)
     return pixel(fake[0], real[0]) + projected_weight * hinge(fake[1], real[1])
-
-
-def _pixel_logits(logits: Any, kind: str) -> torch.Tensor:
-    return logits[0] if kind == "both" else logits
 
 
 def _generate(G: Generator, synthesis: Callable[..., torch.Tensor], rnd: BatchRandom, mixing_prob: float,
@@ -458,22 +453,14 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
 
 
 def _grow_networks(cfg: StyleGAN2TrainConfig, nets: Networks, source: str | os.PathLike[str]) -> None:
-    """Initialise a fresh run's networks from a lower-resolution snapshot (see ``grow_from``)."""
-    from safetensors.torch import load_file
-
-    from portrait3d.training.loop import find_snapshot
-
-    folder = find_snapshot(source)
-    meta = json.loads((folder / "state.json").read_text())
-    if meta.get("trainer") != "stylegan2":
-        raise ValueError(f"{folder} is not a StyleGAN2 training snapshot")
+    """Initialise a fresh run's networks from a snapshot at the same or a lower resolution (``grow_from``)."""
+    meta, tensors = read_snapshot(source, "stylegan2")
     old = StyleGAN2TrainConfig.from_dict(meta["config"])
-    tensors = load_file(str(folder / "state.safetensors"))
     for name in ("G", "G_ema"):
         src = Generator(old.G)
-        src.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        src.load_state_dict(state_with_prefix(tensors, name))
         grow_generator(getattr(nets, name), src)
-    d_state = {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}
+    d_state = state_with_prefix(tensors, "D")
     target = nets.D
     if old.discriminator == "projected" and cfg.discriminator == "both":
         target = nets.D.projected  # the vision-aided D keeps the trained projected head; its pixel D starts fresh
@@ -508,9 +495,12 @@ def face_metrics_hook(data_root: str | os.PathLike[str], n_gen: int, device: tor
 
     keys = ("fd_dlib", "kid_dlib", "detection", "yaw_std_ratio", "pitch_std_ratio", "identity_diversity_ratio")
 
+    real: list[Any] = []  # the reference, measured (or read from its cache) at the first call only
+
     def hook(G_ema: torch.nn.Module, step: int) -> dict[str, float]:
-        real = dataset_face_stats(data_root, n_real)
-        m = compare(generator_face_stats(G_ema, n_gen, seed=0, device=device), real)
+        if not real:
+            real.append(dataset_face_stats(data_root, n_real))
+        m = compare(generator_face_stats(G_ema, n_gen, seed=0, device=device), real[0])
         return {k: m[k] for k in keys}
 
     return hook

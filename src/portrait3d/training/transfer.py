@@ -77,24 +77,20 @@ def unpack_data(packed: str | os.PathLike[str], root: str | os.PathLike[str]) ->
 
 def pack_snapshot(snapshot: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[Path]:
     """Write G, G_ema, D (float16) and ``run.json`` (trainer, config, counters) of a snapshot into ``out``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from portrait3d.training.loop import find_snapshot
+    from portrait3d.training.loop import read_snapshot, state_with_prefix
 
-    folder = find_snapshot(snapshot)
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
+    meta, tensors = read_snapshot(snapshot, "stylegan2")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in _NETS:
-        head = name + "."
-        sd = {k[len(head):]: (v.half() if v.is_floating_point() else v) for k, v in tensors.items()
-              if k.startswith(head)}
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in state_with_prefix(tensors, name).items()}
         save_file(sd, str(out / f"{name}.safetensors"))
         written.append(out / f"{name}.safetensors")
     run = {k: meta[k] for k in ("trainer", "config", "step", "images_seen", "metrics")}
-    run["source"] = str(folder)
+    run["source"] = meta["folder"]
     (out / "run.json").write_text(json.dumps(run))
     written.append(out / "run.json")
     return written
