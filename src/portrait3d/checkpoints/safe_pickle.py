@@ -21,10 +21,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from portrait3d.errors import UsageError
+
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "PersistentStub", "PlainStub", "safe_load_pickle"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint could not be read or does not describe a supported network."""
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from portrait3d.errors import UsageError
+
 __all__ = ["FaceError", "ImageReadError", "NoFaceError", "ImageSizeError"]
 
 
-class FaceError(ValueError):
+class FaceError(UsageError):
     """Base class: the photo cannot be processed as asked."""
 
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.interfaces.cli import _fail_cleanly
+from portrait3d.interfaces.cli.base import fail_cleanly as _fail_cleanly
 from portrait3d.methods.lifting.losses import (
     ABLATIONS,
     LiftLossConfig,

@@ -1,0 +1,12 @@
+"""The ``portrait3d`` command line (click): one group owning every command.
+
+Each submodule registers its commands on :data:`main`; importing this package imports them all.
+"""
+
+from __future__ import annotations
+
+from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli import demo, edit, inversion, lift, models, photos  # noqa: F401  (registers commands)
+
+__all__ = ["main", "fail_cleanly"]
+

@@ -1,0 +1,117 @@
+"""Rank-one NRSfM editing (Haas et al.): nrsfm build, edit and transfer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from portrait3d.interfaces.cli.base import fail_cleanly, main
+
+
+@main.group()
+def nrsfm() -> None:
+    """Rank-one NRSfM editing (Haas et al.): build an editor for a generator."""
+
+
+@nrsfm.command("build")
+@click.option("--network", type=str, default="default-2d", help="StyleGAN2 checkpoint or built-in name.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Editor file to write (.safetensors); a _report.json and _basis.png go beside it.")
+@click.option("--space", type=click.Choice(["z", "w", "w+"]), default="w", help="Latent space of the edits.")
+@click.option("--samples", type=click.IntRange(50), default=10000, help="Generated faces to landmark.")
+@click.option("--basis", type=click.IntRange(0, 64), default=8, help="Number of non-rigid basis shapes K.")
+@click.option("--landmarks", "backend", type=click.Choice(["dlib", "mediapipe"]), default="dlib",
+              help="Landmark backend (68 iBUG points or the 468-point mesh).")
+@click.option("--detector", type=click.Choice(["template", "mediapipe", "dlib", "dlib-hog"]), default="mediapipe",
+              help="Face box: a detector, or 'template' (the aligned generator's fixed face box).")
+@click.option("--seed", type=int, default=0, help="Seed of the latent stream.")
+@click.option("--truncation", type=click.FloatRange(0, 1), default=1.0, help="Truncation psi of sampled latents.")
+@click.option("--factorize-samples", type=click.IntRange(50), default=4000, help="Faces used by the factorisation.")
+@click.option("--epochs", type=click.IntRange(1), default=60, help="Regressor training epochs.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("~/.cache/portrait3d/nrsfm").expanduser(), help="Landmark cache folder.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@fail_cleanly
+def nrsfm_build(network: str, out: Path, space: str, samples: int, basis: int, backend: str, detector: str, seed: int,
+                truncation: float, factorize_samples: int, epochs: int, cache_dir: Path, force: bool) -> None:
+    """Landmark N generated faces, factorise them (rank-one NRSfM) and train the regressor φ."""
+    from portrait3d.interfaces.nrsfm import run_build
+
+    report = run_build(network, out, space, samples, basis, backend, detector, seed, truncation, factorize_samples,
+                       epochs, force, cache_dir)
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
+    click.echo(f"wrote {out}")
+
+
+def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--network", type=str, default="default-2d", help="StyleGAN2 checkpoint or built-in name."),
+        click.option("--nrsfm", "editor_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="NRSfM editor file [the network's shipped editor]."),
+        click.option("--mode", type=click.Choice(["linear", "gradient"]), default="gradient",
+                     help="Eq. 14 (Jacobian pseudo-inverse) or eq. 15 (gradient with identity term)."),
+        click.option("--steps", type=click.IntRange(1, 10000), default=50, help="Gradient-edit steps."),
+        click.option("--lambda-id", type=click.FloatRange(0), default=0.01, help="Identity weight λ_ID of eq. 15."),
+        click.option("--detector", type=click.Choice(["template", "mediapipe", "dlib", "dlib-hog"]),
+                     default="template", help="Face box on generated images."),
+        click.option("--project-steps", type=click.IntRange(1, 100000), default=300,
+                     help="Projector steps when editing a photo."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
+        click.option("--force", is_flag=True, help="Overwrite existing outputs."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("source", type=str)
+@click.option("--method", type=click.Choice(["nrsfm"]), default="nrsfm", help="Editing method.")
+@click.option("--yaw", type=float, default=0.0, help="Change of head yaw, degrees (+ = head turns to its left).")
+@click.option("--pitch", type=float, default=0.0, help="Change of head pitch, degrees (+ = chin up).")
+@click.option("--roll", type=float, default=0.0, help="Change of head roll, degrees.")
+@click.option("--expr", multiple=True, metavar="K=VALUE",
+              help="Change of shape component K (1-based) in standard deviations; repeatable.")
+@click.option("--face-index", type=click.IntRange(0), default=None, help="Face in a photo (0 = largest).")
+@_edit_options
+@fail_cleanly
+def edit(source: str, method: str, yaw: float, pitch: float, roll: float, expr: tuple[str, ...],
+         face_index: int | None, network: str, editor_path: Path | None, mode: str, steps: int, lambda_id: float,
+         detector: str, project_steps: int, out: Path, force: bool) -> None:
+    """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first)."""
+    from portrait3d.interfaces.nrsfm import run_edit
+    from portrait3d.methods.nrsfm.edit import EditSpec, parse_expr
+
+    spec = EditSpec(yaw=yaw, pitch=pitch, roll=roll, expr=parse_expr(expr))
+    if spec.is_identity():
+        raise ValueError("nothing to edit: give --yaw, --pitch, --roll or --expr")
+    rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
+                   face_index)
+    _echo_edit_summary(rec, out)
+
+
+def _echo_edit_summary(rec: dict, out: Path) -> None:
+    """The headline figures of an edit / transfer record, then where it was written."""
+    click.echo(json.dumps({k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds")
+                           if k in rec}))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("source", type=str)
+@click.argument("target", type=str)
+@click.option("--part", type=click.Choice(["pose", "expression", "all"]), default="pose",
+              help="What TARGET takes from SOURCE.")
+@_edit_options
+@fail_cleanly
+def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, steps: int,
+             lambda_id: float, detector: str, project_steps: int, out: Path, force: bool) -> None:
+    """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo)."""
+    from portrait3d.interfaces.nrsfm import run_transfer
+
+    rec = run_transfer(source, target, network, editor_path, part, mode, steps, lambda_id, out, force, detector,
+                       project_steps)
+    _echo_edit_summary(rec, out)

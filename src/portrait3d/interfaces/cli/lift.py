@@ -1,0 +1,44 @@
+"""LiftedGAN: lift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from portrait3d.interfaces.cli.base import fail_cleanly, main
+
+
+@main.command()
+@click.argument("source", type=str)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--network", type=str, default="default-2d",
+              help="2D StyleGAN2 checkpoint or built-in name the lifted model was trained on.")
+@click.option("--lifted", "lifted_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              show_default="models/<network>/lifted.safetensors when shipped",
+              help="Lifting model written by `python -m portrait3d.methods.lifting.train`.")
+@click.option("--yaw", "yaws", type=float, multiple=True, show_default="-60 -30 0 30 60",
+              help="Yaw of a view in rotated.png, degrees within [-90, 90]; repeatable.")
+@click.option("--light", type=str, default=None, metavar="X,Y",
+              help="Extra light direction for relit.png, X and Y in [-1, 1] as D_L predicts them "
+                   "(X > 0 lights from the image's left, Y > 0 from the top).")
+@click.option("--face-index", type=click.IntRange(0), default=None,
+              help="Which face when the photo has several (0 = largest) [required then].")
+@click.option("--project-steps", type=click.IntRange(1, 100000), default=300, help="Projector steps for a photo.")
+@click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT.")
+@fail_cleanly
+def lift(source: str, out: Path, network: str, lifted_path: Path | None, yaws: tuple[float, ...], light: str | None,
+         face_index: int | None, project_steps: int, device: str, force: bool) -> None:
+    """Lift SOURCE (a seed, a .npy latent or a photo) to 3D with LiftedGAN: rotate, relight, export a mesh.
+
+    Writes image.png, rotated.png, relit.png, depth.png, normal.png, albedo.png, shading.png, mesh.obj,
+    latent.npy and result.json (and aligned.png, projection.png for a photo) to OUT.
+    """
+    from portrait3d.interfaces.lift import run_lift
+
+    rec = run_lift(source, out, network, lifted_path, yaws, light, force, face_index, project_steps, device=device)
+    v, li = rec["view"], rec["light"]
+    click.echo(f"view yaw {v['yaw_deg']:+.1f} pitch {v['pitch_deg']:+.1f} roll {v['roll_deg']:+.1f} deg, light "
+               f"ambient {li['ambient']:.2f} diffuse {li['diffuse']:.2f} direction ({li['dx']:+.2f}, {li['dy']:+.2f})")
+    click.echo(f"wrote {out}")
