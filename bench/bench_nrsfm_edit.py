@@ -31,7 +31,7 @@ def main(network: str, editor_path: Path | None, space: str, steps: int, repeats
     from portrait3d.methods.nrsfm.edit import EditSpec
     from portrait3d.methods.nrsfm.editor import BuildConfig, NRSfMEditor, build_editor
     from portrait3d.methods.nrsfm.regressor import RegressorConfig
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     torch.set_num_threads(threads)
     G = load_network(network).eval().requires_grad_(False)

@@ -125,7 +125,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
     from portrait3d.face.landmarks import LandmarkDetector
     from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
     from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, sample_pseudo_pairs
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
     rk = getattr(G, "rendering_kwargs", {}) or {}

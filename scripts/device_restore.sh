@@ -9,4 +9,4 @@ returned=${1:?usage: device_restore.sh FILES_AT RUN}
 run=${2:?usage: device_restore.sh FILES_AT RUN}
 py=${PYTHON:-.venv/bin/python}
 if [ -d .models-aside ] && [ ! -d src/portrait3d/models ]; then mv .models-aside src/portrait3d/models; fi
-"$py" -m portrait3d.training.transfer unpack-snapshot "$returned/snapshot" "$run"
+"$py" -m portrait3d.interfaces.cli train unpack-snapshot "$returned/snapshot" "$run"

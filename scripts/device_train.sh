@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/.device" PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/p3d-out}
 work=$(mktemp -d)
-python3 -m portrait3d.training.transfer unpack-data .device/faces.npz "$work/data"
-python3 -m portrait3d.training.transfer unpack-snapshot .device/snapshot "$work/run"
-python3 -m portrait3d.training.stylegan2 --data "$work/data" --out "$work/run" --resume "$work/run" \
+python3 -m portrait3d.interfaces.cli dataset unpack .device/faces.npz "$work/data"
+python3 -m portrait3d.interfaces.cli train unpack-snapshot .device/snapshot "$work/run"
+python3 -m portrait3d.interfaces.cli train stylegan2 --data "$work/data" --out "$work/run" --resume "$work/run" \
     --config "${PRESET:-cpu-proj}" --resolution "${RESOLUTION:-128}" --device "${DEVICE:-cuda}" --no-amp \
     --precision bf16 --batch "${BATCH:-64}" --kimg 1000000 --snap 1000000 --sample-every 1000000 \
     --max-minutes "${MINUTES:-7}" --workers 4 --no-progress
-python3 -m portrait3d.training.transfer pack-snapshot "$work/run" "$out/snapshot"
+python3 -m portrait3d.interfaces.cli train pack-snapshot "$work/run" "$out/snapshot"
 cp "$work/run/log.jsonl" "$out/log.jsonl"

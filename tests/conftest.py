@@ -102,7 +102,7 @@ START_METHOD = "fork" if "fork" in torch.multiprocessing.get_all_start_methods()
 
 
 def make_dataset(root: Path, n: int, res: int, seed: int = 0) -> Path:
-    """A dataset folder in :mod:`portrait3d.training.dataset`'s on-disk format: discs on a background."""
+    """A dataset folder in :mod:`portrait3d.face.dataset`'s on-disk format: discs on a background."""
     from portrait3d.networks.eg3d.camera import camera_from_angles
 
     rng = np.random.default_rng(seed)

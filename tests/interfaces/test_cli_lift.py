@@ -1,4 +1,4 @@
-"""``python -m portrait3d.methods.lifting.train`` and ``portrait3d lift`` end to end on a tiny random
+"""``portrait3d train lift`` and ``portrait3d lift`` end to end on a tiny random
 StyleGAN2 (32 px, lifted at 16 px): every output file, seed / .npy / photo sources, and one-line errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from portrait3d import save_network
-from portrait3d.methods.lifting.train import main as train_main
+from portrait3d.interfaces.cli.train import lift_cmd as train_main
 from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,7 +161,7 @@ def test_lift_rejects_bad_values(trained, tmp_path, args, pattern):
 def test_lift_missing_model_and_bad_sources(trained, tmp_path):
     root, net, lifted = trained
     assert_clean_failure(run_cli("lift", "1", "--network", str(net), "--lifted", str(root / "none.safetensors"),
-                                 "--out", str(tmp_path / "a")), "python -m portrait3d.methods.lifting.train")
+                                 "--out", str(tmp_path / "a")), "portrait3d train lift")
     assert_clean_failure(run_cli("lift", "1", "--network", str(net), "--out", str(tmp_path / "b")),
                          "no lifted model for network")
     assert_clean_failure(run_cli("lift", "1", "--lifted", str(lifted), "--out", str(tmp_path / "c")),
@@ -210,5 +210,5 @@ def test_default_2d_without_a_lifted_model_says_how_to_train_one(tmp_path):
     if builtin_lifted_path("default-2d").is_file():
         pytest.skip("a lifted default-2d ships again")
     res = run_cli("lift", "11", "--out", str(tmp_path / "o"))
-    assert_clean_failure(res, "python -m portrait3d.methods.lifting.train --network default-2d")
+    assert_clean_failure(res, "portrait3d train lift --network default-2d")
     assert not (tmp_path / "o").exists()

@@ -117,7 +117,7 @@ def test_ddp_two_processes_match_one(data, tmp_path, capsys):
 
 
 def test_schedules_and_helpers(data):
-    from portrait3d.training.dataset import AlignedFaceDataset
+    from portrait3d.face.dataset import AlignedFaceDataset
 
     cfg = tiny_config(1, batch=32)
     assert E.blur_sigma(cfg, 0) == 10 and E.blur_sigma(cfg, 100_000) == 5 and E.blur_sigma(cfg, 10**6) == 0

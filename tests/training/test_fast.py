@@ -170,7 +170,7 @@ def test_compiled_synthesis_matches_eager(tiny_stylegan2):
 
 
 def test_dataset_served_at_a_lower_resolution(data):
-    from portrait3d.training.dataset import AlignedFaceDataset
+    from portrait3d.face.dataset import AlignedFaceDataset
 
     full = AlignedFaceDataset(data, mirror=False)
     half = AlignedFaceDataset(data, mirror=False, resolution=16)

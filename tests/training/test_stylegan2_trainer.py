@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from portrait3d.training import augment
 from portrait3d.training.loop import BatchRandom, GlobalBatchSampler, Shard, run_local_processes
-from portrait3d.training.stylegan2 import StyleGAN2TrainConfig, main, preset, train_stylegan2
+from portrait3d.interfaces.cli.train import stylegan2_cmd as main
+from portrait3d.training.stylegan2 import StyleGAN2TrainConfig, preset, train_stylegan2
 from tests.conftest import START_METHOD as START, make_dataset
 
 RES = 32

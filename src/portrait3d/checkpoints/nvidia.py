@@ -19,7 +19,7 @@ from portrait3d.checkpoints.state import load_state_strict
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 
 __all__ = ["load_nvidia_pickle", "stub_state_dict", "stub_child", "stub_init_kwargs", "network_from_stub",
-           "stylegan2_config_from_stub"]
+           "stylegan2_config_from_stub", "triplane_from_stub"]
 
 _GENERATOR_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
 _MAPPING_KEYS = {f for f in MappingConfig.__dataclass_fields__}
@@ -116,11 +116,46 @@ def network_from_stub(stub: Any) -> nn.Module:
         load_state_strict(net, stub_state_dict(stub), "StyleGAN2 generator")
         return net.eval().requires_grad_(False)
     if stub.class_name == "TriPlaneGenerator":
-        from portrait3d.networks.eg3d.triplane import triplane_from_stub  # heavy import only when needed
-
         return triplane_from_stub(stub)
     raise CheckpointError(f"network class '{stub.class_name}' is not supported "
                           "(StyleGAN2, StyleGAN2-ADA and EG3D TriPlaneGenerator are)")
+
+
+def triplane_from_stub(stub: PersistentStub) -> nn.Module:
+    """Build our :class:`TriPlaneGenerator` from an official pickle's ``TriPlaneGenerator`` stub."""
+    from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator  # heavy: only when needed
+
+    kw = stub_init_kwargs(stub, ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels"))
+    rendering = dict(stub.state.get("rendering_kwargs") or kw.get("rendering_kwargs") or {})
+    if not rendering:
+        raise CheckpointError("TriPlaneGenerator in the pickle has no rendering_kwargs")
+    backbone = stub_child(stub, "backbone")
+    bb_cfg = stylegan2_config_from_stub(backbone)
+    sr_kwargs = dict(kw.get("sr_kwargs") or {})
+    sr_fused = sr_kwargs.pop("fused_modconv_default", True)
+    sr_kwargs.pop("channel_base", None)  # ignored by the official SR modules as well
+    sr_kwargs.pop("channel_max", None)
+    if sr_kwargs:
+        raise CheckpointError(f"unsupported super-resolution option(s): {', '.join(sorted(sr_kwargs))}")
+    nrr = stub.state.get("neural_rendering_resolution", 64)
+    try:
+        cfg = EG3DConfig(
+            z_dim=int(kw["z_dim"]), c_dim=int(kw["c_dim"]), w_dim=int(kw["w_dim"]),
+            img_resolution=int(kw["img_resolution"]), img_channels=int(kw["img_channels"]),
+            neural_rendering_resolution=int(nrr), sr_num_fp16_res=int(kw.get("sr_num_fp16_res", 0)),
+            mapping=bb_cfg.mapping, backbone=bb_cfg.synthesis, sr_fused_modconv_default=sr_fused,
+            rendering=RenderingConfig.from_kwargs(rendering),
+            plane_channels=bb_cfg.img_channels // 3, plane_resolution=bb_cfg.img_resolution)
+        net = TriPlaneGenerator(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"unsupported EG3D configuration in the pickle: {e}") from None
+    load_state_strict(net, stub_state_dict(stub), "EG3D generator")
+    axes = stub_child(stub, "renderer").state.get("plane_axes")
+    if isinstance(axes, torch.Tensor):
+        if axes.shape != net.renderer.plane_axes.shape:
+            raise CheckpointError("EG3D renderer plane axes have an unexpected shape")
+        net.renderer.plane_axes.copy_(axes)
+    return net.eval().requires_grad_(False)
 
 
 def load_nvidia_pickle(f: BinaryIO | bytes, key: str = "G_ema") -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+from portrait3d.errors import UsageError
 
 __all__ = ["DETECTORS", "TEMPLATE_BOX", "FaceTools", "FaceAnalyzer"]
 
@@ -44,7 +45,7 @@ class FaceAnalyzer:
 
     def __init__(self, detector: str = "mediapipe", work_size: int = 256) -> None:
         if detector not in DETECTORS:
-            raise ValueError(f"unknown detector {detector!r} (choose from {DETECTORS})")
+            raise UsageError(f"unknown detector {detector!r} (choose from {DETECTORS})")
         from portrait3d.face.landmarks import LandmarkDetector
 
         self.detector_name = detector
@@ -72,7 +73,7 @@ class FaceAnalyzer:
     def _work(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
         img = np.ascontiguousarray(image)
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {img.dtype} {img.shape}")
+            raise UsageError(f"expected a uint8 RGB image [H, W, 3], got {img.dtype} {img.shape}")
         h, w = img.shape[:2]
         if not self.work_size or max(h, w) == self.work_size:
             return img, 1.0, 1.0

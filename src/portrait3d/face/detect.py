@@ -38,6 +38,7 @@ import numpy as np
 
 from portrait3d.face.errors import NoFaceError
 from portrait3d.face.models import ReleasesOnExit, quiet_native_stderr
+from portrait3d.errors import UsageError
 
 __all__ = ["BACKENDS", "MEDIAPIPE_KEYPOINTS", "Detection", "FaceDetector", "box_iou", "select_face"]
 
@@ -139,7 +140,7 @@ def select_face(detections: Sequence[Detection], face_index: int | None = None) 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
+        raise UsageError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
     return np.ascontiguousarray(image)
 
 
@@ -172,7 +173,7 @@ class FaceDetector(ReleasesOnExit):
         nms_iou: float = 0.4,
     ) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown face detector backend {backend!r} (choose from {BACKENDS})")
+            raise UsageError(f"unknown face detector backend {backend!r} (choose from {BACKENDS})")
         self.backend = backend
         self.min_score = float(min_score)
         self.fallback = bool(fallback)

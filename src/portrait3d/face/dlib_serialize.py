@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from portrait3d.errors import UsageError
 
 __all__ = ["DlibLayer", "DlibNetwork", "DlibReader", "read_dlib_network"]
 
@@ -335,7 +336,7 @@ def read_dlib_network(source: str | Path | bytes, name: str | None = None) -> Dl
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise ValueError(f"cannot read dlib model file {path}: {e.strerror or e}") from None
+            raise UsageError(f"cannot read dlib model file {path}: {e.strerror or e}") from None
         name = name or str(path)
     r = DlibReader(data, name)
     if not data:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from .dlib_serialize import DlibNetwork, read_dlib_network
 from .models import dlib_model_path
+from portrait3d.errors import UsageError
 
 __all__ = [
     "CHIP_PADDING",
@@ -199,7 +200,7 @@ class DlibFaceResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images [N, 3, H, W], got {tuple(x.shape)}")
+            raise UsageError(f"expected images [N, 3, H, W], got {tuple(x.shape)}")
         x = (x - self.mean_rgb) / self.input_scale
         x = F.max_pool2d(F.relu(self.aff1(self.conv1(x))), 3, 2)
         x = self.blocks(x)
@@ -232,10 +233,10 @@ def _load_network(path: str) -> DlibNetwork:
     expected, got = _expected_kinds(), net.kinds()
     if got != expected:
         first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-        raise ValueError(f"{path} is not dlib's face-recognition ResNet: layer sequence differs at "
+        raise UsageError(f"{path} is not dlib's face-recognition ResNet: layer sequence differs at "
                          f"position {first} ({got[first:first + 3]} vs {expected[first:first + 3]})")
     if net.input.kind != "input_rgb_image_sized" or (net.input.params["nr"], net.input.params["nc"]) != (150, 150):
-        raise ValueError(f"{path}: expected a 150x150 input_rgb_image_sized input layer, got {net.input.version}")
+        raise UsageError(f"{path}: expected a 150x150 input_rgb_image_sized input layer, got {net.input.version}")
     return net
 
 
@@ -254,20 +255,20 @@ def _state_dict_from_dlib(path: str) -> dict[str, torch.Tensor]:
         down = name == "conv1" or (name.endswith(".conv1") and _BLOCKS[int(name.split(".")[1])][1])
         geometry = ((2, 2), (0, 0)) if down else ((1, 1), (1, 1))
         if (tuple(layer.params["stride"]), tuple(layer.params["padding"])) != geometry:
-            raise ValueError(f"{path}: unexpected stride/padding {layer.params['stride']}/"
+            raise UsageError(f"{path}: unexpected stride/padding {layer.params['stride']}/"
                              f"{layer.params['padding']} for {name}")
     for name, layer in zip(names_aff, affs):
         if layer.params["mode"] != "conv":
-            raise ValueError(f"{path}: affine layer {name} is not in conv mode")
+            raise UsageError(f"{path}: affine layer {name} is not in conv mode")
         sd[f"{name}.weight"] = torch.from_numpy(layer.params["gamma"].reshape(-1))
         sd[f"{name}.bias"] = torch.from_numpy(layer.params["beta"].reshape(-1))
     fc = net.layers[-1]
     if fc.params["bias"] is not None:
-        raise ValueError(f"{path}: expected fc_no_bias as the last layer")
+        raise UsageError(f"{path}: expected fc_no_bias as the last layer")
     sd["fc.weight"] = torch.from_numpy(np.ascontiguousarray(fc.params["weight"].T))
     for k, v in reference.items():
         if k not in sd or sd[k].shape != v.shape:
-            raise ValueError(f"{path}: parameter {k} has shape {tuple(sd[k].shape) if k in sd else None}, "
+            raise UsageError(f"{path}: parameter {k} has shape {tuple(sd[k].shape) if k in sd else None}, "
                              f"expected {tuple(v.shape)}")
     return sd
 
@@ -314,7 +315,7 @@ def _as_points(landmarks) -> np.ndarray:
         landmarks = landmarks.detach().cpu().numpy()
     pts = np.asarray(landmarks, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] not in (5, 68):
-        raise ValueError(f"landmarks must be 5 or 68 (x, y) points, got shape {pts.shape}")
+        raise UsageError(f"landmarks must be 5 or 68 (x, y) points, got shape {pts.shape}")
     return pts
 
 
@@ -492,12 +493,12 @@ def extract_chips(images: torch.Tensor, transforms, size: int = CHIP_SIZE, *,
     dlib's 8-bit truncation (straight-through gradient).
     """
     if images.ndim != 4:
-        raise ValueError(f"expected images [N, C, H, W], got {tuple(images.shape)}")
+        raise UsageError(f"expected images [N, C, H, W], got {tuple(images.shape)}")
     tf = transforms.detach().cpu().double().numpy() if isinstance(transforms, torch.Tensor) else np.asarray(transforms, np.float64)
     if tf.ndim == 2:
         tf = tf[None]
     if tf.shape[0] != images.shape[0] or tf.shape[1:] not in ((2, 3), (3, 3)):
-        raise ValueError(f"expected transforms [N, 2, 3] for N={images.shape[0]} images, got {tf.shape}")
+        raise UsageError(f"expected transforms [N, 2, 3] for N={images.shape[0]} images, got {tf.shape}")
     n, _, h, w = images.shape
     chips = []
     for i in range(n):
@@ -607,7 +608,7 @@ def dlib_descriptor(image_rgb_uint8: np.ndarray, landmarks, model_path: str | os
     5/68 ``(x, y)`` points (rounded to integers, as dlib's shape predictor outputs them)."""
     img = np.ascontiguousarray(image_rgb_uint8)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an [H, W, 3] uint8 RGB image, got {img.dtype} {img.shape}")
+        raise UsageError(f"expected an [H, W, 3] uint8 RGB image, got {img.dtype} {img.shape}")
     rec = _dlib_recognizer(_resolve(model_path))
     return np.asarray(rec.compute_face_descriptor(img, to_dlib_shape(landmarks), 0), dtype=np.float64)
 

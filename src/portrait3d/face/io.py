@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from portrait3d.face.errors import ImageReadError, ImageSizeError
+from portrait3d.errors import UsageError
 
 __all__ = ["MIN_SIDE", "MAX_PIXELS", "load_image", "save_image"]
 
@@ -192,12 +193,12 @@ def save_image(
     path = Path(path)
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        raise ValueError(f"save_image expects uint8 pixels, got {arr.dtype}")
+        raise UsageError(f"save_image expects uint8 pixels, got {arr.dtype}")
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise ValueError(f"save_image expects [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}")
+        raise UsageError(f"save_image expects [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path.name}: unknown image extension {path.suffix!r}")
+        raise UsageError(f"{path.name}: unknown image extension {path.suffix!r}")
     im = Image.fromarray(np.ascontiguousarray(arr))
     kwargs: dict[str, object] = {}
     if fmt in ("JPEG", "WEBP"):

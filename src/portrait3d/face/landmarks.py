@@ -30,6 +30,7 @@ import numpy as np
 from portrait3d.face.detect import Detection
 from portrait3d.face.errors import NoFaceError
 from portrait3d.face.models import ReleasesOnExit, quiet_native_stderr
+from portrait3d.errors import UsageError
 
 __all__ = [
     "IBUG68_REGIONS",
@@ -124,7 +125,7 @@ def mesh_to_ibug68(mesh: np.ndarray) -> np.ndarray:
     """
     mesh = np.asarray(mesh, dtype=np.float64)
     if mesh.ndim < 2 or mesh.shape[-2] not in (468, 478):
-        raise ValueError(f"expected mesh points [..., 468 or 478, D], got {mesh.shape}")
+        raise UsageError(f"expected mesh points [..., 468 or 478, D], got {mesh.shape}")
     return np.einsum("ij,...jd->...id", _MESH_W, mesh[..., _MESH_IDX, :])
 
 
@@ -143,13 +144,13 @@ def five_points(lm68: np.ndarray, eyes: str = "mean") -> np.ndarray:
     """
     lm68 = np.asarray(lm68, dtype=np.float64)
     if lm68.shape[0] != 68:
-        raise ValueError(f"expected 68 landmarks, got {lm68.shape}")
+        raise UsageError(f"expected 68 landmarks, got {lm68.shape}")
     if eyes == "mean":
         r, l = lm68[_RIGHT_EYE].mean(0), lm68[_LEFT_EYE].mean(0)
     elif eyes == "corners":
         r, l = 0.5 * (lm68[36] + lm68[39]), 0.5 * (lm68[42] + lm68[45])
     else:
-        raise ValueError(f"eyes must be 'mean' or 'corners', got {eyes!r}")
+        raise UsageError(f"eyes must be 'mean' or 'corners', got {eyes!r}")
     return np.stack([r, l, lm68[30], lm68[48], lm68[54]])
 
 
@@ -187,7 +188,7 @@ def _box_of(face: Detection | Sequence[float]) -> tuple[tuple[float, float, floa
         return face.box, face.backend
     box = tuple(float(v) for v in face)
     if len(box) != 4:
-        raise ValueError(f"expected a Detection or an (x0, y0, x1, y1) box, got {face!r}")
+        raise UsageError(f"expected a Detection or an (x0, y0, x1, y1) box, got {face!r}")
     return box, "box"  # type: ignore[return-value]
 
 
@@ -218,7 +219,7 @@ class LandmarkDetector(ReleasesOnExit):
         crop_size: int = 256,
     ) -> None:
         if backend not in ("dlib", "mediapipe"):
-            raise ValueError(f"unknown landmark backend {backend!r} (choose 'dlib' or 'mediapipe')")
+            raise UsageError(f"unknown landmark backend {backend!r} (choose 'dlib' or 'mediapipe')")
         self.backend = backend
         self.refine_landmarks = bool(refine_landmarks)
         self.crop_scale = float(crop_scale)
@@ -248,7 +249,7 @@ class LandmarkDetector(ReleasesOnExit):
         """
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
+            raise UsageError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
         box, source = _box_of(face)
         if self.backend == "dlib":
             return self._dlib(image, box, source)
@@ -303,7 +304,7 @@ class LandmarkDetector(ReleasesOnExit):
         return self._mesh
 
     def _mediapipe(self, image: np.ndarray, box: tuple[float, float, float, float]) -> FaceLandmarks:
-        from portrait3d.face.align import warp_image
+        from portrait3d.face.warp import warp_image
 
         x0, y0, x1, y1 = box
         size = float(np.sqrt(max(x1 - x0, 1.0) * max(y1 - y0, 1.0)))

@@ -29,6 +29,7 @@ from portrait3d.face.io import load_image
 from portrait3d.face.landmarks import LandmarkDetector
 from portrait3d.face.models import ReleasesOnExit
 from portrait3d.face.pose import HeadPose, camera_from_pose, estimate_head_pose
+from portrait3d.errors import UsageError
 
 __all__ = ["FaceResult", "FacePipeline", "EG3D_FOV_DEG", "DEFAULT_SIZES"]
 
@@ -72,7 +73,7 @@ class FacePipeline(ReleasesOnExit):
     def __init__(self, style: str = "default", output_size: int | None = None, detector: str = "mediapipe",
                  landmarks: str = "dlib") -> None:
         if style not in ALIGNERS:
-            raise ValueError(f"unknown alignment style {style!r} (choose from {', '.join(ALIGNERS)})")
+            raise UsageError(f"unknown alignment style {style!r} (choose from {', '.join(ALIGNERS)})")
         self.style = style
         self.output_size = int(output_size or DEFAULT_SIZES[style])
         self.detector = FaceDetector(detector)
@@ -110,7 +111,7 @@ def compare_photos(photo_a: str | os.PathLike[str], photo_b: str | os.PathLike[s
     from portrait3d.face import identity as idm
 
     if backend not in ("port", "dlib"):
-        raise ValueError(f"unknown identity backend {backend!r} (choose 'port' or 'dlib')")
+        raise UsageError(f"unknown identity backend {backend!r} (choose 'port' or 'dlib')")
     descriptors = []
     with FaceDetector(detector) as det, LandmarkDetector("dlib") as lmk:
         for photo, index in ((photo_a, face_index_a), (photo_b, face_index_b)):

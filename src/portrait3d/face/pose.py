@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from portrait3d.networks.eg3d.camera import camera_from_angles, fov_to_intrinsics, roll_from_camera
+from portrait3d.errors import UsageError
 
 __all__ = [
     "EG3D_FOV_DEG",
@@ -196,9 +197,9 @@ def _check_size(image_size) -> Tuple[int, int]:
     try:
         w, h = (int(v) for v in image_size)
     except (TypeError, ValueError):
-        raise ValueError(f"image_size must be (width, height), got {image_size!r}") from None
+        raise UsageError(f"image_size must be (width, height), got {image_size!r}") from None
     if w <= 0 or h <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
+        raise UsageError(f"image_size must be positive, got {image_size!r}")
     return w, h
 
 
@@ -241,16 +242,16 @@ def estimate_head_pose(
 
     pts = np.asarray(landmarks, dtype=np.float64)
     if pts.shape != (68, 2) or not np.isfinite(pts).all():
-        raise ValueError(f"landmarks must be a finite array [68, 2], got shape {pts.shape}")
+        raise UsageError(f"landmarks must be a finite array [68, 2], got shape {pts.shape}")
     size = _check_size(image_size)
     if focal is None:
         focal = focal_from_fov(fov_deg, size) if fov_deg is not None else math.hypot(*size)
     focal = float(focal)
     if not (math.isfinite(focal) and focal > 0):
-        raise ValueError(f"focal must be a positive number of pixels, got {focal}")
+        raise UsageError(f"focal must be a positive number of pixels, got {focal}")
     obj = mean_face_68() if shape is None else np.asarray(shape, dtype=np.float64)
     if obj.shape != (68, 3):
-        raise ValueError(f"shape must be [68, 3], got {obj.shape}")
+        raise UsageError(f"shape must be [68, 3], got {obj.shape}")
 
     k = _camera_matrix(focal, size)
     obj_c = np.ascontiguousarray(obj)
@@ -290,7 +291,7 @@ def estimate_head_pose(
         if best is None or err < best[0]:
             best = (err, rot, t)
     if best is None:
-        raise ValueError("no head pose with the face toward the camera fits these landmarks")
+        raise UsageError("no head pose with the face toward the camera fits these landmarks")
     err, rot, t = best
     yaw, pitch, roll = angles_from_rotation(rot)
     return HeadPose(yaw, pitch, roll, rot, t.copy(), err, focal)
@@ -331,7 +332,7 @@ def camera_from_pose(
     b = float(piv @ forward)
     disc = b * b - float(piv @ piv) + radius * radius
     if disc < 0 or radius <= np.linalg.norm(piv):
-        raise ValueError("radius must exceed the distance of the pivot from the origin")
+        raise UsageError("radius must exceed the distance of the pivot from the origin")
     origin = piv - (b + math.sqrt(disc)) * forward
     yaw_c = math.degrees(math.atan2(-origin[0], origin[2]))
     pitch_c = math.degrees(math.asin(max(-1.0, min(1.0, -origin[1] / radius))))

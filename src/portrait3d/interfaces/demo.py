@@ -27,9 +27,10 @@ from torch import nn
 from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
 from portrait3d.face.io import save_image
 from portrait3d.networks.eg3d.camera import camera_from_angles
-from portrait3d.utils.image import make_grid, to_uint8
+from portrait3d.utils.visualize import colour_depth, make_grid, to_uint8
+from portrait3d.errors import UsageError
 
-__all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "auto_threads", "colour_depth", "run_demo"]
+__all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "auto_threads", "run_demo"]
 
 YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
 LIFT_YAWS = (-45.0, -20.0, 0.0, 20.0, 45.0)
@@ -83,7 +84,7 @@ def _get(name: str, kind: str, device: torch.device) -> tuple[nn.Module, str, bo
     net = load_network(name, device=device)
     want = Generator if kind == "2d" else TriPlaneGenerator
     if not isinstance(net, want):
-        raise ValueError(f"--network-{kind} {name} is a {type(net).__name__}, expected a {want.__name__}")
+        raise UsageError(f"--network-{kind} {name} is a {type(net).__name__}, expected a {want.__name__}")
     return net, f"{name} ({type(net).__name__})", False
 
 
@@ -96,19 +97,6 @@ def _describe(net: nn.Module) -> str:
                  f"{cfg.rendering.depth_resolution}+{cfg.rendering.depth_resolution_importance} depth samples")
     return text
 
-
-def colour_depth(depth: torch.Tensor, size: int) -> np.ndarray:
-    """``[N, 1, h, w]`` depth -> ``uint8 [N, size, size, 3]``: near = bright (matplotlib 'inferno'),
-    normalised per image between its 1st and 99th depth percentiles."""
-    from matplotlib import colormaps
-
-    d = torch.nn.functional.interpolate(depth.float().cpu(), size=(size, size), mode="bilinear",
-                                        align_corners=False)[:, 0]
-    flat = d.flatten(1)
-    lo = flat.quantile(0.01, dim=1)[:, None, None]
-    hi = flat.quantile(0.99, dim=1)[:, None, None]
-    x = (1 - (d - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1).numpy()
-    return (colormaps["inferno"](x)[..., :3] * 255).round().astype(np.uint8)
 
 
 def auto_threads() -> int:

@@ -38,7 +38,8 @@ from torch import nn
 from portrait3d.checkpoints.native import atomic_write
 from portrait3d.face.io import save_image
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
-from portrait3d.utils.image import to_uint8
+from portrait3d.utils.visualize import to_uint8
+from portrait3d.errors import UsageError
 
 __all__ = ["OUTPUTS", "NOVEL_YAWS", "PTI_GENERATOR", "run_invert3d", "run_render", "view_camera", "render_views",
            "render_filename", "psnr", "jsonable", "write_json_report", "load_generator", "load_init_modules",
@@ -63,7 +64,7 @@ def view_camera(base: torch.Tensor, yaw_deg: float, pitch_deg: float | None = No
     _, pitch0, roll0, radius = pose_angles_from_camera(base)
     pitch = float(pitch0 if pitch_deg is None else pitch_deg)
     if not -90 < pitch < 90:
-        raise ValueError(f"pitch must lie strictly between -90 and 90 degrees, got {pitch:g}")
+        raise UsageError(f"pitch must lie strictly between -90 and 90 degrees, got {pitch:g}")
     c = camera_from_angles(float(yaw_deg), pitch, radius=float(radius), roll_deg=float(roll0))
     c[16:] = base[16:]
     return c[None]
@@ -210,7 +211,7 @@ def load_generator(network: str, device: torch.device | str) -> tuple[nn.Module,
         ref = str(Path(network).expanduser().resolve())
     G = load_network(network, device=device)
     if not isinstance(G, TriPlaneGenerator):
-        raise ValueError(f"{network} is a {type(G).__name__}, not an EG3D (3D) generator")
+        raise UsageError(f"{network} is a {type(G).__name__}, not an EG3D (3D) generator")
     return G.eval().requires_grad_(False), ref
 
 
@@ -258,14 +259,14 @@ def load_init_modules(G: nn.Module, encoder_path: Path | None, pose_path: Path |
     if encoder_path is not None:
         enc = load_module(encoder_path, device=device)
         if not isinstance(enc, LatentEncoder):
-            raise ValueError(f"{encoder_path} is a {type(enc).__name__}, not a latent encoder")
+            raise UsageError(f"{encoder_path} is a {type(enc).__name__}, not a latent encoder")
         if (enc.num_ws, enc.w_dim) != (G.num_ws, G.w_dim):
-            raise ValueError(f"{encoder_path} encodes latents [{enc.num_ws}, {enc.w_dim}]; the generator "
+            raise UsageError(f"{encoder_path} encodes latents [{enc.num_ws}, {enc.w_dim}]; the generator "
                              f"needs [{G.num_ws}, {G.w_dim}]")
     if pose_path is not None:
         pose = load_module(pose_path, device=device)
         if not isinstance(pose, PoseEstimator):
-            raise ValueError(f"{pose_path} is a {type(pose).__name__}, not a pose estimator")
+            raise UsageError(f"{pose_path} is a {type(pose).__name__}, not a pose estimator")
     return enc, pose
 
 
@@ -386,7 +387,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     from portrait3d.face.errors import FaceError
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
-    from portrait3d.interfaces.demo import colour_depth
+    from portrait3d.utils.visualize import colour_depth
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.utils.mesh import extract_mesh, write_ply
     from portrait3d.utils.video import write_mp4
@@ -414,7 +415,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
         except FaceError as e:
             raise type(e)(f"{photo.name}: {e}") from None
         if face.num_faces > 1 and face_index is None:
-            raise ValueError(f"{face.num_faces} faces found in {photo.name}: choose one with --face-index "
+            raise UsageError(f"{face.num_faces} faces found in {photo.name}: choose one with --face-index "
                              "(0 = largest)")
         aligned = face.aligned.image
         lm = face_landmarks68(face)
@@ -523,16 +524,16 @@ def _load_folder(folder: Path, device: torch.device) -> tuple[nn.Module, torch.T
         rec = json.loads(rpath.read_text())
         label = torch.tensor(rec["camera"]["label"], dtype=torch.float32)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
-        raise ValueError(f"{rpath} is not a result.json written by portrait3d invert3d") from None
+        raise UsageError(f"{rpath} is not a result.json written by portrait3d invert3d") from None
     if label.shape != (25,):
-        raise ValueError(f"{rpath}: camera label has {label.numel()} values, not 25")
+        raise UsageError(f"{rpath}: camera label has {label.numel()} values, not 25")
     lpath = folder / "latent.npy"
     if not lpath.is_file():
         raise FileNotFoundError(f"{folder} has no latent.npy")
     try:
         ws = torch.from_numpy(np.load(lpath, allow_pickle=False)).float()
     except (ValueError, OSError, EOFError):
-        raise ValueError(f"{lpath} is not a readable .npy array") from None
+        raise UsageError(f"{lpath} is not a readable .npy array") from None
     if rec.get("generator"):
         gpath = folder / rec["generator"]
         if not gpath.is_file():
@@ -541,7 +542,7 @@ def _load_folder(folder: Path, device: torch.device) -> tuple[nn.Module, torch.T
     else:
         G, _ = load_generator(str(rec["network"]), device)
     if ws.ndim != 3 or ws.shape[0] != 1 or tuple(ws.shape[1:]) != (G.num_ws, G.w_dim):
-        raise ValueError(f"{lpath} holds latents {list(ws.shape)}; the generator needs [1, {G.num_ws}, {G.w_dim}]")
+        raise UsageError(f"{lpath} holds latents {list(ws.shape)}; the generator needs [1, {G.num_ws}, {G.w_dim}]")
     return G, ws.to(device), label[None], rec
 
 
@@ -563,14 +564,14 @@ def run_render(folder: Path, yaws: Sequence[float] = (), pitch: float | None = N
     if not yaws and pitch is not None:
         yaws = [0.0]
     if not yaws and not orbit:
-        raise ValueError("nothing to render: give --yaw, --pitch and/or --orbit")
+        raise UsageError("nothing to render: give --yaw, --pitch and/or --orbit")
     dev = torch.device(device)
     G, ws, base, rec = _load_folder(folder, dev)
     cams = [view_camera(base, y, pitch) for y in yaws]
     name_pitch = pitch if pitch is not None else round(float(pose_angles_from_camera(base[0])[1]), 1)
     names = [render_filename(y, name_pitch) for y in yaws]
     if len(set(names)) != len(names):
-        raise ValueError("two --yaw values give the same file name (they differ by less than 0.1 degree)")
+        raise UsageError("two --yaw values give the same file name (they differ by less than 0.1 degree)")
     _check_outputs(folder, names + (["render_orbit.mp4"] if orbit else []), force, "render")
     written = []
     if cams:

@@ -5,7 +5,7 @@ SOURCE is a seed (an integer: ``w = mapping(z)`` with truncation 0.7, the traini
 axis of 1), or a photo, which is aligned with the ``default`` crop (the one portrait3d's built-in
 generators are trained on) and projected into W first. The lifting networks
 (:class:`~portrait3d.methods.lifting.networks.LiftedGenerator`, trained by
-``python -m portrait3d.methods.lifting.train``) predict view, light, canonical depth and albedo.
+``portrait3d train lift``) predict view, light, canonical depth and albedo.
 
 Outputs in OUT (nothing is overwritten without ``--force``; every file is written atomically), all at
 the lifting resolution ``S``:
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from portrait3d.face.io import save_image
+from portrait3d.errors import UsageError
 
 __all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "render_views",
            "run_lift", "validate_yaws"]
@@ -63,7 +64,7 @@ def builtin_lifted_path(network: str) -> Path | None:
 
 
 def _train_hint(network: str) -> str:
-    return (f"train one with `python -m portrait3d.methods.lifting.train --network {network} --out RUN` "
+    return (f"train one with `portrait3d train lift --network {network} --out RUN` "
             f"and pass --lifted RUN/lifted.safetensors")
 
 
@@ -98,7 +99,7 @@ def _check_generator(lifted: Path, ref: str | None, network: str) -> bool:
 
     same = generator_matches(ref, network)
     if same is False:
-        raise ValueError(f"{lifted.name} was trained on the 2D generator {ref!r}, not {network!r}: "
+        raise UsageError(f"{lifted.name} was trained on the 2D generator {ref!r}, not {network!r}: "
                          f"pass --network {ref}")
     return same is True
 
@@ -113,9 +114,9 @@ def parse_light(text: str | None) -> tuple[float, float] | None:
             raise ValueError
         x, y = (float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--light must be X,Y (two numbers in [-1, 1]), not {text!r}") from None
+        raise UsageError(f"--light must be X,Y (two numbers in [-1, 1]), not {text!r}") from None
     if not all(math.isfinite(v) and -1.0 <= v <= 1.0 for v in (x, y)):
-        raise ValueError(f"--light components must lie in [-1, 1], got {text!r}")
+        raise UsageError(f"--light components must lie in [-1, 1], got {text!r}")
     return x, y
 
 
@@ -126,7 +127,7 @@ def validate_yaws(yaws: Sequence[float] | None) -> tuple[float, ...]:
     out = tuple(float(y) for y in yaws)
     bad = [y for y in out if not (math.isfinite(y) and abs(y) <= 90.0)]
     if bad:
-        raise ValueError(f"--yaw must be within [-90, 90] degrees, got {bad[0]:g}")
+        raise UsageError(f"--yaw must be within [-90, 90] degrees, got {bad[0]:g}")
     return out
 
 
@@ -160,18 +161,18 @@ def _load_latent_file(path: Path, w_dim: int, num_ws: int) -> torch.Tensor:
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npy latent ({str(e).splitlines()[0][:80]})") from None
+        raise UsageError(f"{path}: not a readable .npy latent ({str(e).splitlines()[0][:80]})") from None
     if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: latent must be numeric, not {arr.dtype}")
+        raise UsageError(f"{path}: latent must be numeric, not {arr.dtype}")
     shape = tuple(arr.shape)
     if shape[:1] == (1,) and len(shape) in (2, 3):
         arr, shape = arr[0], shape[1:]
     if shape not in ((w_dim,), (num_ws, w_dim)):
-        raise ValueError(f"{path}: latent of shape {tuple(np.shape(arr))} does not fit the generator: "
+        raise UsageError(f"{path}: latent of shape {tuple(np.shape(arr))} does not fit the generator: "
                          f"expected [{w_dim}] (W) or [{num_ws}, {w_dim}] (W+)")
     t = torch.as_tensor(np.asarray(arr, dtype=np.float32))[None]
     if not torch.isfinite(t).all():
-        raise ValueError(f"{path}: latent contains NaN or infinite values")
+        raise UsageError(f"{path}: latent contains NaN or infinite values")
     return t
 
 
@@ -180,7 +181,7 @@ def _classify_source(source: str) -> tuple[str, Any]:
     if source.lstrip("-").isdigit():
         seed = int(source)
         if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+            raise UsageError(f"seed must be in [0, 2^63), got {seed}")
         return "seed", seed
     path = Path(source)
     if not path.is_file():
@@ -228,8 +229,9 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     from portrait3d.methods.lifting.losses import sample_w
     from portrait3d.methods.lifting.networks import LiftedGenerator
     from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
-    from portrait3d.methods.lifting.train import _depth_uint8, _image_uint8, normal_to_uint8, shading_to_uint8
-    from portrait3d.utils.image import make_grid
+    from portrait3d.methods.lifting.train import _depth_uint8, _image_uint8
+    from portrait3d.utils.visualize import normal_to_uint8, shading_to_uint8
+    from portrait3d.utils.visualize import make_grid
 
     t_start = time.perf_counter()
     yaws = validate_yaws(yaws)
@@ -243,7 +245,7 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     t0 = time.perf_counter()
     G = load_network(network, device=device)
     if not hasattr(G, "synthesis") or not hasattr(G, "mapping") or getattr(G, "c_dim", 0) != 0:
-        raise ValueError(f"{network}: LiftedGAN lifts an unconditional 2D StyleGAN2 generator")
+        raise UsageError(f"{network}: LiftedGAN lifts an unconditional 2D StyleGAN2 generator")
     model = LiftedGenerator.load(lifted, g2d=G, device=device)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
 

@@ -25,9 +25,10 @@ import torch
 
 from portrait3d.checkpoints.load import BUILTIN_NETWORKS
 from portrait3d.face.io import save_image
-from portrait3d.utils.image import make_grid, to_uint8
+from portrait3d.utils.visualize import draw_points, make_grid, to_uint8
+from portrait3d.errors import UsageError
 
-__all__ = ["builtin_editor_path", "resolve_editor", "run_build", "run_edit", "run_transfer", "draw_points"]
+__all__ = ["builtin_editor_path", "resolve_editor", "run_build", "run_edit", "run_transfer"]
 
 EDIT_OUTPUTS = ("original.png", "edited.png", "grid.png", "result.json", "latent.npy", "original_latent.npy")
 
@@ -50,17 +51,6 @@ def resolve_editor(network: str, editor_path: Path | None):
                                 f"and pass --nrsfm EDITOR.safetensors")
     return NRSfMEditor.load(path)
 
-
-def draw_points(image: np.ndarray, points01: np.ndarray, color: tuple[int, int, int], radius: int = 1) -> np.ndarray:
-    """Copy of ``image`` (uint8) with normalised points ``[L, 2]`` drawn as filled dots."""
-    import cv2
-
-    out = np.ascontiguousarray(image.copy())
-    h, w = out.shape[:2]
-    for x, y in np.asarray(points01, dtype=np.float64):
-        if np.isfinite(x) and np.isfinite(y):
-            cv2.circle(out, (int(round(x * w - 0.5)), int(round(y * h - 0.5))), radius, color, -1, cv2.LINE_AA)
-    return out
 
 
 def _check_outputs(out: Path, names: tuple[str, ...], force: bool) -> None:
@@ -104,7 +94,7 @@ def run_build(network: str, out: Path, space: str, samples: int, basis: int, bac
             raise FileExistsError(f"{p} already exists (pass --force to overwrite)")
     G = load_network(network).eval().requires_grad_(False).to(device)
     if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0:
-        raise ValueError("NRSfM editing needs an unconditional 2D StyleGAN2 generator")
+        raise UsageError("NRSfM editing needs an unconditional 2D StyleGAN2 generator")
     cfg = BuildConfig(data=LandmarkDataConfig(num_samples=samples, space=space, backend=backend, detector=detector,
                                               truncation_psi=truncation, seed=seed),
                       num_basis=basis, factorize_samples=factorize_samples,
@@ -156,11 +146,11 @@ def _latent_from_photo(G, editor, photo: Path, project_steps: int, face_index: i
     from portrait3d.methods.projector import ProjectorConfig, project
 
     if editor.space == "z":
-        raise ValueError("photos can be edited only with a W or W+ editor (Z has no projector)")
+        raise UsageError("photos can be edited only with a W or W+ editor (Z has no projector)")
     with FacePipeline(style="default", output_size=int(G.img_resolution)) as pipe:
         face = pipe(photo, face_index=face_index)
     if face.num_faces > 1 and face_index is None:
-        raise ValueError(f"{face.num_faces} faces found in {photo}: choose one with --face-index (0 = largest)")
+        raise UsageError(f"{face.num_faces} faces found in {photo}: choose one with --face-index (0 = largest)")
     aligned = face.aligned.image
     save_image(out / "aligned.png", aligned, overwrite=force)
     target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -190,7 +180,7 @@ def _edit_core(G, editor, latent: torch.Tensor, q_target: torch.Tensor, mode: st
         id_loss = None
         if mode == "gradient" and lambda_id > 0:
             if not idok0[0]:
-                raise ValueError("no face found in the original image: cannot build the identity term of eq. 15")
+                raise UsageError("no face found in the original image: cannot build the identity term of eq. 15")
             id_loss = make_identity_loss(torch.as_tensor(img0).permute(0, 3, 1, 2).float() / 127.5 - 1,
                                          to_pixels(id0, res))
         t0 = time.time()
@@ -246,7 +236,7 @@ def _source(G, editor, source: str, project_steps: int, face_index: int | None, 
     if source.lstrip("-").isdigit():
         seed = int(source)
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise UsageError(f"seed must be >= 0, got {seed}")
         return _latent_from_seed(G, editor, seed), {"seed": seed}
     path = Path(source)
     if not path.exists():

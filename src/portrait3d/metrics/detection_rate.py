@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = ["EVAL_YAWS", "eval_cameras", "faces_found", "detection_rate", "generator_detection_rates"]
 
@@ -51,7 +52,7 @@ def faces_found(images: np.ndarray, detector=None, min_score: float = 0.5) -> np
     if arr.ndim == 3:
         arr = arr[None]
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images [N, H, W, 3], got {arr.dtype} {arr.shape}")
+        raise UsageError(f"expected uint8 images [N, H, W, 3], got {arr.dtype} {arr.shape}")
     own = detector is None
     det = _detector(min_score) if own else detector
     try:
@@ -93,11 +94,11 @@ def generator_detection_rates(G: torch.nn.Module, cameras: Sequence[torch.Tensor
 
     from portrait3d.networks.eg3d.camera import camera_from_angles
     from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     is_3d = isinstance(G, TriPlaneGenerator)
     if not is_3d and cameras is not None:
-        raise ValueError("cameras only apply to an EG3D generator")
+        raise UsageError("cameras only apply to an EG3D generator")
     if is_3d and cameras is None:
         cameras = eval_cameras()
     dev = torch.device(device) if device is not None else next(G.parameters()).device

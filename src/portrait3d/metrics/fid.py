@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = [
     "INCEPTION_SHA1",
@@ -140,14 +141,14 @@ def _as_uint8_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     else:
         t = images
     if t.dtype != torch.uint8:
-        raise ValueError(f"FID expects uint8 images, got {t.dtype} (quantise generated images first: "
-                         "portrait3d.utils.image.to_uint8)")
+        raise UsageError(f"FID expects uint8 images, got {t.dtype} (quantise generated images first: "
+                         "portrait3d.utils.visualize.to_uint8)")
     if t.ndim != 4:
-        raise ValueError(f"FID expects a batch [N, H, W, 3] or [N, 3, H, W], got shape {list(t.shape)}")
+        raise UsageError(f"FID expects a batch [N, H, W, 3] or [N, 3, H, W], got shape {list(t.shape)}")
     if t.shape[-1] == 3 and t.shape[1] != 3:
         t = t.permute(0, 3, 1, 2)
     elif t.shape[1] != 3:
-        raise ValueError(f"FID expects 3-channel RGB images, got shape {list(t.shape)}")
+        raise UsageError(f"FID expects 3-channel RGB images, got shape {list(t.shape)}")
     return t
 
 
@@ -221,7 +222,7 @@ class FeatureStats:
     def from_features(cls, feats: np.ndarray) -> "FeatureStats":
         f = np.asarray(feats, dtype=np.float64)
         if f.ndim != 2 or len(f) < 2:
-            raise ValueError(f"need at least 2 feature vectors [N, D], got shape {f.shape}")
+            raise UsageError(f"need at least 2 feature vectors [N, D], got shape {f.shape}")
         return cls(mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=len(f))
 
     def save(self, path: str | os.PathLike[str], **meta: object) -> None:
@@ -252,7 +253,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+        raise UsageError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
     s1 = (s1 + s1.T) / 2
     s2 = (s2 + s2.T) / 2
     w, v = np.linalg.eigh(s1)
@@ -269,7 +270,7 @@ def _centred(feats: np.ndarray) -> np.ndarray:
     """``(X - mean) / sqrt(N - 1)``, so that ``X^T X`` is the sample covariance."""
     f = np.asarray(feats, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"need at least 2 feature vectors [N, D], got shape {f.shape}")
+        raise UsageError(f"need at least 2 feature vectors [N, D], got shape {f.shape}")
     return (f - f.mean(0)) / np.sqrt(len(f) - 1)
 
 
@@ -285,7 +286,7 @@ def fid_from_features(a: np.ndarray | FeatureStats, b: np.ndarray | FeatureStats
     sb = b if isinstance(b, FeatureStats) else FeatureStats.from_features(b)
     d = sa.mu.size
     if sb.mu.size != d:
-        raise ValueError(f"feature sizes differ: {d} vs {sb.mu.size}")
+        raise UsageError(f"feature sizes differ: {d} vs {sb.mu.size}")
     xa = None if isinstance(a, FeatureStats) or len(a) > d else _centred(a)
     xb = None if isinstance(b, FeatureStats) or len(b) > d else _centred(b)
     if xa is None and xb is None:
@@ -302,13 +303,13 @@ def fid_from_features(a: np.ndarray | FeatureStats, b: np.ndarray | FeatureStats
 
 def dataset_stats(root: str | os.PathLike[str], limit: int | None = None, device: str | torch.device = "cpu",
                   batch_size: int = 64, progress: bool = True, cache: bool = True) -> FeatureStats:
-    """Inception statistics of a built :class:`~portrait3d.training.dataset.AlignedFaceDataset` (no mirroring).
+    """Inception statistics of a built :class:`~portrait3d.face.dataset.AlignedFaceDataset` (no mirroring).
 
     Cached as ``<root>/fid_stats_n<N>.npz`` (``N`` = images used); a cache made with another
     Inception, preprocessing version or image count is ignored and rewritten. When ``root`` is not
     writable the statistics are computed and returned without caching.
     """
-    from portrait3d.training.dataset import AlignedFaceDataset
+    from portrait3d.face.dataset import AlignedFaceDataset
 
     ds = AlignedFaceDataset(root, mirror=False, limit=limit)
     n = ds.count
@@ -349,7 +350,7 @@ def generator_sample_fn(G: torch.nn.Module, truncation_psi: float = 1.0, seed: i
         noise_mode: StyleGAN2 noise mode (``'const'``, ``'random'``, ``'none'``).
     """
     from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     dev = torch.device(device) if device is not None else next(G.parameters()).device
     gen = torch.Generator().manual_seed(int(seed))
@@ -382,7 +383,7 @@ def generated_batches(generate_fn: Callable[[int], np.ndarray], n: int, batch: i
         k = min(batch, n - done)
         imgs = generate_fn(k)
         if len(imgs) != k:
-            raise ValueError(f"generate_fn({k}) returned {len(imgs)} images")
+            raise UsageError(f"generate_fn({k}) returned {len(imgs)} images")
         done += k
         yield imgs
 
@@ -413,7 +414,7 @@ def compute_fid(generate_fn: Callable[[int], np.ndarray], real: np.ndarray | Fea
         elif p.suffix == ".npz" and p.is_file():
             real_stats, meta = FeatureStats.load(p)
             if meta.get("inception_sha1") not in (None, INCEPTION_SHA1):
-                raise ValueError(f"{p} was computed with another Inception network")
+                raise UsageError(f"{p} was computed with another Inception network")
         else:
             raise FileNotFoundError(f"{p}: neither a built dataset folder nor a statistics .npz")
     extractor = InceptionFeatures(device, batch, progress)

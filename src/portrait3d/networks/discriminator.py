@@ -9,7 +9,6 @@ discriminator of StyleGAN2-ADA: ``D(x, c) = <phi(x), cmap(c)> / sqrt(cmap_dim)``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from portrait3d.config import ConfigMixin
 from portrait3d.networks import ops
 from portrait3d.networks.stylegan2 import Conv2dLayer, FullyConnectedLayer, MappingNetwork
 
@@ -153,7 +153,7 @@ class DiscriminatorEpilogue(nn.Module):
 
 
 @dataclass
-class DiscriminatorConfig:
+class DiscriminatorConfig(ConfigMixin):
     """Settings of :class:`Discriminator` / :class:`DualDiscriminator` (official keyword names)."""
 
     c_dim: int = 0
@@ -168,9 +168,6 @@ class DiscriminatorConfig:
     mbstd_group_size: int | None = 4
     mbstd_num_channels: int = 1
     disc_c_noise: float = 0.0  # dual discriminator only: noise added to the camera label
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class Discriminator(nn.Module):

@@ -24,7 +24,6 @@ the last convolution of each head outputs ``cmap_dim`` channels and the logit is
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from portrait3d.config import ConfigMixin
 from portrait3d.networks.efficientnet import EFFICIENTNET_LITE0_CHANNELS, EFFICIENTNET_LITE0_STRIDES, EfficientNetLite0
 from portrait3d.networks.stylegan2 import MappingNetwork
 
@@ -42,7 +42,7 @@ __all__ = ["ProjectedDiscriminatorConfig", "ProjectedDiscriminator", "FeatureMix
 
 
 @dataclass
-class ProjectedDiscriminatorConfig:
+class ProjectedDiscriminatorConfig(ConfigMixin):
     """Settings of :class:`ProjectedDiscriminator` (saved with every snapshot)."""
 
     c_dim: int = 0
@@ -55,9 +55,6 @@ class ProjectedDiscriminatorConfig:
     head_channels_max: int = 256
     cmap_dim: int = 64                     # conditioning only
     mixing_seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def validate(self) -> None:
         strides = [EFFICIENTNET_LITE0_STRIDES.get(t) for t in self.taps]

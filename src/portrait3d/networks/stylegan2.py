@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from portrait3d.config import ConfigMixin
 from portrait3d.networks import ops
 
 __all__ = [
@@ -422,7 +423,7 @@ class SynthesisNetwork(nn.Module):
 
 
 @dataclass
-class MappingConfig:
+class MappingConfig(ConfigMixin):
     """Mapping network settings (official ``mapping_kwargs``)."""
 
     num_layers: int = 8
@@ -434,7 +435,7 @@ class MappingConfig:
 
 
 @dataclass
-class SynthesisConfig:
+class SynthesisConfig(ConfigMixin):
     """Synthesis network settings (official ``synthesis_kwargs``)."""
 
     channel_base: int = 32768
@@ -449,7 +450,7 @@ class SynthesisConfig:
 
 
 @dataclass
-class StyleGAN2Config:
+class StyleGAN2Config(ConfigMixin):
     """Everything needed to build a :class:`Generator`; saved as JSON beside our safetensors."""
 
     z_dim: int = 512
@@ -459,16 +460,6 @@ class StyleGAN2Config:
     img_channels: int = 3
     mapping: MappingConfig = field(default_factory=MappingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StyleGAN2Config":
-        d = dict(d)
-        mapping = MappingConfig(**d.pop("mapping", {}))
-        synthesis = SynthesisConfig(**d.pop("synthesis", {}))
-        return cls(mapping=mapping, synthesis=synthesis, **d)
 
 
 class Generator(nn.Module):

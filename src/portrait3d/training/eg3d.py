@@ -1,8 +1,8 @@
 """EG3D trainer: camera-conditioned tri-plane generator against a dual discriminator.
 
-    python -m portrait3d.training.eg3d --data ~/.cache/portrait3d/utkface128 --out runs/eg3d \\
+    portrait3d train eg3d --data ~/.cache/portrait3d/utkface128 --out runs/eg3d \\
         --config cpu-small --kimg 200 --batch 8
-    torchrun --nproc_per_node=4 -m portrait3d.training.eg3d --data ... --config gpu
+    torchrun --nproc_per_node=4 -m portrait3d.interfaces.cli train eg3d --data ... --config gpu
 
 As NVIDIA's EG3D ``training/loss.py`` (``StyleGAN2Loss`` with dual discrimination):
 
@@ -34,21 +34,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
 from portrait3d.networks import ops
 from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator, filtered_resizing
 from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
 from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 from portrait3d.training import augment
-from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig,
-                                      Shard, StepFn, apply_cli_options, broadcast_module, config_to_dict,
-                                      init_distributed, lazy_adam, load_training_state, make_loader, gan_step,
-                                      run_cli, run_loop, run_options, save_grid, shutdown_distributed)
-from portrait3d.training.stylegan2 import auto_r1_gamma, fid_hook
+from portrait3d.training.loop import (
+    BatchRandom,
+    Counters,
+    DistInfo,
+    MetricsFn,
+    Networks,
+    RunConfig,
+    Shard,
+    StepFn,
+    broadcast_module,
+    gan_step,
+    init_distributed,
+    lazy_adam,
+    load_training_state,
+    make_loader,
+    run_loop,
+    save_grid,
+    shutdown_distributed,
+)
+from portrait3d.training.stylegan2 import auto_r1_gamma
 
 __all__ = ["EG3DTrainConfig", "PRESETS", "preset", "train_eg3d", "dataset_cameras", "gaussian_blur"]
 
@@ -57,7 +73,7 @@ DENSITY_REG_POINTS = 1000  # points per sample, as EG3D
 
 
 @dataclass
-class EG3DTrainConfig:
+class EG3DTrainConfig(ConfigMixin):
     """Everything an EG3D run needs besides the data; stored in every snapshot."""
 
     G: EG3DConfig = field(default_factory=EG3DConfig)
@@ -85,23 +101,14 @@ class EG3DTrainConfig:
     def blur_fade(self) -> float:
         return self.blur_fade_kimg if self.blur_fade_kimg is not None else self.run.batch * 200 / 32
 
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EG3DTrainConfig":
-        d = dict(d)
-        return cls(G=EG3DConfig.from_dict(d.pop("G")), D=DiscriminatorConfig(**d.pop("D")),
-                   run=RunConfig(**d.pop("run")), betas=tuple(d.pop("betas", (0.0, 0.99))), **d)
-
     def validate(self) -> None:
         augment.parse_policy(self.augment)
         if self.D.img_resolution != self.G.img_resolution or self.D.c_dim != 25:
-            raise ValueError("D must be a 25-d camera-conditioned discriminator at the generator's resolution")
+            raise UsageError("D must be a 25-d camera-conditioned discriminator at the generator's resolution")
         if self.G.rendering.image_resolution != self.G.img_resolution:
-            raise ValueError("G.rendering.image_resolution must equal G.img_resolution")
+            raise UsageError("G.rendering.image_resolution must equal G.img_resolution")
         if self.G.rendering.reg_type != "l1":
-            raise ValueError("only EG3D's 'l1' density regularisation is implemented")
+            raise UsageError("only EG3D's 'l1' density regularisation is implemented")
 
 
 def _rendering(depth: int, depth_importance: int) -> RenderingConfig:
@@ -148,7 +155,7 @@ PRESETS: dict[str, Callable[[], EG3DTrainConfig]] = {"cpu-small": _cpu_small, "g
 
 def preset(name: str) -> EG3DTrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise UsageError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return PRESETS[name]()
 
 
@@ -157,7 +164,7 @@ def preset(name: str) -> EG3DTrainConfig:
 
 def dataset_cameras(ds: Any) -> torch.Tensor:
     """The 25-d camera of every item of an :class:`AlignedFaceDataset` (mirrored items included)."""
-    from portrait3d.training.dataset import mirror_camera
+    from portrait3d.face.dataset import mirror_camera
 
     cams = ds.cameras[: ds.count]
     if ds.mirror:
@@ -242,7 +249,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
     local = run.batch // info.world
     micro = run.batch_gpu or local
     if local % micro:
-        raise ValueError(f"per-process batch {local} is not a multiple of batch_gpu {micro}")
+        raise UsageError(f"per-process batch {local} is not a multiple of batch_gpu {micro}")
     shards = Shard.rounds(info, local // micro)
     kw = {} if (run.amp and info.device.type == "cuda") else {"force_fp32": True}
     gamma = cfg.gamma()
@@ -251,7 +258,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
     if fast.compile or fast.compile_d:
         # The renderer draws its ray jitter inside the network (BatchRandom.patch_torch), which a
         # compiled graph cannot hold; EG3D runs the fast path eagerly.
-        raise ValueError("the EG3D trainer does not compile (use --no-compile; bf16 and channels_last work)")
+        raise UsageError("the EG3D trainer does not compile (use --no-compile; bf16 and channels_last work)")
     density_reg = rendering.density_reg
 
     def step_fn(step: int, images_seen: int, batch: Any) -> dict[str, float]:
@@ -357,7 +364,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
     (``depth-*``). Returns the path of the exported EMA generator.
     """
     from portrait3d.checkpoints.native import save_network
-    from portrait3d.training.dataset import AlignedFaceDataset
+    from portrait3d.face.dataset import AlignedFaceDataset
     cfg.validate()
     info = init_distributed(cfg.run.device)
     try:
@@ -367,7 +374,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
         run.apply_threads()
         ds = AlignedFaceDataset(data_root, mirror=run.mirror, limit=run.limit)
         if ds.resolution != cfg.G.img_resolution:
-            raise ValueError(f"dataset images are {ds.resolution} px but the generator makes {cfg.G.img_resolution} px")
+            raise UsageError(f"dataset images are {ds.resolution} px but the generator makes {cfg.G.img_resolution} px")
         cams = dataset_cameras(ds).to(info.device)
         nets = build_networks(cfg, info.device)
         counters = Counters()
@@ -375,7 +382,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
             counters, meta = load_training_state(resume, nets, "eg3d")
             old = EG3DTrainConfig.from_dict(meta["config"])
             if old.G != cfg.G or old.D != cfg.D:
-                raise ValueError("the snapshot was trained with other network settings than the given config")
+                raise UsageError("the snapshot was trained with other network settings than the given config")
         for m in (nets.G, nets.D, nets.G_ema):
             broadcast_module(m, info)
         sampler, loader = make_loader(ds, run, info, counters.step)
@@ -392,7 +399,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
 
         @torch.no_grad()
         def grid_fn() -> dict[str, torch.Tensor]:
-            from portrait3d.utils.image import depth_to_uint8
+            from portrait3d.utils.visualize import depth_to_uint8
 
             nrr = neural_rendering_resolution(cfg, counters.images_seen)
             imgs, depths = [], []
@@ -413,45 +420,3 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
                         grid_fn=grid_fn, export_fn=export, metrics=metrics)
     finally:
         shutdown_distributed(info)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-@click.command(context_settings=CLI_SETTINGS)
-@run_options(PRESETS, data_help="Built dataset folder (images.npy + labels.json with cameras).", lr_d_default=0.002,
-             extra=[
-    click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
-                 help="Neural rendering resolution [preset]."),
-    click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this."),
-    click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25]."),
-    click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004]."),
-    click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5]."),
-    click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none."),
-    click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none."),
-])
-def main(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
-         neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
-         gpc_prob: float | None, blur_fade: float | None, policy: str | None, **overrides: Any) -> None:
-    """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun)."""
-    cfg = preset(preset_name)
-    apply_cli_options(cfg, **overrides)
-    if neural_res is not None:
-        cfg.G.neural_rendering_resolution = int(neural_res)
-    rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
-    cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
-    for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
-                    ("blur_fade_kimg", blur_fade)):
-        if v is not None:
-            setattr(cfg, name, v)
-
-    def make_fid_hook(dev: torch.device) -> MetricsFn:
-        from portrait3d.training.dataset import AlignedFaceDataset
-
-        return fid_hook(data, fid, dev, cameras=dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror)))
-
-    run_cli(train_eg3d, cfg, data, out, resume, fid, make_fid_hook)
-
-
-if __name__ == "__main__":
-    main()

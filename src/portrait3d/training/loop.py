@@ -50,14 +50,17 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
+
 __all__ = [
     "RunConfig", "DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_grads", "all_reduce_mean",
     "broadcast_module", "average_buffers", "Shard", "derive_seed", "BatchRandom", "GlobalBatchSampler",
     "ema_beta", "ema_update", "lazy_adam", "optimizer_phase", "Networks", "Counters", "save_training_state",
     "load_training_state", "read_snapshot", "state_with_prefix", "find_snapshot", "write_snapshot_folder", "prune_snapshots", "optimizer_tensors",
     "load_optimizer", "rng_tensors", "restore_rng", "due", "save_grid", "Progress", "MetricsFn", "run_loop",
-    "make_loader", "run_local_processes", "StepFn", "config_to_dict", "CLI_SETTINGS", "run_options",
-    "apply_run_options", "apply_cli_options", "run_cli",
+    "make_loader", "run_local_processes", "StepFn",
+    "apply_run_options", "apply_cli_options",
 ]
 
 MetricsFn = Callable[[nn.Module, int], dict[str, float]]
@@ -71,7 +74,7 @@ STATE_VERSION = 1
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ConfigMixin):
     """What every trainer shares: batch, duration, EMA, intervals, data, device.
 
     Intervals are in thousands of real images shown to the discriminator (kimg); 0 disables.
@@ -139,9 +142,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     available), ``'cpu'`` or ``'cuda'``; under ``torchrun`` each process takes ``cuda:LOCAL_RANK``.
     """
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+        raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise UsageError("device 'cuda' requested but CUDA is not available")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -370,9 +373,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, size: int, batch: int, seed: int, rank: int = 0, world: int = 1, start_step: int = 0) -> None:
         if size <= 0:
-            raise ValueError("the dataset is empty")
+            raise UsageError("the dataset is empty")
         if batch % world:
-            raise ValueError(f"batch {batch} is not divisible by the number of processes {world}")
+            raise UsageError(f"batch {batch} is not divisible by the number of processes {world}")
         self.size, self.batch, self.seed = size, batch, seed
         self.rank, self.world, self.start_step = rank, world, start_step
         self._perms: dict[int, torch.Tensor] = {}
@@ -557,7 +560,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                     meta: dict[str, Any]) -> None:
     """Restore ``opt`` in place from what :func:`optimizer_tensors` wrote under ``prefix``."""
     if meta["type"] != type(opt).__name__:
-        raise ValueError(f"snapshot optimiser is {meta['type']}, not {type(opt).__name__}")
+        raise UsageError(f"snapshot optimiser is {meta['type']}, not {type(opt).__name__}")
     state: dict[int, dict[str, Any]] = {}
     head = prefix + ".state."
     for key, v in tensors.items():
@@ -680,9 +683,9 @@ def read_snapshot(path: str | os.PathLike[str], trainer: str) -> tuple[dict[str,
     folder = find_snapshot(path)
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder} is not a portrait3d training snapshot")
+        raise UsageError(f"{folder} is not a portrait3d training snapshot")
     if meta.get("trainer") != trainer:
-        raise ValueError(f"{folder} is a {meta.get('trainer')} snapshot, not {trainer}")
+        raise UsageError(f"{folder} is a {meta.get('trainer')} snapshot, not {trainer}")
     meta["folder"] = str(folder)
     return meta, load_file(str(folder / "state.safetensors"))
 
@@ -716,7 +719,7 @@ def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: s
 def save_grid(path: str | os.PathLike[str], images: torch.Tensor, cols: int | None = None) -> Path:
     """Write ``images [N, 3, H, W]`` in ``[-1, 1]`` as one PNG grid."""
     from portrait3d.face.io import save_image
-    from portrait3d.utils.image import make_grid, to_uint8
+    from portrait3d.utils.visualize import make_grid, to_uint8
 
     arr = images if isinstance(images, np.ndarray) else to_uint8(images)
     cols = cols or max(1, int(math.ceil(math.sqrt(len(arr)))))
@@ -856,73 +859,6 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
     return final
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """``dataclasses.asdict`` with tuples as lists (JSON)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=_jsonable))
-
-
-# ----------------------------------------------------------------------------- command line
-
-CLI_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
-"""``context_settings`` of the trainers' ``click`` commands."""
-
-
-def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
-                extra: Sequence[Callable[[Any], Any]] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The ``click`` options every trainer has, with the trainer's own options (``extra``) after ``--lr-d``.
-
-    The command receives ``data``, ``out``, ``preset_name``, ``resume`` and ``fid`` (handled by the
-    trainer) and the overrides that :func:`apply_cli_options` applies (``kimg``, ``batch``, ...,
-    ``gamma``, ``lr_g``, ``lr_d``); every override is ``None`` when not given.
-    """
-    import click
-
-    dir_in = click.Path(exists=True, file_okay=False, path_type=Path)
-    options = [
-        click.option("--data", type=dir_in, required=True, help=data_help),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
-        click.option("--config", "preset_name", type=click.Choice(sorted(presets)), default="cpu-small",
-                     help="Network and schedule preset."),
-        click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset]."),
-        click.option("--batch", type=int, default=None, help="Global batch size [preset]."),
-        click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation)."),
-        click.option("--resume", type=dir_in, default=None,
-                     help="Snapshot folder (or run folder: newest snapshot) to continue from."),
-        click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch]."),
-        click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025]."),
-        click.option("--lr-d", type=float, default=None, help=f"Discriminator learning rate [{lr_d_default:g}]."),
-        *extra,
-        click.option("--seed", type=int, default=None, help="Random seed [0]."),
-        click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset]."),
-        click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset]."),
-        click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset]."),
-        click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none)."),
-        click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset]."),
-        click.option("--threads", type=int, default=None, help="CPU threads per process [torch default]."),
-        click.option("--max-minutes", type=click.FloatRange(0), default=None,
-                     help="Stop with a snapshot after this much wall time (0 = no limit) [0]."),
-        click.option("--limit", type=int, default=None, help="Use only the first N faces."),
-        click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on]."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto]."),
-        click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on]."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-                     help="Arithmetic: fp32, or bf16 autocast (AMX on CPU) with fp32 weights and losses [preset]."),
-        click.option("--channels-last/--no-channels-last", default=None, help="NHWC weights and activations [preset]."),
-        click.option("--compile/--no-compile", "compile_", default=None,
-                     help="torch.compile the generator (first steps compile for ~1-2 min) [preset]."),
-        click.option("--compile-d/--no-compile-d", "compile_d", default=None,
-                     help="torch.compile the discriminator too (faster for the pixel D, slower for the projected D "
-                          "here) [preset]."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar [on]."),
-    ]
-
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):  # click lists options in decoration order, innermost last
-            f = option(f)
-        return f
-
-    return decorate
-
 
 def apply_run_options(run: RunConfig, **opts: Any) -> RunConfig:
     """``RunConfig`` with the CLI options that were given (None = keep the preset's)."""
@@ -948,27 +884,3 @@ def apply_cli_options(cfg: Any, *, kimg: float | None, batch: int | None, batch_
     for name, v in (("r1_gamma", gamma), ("lr_G", lr_g), ("lr_D", lr_d)):
         if v is not None:
             setattr(cfg, name, v)
-
-
-def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resume: Path | None, fid: int,
-            make_fid_hook: Callable[[torch.device], MetricsFn]) -> None:
-    """The end of a trainer's command: optional FID hook, training, ``ClickException`` on bad input, final path.
-
-    ``make_fid_hook(device)`` is called only when ``fid > 0``; the metrics interval then defaults to the
-    snapshot interval.
-    """
-    import click
-
-    hook = None
-    if fid > 0:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
-            cfg.run.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
-        hook = make_fid_hook(dev)
-        if cfg.run.metrics_kimg <= 0:
-            cfg.run.metrics_kimg = cfg.run.snapshot_kimg
-    try:
-        path = train_fn(cfg, data, out, resume=resume, metrics=hook)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"exported {path}")

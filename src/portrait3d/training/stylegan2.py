@@ -1,8 +1,8 @@
 """StyleGAN2 trainer: non-saturating logistic loss, lazy R1, style mixing, EMA, DiffAugment.
 
-    python -m portrait3d.training.stylegan2 --data ~/.cache/portrait3d/utkface128 --out runs/sg2 \\
+    portrait3d train stylegan2 --data ~/.cache/portrait3d/utkface128 --out runs/sg2 \\
         --config cpu-small --kimg 500 --batch 16
-    torchrun --nproc_per_node=4 -m portrait3d.training.stylegan2 --data ... --config gpu --batch 64
+    torchrun --nproc_per_node=4 -m portrait3d.interfaces.cli train stylegan2 --data ... --config gpu --batch 64
 
 Per step (as NVIDIA's StyleGAN2-ADA loop, each phase its own optimiser step):
 
@@ -22,26 +22,43 @@ Randomness, sharding and checkpoints: :mod:`portrait3d.training.loop`.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import torch
 import torch.nn.functional as F
 
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
 from portrait3d.networks.discriminator import Discriminator, DiscriminatorConfig
-from portrait3d.networks.projected import (ProjectedDiscriminator, ProjectedDiscriminatorConfig,
-                                           VisionAidedDiscriminator)
+from portrait3d.networks.projected import ProjectedDiscriminator, ProjectedDiscriminatorConfig, VisionAidedDiscriminator
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 from portrait3d.training import augment
-from portrait3d.training.loop import (CLI_SETTINGS, BatchRandom, Counters, DistInfo, MetricsFn, Networks, RunConfig,
-                                      Shard, StepFn, all_reduce_mean, apply_cli_options, broadcast_module,
-                                      config_to_dict, init_distributed, lazy_adam, load_training_state, make_loader,
-                                      read_snapshot, state_with_prefix, gan_step, run_cli, run_loop, run_options, save_grid, shutdown_distributed)
+from portrait3d.training.loop import (
+    BatchRandom,
+    Counters,
+    DistInfo,
+    MetricsFn,
+    Networks,
+    RunConfig,
+    Shard,
+    StepFn,
+    all_reduce_mean,
+    broadcast_module,
+    gan_step,
+    init_distributed,
+    lazy_adam,
+    load_training_state,
+    make_loader,
+    read_snapshot,
+    run_loop,
+    save_grid,
+    shutdown_distributed,
+    state_with_prefix,
+)
 
 __all__ = ["StyleGAN2TrainConfig", "PRESETS", "DISCRIMINATORS", "preset", "train_stylegan2", "auto_r1_gamma",
            "grow_generator", "discriminator_losses", "generator_loss"]
@@ -56,7 +73,7 @@ def auto_r1_gamma(resolution: int, batch: int) -> float:
 
 
 @dataclass
-class StyleGAN2TrainConfig:
+class StyleGAN2TrainConfig(ConfigMixin):
     """Everything a StyleGAN2 run needs besides the data; stored in every snapshot."""
 
     G: StyleGAN2Config = field(default_factory=StyleGAN2Config)
@@ -84,28 +101,18 @@ class StyleGAN2TrainConfig:
             return 0.0
         return self.r1_gamma if self.r1_gamma is not None else auto_r1_gamma(self.G.img_resolution, self.run.batch)
 
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StyleGAN2TrainConfig":
-        d = dict(d)
-        return cls(G=StyleGAN2Config.from_dict(d.pop("G")), D=DiscriminatorConfig(**d.pop("D")),
-                   PD=ProjectedDiscriminatorConfig(**d.pop("PD", {})), run=RunConfig(**d.pop("run")),
-                   betas=tuple(d.pop("betas", (0.0, 0.99))), **d)
-
     def validate(self) -> None:
         augment.parse_policy(self.augment)
         if self.discriminator not in DISCRIMINATORS:
-            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, not {self.discriminator!r}")
+            raise UsageError(f"discriminator must be one of {DISCRIMINATORS}, not {self.discriminator!r}")
         self.PD.validate()
         self.run.fast_path()  # validates the precision
         if self.D.img_resolution != self.G.img_resolution or self.D.c_dim != self.G.c_dim:
-            raise ValueError("G and D must agree on resolution and label size")
+            raise UsageError("G and D must agree on resolution and label size")
         if self.G.c_dim != 0:
-            raise ValueError("this trainer is unconditional (c_dim = 0)")
+            raise UsageError("this trainer is unconditional (c_dim = 0)")
         if self.run.batch <= 0 or self.D_reg_interval <= 0 or self.G_reg_interval <= 0:
-            raise ValueError("batch and regularisation intervals must be positive")
+            raise UsageError("batch and regularisation intervals must be positive")
 
 
 def _cpu_nets(channel_base: int) -> dict[str, Any]:
@@ -166,7 +173,7 @@ PRESETS: dict[str, Callable[[], StyleGAN2TrainConfig]] = {"cpu-small": _cpu_smal
 
 def preset(name: str) -> StyleGAN2TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise UsageError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return PRESETS[name]()
 
 
@@ -244,7 +251,7 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
     local = run.batch // info.world
     micro = run.batch_gpu or local
     if local % micro:
-        raise ValueError(f"per-process batch {local} is not a multiple of batch_gpu {micro}")
+        raise UsageError(f"per-process batch {local} is not a multiple of batch_gpu {micro}")
     shards = Shard.rounds(info, local // micro)
     kw = _synthesis_kwargs(run, info)
     gamma = cfg.gamma()
@@ -363,9 +370,9 @@ def grow_generator(dst: Generator, src: Generator) -> list[str]:
     so ``dst`` starts out drawing exactly the upsampled image of ``src``. Returns the names copied.
     """
     if dst.img_resolution < src.img_resolution:
-        raise ValueError(f"cannot grow a {src.img_resolution} px generator to {dst.img_resolution} px")
+        raise UsageError(f"cannot grow a {src.img_resolution} px generator to {dst.img_resolution} px")
     if dst.config.synthesis.architecture != "skip":
-        raise ValueError("growing needs the skip architecture (the image is a sum over resolutions)")
+        raise UsageError("growing needs the skip architecture (the image is a sum over resolutions)")
     own = dst.state_dict()
     copied = []
     for k, v in src.state_dict().items():
@@ -384,7 +391,7 @@ def _check_resume_config(cfg: StyleGAN2TrainConfig, meta: dict[str, Any]) -> Non
     old = StyleGAN2TrainConfig.from_dict(meta["config"])
     if old.G != cfg.G or old.D != cfg.D or old.discriminator != cfg.discriminator or (
             cfg.discriminator != "stylegan2" and old.PD != cfg.PD):
-        raise ValueError("the snapshot was trained with other network settings than the given config")
+        raise UsageError("the snapshot was trained with other network settings than the given config")
 
 
 def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -399,7 +406,7 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
 
     Args:
         cfg: configuration (see :data:`PRESETS`).
-        data_root: folder written by ``python -m portrait3d.training.dataset build``.
+        data_root: folder written by ``portrait3d dataset build``.
         out_dir: run folder.
         resume: a snapshot folder, or a run folder (its newest snapshot): continue from there,
             bit-exactly (``cfg`` may change the schedule, not the networks).
@@ -411,7 +418,7 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
             resolution, also as the projected head of a ``'both'`` D; fresh optimisers).
     """
     from portrait3d.checkpoints.native import save_network
-    from portrait3d.training.dataset import AlignedFaceDataset
+    from portrait3d.face.dataset import AlignedFaceDataset
     cfg.validate()
     info = init_distributed(cfg.run.device)
     try:
@@ -423,7 +430,7 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
         nets = build_networks(cfg, info.device)
         counters = Counters()
         if resume is not None and grow_from is not None:
-            raise ValueError("give either resume or grow_from, not both")
+            raise UsageError("give either resume or grow_from, not both")
         if grow_from is not None:
             _grow_networks(cfg, nets, grow_from)
         if resume is not None:
@@ -515,46 +522,3 @@ def _hooks(*hooks: MetricsFn | None) -> MetricsFn:
         return out
 
     return hook
-
-
-@click.command(context_settings=CLI_SETTINGS)
-@run_options(PRESETS, data_help="Built dataset folder (images.npy + labels.json).", lr_d_default=0.0025, extra=[
-    click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy, '' for none."),
-    click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9]."),
-    click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off]."),
-    click.option("--discriminator", type=click.Choice(DISCRIMINATORS), default=None,
-                 help="stylegan2 (pixel, R1), projected (EfficientNet-Lite0 features, hinge) or both [preset]."),
-    click.option("--resolution", type=click.Choice(["32", "64", "128", "256", "512", "1024"]), default=None,
-                 help="Train G and D at this size (the dataset is box-filtered down) [preset]."),
-    click.option("--grow-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                 help="Start from a snapshot at the same or a lower resolution (progressive growing)."),
-    click.option("--face-metrics", type=click.IntRange(0), default=0,
-                 help="Face metrics (FD-dlib, detection, pose spread, identity diversity) on N samples at each "
-                      "metrics interval (0 = none; ~0.1 s per sample)."),
-])
-def main(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, policy: str | None,
-         mixing: float | None, pl_weight: float | None, discriminator: str | None, resolution: str | None,
-         grow_from: Path | None, face_metrics: int, **overrides: Any) -> None:
-    """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun).
-
-    \b
-    The CPU recipe: 64 px first, then grow to 128 px:
-      python -m portrait3d.training.stylegan2 --data DATA --out RUN64 --config cpu-proj --resolution 64
-      python -m portrait3d.training.stylegan2 --data DATA --out RUN128 --config cpu-proj --grow-from RUN64
-    """
-    cfg = preset(preset_name)
-    apply_cli_options(cfg, **overrides)
-    for name, v in (("augment", policy), ("style_mixing_prob", mixing), ("pl_weight", pl_weight),
-                    ("discriminator", discriminator)):
-        if v is not None:
-            setattr(cfg, name, v)
-    if resolution is not None:
-        cfg.G.img_resolution = cfg.D.img_resolution = int(resolution)
-    train = functools.partial(train_stylegan2, grow_from=grow_from) if grow_from is not None else train_stylegan2
-    run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: _hooks(
-        fid_hook(data, fid, dev) if fid > 0 else None,
-        face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None))
-
-
-if __name__ == "__main__":
-    main()

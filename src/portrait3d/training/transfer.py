@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = ["pack_data", "unpack_data", "pack_snapshot", "unpack_snapshot"]
 
@@ -108,7 +108,7 @@ def unpack_snapshot(packed: str | os.PathLike[str], run_dir: str | os.PathLike[s
     packed = Path(packed)
     run = json.loads((packed / "run.json").read_text())
     if run["trainer"] != "stylegan2":
-        raise ValueError(f"only StyleGAN2 runs can be unpacked, not {run['trainer']!r}")
+        raise UsageError(f"only StyleGAN2 runs can be unpacked, not {run['trainer']!r}")
     cfg = StyleGAN2TrainConfig.from_dict(run["config"])
     nets = build_networks(cfg, torch.device("cpu"))
     for name in _NETS:
@@ -118,43 +118,3 @@ def unpack_snapshot(packed: str | os.PathLike[str], run_dir: str | os.PathLike[s
     folder = Path(run_dir) / f"snapshot-{counters.step:08d}"
     return save_training_state(folder, "stylegan2", cfg.to_dict(), nets, counters,
                                {"G_ema.safetensors": lambda p: save_network(nets.G_ema, p, overwrite=True)})
-
-
-@click.group()
-def cli() -> None:
-    """Pack a dataset and a snapshot compactly for a lent accelerator, and unpack them there (or back here)."""
-
-
-@cli.command("pack-data")
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--n", type=click.IntRange(1), default=8000, show_default=True, help="Faces to pack.")
-@click.option("--quality", type=click.IntRange(50, 100), default=90, show_default=True, help="JPEG quality.")
-def _pack_data(root: Path, out: Path, n: int, quality: int) -> None:
-    click.echo(json.dumps(pack_data(root, out, n, quality)))
-
-
-@cli.command("unpack-data")
-@click.argument("packed", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
-def _unpack_data(packed: Path, root: Path) -> None:
-    click.echo(f"{unpack_data(packed, root)} faces in {root}")
-
-
-@cli.command("pack-snapshot")
-@click.argument("snapshot", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-def _pack_snapshot(snapshot: Path, out: Path) -> None:
-    for p in pack_snapshot(snapshot, out):
-        click.echo(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)")
-
-
-@cli.command("unpack-snapshot")
-@click.argument("packed", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-def _unpack_snapshot(packed: Path, run_dir: Path) -> None:
-    click.echo(str(unpack_snapshot(packed, run_dir)))
-
-
-if __name__ == "__main__":
-    cli()

@@ -30,7 +30,7 @@ Colours
 Vertex colours are the generator's own colour at each vertex: the first three of the tri-plane
 decoder's colour features (``sample_mixed(...)['rgb'][..., :3]``, the channels that make up
 ``image_raw``), turned into pixels with the same mapping as every rendered image
-(:func:`portrait3d.utils.image.to_uint8`: ``value * 127.5 + 128``). They are view independent and
+(:func:`portrait3d.utils.visualize.to_uint8`: ``value * 127.5 + 128``). They are view independent and
 cover the whole head, back included, but lack the detail the super-resolution module adds to the
 final images (and look as pale as ``image_raw`` does for EG3D models: the decoder's sigmoid only
 reaches the upper half of the ``[-1, 1]`` pixel range).
@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = ["Mesh", "extract_mesh", "mesh_from_density", "vertex_colors", "write_ply", "write_obj", "EG3D_SIGMA_THRESHOLD"]
 
@@ -121,14 +122,14 @@ def mesh_from_density(sigmas: np.ndarray | torch.Tensor, corner: Any, voxel_size
     grid = sigmas.detach().float().cpu().numpy() if isinstance(sigmas, torch.Tensor) else np.asarray(sigmas)
     grid = np.asarray(grid, dtype=np.float32)
     if grid.ndim != 3 or len(set(grid.shape)) != 1 or grid.shape[0] < 2:
-        raise ValueError(f"density grid must be a cube [R, R, R] with R >= 2, got {list(grid.shape)}")
+        raise UsageError(f"density grid must be a cube [R, R, R] with R >= 2, got {list(grid.shape)}")
     if not np.isfinite(grid).all():
-        raise ValueError("density grid holds NaN or infinite values")
+        raise UsageError("density grid holds NaN or infinite values")
     res = grid.shape[0]
     b = int(border * res)
     inner = grid[b:res - b, b:res - b, b:res - b] if b > 0 else grid
     if inner.size == 0 or float(inner.min()) == float(inner.max()):
-        raise ValueError("the density is constant inside the box: there is no surface to extract")
+        raise UsageError("the density is constant inside the box: there is no surface to extract")
     level, source = _choose_level(inner, threshold, fallback_percentile)
     empty = min(_EMPTY, level - 1.0)
     work = np.full_like(grid, empty)
@@ -152,7 +153,7 @@ def vertex_colors(G: Any, ws: torch.Tensor, vertices: np.ndarray, batch: int = 2
 
     ``G`` needs ``sample_mixed(coords [1, K, 3], dirs [1, K, 3], ws) -> {'rgb': [1, K, D>=3], ...}``.
     """
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     if len(vertices) == 0:
         return np.zeros((0, 3), np.uint8)
@@ -188,7 +189,7 @@ def extract_mesh(G: Any, ws: torch.Tensor, resolution: int = 128, threshold: flo
         :class:`Mesh` (vertices in world units, faces oriented outward, uint8 colours).
     """
     if resolution < 8:
-        raise ValueError(f"mesh resolution must be at least 8, got {resolution}")
+        raise UsageError(f"mesh resolution must be at least 8, got {resolution}")
     sigmas, corner, voxel_size = G.density_grid(ws[:1], resolution=resolution, max_batch=batch, noise_mode="const")
     mesh = mesh_from_density(sigmas, corner, float(voxel_size), threshold=threshold, border=border,
                              fallback_percentile=fallback_percentile, sheared=True)
@@ -202,10 +203,10 @@ def _check(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     f = np.ascontiguousarray(mesh.faces, dtype="<i4")
     c = np.ascontiguousarray(mesh.colors, dtype=np.uint8)
     if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3 or c.shape != v.shape:
-        raise ValueError(f"mesh arrays must be vertices [V, 3], faces [F, 3], colors [V, 3]; got "
+        raise UsageError(f"mesh arrays must be vertices [V, 3], faces [F, 3], colors [V, 3]; got "
                          f"{list(v.shape)}, {list(f.shape)}, {list(c.shape)}")
     if len(f) and (f.min() < 0 or f.max() >= len(v)):
-        raise ValueError("mesh faces index vertices that do not exist")
+        raise UsageError("mesh faces index vertices that do not exist")
     return v, f, c
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = ["write_mp4", "orbit_cameras"]
 
@@ -44,9 +45,9 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike[str], fps: int = 24, c
 
     arr = np.asarray(frames)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
-        raise ValueError(f"write_mp4 expects uint8 frames [T, H, W, 3] with T >= 1, got {arr.dtype} {arr.shape}")
+        raise UsageError(f"write_mp4 expects uint8 frames [T, H, W, 3] with T >= 1, got {arr.dtype} {arr.shape}")
     if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise UsageError(f"fps must be positive, got {fps}")
     t, h, w, _ = arr.shape
     if h % 2 or w % 2:  # yuv420p needs even sizes: repeat the last row / column
         arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
@@ -81,7 +82,7 @@ def orbit_cameras(n_frames: int, yaw_range_deg: float = 35.0, pitch_range_deg: f
     from portrait3d.networks.eg3d.camera import camera_from_angles
 
     if n_frames < 1:
-        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+        raise UsageError(f"n_frames must be >= 1, got {n_frames}")
     t = torch.arange(n_frames, dtype=torch.float64) / n_frames
     yaw = yaw_range_deg * torch.sin(2 * math.pi * t)
     pitch = pitch_range_deg * torch.cos(2 * math.pi * t)

@@ -1,4 +1,9 @@
-"""The root click group and the error policy shared by every command."""
+"""The root click group and the error policy shared by every command.
+
+Error policy: a :class:`~portrait3d.errors.UsageError` (``FaceError``, ``CheckpointError``, ... derive from it) or an
+``OSError`` about a file becomes one ``error: ...`` line on stderr and exit code 2. Anything else is a bug and keeps
+its traceback. ``portrait3d --debug CMD`` shows the traceback for every error.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,52 @@ from typing import Any, Callable
 
 import click
 
-from portrait3d.checkpoints.safe_pickle import CheckpointError
-from portrait3d.face.errors import FaceError
+from portrait3d.errors import UsageError
+
+__all__ = ["main", "fail_cleanly", "EXPECTED_ERRORS", "CONTEXT_SETTINGS"]
+
+CONTEXT_SETTINGS: dict = {"help_option_names": ["-h", "--help"], "show_default": True}
+"""Every group and command: ``-h`` for help, and defaults shown in help."""
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UsageError, OSError)
+"""Errors that are the user's to fix: printed as one line, exit code 2."""
+
+
+def _debug_requested() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and (ctx.find_root().obj or {}).get("debug"))
 
 
 def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures into ``error: ...`` on stderr and exit code 2 (no traceback)."""
+    """Turn the user's errors (:data:`EXPECTED_ERRORS`) into ``error: ...`` on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (CheckpointError, FaceError, FileExistsError, FileNotFoundError, IsADirectoryError,
-                PermissionError, ValueError) as e:
-            click.echo(f"error: {e}", err=True)
+        except EXPECTED_ERRORS as e:
+            if _debug_requested():
+                raise
+            msg = str(e) if not isinstance(e, OSError) or e.filename is None or str(e.filename) in str(e) \
+                else f"{e.filename}: {e.strerror or e}"
+            click.echo(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", err=True)
             sys.exit(2)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="portrait3d")
-def main() -> None:
-    """3D-aware portrait synthesis, GAN inversion and editing."""
+@click.option("--debug", is_flag=True, help="Show the traceback of every error, not only of bugs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """3D-aware portrait synthesis, GAN inversion and editing.
+
+    \b
+    Start here:
+      portrait3d demo --out demo           sample, rotate and render the built-in models
+      portrait3d invert3d photo.jpg --out inv   put a photo into the 3D generator
+      portrait3d web                       the browser editor
+    Every command has --help with examples; options mean the same everywhere (README "Conventions").
+    """
+    ctx.obj = {"debug": debug}

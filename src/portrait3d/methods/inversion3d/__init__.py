@@ -2,7 +2,7 @@
 
 * :mod:`.networks`: the latent encoder E, the pose estimator P, rotation helpers, their file format.
 * :mod:`.pseudo`: generator pseudo pairs ``(w, camera, image)`` for pre-training E and P.
-* :mod:`.train`: pre-training of E and P (``python -m portrait3d.methods.inversion3d.train``); import its
+* :mod:`.train`: pre-training of E and P (``portrait3d train encoder|pose``); import its
   names from the module itself (importing it here would make ``python -m`` warn that the module was
   imported twice).
 * :mod:`.camera_params`: the differentiable camera (angles + learnable translation) being optimised.

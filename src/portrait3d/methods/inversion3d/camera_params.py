@@ -41,6 +41,7 @@ from portrait3d.networks.eg3d.camera import (
     normalize_vecs,
     pose_angles_from_camera,
 )
+from portrait3d.errors import UsageError
 
 __all__ = ["CameraParams", "fov_from_intrinsics", "rotation_z_transposed"]
 
@@ -99,7 +100,7 @@ class CameraParams(nn.Module):
             sizes.append(tr.shape[0])
         n = max(sizes)
         if any(s not in (1, n) for s in sizes):
-            raise ValueError(f"camera parameters have inconsistent batch sizes {sizes}")
+            raise UsageError(f"camera parameters have inconsistent batch sizes {sizes}")
         self.yaw = nn.Parameter(_vector(yaw, n))
         self.pitch = nn.Parameter(_vector(pitch, n))
         self.roll = nn.Parameter(_vector(roll, n), requires_grad=bool(optimize_roll))
@@ -110,7 +111,7 @@ class CameraParams(nn.Module):
         intr = fov_to_intrinsics(fov_deg) if intrinsics is None else torch.as_tensor(intrinsics, dtype=torch.float32)
         intr = intr.detach().clone().reshape(-1, 3, 3)
         if intr.shape[0] not in (1, n):
-            raise ValueError(f"got {intr.shape[0]} intrinsics for {n} cameras")
+            raise UsageError(f"got {intr.shape[0]} intrinsics for {n} cameras")
         self.register_buffer("intrinsics", intr.expand(n, 3, 3).clone())
         self.register_buffer("rotation_offset", torch.eye(3).expand(n, 3, 3).clone())
 
@@ -131,11 +132,11 @@ class CameraParams(nn.Module):
         c = torch.as_tensor(c).detach()
         flat = c.reshape(-1, c.shape[-1]).to(torch.float32)
         if flat.shape[-1] != 25:
-            raise ValueError(f"camera labels must be [25] or [N, 25], got {tuple(c.shape)}")
+            raise UsageError(f"camera labels must be [25] or [N, 25], got {tuple(c.shape)}")
         yaw, pitch, roll, radius = pose_angles_from_camera(flat)
         radius = torch.as_tensor(radius, dtype=torch.float64).reshape(-1)
         if float(radius.max() - radius.min()) > 1e-4 * float(radius.mean()):
-            raise ValueError("from_label needs cameras at one common distance from the origin")
+            raise UsageError("from_label needs cameras at one common distance from the origin")
         cam = cls(yaw=torch.as_tensor(yaw).reshape(-1).float(), pitch=torch.as_tensor(pitch).reshape(-1).float(),
                   roll=torch.as_tensor(roll).reshape(-1).float(), radius=float(radius.mean()), pivot=pivot,
                   intrinsics=flat[:, 16:25].reshape(-1, 3, 3), optimize_roll=optimize_roll,

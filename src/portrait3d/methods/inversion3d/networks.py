@@ -46,13 +46,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
+from portrait3d.config import ConfigMixin
 from portrait3d.networks.eg3d.camera import camera_from_angles
 
 __all__ = [
@@ -210,7 +211,7 @@ def _check_input_size(size: int) -> None:
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(ConfigMixin):
     """Settings of :class:`LatentEncoder` (saved as JSON with its weights).
 
     ``w_dim`` / ``num_ws`` are the generator's; ``None`` means "take them from the generator"
@@ -233,18 +234,6 @@ class EncoderConfig:
             if getattr(self, k) is not None and getattr(self, k) != v:
                 raise ValueError(f"encoder {k}={getattr(self, k)} does not match the generator's {v}")
         return dataclasses.replace(self, **dims)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = None if self.layers is None else list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
-        d = dict(d)
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        return cls(**d)
 
 
 class LatentEncoder(nn.Module):
@@ -416,7 +405,7 @@ def camera_from_pose(angles_deg: torch.Tensor, translation: torch.Tensor | None 
 
 
 @dataclass
-class PoseConfig:
+class PoseConfig(ConfigMixin):
     """Settings of :class:`PoseEstimator` (saved as JSON with its weights).
 
     The head's raw outputs are scaled: angles by ``angle_scale_deg`` and the camera offset by
@@ -437,21 +426,6 @@ class PoseConfig:
     radius: float = 2.7
     fov_deg: float = 18.837
     pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = None if self.layers is None else list(self.layers)
-        d["pivot"] = list(self.pivot)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PoseConfig":
-        d = dict(d)
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        if "pivot" in d:
-            d["pivot"] = tuple(float(v) for v in d["pivot"])
-        return cls(**d)
 
 
 class PoseOutput(NamedTuple):

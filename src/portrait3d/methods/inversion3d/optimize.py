@@ -46,7 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from portrait3d.errors import UsageError
 from portrait3d.methods.inversion3d.camera_params import CameraParams
+from portrait3d.methods.inversion3d.losses import ImageLoss, LossWeights
 from portrait3d.methods.inversion3d.pti import PTIConfig, pivotal_tuning, render
 from portrait3d.methods.inversion3d.warp import warp_loss
 from portrait3d.methods.projector.projector import (
@@ -56,8 +58,6 @@ from portrait3d.methods.projector.projector import (
     device_of,
     latent_noise_scale,
     lr_at,
-    resize_target,
-    scaled_landmarks,
 )
 
 __all__ = ["ALGORITHMS", "ImageLoss", "InversionConfig", "InversionResult", "LossWeights", "invert",
@@ -67,102 +67,6 @@ ALGORITHMS = {1: "alternating latent / camera steps with depth-based warping (Ko
               2: "latent only, camera fixed to the initial estimate (supplement Alg. 2)",
               3: "joint latent + camera gradient descent on the image loss (supplement Alg. 3)"}
 
-
-# ---------------------------------------------------------------------------------------------- losses
-
-@dataclass
-class LossWeights:
-    """Weights of :class:`ImageLoss`'s terms."""
-
-    mse: float = 1.0
-    perceptual: float = 1.0
-    identity: float = 0.1
-
-
-class ImageLoss(nn.Module):
-    """``L_img = w_mse * MSE + w_p * perceptual + w_id * identity`` against a fixed target.
-
-    Args:
-        target: ``[1, 3, H, H]`` in ``[-1, 1]``; resized to ``resolution`` (area down, bicubic up).
-        landmarks: ``[68, 2]`` iBUG landmarks in ``target``'s pixel coordinates; enable the identity
-            term (:class:`portrait3d.losses.IdentityLoss`, chip alignment fixed by them).
-        weights: :class:`LossWeights`; a zero weight skips (and never builds) that term.
-        resolution: size of the images the loss will see (the generator's ``img_resolution``);
-            default: the target's.
-        perceptual: a perceptual-distance module (``features`` / ``distance`` interface of
-            :mod:`portrait3d.losses.perceptual`) or a :func:`~portrait3d.losses.perceptual_loss` name.
-        perceptual_kwargs: arguments for building it by name (e.g. ``{"resize": 224}``).
-        identity_loss: a ready identity module (``forward(images) -> [N]``) instead of building one.
-
-    ``forward(image [N, 3, R, R]) -> (loss scalar, {"mse", "perceptual", "identity": float})`` (only the
-    active terms). The perceptual features of the target are computed once.
-    """
-
-    def __init__(self, target: torch.Tensor, landmarks: np.ndarray | None = None, weights: LossWeights | None = None,
-                 resolution: int | None = None, perceptual: str | nn.Module = "efficientnet-lite0",
-                 perceptual_kwargs: dict[str, Any] | None = None, identity_loss: nn.Module | None = None) -> None:
-        super().__init__()
-        self.weights = weights or LossWeights()
-        target = as_target_image(target)
-        src_size = int(target.shape[2])
-        res = int(resolution) if resolution is not None else src_size
-        self.register_buffer("target", resize_target(target.to(torch.float32), res).detach())
-        self.perceptual_module: nn.Module | None = None
-        if self.weights.perceptual > 0:
-            if isinstance(perceptual, str):
-                from portrait3d.losses.perceptual import perceptual_loss
-
-                perceptual = perceptual_loss(perceptual, **(perceptual_kwargs or {}))
-            self.perceptual_module = perceptual.to(target.device).eval()
-        self.identity_module: nn.Module | None = None
-        if self.weights.identity > 0 and (identity_loss is not None or landmarks is not None):
-            if identity_loss is None:
-                from portrait3d.losses.identity import IdentityLoss
-
-                identity_loss = IdentityLoss(self.target.cpu(), scaled_landmarks(landmarks, src_size, res))
-            self.identity_module = identity_loss.to(target.device).eval()
-        self._target_feats: list[torch.Tensor] | None = None
-        if self.perceptual_module is not None and hasattr(self.perceptual_module, "features"):
-            with torch.no_grad():
-                self._target_feats = [f.detach() for f in self.perceptual_module.features(self.target)]
-
-    @property
-    def description(self) -> str:
-        """Which terms and networks the loss uses (quote it next to reported numbers)."""
-        parts = [f"{self.weights.mse:g} x pixel MSE"] if self.weights.mse > 0 else []
-        if self.perceptual_module is not None:
-            desc = getattr(self.perceptual_module, "description", type(self.perceptual_module).__name__)
-            parts.append(f"{self.weights.perceptual:g} x perceptual [{desc}]")
-        if self.identity_module is not None:
-            desc = getattr(self.identity_module, "description", type(self.identity_module).__name__)
-            parts.append(f"{self.weights.identity:g} x identity [{desc}]")
-        return " + ".join(parts) if parts else "(no active term)"
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        if image.shape[-2:] != self.target.shape[-2:]:
-            raise ValueError(f"image size {tuple(image.shape[-2:])} differs from the loss resolution "
-                             f"{tuple(self.target.shape[-2:])}")
-        loss = image.new_zeros([])
-        terms: dict[str, float] = {}
-        if self.weights.mse > 0:
-            mse = (image - self.target).square().mean()
-            loss = loss + self.weights.mse * mse
-            terms["mse"] = float(mse.detach())
-        if self.perceptual_module is not None:
-            if self._target_feats is not None:
-                p = self.perceptual_module.distance(image, self._target_feats).mean()
-            else:
-                p = self.perceptual_module(image, self.target).mean()
-            loss = loss + self.weights.perceptual * p
-            terms["perceptual"] = float(p.detach())
-        if self.identity_module is not None:
-            idl = self.identity_module(image).mean()
-            loss = loss + self.weights.identity * idl
-            terms["identity"] = float(idl.detach())
-        return loss, terms
-
-
-# ---------------------------------------------------------------------------------------------- config
 
 @dataclass
 class InversionConfig:
@@ -204,27 +108,27 @@ class InversionConfig:
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, not {self.algorithm!r}")
+            raise UsageError(f"algorithm must be one of {sorted(ALGORITHMS)}, not {self.algorithm!r}")
         if self.space not in ("w", "w+"):
-            raise ValueError(f"space must be 'w' or 'w+', not {self.space!r}")
+            raise UsageError(f"space must be 'w' or 'w+', not {self.space!r}")
         if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, not {self.steps}")
+            raise UsageError(f"steps must be >= 0, not {self.steps}")
         if self.latent_steps_per_round < 1 or self.camera_steps_per_round < 1:
-            raise ValueError("latent_steps_per_round and camera_steps_per_round must be >= 1")
+            raise UsageError("latent_steps_per_round and camera_steps_per_round must be >= 1")
         if self.warp_norm not in ("l1", "l2"):
-            raise ValueError(f"warp_norm must be 'l1' or 'l2', not {self.warp_norm!r}")
+            raise UsageError(f"warp_norm must be 'l1' or 'l2', not {self.warp_norm!r}")
         if self.w_avg_samples < 1:
-            raise ValueError(f"w_avg_samples must be >= 1, not {self.w_avg_samples}")
+            raise UsageError(f"w_avg_samples must be >= 1, not {self.w_avg_samples}")
         for name in ("lr_w", "lr_cam", "lr_translation", "lr_rampup", "lr_rampdown", "mse_weight",
                      "perceptual_weight", "identity_weight", "warp_weight", "camera_image_weight", "occlusion_tol",
                      "initial_noise_factor", "noise_ramp"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
+                raise UsageError(f"{name} must be a finite non-negative number, not {v!r}")
         if self.warp_resolution is not None and self.warp_resolution < 2:
-            raise ValueError(f"warp_resolution must be >= 2 or None, not {self.warp_resolution}")
+            raise UsageError(f"warp_resolution must be >= 2 or None, not {self.warp_resolution}")
         if not -90 < self.canonical_pitch < 90:
-            raise ValueError("canonical_pitch must lie strictly between -90 and 90 degrees")
+            raise UsageError("canonical_pitch must lie strictly between -90 and 90 degrees")
         if self.pti:
             self.pti_config.validate()
 
@@ -341,7 +245,7 @@ def invert(G: nn.Module, target: torch.Tensor, init_ws: torch.Tensor | None, ini
         init_camera = camera_from_angles([0.0], [0.0], radius=radius, pivot=pivot)
     init_camera = torch.as_tensor(init_camera).detach().to(dev, torch.float32).reshape(-1, 25)
     if init_camera.shape[0] != 1:
-        raise ValueError(f"init_camera: expected one label [1, 25], got {tuple(init_camera.shape)}")
+        raise UsageError(f"init_camera: expected one label [1, 25], got {tuple(init_camera.shape)}")
 
     if image_loss is None:
         image_loss = ImageLoss(target, landmarks=landmarks, resolution=res,
@@ -362,7 +266,7 @@ def invert(G: nn.Module, target: torch.Tensor, init_ws: torch.Tensor | None, ini
         if w0.ndim == 2:
             w0 = w0[:, None].expand(1, num_ws, w_dim)
         if w0.shape != (1, num_ws, w_dim):
-            raise ValueError(f"init_ws: expected [1, {num_ws}, {w_dim}], got {tuple(w0.shape)}")
+            raise UsageError(f"init_ws: expected [1, {num_ws}, {w_dim}], got {tuple(w0.shape)}")
     w_opt = (w0.mean(1, keepdim=True) if cfg.space == "w" else w0).clone().requires_grad_(True)
 
     def full_ws(w: torch.Tensor) -> torch.Tensor:

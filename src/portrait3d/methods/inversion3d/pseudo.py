@@ -28,13 +28,13 @@ reproducible on any device and the stream can restart at any batch without repla
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from portrait3d.config import ConfigMixin
 from portrait3d.methods.inversion3d.networks import camera_from_pose
 from portrait3d.training.loop import derive_seed
 
@@ -45,7 +45,7 @@ _STREAM_KEY = 0x1E3D  # seed key of PseudoPairStream batches
 
 
 @dataclass
-class PseudoPairConfig:
+class PseudoPairConfig(ConfigMixin):
     """How pseudo pairs are drawn (see the module docstring)."""
 
     yaw_range: tuple[float, float] = (-30.0, 30.0)      # degrees; positive: head turned to its left
@@ -76,14 +76,6 @@ class PseudoPairConfig:
     @property
     def has_roll(self) -> bool:
         return tuple(self.roll_range) != (0.0, 0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PseudoPairConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _draw(n: int, lo: float, hi: float, distribution: str, generator: torch.Generator) -> torch.Tensor:

@@ -143,7 +143,7 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
         progress: tqdm bar.
         landmarks: ``[68, 2]`` target landmarks (pixel coordinates of ``target``) for the optional
             identity term.
-        image_loss: a ready :class:`portrait3d.methods.inversion3d.optimize.ImageLoss` to use for the
+        image_loss: a ready :class:`portrait3d.methods.inversion3d.losses.ImageLoss` to use for the
             reconstruction terms instead of building one from ``cfg``.
         callback: ``callback(step, record, G_tuned, image)`` after every step; ``True`` stops.
         step_offset: added to the ``step`` of every record (to continue an inversion's history).
@@ -153,7 +153,7 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
         step (``step``, ``phase='pti'``, ``lr``, ``loss``, ``mse``, ``perceptual``, ``identity``,
         ``depth_smooth``, ``locality``; zero-weight terms absent).
     """
-    from portrait3d.methods.inversion3d.optimize import ImageLoss, LossWeights  # avoid an import cycle
+    from portrait3d.methods.inversion3d.losses import ImageLoss, LossWeights
 
     cfg = cfg or PTIConfig()
     cfg.validate()

@@ -1,7 +1,7 @@
 """Pre-training of the latent encoder E and the pose estimator P on pseudo pairs (Ko et al., WACV 2023).
 
-    python -m portrait3d.methods.inversion3d.train encoder --network default-3d --out runs/inv3d-E --kimg 200
-    python -m portrait3d.methods.inversion3d.train pose --network default-3d --out runs/inv3d-P --kimg 200
+    portrait3d train encoder --network default-3d --out runs/inv3d-E --kimg 200
+    portrait3d train pose --network default-3d --out runs/inv3d-P --kimg 200
 
 The paper (Sec. 3, "Latent Encoder E and Pose Estimator P") trains both networks on pairs
 ``x_ps = G(w_ps, pi_ps)`` rendered by the frozen generator (:mod:`.pseudo`), E "following the
@@ -65,17 +65,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from portrait3d.methods.inversion3d.networks import (EncoderConfig, LatentEncoder, PoseConfig, PoseEstimator,
-                                                     rotation_from_angles, save_module)
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
+from portrait3d.methods.inversion3d.networks import (
+    EncoderConfig,
+    LatentEncoder,
+    PoseConfig,
+    PoseEstimator,
+    rotation_from_angles,
+    save_module,
+)
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
-from portrait3d.training.loop import (DistInfo, Progress, derive_seed, due, ema_beta, ema_update, find_snapshot,
-                                      load_optimizer, optimizer_tensors, prune_snapshots, restore_rng,
-                                      rng_tensors, write_snapshot_folder)
+from portrait3d.training.loop import (
+    DistInfo,
+    Progress,
+    derive_seed,
+    due,
+    ema_beta,
+    ema_update,
+    find_snapshot,
+    load_optimizer,
+    optimizer_tensors,
+    prune_snapshots,
+    restore_rng,
+    rng_tensors,
+    write_snapshot_folder,
+)
 
 __all__ = [
     "EncoderTrainConfig", "PoseTrainConfig", "encoder_losses", "pose_losses", "train_encoder", "train_pose",
@@ -94,7 +113,7 @@ _EVAL_KEY = 0xE7A1     # PseudoPairStream key of pose_error_deg's pairs (never t
 
 
 @dataclass
-class _TrainCommon:
+class _TrainCommon(ConfigMixin):
     """Fields shared by both trainers (durations and intervals in thousands of pseudo pairs)."""
 
     batch: int = 8
@@ -112,23 +131,16 @@ class _TrainCommon:
 
     def _validate_common(self) -> None:
         if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, not {self.batch}")
+            raise UsageError(f"batch must be >= 1, not {self.batch}")
         if self.total_kimg < 0 or self.lr <= 0 or self.ema_kimg < 0:
-            raise ValueError("total_kimg and ema_kimg must be >= 0 and lr > 0")
+            raise UsageError("total_kimg and ema_kimg must be >= 0 and lr > 0")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+            raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
         self.pseudo.validate()  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = v.to_dict() if hasattr(v, "to_dict") else (list(v) if isinstance(v, tuple) else v)
-        return d
 
 
 @dataclass
-class EncoderTrainConfig(_TrainCommon):
+class EncoderTrainConfig(_TrainCommon, ConfigMixin):
     """Settings of :func:`train_encoder` (loss weights: e4e's defaults where e4e has the term)."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -144,17 +156,11 @@ class EncoderTrainConfig(_TrainCommon):
         self._validate_common()
         for k in ("lambda_l2", "lambda_perceptual", "lambda_adv", "lambda_reg", "lambda_latent"):
             if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncoderTrainConfig":
-        d = dict(d)
-        return cls(encoder=EncoderConfig.from_dict(d.pop("encoder")),
-                   pseudo=PseudoPairConfig.from_dict(d.pop("pseudo")), betas=tuple(d.pop("betas")), **d)
+                raise UsageError(f"{k} must be >= 0")
 
 
 @dataclass
-class PoseTrainConfig(_TrainCommon):
+class PoseTrainConfig(_TrainCommon, ConfigMixin):
     """Settings of :func:`train_pose`.
 
     The pseudo pairs default to a 0.02 world-unit camera-offset jitter (about 4 px at 128 px) so the
@@ -173,18 +179,12 @@ class PoseTrainConfig(_TrainCommon):
         self._validate_common()
         for k in ("lambda_angle", "lambda_rotation", "lambda_translation", "lambda_reproj"):
             if getattr(self, k) < 0:
-                raise ValueError(f"{k} must be >= 0")
+                raise UsageError(f"{k} must be >= 0")
         p, q = self.pose, self.pseudo
         if (p.radius, p.fov_deg, tuple(p.pivot)) != (q.radius, q.fov_deg, tuple(q.pivot)):
-            raise ValueError("pose and pseudo must use the same camera radius, fov_deg and pivot")
+            raise UsageError("pose and pseudo must use the same camera radius, fov_deg and pivot")
         if q.has_roll and not p.roll:
-            raise ValueError("the pseudo pairs have roll but the pose estimator does not predict it (set pose.roll)")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PoseTrainConfig":
-        d = dict(d)
-        return cls(pose=PoseConfig.from_dict(d.pop("pose")), pseudo=PseudoPairConfig.from_dict(d.pop("pseudo")),
-                   betas=tuple(d.pop("betas")), **d)
+            raise UsageError("the pseudo pairs have roll but the pose estimator does not predict it (set pose.roll)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -192,9 +192,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+        raise UsageError("device 'cuda' requested but CUDA is not available")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+        raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
     return torch.device(device)
 
 
@@ -230,7 +230,7 @@ def encoder_losses(E: LatentEncoder, G: nn.Module, batch: dict[str, torch.Tensor
     loss = cfg.lambda_l2 * terms["l2"] + cfg.lambda_reg * terms["reg"]
     if cfg.lambda_perceptual > 0:
         if perceptual is None:
-            raise ValueError("lambda_perceptual > 0 needs a perceptual loss module")
+            raise UsageError("lambda_perceptual > 0 needs a perceptual loss module")
         terms["perceptual"] = perceptual(x_hat, x).mean()
         loss = loss + cfg.lambda_perceptual * terms["perceptual"]
     if D is not None and cfg.lambda_adv > 0:
@@ -273,7 +273,7 @@ def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Te
         loss = loss + cfg.lambda_rotation * terms["rotation"]
     if cfg.lambda_reproj > 0:
         if G is None:
-            raise ValueError("lambda_reproj > 0 needs the generator")
+            raise UsageError("lambda_reproj > 0 needs the generator")
         img = _render(G, batch["ws"], P.camera_from_output(pred))["image"]
         terms["reproj"] = (img - batch["image"]).square().mean()
         loss = loss + cfg.lambda_reproj * terms["reproj"]
@@ -315,11 +315,11 @@ def _load_snapshot(path: str | os.PathLike[str], trainer: str, net: nn.Module, e
         meta = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "state.safetensors"))
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise ValueError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
+        raise UsageError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
     if meta.get("format") != STATE_FORMAT or meta.get("trainer") != trainer:
-        raise ValueError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
+        raise UsageError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
     if meta.get("network") != net.config.to_dict():
-        raise ValueError(f"{folder} was trained with a different {type(net).__name__} configuration")
+        raise UsageError(f"{folder} was trained with a different {type(net).__name__} configuration")
     for prefix, module in (("net.", net), ("ema.", ema)):
         if module is None:
             continue
@@ -345,7 +345,7 @@ def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _save_pairs_grid(path: Path, inputs: torch.Tensor, outputs: torch.Tensor) -> Path:
     """PNG grid of ``input | output`` pairs (``[N, 3, H, W]`` in ``[-1, 1]``), about square."""
     from portrait3d.face.io import save_image
-    from portrait3d.utils.image import make_grid, to_uint8
+    from portrait3d.utils.visualize import make_grid, to_uint8
 
     pairs_per_row = max(1, int(math.ceil(math.sqrt(len(inputs)))))
     return save_image(path, make_grid(to_uint8(_interleave(inputs, outputs)), 2 * pairs_per_row), overwrite=True)
@@ -423,7 +423,7 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
 
 def _prepare_generator(G: nn.Module, device: torch.device) -> nn.Module:
     if getattr(G, "c_dim", None) != 25 or not hasattr(G, "synthesis") or not hasattr(G, "num_ws"):
-        raise ValueError("G must be an EG3D TriPlaneGenerator (25-d camera conditioning)")
+        raise UsageError("G must be an EG3D TriPlaneGenerator (25-d camera conditioning)")
     return G.to(device).eval().requires_grad_(False)
 
 
@@ -454,7 +454,7 @@ def train_encoder(G: nn.Module, cfg: EncoderTrainConfig, out_dir: str | os.PathL
         perceptual = PerceptualLoss(resize=cfg.perceptual_resize).to(device).eval().requires_grad_(False)
     if D is not None:
         if getattr(D, "c_dim", None) != 25 or getattr(D, "img_resolution", None) != G.img_resolution:
-            raise ValueError("D must be a camera-conditioned dual discriminator at the generator's resolution")
+            raise UsageError("D must be a camera-conditioned dual discriminator at the generator's resolution")
         D = D.to(device).eval().requires_grad_(False)
 
     def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -503,7 +503,7 @@ def pose_error_deg(P: PoseEstimator, G: nn.Module, n: int, cfg: PseudoPairConfig
         offset, world units). P's train / eval mode is restored afterwards (it runs in eval mode).
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, not {n}")
+        raise UsageError(f"n must be >= 1, not {n}")
     was_training = P.training
     P.eval()
     errs, terr = [], []
@@ -542,139 +542,8 @@ def load_eg3d_discriminator(path: str | os.PathLike[str], device: str | torch.de
     folder = find_snapshot(path)
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("trainer") != "eg3d":
-        raise ValueError(f"{folder} is not an EG3D training snapshot")
+        raise UsageError(f"{folder} is not an EG3D training snapshot")
     D = DualDiscriminator(DiscriminatorConfig(**meta["config"]["D"]))
     tensors = load_file(str(folder / "state.safetensors"))
     load_state_strict(D, {k[2:]: v for k, v in tensors.items() if k.startswith("D.")}, "EG3D discriminator")
     return D.to(device).eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--network", type=str, default="default-3d", help="EG3D generator checkpoint or built-in name."),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
-        click.option("--kimg", type=float, default=200.0, help="Training length in thousands of pseudo pairs."),
-        click.option("--batch", type=int, default=None, help="Batch size [8 encoder, 16 pose]."),
-        click.option("--lr", type=float, default=1e-4, help="Adam learning rate."),
-        click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="Snapshot folder (or run folder: newest snapshot) to continue from."),
-        click.option("--input-size", type=int, default=128, help="Network input resolution (power of two)."),
-        click.option("--depth", type=click.Choice(["18", "34"]), default="34", help="ResNet depth."),
-        click.option("--width", type=int, default=64, help="ResNet width (channels of the first stage)."),
-        click.option("--yaw", "yaw_max", type=float, default=30.0, help="Pseudo pairs: yaw in [-YAW, YAW] degrees."),
-        click.option("--pitch", "pitch_max", type=float, default=20.0, help="Pseudo pairs: pitch in [-PITCH, PITCH]."),
-        click.option("--pose-dist", type=click.Choice(["uniform", "gaussian"]), default="uniform",
-                     help="Pseudo-pair pose distribution (gaussian: clipped, range = +-2 std)."),
-        click.option("--psi", type=float, default=0.7, help="Pseudo pairs: truncation psi."),
-        click.option("--seed", type=int, default=0, help="Seed of the network initialisation and of the pseudo pairs."),
-        click.option("--snap", type=float, default=10.0, help="Snapshot interval in kimg (0: only at the end)."),
-        click.option("--sample-every", type=float, default=2.0, help="Sample-grid interval in kimg (0: none)."),
-        click.option("--ema", "ema_kimg", type=float, default=1.0,
-                     help="EMA half-life in kimg (0: export the last weights)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."),
-        click.option("--threads", type=int, default=None, help="CPU threads [torch default]."),
-        click.option("--progress/--no-progress", default=True, help="Progress bar."),
-    ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
-
-
-def _apply_common(cfg: Any, kw: dict[str, Any]) -> None:
-    if kw["batch"] is not None:
-        cfg.batch = kw["batch"]
-    cfg.total_kimg, cfg.lr, cfg.seed = kw["kimg"], kw["lr"], kw["seed"]
-    cfg.snapshot_kimg, cfg.sample_kimg, cfg.ema_kimg, cfg.device = kw["snap"], kw["sample_every"], kw["ema_kimg"], \
-        kw["device"]
-    cfg.pseudo = dataclasses.replace(cfg.pseudo, yaw_range=(-kw["yaw_max"], kw["yaw_max"]),
-                                     pitch_range=(-kw["pitch_max"], kw["pitch_max"]), distribution=kw["pose_dist"],
-                                     truncation_psi=kw["psi"], seed=kw["seed"])
-
-
-def _load_generator(name: str, device: str) -> nn.Module:
-    from portrait3d.checkpoints.load import load_network
-    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
-
-    G = load_network(name, device=resolve_device(device))
-    if not isinstance(G, TriPlaneGenerator):
-        raise ValueError(f"{name} is not an EG3D (3D) generator")
-    return G
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-def cli() -> None:
-    """Pre-train the 3D-inversion encoder E and pose estimator P on generator pseudo pairs."""
-
-
-@cli.command("encoder")
-@_common_options
-@click.option("--discriminator", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="EG3D training snapshot (or run folder) whose D gives the adversarial term.")
-@click.option("--lambda-perceptual", type=float, default=0.8, help="Perceptual-loss weight (0: off).")
-@click.option("--lambda-adv", type=float, default=0.1, help="Adversarial weight (with --discriminator).")
-@click.option("--lambda-reg", type=float, default=2e-4, help="||delta w||^2 weight.")
-@click.option("--lambda-latent", type=float, default=0.0, help="Latent loss ||E(x) - w||^2 weight.")
-def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv: float, lambda_reg: float,
-                lambda_latent: float, **kw: Any) -> None:
-    """Train the latent encoder E (e4e-style, into W) and export encoder.safetensors."""
-    if kw["threads"]:
-        torch.set_num_threads(kw["threads"])
-    arch = EncoderConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"])
-    cfg = EncoderTrainConfig(encoder=arch, lambda_perceptual=lambda_perceptual, lambda_adv=lambda_adv,
-                             lambda_reg=lambda_reg, lambda_latent=lambda_latent)
-    _apply_common(cfg, kw)
-    try:
-        G = _load_generator(kw["network"], cfg.device)
-        D = load_eg3d_discriminator(discriminator) if discriminator is not None else None
-        path = train_encoder(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"], D=D)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"exported {path}")
-
-
-@cli.command("pose")
-@_common_options
-@click.option("--roll/--no-roll", default=False, help="Predict roll (6D rotation) and draw pseudo pairs with roll.")
-@click.option("--roll-max", type=float, default=15.0, help="With --roll: roll in [-ROLL_MAX, ROLL_MAX] degrees.")
-@click.option("--translation-std", type=float, default=0.02, help="Pseudo-pair camera offset std (world units).")
-@click.option("--lambda-translation", type=float, default=10.0, help="Camera-offset loss weight.")
-@click.option("--lambda-reproj", type=float, default=0.0, help="Re-rendering loss ||G(w, P(x)) - x||^2 weight.")
-@click.option("--eval-n", type=int, default=64, help="Fresh pseudo pairs for the final pose-error report (0: none).")
-def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_translation: float, lambda_reproj: float,
-             eval_n: int, **kw: Any) -> None:
-    """Train the pose estimator P and export pose.safetensors."""
-    if kw["threads"]:
-        torch.set_num_threads(kw["threads"])
-    cfg = PoseTrainConfig(pose=PoseConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"],
-                                              roll=roll),
-                          lambda_translation=lambda_translation, lambda_reproj=lambda_reproj)
-    _apply_common(cfg, kw)
-    cfg.pseudo = dataclasses.replace(cfg.pseudo, translation_std=translation_std,
-                                     roll_range=(-roll_max, roll_max) if roll else (0.0, 0.0))
-    try:
-        G = _load_generator(kw["network"], cfg.device)
-        path = train_pose(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"])
-        err = pose_error_deg(load_pose_for_eval(path, G), G, eval_n, cfg.pseudo) if eval_n > 0 else None
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"exported {path}")
-    if err is not None:
-        click.echo(f"pose error on {eval_n} fresh pseudo pairs (degrees; translation in world units): "
-                   + json.dumps({k: round(v, 4) for k, v in err.items()}))
-
-
-def load_pose_for_eval(path: Path, G: nn.Module) -> PoseEstimator:
-    """Load an exported pose estimator onto ``G``'s device (used by the CLI's final evaluation)."""
-    from portrait3d.methods.inversion3d.networks import load_module
-
-    P = load_module(path, device=next(G.parameters()).device)
-    if not isinstance(P, PoseEstimator):
-        raise ValueError(f"{path} is not a pose estimator")
-    return P
-
-
-if __name__ == "__main__":
-    cli()

@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from portrait3d.face.analyzer import DETECTORS, FaceAnalyzer, FaceTools
 from portrait3d.methods.lifting.losses import ABLATIONS
 from portrait3d.methods.lifting.networks import LIFT_FORMAT, LiftedGenerator, canonical_light
+from portrait3d.errors import UsageError
 
 __all__ = [
     "ABLATIONS",
@@ -249,7 +250,7 @@ def _batches(n: int, batch: int) -> Iterator[slice]:
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     return to_uint8(images)
 
@@ -301,7 +302,7 @@ def fid_of_lifted(model: LiftedGenerator, n: int, stats: Any, *, truncation: flo
 
     n = int(n)
     if n < 2:
-        raise ValueError(f"FID needs at least 2 generated images, not {n}")
+        raise UsageError(f"FID needs at least 2 generated images, not {n}")
     ext = extractor if extractor is not None else InceptionFeatures(device, batch_size=batch, progress=False)
     _, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
     lifted, flat = [], []
@@ -330,7 +331,7 @@ def scale_invariant_depth_error(pred: np.ndarray, gt: np.ndarray) -> dict[str, f
     p = np.asarray(pred, np.float64).ravel()
     g = np.asarray(gt, np.float64).ravel()
     if p.shape != g.shape or p.size < 2:
-        raise ValueError(f"need two equal-length depth vectors of >= 2 points, got {p.shape} and {g.shape}")
+        raise UsageError(f"need two equal-length depth vectors of >= 2 points, got {p.shape} and {g.shape}")
     a_mat = np.stack([p, np.ones_like(p)], axis=1)
     (a, b), *_ = np.linalg.lstsq(a_mat, g, rcond=None)
     if not a > 0:  # an inverted (or flat) relief gets no credit: best constant
@@ -380,9 +381,9 @@ def depth_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed
     from portrait3d.face.pose import mean_face_68
 
     if source not in ("render", "g2d"):
-        raise ValueError(f"source must be 'render' or 'g2d', not {source!r}")
+        raise UsageError(f"source must be 'render' or 'g2d', not {source!r}")
     if points not in ("inner", "all"):
-        raise ValueError(f"points must be 'inner' or 'all', not {points!r}")
+        raise UsageError(f"points must be 'inner' or 'all', not {points!r}")
     idx = _INNER if points == "inner" else np.arange(68)
     n = int(n)
     _, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
@@ -394,7 +395,7 @@ def depth_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed
             out = model(w[sl])
             r = model.render_view(out)
             if r.depth is None:
-                raise ValueError("the renderer returns no depth; depth error needs it")
+                raise UsageError("the renderer returns no depth; depth error needs it")
             depth = r.depth.reshape(len(out.w), s, s)
             mask = r.mask.reshape(len(out.w), s, s) if r.mask is not None else torch.ones_like(depth)
             imgs = _uint8(out.image if source == "render" else _g2d_native(model, w[sl]))
@@ -451,7 +452,7 @@ def pose_error(model: LiftedGenerator, n: int, *, truncation: float = 0.7, seed:
 
     for src in sources:
         if src not in ("g2d", "render"):
-            raise ValueError(f"unknown pose source {src!r} (choose 'g2d' or 'render')")
+            raise UsageError(f"unknown pose source {src!r} (choose 'g2d' or 'render')")
     n = int(n)
     _, w = sample_latents(model.g2d, n, seed, truncation, _device(model))
     diffs: dict[str, list[np.ndarray]] = {src: [] for src in sources}
@@ -539,9 +540,9 @@ def _nrsfm_latents(model: LiftedGenerator, editor: Any, z: torch.Tensor, w: torc
         return w[:, None].expand(-1, model.num_ws, -1).clone()
     if space == "z":
         if truncation != 1:
-            raise ValueError("an NRSfM editor in Z space edits untruncated faces: use truncation=1")
+            raise UsageError("an NRSfM editor in Z space edits untruncated faces: use truncation=1")
         return z.clone()
-    raise ValueError(f"unknown NRSfM latent space {space!r}")
+    raise UsageError(f"unknown NRSfM latent space {space!r}")
 
 
 def _nrsfm_views(model: LiftedGenerator, editor: Any, latents: torch.Tensor, angles: Sequence[float], mode: str,
@@ -604,7 +605,7 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
                                         lambda sl: _lifted_manipulator_views(model, w[sl], angles))
     if nrsfm_editor is not None:
         if nrsfm_mode not in ("linear", "gradient"):
-            raise ValueError(f"nrsfm_mode must be 'linear' or 'gradient', not {nrsfm_mode!r}")
+            raise UsageError(f"nrsfm_mode must be 'linear' or 'gradient', not {nrsfm_mode!r}")
         lat = _nrsfm_latents(model, nrsfm_editor, z, w, truncation)
         makers[f"nrsfm_{nrsfm_mode}"] = (f"NRSfM ({nrsfm_mode} edit)",
                                          lambda sl: _nrsfm_views(model, nrsfm_editor, lat[sl], angles, nrsfm_mode,
@@ -724,7 +725,7 @@ def ablation_config(name: str, kimg: float, **fields: Any) -> Any:
     from portrait3d.methods.lifting.train import LiftTrainConfig
 
     if name != "full" and name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r} (choose full or {', '.join(ABLATIONS)})")
+        raise UsageError(f"unknown ablation {name!r} (choose full or {', '.join(ABLATIONS)})")
     return LiftTrainConfig(total_kimg=kimg, ablate=() if name == "full" else (name,), **fields)
 
 

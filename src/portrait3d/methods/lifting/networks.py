@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
+from portrait3d.config import ConfigMixin
 
 __all__ = [
     "LIFT_FORMAT",
@@ -117,7 +118,7 @@ LIFT_FORMAT_VERSION = "1"
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class LiftConfig:
+class LiftConfig(ConfigMixin):
     """Everything that defines the lifting networks (saved as JSON beside the weights).
 
     Attributes:
@@ -192,17 +193,6 @@ class LiftConfig:
         r = math.radians(self.rotation_range_deg)
         t, z = self.xy_translation_range, self.z_translation_range
         return torch.tensor([r, r, r, t, t, z])
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LiftConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LiftConfig field(s) {unknown}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Train the lifting networks of LiftedGAN (Shi, Aggarwal and Jain, CVPR 2021) on a frozen 2D StyleGAN2.
 
-    python -m portrait3d.methods.lifting.train --network default-2d --out runs/lift
-    python -m portrait3d.methods.lifting.train --network default-2d --out runs/lift --resume runs/lift
-    python -m portrait3d.methods.lifting.train --network G.safetensors --out runs/lift-noflip --ablate flip
+    portrait3d train lift --network default-2d --out runs/lift
+    portrait3d train lift --network default-2d --out runs/lift --resume runs/lift
+    portrait3d train lift --network G.safetensors --out runs/lift-noflip --ablate flip
 
 There is no dataset: every step samples a fresh batch of latents ``w = mapping(z)`` with truncation
 (:func:`portrait3d.methods.lifting.losses.sample_w`, 0.7 as released), lifts them with
@@ -51,12 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.interfaces.cli.base import fail_cleanly as _fail_cleanly
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
 from portrait3d.methods.lifting.losses import (
     ABLATIONS,
     LiftLossConfig,
@@ -69,10 +69,11 @@ from portrait3d.methods.lifting.losses import (
 )
 from portrait3d.methods.lifting.networks import LiftConfig, LiftedGenerator, LiftOutput
 from portrait3d.methods.lifting.renderer import RendererConfig
+from portrait3d.utils.visualize import normal_to_uint8, shading_to_uint8
 
 __all__ = ["ABLATIONS", "GRID_ROWS", "LiftTrainConfig", "TRAINER", "generator_matches", "grid_rows",
-           "load_lift_state", "normal_to_uint8", "read_lift_snapshot", "relight", "save_lift_state",
-           "shading_to_uint8", "train_lifting", "yaw_view"]
+           "load_lift_state", "read_lift_snapshot", "relight", "save_lift_state",
+           "train_lifting", "yaw_view"]
 
 TRAINER = "lifting"
 
@@ -86,7 +87,7 @@ _LATENTS, _PERTURB, _GRID = 1, 2, 3
 
 
 @dataclass
-class LiftTrainConfig:
+class LiftTrainConfig(ConfigMixin):
     """Everything a lifting run needs besides the 2D generator; stored in every snapshot.
 
     Attributes:
@@ -132,25 +133,25 @@ class LiftTrainConfig:
         """Raise a one-line :class:`ValueError` on an inconsistent configuration."""
         unknown = [a for a in self.ablate if a not in ABLATIONS]
         if unknown:
-            raise ValueError(f"unknown ablation(s) {unknown}: choose from {', '.join(ABLATIONS)}")
+            raise UsageError(f"unknown ablation(s) {unknown}: choose from {', '.join(ABLATIONS)}")
         if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, not {self.batch}")
+            raise UsageError(f"batch must be >= 1, not {self.batch}")
         if not (math.isfinite(self.total_kimg) and self.total_images() >= 1):
-            raise ValueError(f"total_kimg must cover at least one latent, not {self.total_kimg}")
+            raise UsageError(f"total_kimg must cover at least one latent, not {self.total_kimg}")
         if not (math.isfinite(self.lr) and self.lr > 0) or self.weight_decay < 0:
-            raise ValueError("lr must be positive and weight_decay >= 0")
+            raise UsageError("lr must be positive and weight_decay >= 0")
         if not 0 <= self.truncation <= 1:
-            raise ValueError(f"truncation must be in [0, 1], not {self.truncation}")
+            raise UsageError(f"truncation must be in [0, 1], not {self.truncation}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+            raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+            raise UsageError("device 'cuda' requested but CUDA is not available")
         if self.w_stats_samples < 2 or self.grid_samples < 0 or self.snapshot_kimg < 0 or self.sample_kimg < 0:
-            raise ValueError("w_stats_samples must be >= 2; grid_samples and intervals >= 0")
+            raise UsageError("w_stats_samples must be >= 2; grid_samples and intervals >= 0")
         if self.perceptual_resize is not None and self.perceptual_resize < 8:
-            raise ValueError(f"perceptual_resize must be >= 8 or None, not {self.perceptual_resize}")
+            raise UsageError(f"perceptual_resize must be >= 8 or None, not {self.perceptual_resize}")
         if self.resolved_renderer().image_size != self.lift.image_size:
-            raise ValueError(f"renderer image_size {self.resolved_renderer().image_size} != "
+            raise UsageError(f"renderer image_size {self.resolved_renderer().image_size} != "
                              f"lift image_size {self.lift.image_size}")
 
     def resolved_renderer(self) -> RendererConfig:
@@ -178,25 +179,6 @@ class LiftTrainConfig:
         d["ablate"] = list(self.ablate)
         d["renderer"] = dataclasses.asdict(self.resolved_renderer())
         return json.loads(json.dumps(d))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LiftTrainConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LiftTrainConfig field(s) {unknown}")
-        nested = {
-            "weights": LiftLossWeights(**d.pop("weights", {})),
-            "losses": LiftLossConfig(**d.pop("losses", {})),
-            "lift": LiftConfig.from_dict(d.pop("lift", {})),
-        }
-        rend = d.pop("renderer", None)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        if "ablate" in d:
-            d["ablate"] = tuple(d["ablate"])
-        return cls(**d, **nested, renderer=RendererConfig(**rend) if rend else None)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -244,29 +226,15 @@ def yaw_view(yaw_deg: float | torch.Tensor, n: int = 1, tx_per_sin_yaw: float = 
     return v.expand(n, 6).clone() if yaw.numel() == 1 else v
 
 
-def normal_to_uint8(normal: torch.Tensor) -> np.ndarray:
-    """Camera-facing normals ``[N, 3, H, W]`` (``y`` down, ``n_z < 0``) -> ``uint8 [N, H, W, 3]`` in the
-    usual normal-map colours (red = right, green = up, blue = towards the viewer)."""
-    n = normal.detach().float().cpu() * torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
-    return ((n + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def shading_to_uint8(shading: torch.Tensor) -> np.ndarray:
-    """Shading ``[N, 1, H, W]`` -> grey ``uint8 [N, H, W, 3]``, each image divided by its maximum."""
-    s = shading.detach().float().cpu()
-    s = s / s.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1, 1)
-    return (s.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
-
-
 def _image_uint8(images: torch.Tensor) -> np.ndarray:
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     return to_uint8(images.clamp(-1, 1))
 
 
 def _depth_uint8(depth: torch.Tensor) -> np.ndarray:
     """Canonical depth ``[N, S, S]`` -> colour-mapped ``uint8 [N, S, S, 3]`` (near = bright)."""
-    from portrait3d.interfaces.demo import colour_depth
+    from portrait3d.utils.visualize import colour_depth
 
     return colour_depth(depth[:, None], int(depth.shape[-1]))
 
@@ -312,8 +280,13 @@ def save_lift_state(folder: Path, cfg: LiftTrainConfig, model: LiftedGenerator, 
     ``state.json``: format, trainer, configuration, step, images seen, optimiser hyper-parameters.
     ``lifted.safetensors``: :meth:`LiftedGenerator.save`.
     """
-    from portrait3d.training.loop import (STATE_FORMAT, STATE_VERSION, optimizer_tensors, rng_tensors,
-                                          write_snapshot_folder)
+    from portrait3d.training.loop import (
+        STATE_FORMAT,
+        STATE_VERSION,
+        optimizer_tensors,
+        rng_tensors,
+        write_snapshot_folder,
+    )
 
     tensors = {f"nets.{k}": v for k, v in model.nets.state_dict().items()}
     opt_tensors, opt_meta = optimizer_tensors(opt, "opt")
@@ -335,11 +308,11 @@ def read_lift_snapshot(path: str | os.PathLike[str]) -> tuple[Path, dict[str, An
     try:
         meta = json.loads((folder / "state.json").read_text())
     except (OSError, json.JSONDecodeError):
-        raise ValueError(f"{folder}: unreadable state.json") from None
+        raise UsageError(f"{folder}: unreadable state.json") from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder} is not a portrait3d training snapshot")
+        raise UsageError(f"{folder} is not a portrait3d training snapshot")
     if meta.get("trainer") != TRAINER:
-        raise ValueError(f"{folder} is a {meta.get('trainer')} snapshot, not a lifting one")
+        raise UsageError(f"{folder} is a {meta.get('trainer')} snapshot, not a lifting one")
     return folder, meta
 
 
@@ -404,11 +377,11 @@ def _check_resume(cfg: LiftTrainConfig, meta: dict[str, Any], folder: Path) -> N
     try:
         old = LiftTrainConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{folder}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
+        raise UsageError(f"{folder}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
     if old.lift != cfg.lift or old.resolved_renderer() != cfg.resolved_renderer():
-        raise ValueError(f"{folder} was trained with other lifting-network or renderer settings")
+        raise UsageError(f"{folder} was trained with other lifting-network or renderer settings")
     if generator_matches(old.network, cfg.network) is False:
-        raise ValueError(f"{folder} lifts the 2D generator {old.network!r}, not {cfg.network!r}")
+        raise UsageError(f"{folder} lifts the 2D generator {old.network!r}, not {cfg.network!r}")
 
 
 def _build_losses(cfg: LiftTrainConfig, weights: LiftLossWeights, dev: torch.device) -> dict[str, Any]:
@@ -444,9 +417,9 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
 
     cfg.validate()
     if int(g2d.w_dim) != cfg.lift.w_dim:
-        raise ValueError(f"LiftConfig.w_dim = {cfg.lift.w_dim} but the 2D generator has w_dim = {g2d.w_dim}")
+        raise UsageError(f"LiftConfig.w_dim = {cfg.lift.w_dim} but the 2D generator has w_dim = {g2d.w_dim}")
     if getattr(g2d, "c_dim", 0) != 0 or not hasattr(g2d, "synthesis"):
-        raise ValueError("LiftedGAN needs an unconditional 2D StyleGAN2 generator")
+        raise UsageError("LiftedGAN needs an unconditional 2D StyleGAN2 generator")
     out = Path(out_dir)
     snap = read_lift_snapshot(resume) if resume is not None else None
     if snap is not None:
@@ -532,78 +505,3 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
-              help="2D StyleGAN2 checkpoint or built-in name.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
-@click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, show_default="400",
-              help="Training length in thousands of sampled latents.")
-@click.option("--batch", type=click.IntRange(1), default=None, show_default="8", help="Latents per step.")
-@click.option("--size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None, show_default="64",
-              help="Resolution of depth, albedo and renders (the 2D images are resized to it).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, show_default="1e-4",
-              help="Adam learning rate.")
-@click.option("--decoder-channels", type=click.IntRange(8, 1024), default=None, show_default="256",
-              help="Widest layer of the D_S / D_T decoders (128 halves their cost and size; a new run only).")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly.")
-@click.option("--ablate", type=click.Choice(sorted(ABLATIONS)), multiple=True,
-              help="Switch a loss off (repeatable): flip (eq. 3), perturb (eqs. 4-7), identity (eq. 8), "
-                   "albedo (rank, eq. 9).")
-@click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")
-@click.option("--snap", type=click.FloatRange(0), default=None, show_default="40",
-              help="Snapshot interval in kimg (0: only at the end).")
-@click.option("--sample-every", type=click.FloatRange(0), default=None, show_default="4",
-              help="Sample-grid interval in kimg (0: only at the end).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, show_default="auto",
-              help="Device (auto: CUDA when available).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
-@click.option("--progress/--no-progress", default=True, help="Progress bar with the loss terms.")
-@click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run.")
-@_fail_cleanly
-def main(network: str | None, out: Path, kimg: float | None, batch: int | None, size: str | None, lr: float | None,
-         decoder_channels: int | None, resume: Path | None, ablate: tuple[str, ...], seed: int | None, snap: float | None,
-         sample_every: float | None, device: str | None, threads: int | None, progress: bool, force: bool) -> None:
-    """Train the LiftedGAN lifting networks (D_V, D_L, M, D_S, D_T) of a frozen 2D StyleGAN2.
-
-    Writes OUT/lifted.safetensors (for `portrait3d lift --lifted`), resumable snapshots, sample grids
-    and log.jsonl.
-    """
-    from portrait3d.checkpoints import load_network
-
-    if resume is not None:
-        _, meta = read_lift_snapshot(resume)
-        try:
-            cfg = LiftTrainConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{resume}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
-        if size is not None and int(size) != cfg.lift.image_size:
-            raise ValueError(f"the resumed run lifts at {cfg.lift.image_size} px; --size cannot change it")
-        if decoder_channels is not None and decoder_channels != cfg.lift.decoder_channel_max:
-            raise ValueError(f"the resumed run's decoders are {cfg.lift.decoder_channel_max} channels wide; "
-                             "--decoder-channels cannot change it")
-        cfg.network = network or cfg.network
-    else:
-        cfg = LiftTrainConfig(network=network or "default-2d")
-    G = load_network(cfg.network)
-    if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0 or not hasattr(G, "mapping"):
-        raise ValueError(f"{cfg.network}: LiftedGAN needs an unconditional 2D StyleGAN2 generator")
-    if resume is None:
-        cfg.lift = LiftConfig(w_dim=int(G.w_dim), image_size=int(size or 64))
-        if decoder_channels is not None:
-            cfg.lift.decoder_channel_max = decoder_channels
-            cfg.lift.decoder_channel_min = min(cfg.lift.decoder_channel_min, decoder_channels)
-    for name, v in (("total_kimg", kimg), ("batch", batch), ("lr", lr), ("seed", seed), ("snapshot_kimg", snap),
-                    ("sample_kimg", sample_every), ("device", device), ("threads", threads)):
-        if v is not None:
-            setattr(cfg, name, v)
-    if ablate:
-        cfg.ablate = tuple(dict.fromkeys(ablate))
-    path = train_lifting(G, cfg, out, resume=resume, progress=progress, force=force)
-    click.echo(f"exported {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,6 +29,7 @@ import torch
 
 from portrait3d.checkpoints.native import atomic_write
 from portrait3d.face.analyzer import TEMPLATE_BOX
+from portrait3d.errors import UsageError
 
 __all__ = [
     "SPACES",
@@ -65,13 +66,13 @@ class LandmarkDataConfig:
 
     def validate(self) -> None:
         if self.space not in SPACES:
-            raise ValueError(f"unknown latent space {self.space!r} (choose {', '.join(SPACES)})")
+            raise UsageError(f"unknown latent space {self.space!r} (choose {', '.join(SPACES)})")
         if self.backend not in BACKEND_SCHEMES:
-            raise ValueError(f"unknown landmark backend {self.backend!r} (choose dlib or mediapipe)")
+            raise UsageError(f"unknown landmark backend {self.backend!r} (choose dlib or mediapipe)")
         if self.detector not in ("mediapipe", "dlib", "dlib-hog", "template"):
-            raise ValueError(f"unknown face detector {self.detector!r}")
+            raise UsageError(f"unknown face detector {self.detector!r}")
         if self.num_samples <= 0 or self.batch <= 0:
-            raise ValueError("num_samples and batch must be positive")
+            raise UsageError("num_samples and batch must be positive")
 
 
 @dataclass
@@ -116,9 +117,9 @@ class LandmarkSet:
                 out = cls(f["latents"], f["landmarks"], f["valid"].astype(bool), meta["space"], meta["scheme"],
                           int(meta["resolution"]))
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path} is not a landmark set ({e})") from None
+            raise UsageError(f"{path} is not a landmark set ({e})") from None
         if out.landmarks.ndim != 3 or len(out.landmarks) != len(out.latents) != len(out.valid):
-            raise ValueError(f"{path}: inconsistent landmark-set arrays")
+            raise UsageError(f"{path}: inconsistent landmark-set arrays")
         return out
 
 
@@ -135,7 +136,7 @@ def sample_latents(G: torch.nn.Module, n: int, space: str, seed: int = 0, trunca
     Deterministic in ``seed``. W+ codes are style-mixed pairs (see the module docstring).
     """
     if space not in SPACES:
-        raise ValueError(f"unknown latent space {space!r}")
+        raise UsageError(f"unknown latent space {space!r}")
     gen = torch.Generator().manual_seed(int(seed))
     z = torch.randn(n, G.z_dim, generator=gen).to(device)
     if space == "z":
@@ -164,7 +165,7 @@ def latents_to_ws(G: torch.nn.Module, latents: torch.Tensor, space: str,
         return latents[:, None, :].expand(-1, G.num_ws, -1)
     if space == "w+":
         return latents.reshape(len(latents), G.num_ws, G.w_dim)
-    raise ValueError(f"unknown latent space {space!r}")
+    raise UsageError(f"unknown latent space {space!r}")
 
 
 def synthesize(G: torch.nn.Module, latents: torch.Tensor, space: str, truncation_psi: float = 1.0,
@@ -185,7 +186,7 @@ class ImageLandmarker:
         from portrait3d.face.landmarks import LandmarkDetector
 
         if backend not in BACKEND_SCHEMES:
-            raise ValueError(f"unknown landmark backend {backend!r} (choose dlib or mediapipe)")
+            raise UsageError(f"unknown landmark backend {backend!r} (choose dlib or mediapipe)")
         self.backend = backend
         self.scheme = BACKEND_SCHEMES[backend]
         self.num_points = 68 if backend == "dlib" else 468
@@ -261,7 +262,7 @@ def build_landmark_set(G: torch.nn.Module, cfg: LandmarkDataConfig, cache_dir: s
     """
     from tqdm import tqdm
 
-    from portrait3d.utils.image import to_uint8
+    from portrait3d.utils.visualize import to_uint8
 
     cfg.validate()
     path = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = [
     "ANGLE_LIMITS",
@@ -57,12 +58,12 @@ class EditSpec:
         for name, limit in ANGLE_LIMITS.items():
             v = float(getattr(self, name))
             if not (abs(v) <= limit):
-                raise ValueError(f"--{name} {v:g} is out of range (|{name}| <= {limit:g} degrees)")
+                raise UsageError(f"--{name} {v:g} is out of range (|{name}| <= {limit:g} degrees)")
         for k, v in self.expr.items():
             if not 1 <= k <= num_basis:
-                raise ValueError(f"--expr {k}=...: component {k} does not exist (the model has {num_basis})")
+                raise UsageError(f"--expr {k}=...: component {k} does not exist (the model has {num_basis})")
             if not (abs(v) <= ALPHA_LIMIT):
-                raise ValueError(f"--expr {k}={v:g} is out of range (|value| <= {ALPHA_LIMIT:g} standard deviations)")
+                raise UsageError(f"--expr {k}={v:g} is out of range (|value| <= {ALPHA_LIMIT:g} standard deviations)")
 
     def is_identity(self) -> bool:
         return self.yaw == self.pitch == self.roll == 0 and not any(self.expr.values())
@@ -76,11 +77,11 @@ def parse_expr(items: Sequence[str]) -> dict[int, float]:
         try:
             k, v = int(key), float(value)
         except ValueError:
-            raise ValueError(f"--expr expects COMPONENT=VALUE (e.g. 1=2.0), got {item!r}") from None
+            raise UsageError(f"--expr expects COMPONENT=VALUE (e.g. 1=2.0), got {item!r}") from None
         if not sep:
-            raise ValueError(f"--expr expects COMPONENT=VALUE (e.g. 1=2.0), got {item!r}")
+            raise UsageError(f"--expr expects COMPONENT=VALUE (e.g. 1=2.0), got {item!r}")
         if k in out:
-            raise ValueError(f"--expr component {k} given twice")
+            raise UsageError(f"--expr component {k} given twice")
         out[k] = v
     return out
 
@@ -101,7 +102,7 @@ def edit_target(q0: torch.Tensor, spec: EditSpec, layout, alpha_std: torch.Tenso
 def transfer_target(q_target_latent: torch.Tensor, q_source: torch.Tensor, layout, part: str = "pose") -> torch.Tensor:
     """Sec. 4.4: the target latent's parameters with ``part`` (pose = θ, expression = α) taken from the source."""
     if part not in TRANSFER_PARTS:
-        raise ValueError(f"unknown transfer part {part!r} (choose {', '.join(TRANSFER_PARTS)})")
+        raise UsageError(f"unknown transfer part {part!r} (choose {', '.join(TRANSFER_PARTS)})")
     q = q_target_latent.detach().clone()
     src = q_source.detach()
     if part in ("pose", "all"):
@@ -168,7 +169,7 @@ def gradient_edit(phi: torch.nn.Module, latents: torch.Tensor, q_target: torch.T
     from tqdm import tqdm
 
     if (identity_loss is not None or perceptual_loss is not None) and render is None:
-        raise ValueError("image terms of eq. 15 need render=G")
+        raise UsageError("image terms of eq. 15 need render=G")
     w = (init if init is not None else latents).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
     hist: list[dict[str, float]] = []

@@ -27,6 +27,7 @@ from portrait3d.checkpoints.native import atomic_write
 from portrait3d.methods.nrsfm.data import LandmarkDataConfig, LandmarkSet, build_landmark_set, latents_to_ws
 from portrait3d.methods.nrsfm.edit import EditSpec, edit_target, gradient_edit, linear_edit
 from portrait3d.methods.nrsfm.regressor import ParamRegressor, RegressorConfig, train_regressor
+from portrait3d.errors import UsageError
 
 __all__ = ["EDITOR_FORMAT", "BuildConfig", "NRSfMEditor", "build_editor"]
 
@@ -96,7 +97,7 @@ class NRSfMEditor:
                                       identity_loss=identity_loss, lambda_id=lambda_id,
                                       perceptual_loss=perceptual_loss, lambda_p=lambda_p, progress=progress)
         else:
-            raise ValueError(f"unknown edit mode {mode!r} (choose linear or gradient)")
+            raise UsageError(f"unknown edit mode {mode!r} (choose linear or gradient)")
         return out.reshape(latents.shape), hist
 
     # ------------------------------------------------------------------ files
@@ -124,9 +125,9 @@ class NRSfMEditor:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+            raise UsageError(f"{path} is not a readable safetensors file ({e})") from None
         if meta.get("format") != EDITOR_FORMAT:
-            raise ValueError(f"{path} is not a portrait3d NRSfM editor (format {meta.get('format')!r})")
+            raise UsageError(f"{path} is not a portrait3d NRSfM editor (format {meta.get('format')!r})")
         try:
             model = RankOneModel.from_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                                               scheme=meta["scheme"])
@@ -134,10 +135,10 @@ class NRSfMEditor:
             phi.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("phi.")}, strict=True)
             alpha_std = tensors["alpha_std"]
             if alpha_std.shape != (model.num_basis,) or phi.out_dim != model.layout.size:
-                raise ValueError("model, regressor and alpha_std disagree in size")
+                raise UsageError("model, regressor and alpha_std disagree in size")
             return cls(model, phi, meta["space"], alpha_std, json.loads(meta.get("meta", "{}")))
         except (KeyError, RuntimeError, ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt NRSfM editor ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{path}: corrupt NRSfM editor ({str(e).splitlines()[0]})") from None
 
 
 def build_editor(G: torch.nn.Module, cfg: BuildConfig, cache_dir: str | os.PathLike[str] | None = None,
@@ -149,7 +150,7 @@ def build_editor(G: torch.nn.Module, cfg: BuildConfig, cache_dir: str | os.PathL
     data = landmarks if landmarks is not None else build_landmark_set(G, cfg.data, cache_dir, progress)
     good = data.only_valid()
     if len(good) < max(50, 2 * (cfg.num_basis + 6)):
-        raise ValueError(f"only {len(good)} of {len(data)} generated faces had landmarks: too few to factorise "
+        raise UsageError(f"only {len(good)} of {len(data)} generated faces had landmarks: too few to factorise "
                          f"(detection rate {data.detection_rate:.2f}; try --detector template)")
     lm = torch.as_tensor(good.landmarks, dtype=torch.float32)
     n_fac = min(len(good), cfg.factorize_samples)

@@ -73,7 +73,7 @@ class _Faces:
 
     @torch.no_grad()
     def images(self, latents: torch.Tensor) -> np.ndarray:
-        from portrait3d.utils.image import to_uint8
+        from portrait3d.utils.visualize import to_uint8
 
         return to_uint8(synthesize(self.G, latents, self.editor.space))
 

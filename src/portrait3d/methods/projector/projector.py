@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from portrait3d.errors import UsageError
 
 __all__ = ["SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
            "resize_target", "synthesize", "as_target_image", "device_of", "lr_at", "latent_noise_scale",
@@ -72,18 +73,18 @@ class ProjectorConfig:
 
     def validate(self) -> None:
         if self.space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, not {self.space!r}")
+            raise UsageError(f"space must be one of {SPACES}, not {self.space!r}")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, not {self.steps}")
+            raise UsageError(f"steps must be >= 1, not {self.steps}")
         if self.w_avg_samples < 1:
-            raise ValueError(f"w_avg_samples must be >= 1, not {self.w_avg_samples}")
+            raise UsageError(f"w_avg_samples must be >= 1, not {self.w_avg_samples}")
         for name in ("lr", "lr_rampup", "lr_rampdown", "initial_noise_factor", "noise_ramp", "noise_reg_weight",
                      "mse_weight", "perceptual_weight", "identity_weight"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
+                raise UsageError(f"{name} must be a finite non-negative number, not {v!r}")
         if self.space == "w->w+" and self.steps < 2:
-            raise ValueError("space 'w->w+' needs at least 2 steps")
+            raise UsageError("space 'w->w+' needs at least 2 steps")
 
 
 @dataclass
@@ -147,16 +148,16 @@ def as_target_image(target: Any) -> torch.Tensor:
     if target.ndim == 3:
         target = target[None]
     if target.ndim != 4 or target.shape[0] != 1:
-        raise ValueError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+        raise UsageError(f"target: expected one image [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
     return target
 
 
 def resize_target(target: torch.Tensor, resolution: int) -> torch.Tensor:
     """``[1, 3, H, H]`` -> ``[1, 3, R, R]``: area averaging when shrinking, bicubic when enlarging."""
     if target.ndim != 4 or target.shape[1] != 3:
-        raise ValueError(f"target: expected [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
+        raise UsageError(f"target: expected [1, 3, H, W] in [-1, 1], got {tuple(target.shape)}")
     if target.shape[2] != target.shape[3]:
-        raise ValueError(f"target must be square (an aligned face crop), got {target.shape[2]}x{target.shape[3]}")
+        raise UsageError(f"target must be square (an aligned face crop), got {target.shape[2]}x{target.shape[3]}")
     h = target.shape[2]
     if h == resolution:
         return target
@@ -217,7 +218,7 @@ def scaled_landmarks(landmarks, src: int, dst: int) -> np.ndarray:
     if lm.ndim == 3 and lm.shape[0] == 1:
         lm = lm[0]
     if lm.ndim != 2 or lm.shape[1] != 2 or lm.shape[0] not in (5, 68):
-        raise ValueError(f"landmarks: expected [68, 2] (x, y) pixel coordinates of the target, got {lm.shape}")
+        raise UsageError(f"landmarks: expected [68, 2] (x, y) pixel coordinates of the target, got {lm.shape}")
     s = dst / src
     return (lm + 0.5) * s - 0.5
 
@@ -249,7 +250,7 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
     cfg = cfg or ProjectorConfig()
     cfg.validate()
     if getattr(G, "c_dim", 0) and c is None:
-        raise ValueError(f"this generator is conditioned on a label (c_dim={G.c_dim}): pass c=")
+        raise UsageError(f"this generator is conditioned on a label (c_dim={G.c_dim}): pass c=")
     dev = device_of(G)
     res = int(G.img_resolution)
     target = as_target_image(target)

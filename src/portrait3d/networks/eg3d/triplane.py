@@ -25,18 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from portrait3d.checkpoints.safe_pickle import CheckpointError, PersistentStub
+from portrait3d.config import ConfigMixin
 from portrait3d.networks.eg3d.decoder import OSGDecoder
 from portrait3d.networks.eg3d.ray_sampler import RaySampler
 from portrait3d.networks.eg3d.renderer import ImportanceRenderer, sample_density_grid
 from portrait3d.networks.eg3d.superresolution import build_superresolution
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 
-__all__ = ["RenderingConfig", "EG3DConfig", "TriPlaneGenerator", "triplane_from_stub"]
+__all__ = ["RenderingConfig", "EG3DConfig", "TriPlaneGenerator"]
 
 
 @dataclass
-class RenderingConfig:
+class RenderingConfig(ConfigMixin):
     """EG3D ``rendering_kwargs``. Fields the renderer reads plus the training options checkpoints carry."""
 
     image_resolution: int = 512
@@ -79,7 +79,7 @@ class RenderingConfig:
 
 
 @dataclass
-class EG3DConfig:
+class EG3DConfig(ConfigMixin):
     """Everything needed to build a :class:`TriPlaneGenerator`; saved as JSON beside our safetensors."""
 
     z_dim: int = 512
@@ -96,16 +96,6 @@ class EG3DConfig:
     rendering: RenderingConfig = field(default_factory=RenderingConfig)
     plane_channels: int = 32
     plane_resolution: int = 256
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EG3DConfig":
-        d = dict(d)
-        return cls(mapping=MappingConfig(**d.pop("mapping", {})),
-                   backbone=SynthesisConfig(**d.pop("backbone", {})),
-                   rendering=RenderingConfig(**d.pop("rendering", {})), **d)
 
 
 class TriPlaneGenerator(nn.Module):
@@ -235,42 +225,3 @@ class TriPlaneGenerator(nn.Module):
         return self.synthesis(ws, c, update_emas=update_emas, neural_rendering_resolution=neural_rendering_resolution,
                               cache_backbone=cache_backbone, use_cached_backbone=use_cached_backbone,
                               **synthesis_kwargs)
-
-
-def triplane_from_stub(stub: PersistentStub) -> TriPlaneGenerator:
-    """Build our :class:`TriPlaneGenerator` from an official pickle's ``TriPlaneGenerator`` stub."""
-    from portrait3d.checkpoints.nvidia import stub_child, stub_init_kwargs, stub_state_dict, stylegan2_config_from_stub
-    from portrait3d.checkpoints.state import load_state_strict
-
-    kw = stub_init_kwargs(stub, ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels"))
-    rendering = dict(stub.state.get("rendering_kwargs") or kw.get("rendering_kwargs") or {})
-    if not rendering:
-        raise CheckpointError("TriPlaneGenerator in the pickle has no rendering_kwargs")
-    backbone = stub_child(stub, "backbone")
-    bb_cfg = stylegan2_config_from_stub(backbone)
-    sr_kwargs = dict(kw.get("sr_kwargs") or {})
-    sr_fused = sr_kwargs.pop("fused_modconv_default", True)
-    sr_kwargs.pop("channel_base", None)  # ignored by the official SR modules as well
-    sr_kwargs.pop("channel_max", None)
-    if sr_kwargs:
-        raise CheckpointError(f"unsupported super-resolution option(s): {', '.join(sorted(sr_kwargs))}")
-    nrr = stub.state.get("neural_rendering_resolution", 64)
-    try:
-        cfg = EG3DConfig(
-            z_dim=int(kw["z_dim"]), c_dim=int(kw["c_dim"]), w_dim=int(kw["w_dim"]),
-            img_resolution=int(kw["img_resolution"]), img_channels=int(kw["img_channels"]),
-            neural_rendering_resolution=int(nrr), sr_num_fp16_res=int(kw.get("sr_num_fp16_res", 0)),
-            mapping=bb_cfg.mapping, backbone=bb_cfg.synthesis, sr_fused_modconv_default=sr_fused,
-            rendering=RenderingConfig.from_kwargs(rendering),
-            plane_channels=bb_cfg.img_channels // 3, plane_resolution=bb_cfg.img_resolution)
-        net = TriPlaneGenerator(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"unsupported EG3D configuration in the pickle: {e}") from None
-    load_state_strict(net, stub_state_dict(stub), "EG3D generator")
-    axes = stub_child(stub, "renderer").state.get("plane_axes")
-    if isinstance(axes, torch.Tensor):
-        if axes.shape != net.renderer.plane_axes.shape:
-            raise CheckpointError("EG3D renderer plane axes have an unexpected shape")
-        net.renderer.plane_axes.copy_(axes)
-    return net.eval().requires_grad_(False)
-

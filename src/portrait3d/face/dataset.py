@@ -1,6 +1,6 @@
 """Aligned-face datasets for training: built once from photos, cached as one uint8 array + JSON labels.
 
-    python -m portrait3d.training.dataset build ../shared/data/utkface ~/.cache/portrait3d/utkface128
+    portrait3d dataset build ../shared/data/utkface ~/.cache/portrait3d/utkface128
 
 writes ``images.npy`` (``uint8 [N, R, R, 3]``, memory-mapped when read), ``labels.json``
 (file names, EG3D 25-d cameras and head poses of the aligned crops, EG3D ``dataset.json``
@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
+from portrait3d.errors import UsageError
 
 __all__ = ["AlignedFaceDataset", "build_dataset"]
 
@@ -64,7 +64,7 @@ class AlignedFaceDataset(torch.utils.data.Dataset):
         factor = self.stored_resolution // self.resolution
         if self.resolution > self.stored_resolution or factor * self.resolution != self.stored_resolution \
                 or factor & (factor - 1):
-            raise ValueError(f"dataset images are {self.stored_resolution} px; {self.resolution} px is not a "
+            raise UsageError(f"dataset images are {self.stored_resolution} px; {self.resolution} px is not a "
                              f"power-of-two fraction of that")
         self.factor = factor
 
@@ -136,45 +136,3 @@ def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector
     atomic_write(out / "failures.json", lambda tmp: Path(tmp).write_text(json.dumps(failures, indent=1)),
                  overwrite=True)
     return summary
-
-
-@click.group()
-def cli() -> None:
-    """Build aligned-face training datasets."""
-
-
-@cli.command()
-@click.argument("photos_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--resolution", type=int, default=128, show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N photos (sorted by name).")
-@click.option("--holdout", type=int, default=0, show_default=True,
-              help="Leave out every N-th photo (by sorted name) for evaluation; 0 keeps all.")
-@click.option("--detector", type=click.Choice(["mediapipe", "dlib-hog"]), default="mediapipe", show_default=True)
-@click.option("--only", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Only the photos named in this file, one per line (e.g. another build's holdout.txt).")
-def build(photos_dir: Path, out: Path, resolution: int, limit: int | None, holdout: int, detector: str,
-          only: Path | None) -> None:
-    """Align every photo in PHOTOS_DIR into the dataset folder OUT.
-
-    \b
-    Training set with every 20th photo held out, then the held-out photos as their own set:
-      python -m portrait3d.training.dataset build ../shared/data/utkface DATA --holdout 20
-      python -m portrait3d.training.dataset build ../shared/data/utkface DATA-holdout --only DATA/holdout.txt
-    """
-    photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if only is not None:
-        wanted = {line.strip() for line in only.read_text().splitlines() if line.strip()}
-        photos = [p for p in photos if p.name in wanted]
-    if holdout:
-        held = photos[holdout - 1::holdout]
-        photos = [p for i, p in enumerate(photos) if (i + 1) % holdout]
-        (out).mkdir(parents=True, exist_ok=True)
-        (out / "holdout.txt").write_text("\n".join(p.name for p in held) + "\n")
-    if limit:
-        photos = photos[:limit]
-    print(json.dumps(build_dataset(photos, out, resolution, detector)))
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,0 +1,400 @@
+"""``portrait3d train ...``: every trainer (StyleGAN2, EG3D, LiftedGAN, the 3D-inversion encoder and pose
+estimator) and the compact snapshot transfer used by the device scripts.
+
+\b
+Examples (CPU recipe of default-2d; see README "Training"):
+  portrait3d train stylegan2 --data DATA --out RUN64 --config cpu-proj --resolution 64
+  portrait3d train stylegan2 --data DATA --out RUN128 --config cpu-proj --grow-from RUN64
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import click
+import torch
+from torch import nn
+
+from portrait3d.errors import UsageError
+from portrait3d.interfaces.cli.base import CONTEXT_SETTINGS, fail_cleanly, main
+from portrait3d.methods.inversion3d import train as inv
+from portrait3d.methods.lifting import train as lifting
+from portrait3d.training import eg3d as e3d
+from portrait3d.training import stylegan2 as sg2
+from portrait3d.training import transfer
+from portrait3d.training.loop import MetricsFn, apply_cli_options
+
+
+@main.group(context_settings=CONTEXT_SETTINGS)
+def train() -> None:
+    """Train generators and the networks of each method (resumable; snapshots in the run folder)."""
+
+
+# ----------------------------------------------------------------------------- options shared by the GAN trainers
+
+def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
+                extra: Sequence[Callable[[Any], Any]] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``click`` options every trainer has, with the trainer's own options (``extra``) after ``--lr-d``.
+
+    The command receives ``data``, ``out``, ``preset_name``, ``resume`` and ``fid`` (handled by the
+    trainer) and the overrides that :func:`apply_cli_options` applies (``kimg``, ``batch``, ...,
+    ``gamma``, ``lr_g``, ``lr_d``); every override is ``None`` when not given.
+    """
+    dir_in = click.Path(exists=True, file_okay=False, path_type=Path)
+    options = [
+        click.option("--data", type=dir_in, required=True, help=data_help),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
+        click.option("--config", "preset_name", type=click.Choice(sorted(presets)), default="cpu-small",
+                     help="Network and schedule preset."),
+        click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset]."),
+        click.option("--batch", type=int, default=None, help="Global batch size [preset]."),
+        click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation)."),
+        click.option("--resume", type=dir_in, default=None,
+                     help="Snapshot folder (or run folder: newest snapshot) to continue from."),
+        click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch]."),
+        click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025]."),
+        click.option("--lr-d", type=float, default=None, help=f"Discriminator learning rate [{lr_d_default:g}]."),
+        *extra,
+        click.option("--seed", type=int, default=None, help="Random seed [0]."),
+        click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset]."),
+        click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset]."),
+        click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset]."),
+        click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none)."),
+        click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset]."),
+        click.option("--threads", type=int, default=None, help="CPU threads per process [torch default]."),
+        click.option("--max-minutes", type=click.FloatRange(0), default=None,
+                     help="Stop with a snapshot after this much wall time (0 = no limit) [0]."),
+        click.option("--limit", type=int, default=None, help="Use only the first N faces."),
+        click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on]."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Device [auto]."),
+        click.option("--amp/--no-amp", default=None, help="fp16 blocks on CUDA [on]."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                     help="Arithmetic: fp32, or bf16 autocast (AMX on CPU) with fp32 weights and losses [preset]."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC weights and activations [preset]."),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the generator (first steps compile for ~1-2 min) [preset]."),
+        click.option("--compile-d/--no-compile-d", "compile_d", default=None,
+                     help="torch.compile the discriminator too (faster for the pixel D, slower for the projected D "
+                          "here) [preset]."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar [on]."),
+    ]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # click lists options in decoration order, innermost last
+            f = option(f)
+        return f
+
+    return decorate
+
+
+
+def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resume: Path | None, fid: int,
+            make_fid_hook: Callable[[torch.device], MetricsFn]) -> None:
+    """The end of a trainer's command: optional metrics hook, training, the exported path.
+
+    ``make_fid_hook(device)`` is called only when ``fid > 0``; the metrics interval then defaults to the
+    snapshot interval.
+    """
+    hook = None
+    if fid > 0:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
+            cfg.run.device != "cpu" and torch.cuda.is_available()) else torch.device("cpu")
+        hook = make_fid_hook(dev)
+        if cfg.run.metrics_kimg <= 0:
+            cfg.run.metrics_kimg = cfg.run.snapshot_kimg
+    path = train_fn(cfg, data, out, resume=resume, metrics=hook)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"exported {path}")
+
+
+# ----------------------------------------------------------------------------- GAN trainers
+
+@train.command("stylegan2")
+@run_options(sg2.PRESETS, data_help="Built dataset folder (images.npy + labels.json).", lr_d_default=0.0025, extra=[
+    click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy, '' for none."),
+    click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9]."),
+    click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off]."),
+    click.option("--discriminator", type=click.Choice(sg2.DISCRIMINATORS), default=None,
+                 help="stylegan2 (pixel, R1), projected (EfficientNet-Lite0 features, hinge) or both [sg2.preset]."),
+    click.option("--resolution", type=click.Choice(["32", "64", "128", "256", "512", "1024"]), default=None,
+                 help="Train G and D at this size (the dataset is box-filtered down) [sg2.preset]."),
+    click.option("--grow-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                 help="Start from a snapshot at the same or a lower resolution (progressive growing)."),
+    click.option("--face-metrics", type=click.IntRange(0), default=0,
+                 help="Face metrics (FD-dlib, detection, pose spread, identity diversity) on N samples at each "
+                      "metrics interval (0 = none; ~0.1 s per sample)."),
+])
+@fail_cleanly
+def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, policy: str | None,
+         mixing: float | None, pl_weight: float | None, discriminator: str | None, resolution: str | None,
+         grow_from: Path | None, face_metrics: int, **overrides: Any) -> None:
+    """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun).
+
+    \b
+    The CPU recipe: 64 px first, then grow to 128 px:
+      portrait3d train stylegan2 --data DATA --out RUN64 --config cpu-proj --resolution 64
+      portrait3d train stylegan2 --data DATA --out RUN128 --config cpu-proj --grow-from RUN64
+    """
+    cfg = sg2.preset(preset_name)
+    apply_cli_options(cfg, **overrides)
+    for name, v in (("augment", policy), ("style_mixing_prob", mixing), ("pl_weight", pl_weight),
+                    ("discriminator", discriminator)):
+        if v is not None:
+            setattr(cfg, name, v)
+    if resolution is not None:
+        cfg.G.img_resolution = cfg.D.img_resolution = int(resolution)
+    train = functools.partial(sg2.train_stylegan2, grow_from=grow_from) if grow_from is not None else sg2.train_stylegan2
+    run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: sg2._hooks(
+        sg2.fid_hook(data, fid, dev) if fid > 0 else None,
+        sg2.face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None))
+
+
+@train.command("eg3d")
+@run_options(e3d.PRESETS, data_help="Built dataset folder (images.npy + labels.json with cameras).", lr_d_default=0.002,
+             extra=[
+    click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
+                 help="Neural rendering resolution [e3d.preset]."),
+    click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this."),
+    click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25]."),
+    click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004]."),
+    click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5]."),
+    click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none."),
+    click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none."),
+])
+@fail_cleanly
+def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
+         neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
+         gpc_prob: float | None, blur_fade: float | None, policy: str | None, **overrides: Any) -> None:
+    """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun)."""
+    cfg = e3d.preset(preset_name)
+    apply_cli_options(cfg, **overrides)
+    if neural_res is not None:
+        cfg.G.neural_rendering_resolution = int(neural_res)
+    rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
+    cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
+    for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
+                    ("blur_fade_kimg", blur_fade)):
+        if v is not None:
+            setattr(cfg, name, v)
+
+    def make_fid_hook(dev: torch.device) -> MetricsFn:
+        from portrait3d.face.dataset import AlignedFaceDataset
+
+        cams = e3d.dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror))
+        return sg2.fid_hook(data, fid, dev, cameras=cams)
+
+    run_cli(e3d.train_eg3d, cfg, data, out, resume, fid, make_fid_hook)
+
+
+# ----------------------------------------------------------------------------- method networks
+
+@train.command("lift")
+@click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
+              help="2D StyleGAN2 checkpoint or built-in name.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, show_default="400",
+              help="Training length in thousands of sampled latents.")
+@click.option("--batch", type=click.IntRange(1), default=None, show_default="8", help="Latents per step.")
+@click.option("--size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None, show_default="64",
+              help="Resolution of depth, albedo and renders (the 2D images are resized to it).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, show_default="1e-4",
+              help="Adam learning rate.")
+@click.option("--decoder-channels", type=click.IntRange(8, 1024), default=None, show_default="256",
+              help="Widest layer of the D_S / D_T decoders (128 halves their cost and size; a new run only).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly.")
+@click.option("--ablate", type=click.Choice(sorted(lifting.ABLATIONS)), multiple=True,
+              help="Switch a loss off (repeatable): flip (eq. 3), perturb (eqs. 4-7), identity (eq. 8), "
+                   "albedo (rank, eq. 9).")
+@click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")
+@click.option("--snap", type=click.FloatRange(0), default=None, show_default="40",
+              help="Snapshot interval in kimg (0: only at the end).")
+@click.option("--sample-every", type=click.FloatRange(0), default=None, show_default="4",
+              help="Sample-grid interval in kimg (0: only at the end).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, show_default="auto",
+              help="Device (auto: CUDA when available).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@click.option("--progress/--no-progress", default=True, help="Progress bar with the loss terms.")
+@click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run.")
+@fail_cleanly
+def lift_cmd(network: str | None, out: Path, kimg: float | None, batch: int | None, size: str | None, lr: float | None,
+         decoder_channels: int | None, resume: Path | None, ablate: tuple[str, ...], seed: int | None, snap: float | None,
+         sample_every: float | None, device: str | None, threads: int | None, progress: bool, force: bool) -> None:
+    """Train the LiftedGAN lifting networks (D_V, D_L, M, D_S, D_T) of a frozen 2D StyleGAN2.
+
+    Writes OUT/lifted.safetensors (for `portrait3d lift --lifted`), resumable snapshots, sample grids
+    and log.jsonl.
+    """
+    from portrait3d.checkpoints import load_network
+
+    if resume is not None:
+        _, meta = lifting.read_lift_snapshot(resume)
+        try:
+            cfg = lifting.LiftTrainConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{resume}: unreadable configuration ({str(e).splitlines()[0][:100]})") from None
+        if size is not None and int(size) != cfg.lift.image_size:
+            raise UsageError(f"the resumed run lifts at {cfg.lift.image_size} px; --size cannot change it")
+        if decoder_channels is not None and decoder_channels != cfg.lift.decoder_channel_max:
+            raise UsageError(f"the resumed run's decoders are {cfg.lift.decoder_channel_max} channels wide; "
+                             "--decoder-channels cannot change it")
+        cfg.network = network or cfg.network
+    else:
+        cfg = lifting.LiftTrainConfig(network=network or "default-2d")
+    G = load_network(cfg.network)
+    if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0 or not hasattr(G, "mapping"):
+        raise UsageError(f"{cfg.network}: LiftedGAN needs an unconditional 2D StyleGAN2 generator")
+    if resume is None:
+        cfg.lift = lifting.LiftConfig(w_dim=int(G.w_dim), image_size=int(size or 64))
+        if decoder_channels is not None:
+            cfg.lift.decoder_channel_max = decoder_channels
+            cfg.lift.decoder_channel_min = min(cfg.lift.decoder_channel_min, decoder_channels)
+    for name, v in (("total_kimg", kimg), ("batch", batch), ("lr", lr), ("seed", seed), ("snapshot_kimg", snap),
+                    ("sample_kimg", sample_every), ("device", device), ("threads", threads)):
+        if v is not None:
+            setattr(cfg, name, v)
+    if ablate:
+        cfg.ablate = tuple(dict.fromkeys(ablate))
+    path = lifting.train_lifting(G, cfg, out, resume=resume, progress=progress, force=force)
+    click.echo(f"exported {path}")
+
+
+def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--network", type=str, default="default-3d", help="EG3D generator checkpoint or built-in name."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
+        click.option("--kimg", type=float, default=200.0, help="Training length in thousands of pseudo pairs."),
+        click.option("--batch", type=int, default=None, help="Batch size [8 encoder, 16 pose]."),
+        click.option("--lr", type=float, default=1e-4, help="Adam learning rate."),
+        click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Snapshot folder (or run folder: newest snapshot) to continue from."),
+        click.option("--input-size", type=int, default=128, help="Network input resolution (power of two)."),
+        click.option("--depth", type=click.Choice(["18", "34"]), default="34", help="ResNet depth."),
+        click.option("--width", type=int, default=64, help="ResNet width (channels of the first stage)."),
+        click.option("--yaw", "yaw_max", type=float, default=30.0, help="Pseudo pairs: yaw in [-YAW, YAW] degrees."),
+        click.option("--pitch", "pitch_max", type=float, default=20.0, help="Pseudo pairs: pitch in [-PITCH, PITCH]."),
+        click.option("--pose-dist", type=click.Choice(["uniform", "gaussian"]), default="uniform",
+                     help="Pseudo-pair pose distribution (gaussian: clipped, range = +-2 std)."),
+        click.option("--psi", type=float, default=0.7, help="Pseudo pairs: truncation psi."),
+        click.option("--seed", type=int, default=0, help="Seed of the network initialisation and of the pseudo pairs."),
+        click.option("--snap", type=float, default=10.0, help="Snapshot interval in kimg (0: only at the end)."),
+        click.option("--sample-every", type=float, default=2.0, help="Sample-grid interval in kimg (0: none)."),
+        click.option("--ema", "ema_kimg", type=float, default=1.0,
+                     help="EMA half-life in kimg (0: export the last weights)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."),
+        click.option("--threads", type=int, default=None, help="CPU threads [torch default]."),
+        click.option("--progress/--no-progress", default=True, help="Progress bar."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _apply_common(cfg: Any, kw: dict[str, Any]) -> None:
+    if kw["batch"] is not None:
+        cfg.batch = kw["batch"]
+    cfg.total_kimg, cfg.lr, cfg.seed = kw["kimg"], kw["lr"], kw["seed"]
+    cfg.snapshot_kimg, cfg.sample_kimg, cfg.ema_kimg, cfg.device = kw["snap"], kw["sample_every"], kw["ema_kimg"], \
+        kw["device"]
+    cfg.pseudo = dataclasses.replace(cfg.pseudo, yaw_range=(-kw["yaw_max"], kw["yaw_max"]),
+                                     pitch_range=(-kw["pitch_max"], kw["pitch_max"]), distribution=kw["pose_dist"],
+                                     truncation_psi=kw["psi"], seed=kw["seed"])
+
+
+def _load_generator(name: str, device: str) -> nn.Module:
+    from portrait3d.checkpoints.load import load_network
+    from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
+
+    G = load_network(name, device=inv.resolve_device(device))
+    if not isinstance(G, TriPlaneGenerator):
+        raise UsageError(f"{name} is not an EG3D (3D) generator")
+    return G
+
+
+@train.command("encoder")
+@_common_options
+@click.option("--discriminator", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="EG3D training snapshot (or run folder) whose D gives the adversarial term.")
+@click.option("--lambda-perceptual", type=float, default=0.8, help="Perceptual-loss weight (0: off).")
+@click.option("--lambda-adv", type=float, default=0.1, help="Adversarial weight (with --discriminator).")
+@click.option("--lambda-reg", type=float, default=2e-4, help="||delta w||^2 weight.")
+@click.option("--lambda-latent", type=float, default=0.0, help="Latent loss ||E(x) - w||^2 weight.")
+@fail_cleanly
+def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv: float, lambda_reg: float,
+                lambda_latent: float, **kw: Any) -> None:
+    """Train the latent encoder E (e4e-style, into W) and export encoder.safetensors."""
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    arch = inv.EncoderConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"])
+    cfg = inv.EncoderTrainConfig(encoder=arch, lambda_perceptual=lambda_perceptual, lambda_adv=lambda_adv,
+                             lambda_reg=lambda_reg, lambda_latent=lambda_latent)
+    _apply_common(cfg, kw)
+    G = _load_generator(kw["network"], cfg.device)
+    D = inv.load_eg3d_discriminator(discriminator) if discriminator is not None else None
+    path = inv.train_encoder(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"], D=D)
+    click.echo(f"exported {path}")
+
+
+@train.command("pose")
+@_common_options
+@click.option("--roll/--no-roll", default=False, help="Predict roll (6D rotation) and draw pseudo pairs with roll.")
+@click.option("--roll-max", type=float, default=15.0, help="With --roll: roll in [-ROLL_MAX, ROLL_MAX] degrees.")
+@click.option("--translation-std", type=float, default=0.02, help="Pseudo-pair camera offset std (world units).")
+@click.option("--lambda-translation", type=float, default=10.0, help="Camera-offset loss weight.")
+@click.option("--lambda-reproj", type=float, default=0.0, help="Re-rendering loss ||G(w, P(x)) - x||^2 weight.")
+@click.option("--eval-n", type=int, default=64, help="Fresh pseudo pairs for the final pose-error report (0: none).")
+@fail_cleanly
+def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_translation: float, lambda_reproj: float,
+             eval_n: int, **kw: Any) -> None:
+    """Train the pose estimator P and export pose.safetensors."""
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    cfg = inv.PoseTrainConfig(pose=inv.PoseConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"],
+                                              roll=roll),
+                          lambda_translation=lambda_translation, lambda_reproj=lambda_reproj)
+    _apply_common(cfg, kw)
+    cfg.pseudo = dataclasses.replace(cfg.pseudo, translation_std=translation_std,
+                                     roll_range=(-roll_max, roll_max) if roll else (0.0, 0.0))
+    G = _load_generator(kw["network"], cfg.device)
+    path = inv.train_pose(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"])
+    err = inv.pose_error_deg(load_pose_for_eval(path, G), G, eval_n, cfg.pseudo) if eval_n > 0 else None
+    click.echo(f"exported {path}")
+    if err is not None:
+        click.echo(f"pose error on {eval_n} fresh pseudo pairs (degrees; translation in world units): "
+                   + json.dumps({k: round(v, 4) for k, v in err.items()}))
+
+
+def load_pose_for_eval(path: Path, G: nn.Module) -> inv.PoseEstimator:
+    """Load an exported pose estimator onto ``G``'s device (used by the CLI's final evaluation)."""
+    from portrait3d.methods.inversion3d.networks import load_module
+
+    P = load_module(path, device=next(G.parameters()).device)
+    if not isinstance(P, inv.PoseEstimator):
+        raise UsageError(f"{path} is not a pose estimator")
+    return P
+
+
+# ----------------------------------------------------------------------------- device transfer
+
+@train.command("pack-snapshot")
+@click.argument("snapshot", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@fail_cleanly
+def _pack_snapshot(snapshot: Path, out: Path) -> None:
+    """Write SNAPSHOT's weights in float16 and its optimiser state compactly into OUT (for a device round trip)."""
+    for p in transfer.pack_snapshot(snapshot, out):
+        click.echo(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)")
+
+
+@train.command("unpack-snapshot")
+@click.argument("packed", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@fail_cleanly
+def _unpack_snapshot(packed: Path, run_dir: Path) -> None:
+    """Turn a folder written by pack-snapshot back into a resumable snapshot inside RUN_DIR."""
+    click.echo(str(transfer.unpack_snapshot(packed, run_dir)))
