@@ -41,8 +41,8 @@ from typing import Any, Callable
 import click
 import torch
 
-from portrait3d.interfaces.invert3d import (cli_load_networks, face_landmarks68, initialise, make_inversion_config,
-                                            resolve_align, to_tensor)
+from portrait3d.methods.inversion3d.pipeline import (face_landmarks68, initialise, load_networks,
+                                                     make_inversion_config, resolve_align, to_tensor)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_UTK = REPO.parent / "shared" / "data" / "utkface"
@@ -107,7 +107,9 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
     from portrait3d.methods.projector.projector import compute_w_stats
 
-    G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    G, enc, P = load_networks(network, encoder, pose, dev)
     align = resolve_align(align, network)
     photo = photo or default_photo()
 

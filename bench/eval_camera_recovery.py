@@ -43,7 +43,8 @@ import click
 import numpy as np
 import torch
 
-from portrait3d.interfaces.invert3d import cli_load_networks, write_json_report
+from portrait3d.methods.inversion3d.pipeline import load_networks
+from portrait3d.utils.io import write_json
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 
 EVAL_SEED_KEY = 0xCA3E  # pseudo-pair seed offset: keeps these pairs apart from the training streams' seeds
@@ -127,7 +128,9 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
     from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, sample_pseudo_pairs
     from portrait3d.utils.visualize import to_uint8
 
-    G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    G, enc, P = load_networks(network, encoder, pose, dev)
     rk = getattr(G, "rendering_kwargs", {}) or {}
     pivot = tuple(float(v) for v in rk.get("avg_camera_pivot", (0.0, 0.0, 0.2)))
     radius = float(rk.get("avg_camera_radius", 2.7))
@@ -238,7 +241,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
                    "faces_found": found if P is None else None, "image_loss": loss_description,
                    "rows": rows, "images": per_image, "wall_time_s": total,
                    "environment": {"torch": torch.__version__, "machine": platform.processor() or platform.machine()}}
-        click.echo(f"wrote {write_json_report(json_path, payload)}")
+        click.echo(f"wrote {write_json(json_path, payload, overwrite=True)}")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ without and with pivotal tuning (PTI), the script
    latent / camera optimisation, without running that optimisation twice; its seconds are the
    no-PTI seconds plus the tuning;
 4. measures, with every image rendered as ``portrait3d invert3d`` renders it (constant noise,
-   deterministic ray sampling; :func:`~portrait3d.interfaces.invert3d.render_views`):
+   deterministic ray sampling; :func:`~portrait3d.methods.inversion3d.pipeline.render_views`):
 
    * PSNR (dB) and MS-SSIM (:func:`portrait3d.metrics.ssim.ms_ssim`, ``[-1, 1]`` images, data range 2;
      at 128 px only 4 of its 5 scales fit the 11-px window, the weights are renormalised) of the
      reconstruction against the aligned input;
    * identity: cosine similarity of dlib's 128-D face descriptors (``face_recognition_model_v1``) of
      the reconstruction and of the novel views at head yaw -30 / +30 degrees (optimised pitch, roll,
-     distance, intrinsics: :func:`~portrait3d.interfaces.invert3d.view_camera`) against the aligned
+     distance, intrinsics: :func:`~portrait3d.methods.inversion3d.pipeline.view_camera`) against the aligned
      input. Rendered images need their own landmarks: BlazeFace (:class:`~portrait3d.face.detect.FaceDetector`)
      + dlib's 68 points (:class:`~portrait3d.face.landmarks.LandmarkDetector`); where no face is found
      the value is missing (NaN), means are over the found faces and the counts are printed;
@@ -65,8 +65,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.interfaces.invert3d import (NOVEL_YAWS, cli_load_networks, face_landmarks68, initialise, psnr,
-                                            render_views, resolve_align, to_tensor, view_camera, write_json_report)
+from portrait3d.methods.inversion3d.pipeline import (NOVEL_YAWS, face_landmarks68, initialise, load_networks,
+                                                     render_views, resolve_align, to_tensor, view_camera)
+from portrait3d.metrics.psnr import psnr
+from portrait3d.utils.io import write_json
 from portrait3d.metrics.ssim import ms_ssim, ms_ssim_scales
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 
@@ -267,7 +269,9 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
 
-    G, enc, P, dev = cli_load_networks(network, encoder, pose, device, threads)
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    G, enc, P = load_networks(network, encoder, pose, dev)
     align = resolve_align(align, network)
     res_px = int(G.img_resolution)
     algs = sorted({int(a) for a in algorithms})
@@ -358,7 +362,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                    "datasets": counts, "rows": rows, "records": records, "wall_time_s": total,
                    "environment": {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                                    "python": platform.python_version()}}
-        click.echo(f"wrote {write_json_report(json_path, payload)}")
+        click.echo(f"wrote {write_json(json_path, payload, overwrite=True)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from portrait3d import save_network
-from portrait3d.interfaces.invert3d import NOVEL_YAWS, OUTPUTS, psnr, render_filename, view_camera
+from portrait3d.interfaces.invert3d import OUTPUTS, render_filename
+from portrait3d.methods.inversion3d.pipeline import NOVEL_YAWS, view_camera
+from portrait3d.metrics.psnr import psnr
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
 
@@ -88,7 +90,7 @@ def test_render_filenames_and_psnr():
 
 def test_identity_of_the_input_with_itself():
     from portrait3d.face.pipeline import FacePipeline
-    from portrait3d.interfaces.invert3d import _IdentityMeter
+    from portrait3d.methods.inversion3d.pipeline import IdentityMeter as _IdentityMeter
 
     with FacePipeline(style="eg3d", output_size=128) as pipe:
         face = pipe(shared_path(PHOTO))

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from portrait3d.face.errors import ImageReadError, ImageSizeError
-from portrait3d.errors import UsageError
+from portrait3d.utils.io import save_image  # re-exported: photos are read here, written by utils.io
 
 __all__ = ["MIN_SIDE", "MAX_PIXELS", "load_image", "save_image"]
 
@@ -168,45 +168,3 @@ def _short(e: BaseException) -> str:
     """First line of an exception message, for a one-line error."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-def save_image(
-    path: str | os.PathLike[str],
-    image: np.ndarray,
-    *,
-    overwrite: bool = False,
-    quality: int = 95,
-) -> Path:
-    """Write an image atomically (a reader never sees a half-written file).
-
-    Args:
-        path: destination; the format follows its extension (``.png``, ``.jpg``, ``.webp``...).
-        image: ``uint8`` array ``[H, W, 3]`` (RGB), ``[H, W, 4]`` (RGBA) or ``[H, W]`` (grey).
-        overwrite: replace an existing file (else :class:`FileExistsError`).
-        quality: JPEG / WebP quality (ignored by lossless formats).
-
-    Returns:
-        The written path.
-    """
-    from portrait3d.checkpoints.native import atomic_write
-
-    path = Path(path)
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise UsageError(f"save_image expects uint8 pixels, got {arr.dtype}")
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise UsageError(f"save_image expects [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"{path.name}: unknown image extension {path.suffix!r}")
-    im = Image.fromarray(np.ascontiguousarray(arr))
-    kwargs: dict[str, object] = {}
-    if fmt in ("JPEG", "WEBP"):
-        kwargs["quality"] = quality
-        if fmt == "JPEG" and im.mode == "RGBA":
-            im = im.convert("RGB")
-
-    def write(tmp: str) -> None:
-        im.save(tmp, format=fmt, **kwargs)
-
-    return atomic_write(path, write, overwrite=overwrite)

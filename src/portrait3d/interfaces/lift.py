@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -224,14 +223,15 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         ValueError / FileNotFoundError / FileExistsError / CheckpointError / FaceError: one-line messages.
     """
     from portrait3d.checkpoints import load_network
-    from portrait3d.checkpoints.native import atomic_write
-    from portrait3d.interfaces.nrsfm import _check_outputs, _latent_from_photo, _write_json, _write_npy
+    from portrait3d.methods.projector import project_photo
+    from portrait3d.utils.io import atomic_write, check_outputs, write_json, write_npy
     from portrait3d.methods.lifting.losses import sample_w
     from portrait3d.methods.lifting.networks import LiftedGenerator
     from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
-    from portrait3d.methods.lifting.train import _depth_uint8, _image_uint8
-    from portrait3d.utils.visualize import normal_to_uint8, shading_to_uint8
-    from portrait3d.utils.visualize import make_grid
+    from portrait3d.utils.visualize import colour_depth, make_grid, normal_to_uint8, shading_to_uint8, to_uint8
+
+    def _image_uint8(x: torch.Tensor) -> np.ndarray:
+        return to_uint8(x.clamp(-1, 1))
 
     t_start = time.perf_counter()
     yaws = validate_yaws(yaws)
@@ -239,7 +239,7 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     lifted = resolve_lifted(network, lifted_path)
     kind, value = _classify_source(source)
     names = LIFT_OUTPUTS + (("aligned.png", "projection.png") if kind == "photo" else ())
-    _check_outputs(out, names, force)
+    check_outputs(out, names, force)
     verified = _check_generator(lifted, _lifted_generator_ref(lifted), network)
 
     t0 = time.perf_counter()
@@ -259,9 +259,11 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         record["latent_file"] = str(value)
     else:
         t0 = time.perf_counter()
-        latent, info = _latent_from_photo(G, SimpleNamespace(space="w"), value, project_steps, face_index, out,
-                                          force)
-        latent = latent.to(device)
+        pl = project_photo(G, "w", value, project_steps, face_index, name=str(value))
+        out.mkdir(parents=True, exist_ok=True)
+        save_image(out / "aligned.png", pl.aligned, overwrite=force)
+        save_image(out / "projection.png", pl.projection, overwrite=force)
+        latent, info = pl.latent.to(device), pl.info
         timings["projection_s"] = time.perf_counter() - t0
         record.update(info)
         record["face_index"] = face_index
@@ -282,15 +284,15 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     save_image(out / "image.png", _image_uint8(image)[0], overwrite=force)
     save_image(out / "rotated.png", make_grid(_image_uint8(rotated), cols=len(yaws)), overwrite=force)
     save_image(out / "relit.png", make_grid(_image_uint8(relit), cols=len(dirs)), overwrite=force)
-    save_image(out / "depth.png", _depth_uint8(lo.depth)[0], overwrite=force)
+    save_image(out / "depth.png", colour_depth(lo.depth[:, None], int(lo.depth.shape[-1]))[0], overwrite=force)
     save_image(out / "normal.png", normal_to_uint8(lo.normal)[0], overwrite=force)
     save_image(out / "albedo.png", _image_uint8(lo.albedo)[0], overwrite=force)
     save_image(out / "shading.png", shading_to_uint8(lo.shading)[0], overwrite=force)
     atomic_write(out / "mesh.obj", lambda tmp: save_obj(tmp, verts, faces, colors), overwrite=force)
-    _write_npy(out / "latent.npy", latent.detach().cpu().numpy(), force)
+    write_npy(out / "latent.npy", latent.detach().cpu().numpy(), overwrite=force)
     timings["total_s"] = time.perf_counter() - t_start
     record.update(_degrees(lo.view.cpu(), lo.light.cpu()))
     record.update(yaws_deg=list(yaws), relight_directions=[list(d) for d in dirs],
                   mesh={"vertices": int(verts.shape[0]), "faces": int(faces.shape[0])}, timings=timings)
-    _write_json(out / "result.json", record, force)
+    write_json(out / "result.json", record, overwrite=force)
     return record

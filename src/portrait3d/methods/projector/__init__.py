@@ -1,5 +1,6 @@
 """W / W+ optimisation projector (StyleGAN2 GAN inversion with perceptual and identity losses)."""
 
+from portrait3d.methods.projector.photo import PhotoLatent, project_photo
 from portrait3d.methods.projector.projector import (
     SPACES,
     ProjectionResult,
@@ -11,5 +12,5 @@ from portrait3d.methods.projector.projector import (
     synthesize,
 )
 
-__all__ = ["SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
+__all__ = ["PhotoLatent", "project_photo", "SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
            "resize_target", "synthesize"]

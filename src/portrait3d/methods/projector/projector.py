@@ -129,7 +129,7 @@ def compute_w_stats(G: nn.Module, num_samples: int = 10000, seed: int = 123, c: 
     Euclidean distance of the samples to the mean, as the official projector uses it."""
     dev = device_of(G)
     gen = torch.Generator().manual_seed(int(seed))
-    total, sq, ws_all = None, 0.0, []
+    ws_all = []
     for start in range(0, num_samples, batch):
         n = min(batch, num_samples - start)
         z = torch.randn([n, G.z_dim], generator=gen).to(dev)

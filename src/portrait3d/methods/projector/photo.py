@@ -1,0 +1,53 @@
+"""A photo into a 2D generator's W / W+ space: align it in the default crop, then run the projector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from portrait3d.errors import UsageError
+from portrait3d.methods.projector.projector import ProjectorConfig, project
+from portrait3d.utils.visualize import to_uint8
+
+__all__ = ["PhotoLatent", "project_photo"]
+
+
+@dataclass
+class PhotoLatent:
+    """A photo put into a latent space by the projector."""
+
+    latent: torch.Tensor            # [1, w_dim] for 'w', [1, num_ws * w_dim] for 'w+'
+    aligned: np.ndarray             # the crop that was inverted, uint8 [R, R, 3]
+    projection: np.ndarray          # the projected latent rendered, uint8 [R, R, 3]
+    info: dict[str, Any]
+
+
+def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_steps: int, face_index: int | None,
+                  name: str = "photo", progress: bool = True) -> PhotoLatent:
+    """Align ``image`` (an array or a path) in portrait3d's default crop and project it into ``space``.
+
+    Raises:
+        FaceError: no face, or ``face_index`` out of range; UsageError: several faces and no ``face_index``, or a
+        space the projector does not have.
+    """
+    from portrait3d.face.pipeline import FacePipeline
+
+    if space not in ("w", "w+"):
+        raise UsageError(f"photos can be projected only into W or W+, not {space!r}")
+    with FacePipeline(style="default", output_size=int(G.img_resolution)) as pipe:
+        face = pipe(image, face_index=face_index)
+    if face.num_faces > 1 and face_index is None:
+        raise UsageError(f"{face.num_faces} faces found in {name}: choose one with --face-index (0 = largest)")
+    aligned = face.aligned.image
+    target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
+    res = project(G, target, ProjectorConfig(space=space, steps=project_steps), landmarks=face.aligned.landmarks,
+                  progress=progress)
+    latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
+    return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(res.image)[0],
+                       info={"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
+                             "projection_steps": project_steps})
