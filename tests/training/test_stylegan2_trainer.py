@@ -156,13 +156,14 @@ def test_global_batch_sharding():
 
 
 def test_batch_random_same_numbers_however_split():
-    orig = torch.randn
     def draws(shard: Shard, rows: int) -> list[torch.Tensor]:
         r = BatchRandom(7, (5, 1), shard, rows, torch.device("cpu"))
         out = [r.randn(3), r.randint(0, 100, 2), torch.tensor(r.shared_randint(1, 9))]
-        with r.patch_torch():  # what the networks call internally
-            x = torch.zeros(rows, 2, 4)
-            out += [torch.randn([rows, 1, 4, 4]), torch.rand_like(x), torch.rand(rows * 6, 5), torch.randn(3)]
+        src, cpu = r.source, torch.device("cpu")  # what the networks draw through random=
+        out += [src.randn([rows, 1, 4, 4], device=cpu, dtype=torch.float32),
+                src.rand([rows, 2, 4], device=cpu, dtype=torch.float32),
+                src.rand([rows * 6, 5], device=cpu, dtype=torch.float32),
+                src.randn([3], device=cpu, dtype=torch.float32)]
         out.append(augment.sample_params("color,translation,cutout", r.global_rows, 16, r.generator)
                    .take(shard.index, shard.count).shift)
         return out
@@ -178,7 +179,6 @@ def test_batch_random_same_numbers_however_split():
             for i, p in enumerate(parts):
                 got[i::world] = p[j] if j != 5 else p[j].view(-1, 6, 5)
             assert torch.equal(got.view_as(ref), ref), j
-    assert torch.randn is orig  # patch undone
     assert not torch.equal(draws(Shard(0, 1), 8)[0], BatchRandom(7, (6, 1), Shard(), 8, "cpu").randn(3))
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "RandomSource",
+    "draw_rand",
+    "draw_randn",
     "ACTIVATIONS",
     "bias_act",
     "setup_filter",
@@ -28,6 +31,38 @@ __all__ = [
     "normalize_2nd_moment",
     "modulated_conv2d",
 ]
+
+
+class RandomSource(Protocol):
+    """Where a network draws the random numbers of its forward pass (ray jitter, importance samples, noise).
+
+    Networks take it as an explicit argument (``random=``) instead of reading the global RNG, so a trainer can make
+    every number a function of ``(seed, step, sample)``, independent of how the batch is split across processes
+    (:class:`portrait3d.training.loop.BatchRandom` is one). ``None`` means the global RNG, as the official code.
+    The first dimension of ``size`` is batch-major (``N`` or ``N * M``).
+    """
+
+    def rand(self, size: Sequence[int], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def randn(self, size: Sequence[int], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def draw_rand(random: RandomSource | None, size: Sequence[int], device: torch.device,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``U[0, 1)`` numbers of ``size`` from ``random`` (the global RNG when ``None``)."""
+    dtype = dtype or torch.get_default_dtype()
+    if random is None:
+        return torch.rand(list(size), device=device, dtype=dtype)
+    return random.rand(list(size), device=device, dtype=dtype)
+
+
+def draw_randn(random: RandomSource | None, size: Sequence[int], device: torch.device,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``N(0, 1)`` numbers of ``size`` from ``random`` (the global RNG when ``None``)."""
+    dtype = dtype or torch.get_default_dtype()
+    if random is None:
+        return torch.randn(list(size), device=device, dtype=dtype)
+    return random.randn(list(size), device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)

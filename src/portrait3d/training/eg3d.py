@@ -221,8 +221,7 @@ def _generate(G: TriPlaneGenerator, rnd: BatchRandom, cams: torch.Tensor, swap: 
     c_other = cams[rnd.randint(0, len(cams))]
     c_cond = torch.where(rnd.rand(1) < swap, c_other, c)
     ws = _mapping(G, rnd, z, c_cond, c, mixing_prob, update_emas)
-    with rnd.patch_torch():
-        out = G.synthesis(ws, c, neural_rendering_resolution=nrr, update_emas=update_emas, **kw)
+    out = G.synthesis(ws, c, neural_rendering_resolution=nrr, update_emas=update_emas, random=rnd.source, **kw)
     return out, c
 
 
@@ -256,8 +255,8 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
     rendering = cfg.G.rendering
     fast = run.fast_path()  # bf16 autocast + channels_last
     if fast.compile or fast.compile_d:
-        # The renderer draws its ray jitter inside the network (BatchRandom.patch_torch), which a
-        # compiled graph cannot hold; EG3D runs the fast path eagerly.
+        # The renderer draws its ray jitter inside the forward pass from a torch.Generator, which a compiled
+        # graph does not hold; EG3D runs the fast path eagerly.
         raise UsageError("the EG3D trainer does not compile (use --no-compile; bf16 and channels_last work)")
     density_reg = rendering.density_reg
 
@@ -300,8 +299,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             pts_near = pts + r.randn(DENSITY_REG_POINTS, 3) * rendering.density_reg_p_dist
             coords = torch.cat([pts, pts_near], dim=1)
             dirs = r.randn(2 * DENSITY_REG_POINTS, 3)
-            with r.patch_torch():
-                sig = G.sample_mixed(coords, dirs, ws, update_emas=False, **kw)["sigma"]
+            sig = G.sample_mixed(coords, dirs, ws, update_emas=False, random=r.source, **kw)["sigma"]
             tv = F.l1_loss(sig[:, :DENSITY_REG_POINTS], sig[:, DENSITY_REG_POINTS:])
             note("density_tv", tv)
             return tv * density_reg

@@ -33,7 +33,6 @@ Small, separate pieces that :mod:`portrait3d.training.stylegan2` and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -52,6 +51,7 @@ from torch import nn
 
 from portrait3d.config import ConfigMixin
 from portrait3d.errors import UsageError
+from portrait3d.networks.ops import RandomSource
 
 __all__ = [
     "RunConfig", "DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_grads", "all_reduce_mean",
@@ -104,7 +104,7 @@ class RunConfig(ConfigMixin):
     compile_d: bool = False            # torch.compile the discriminator too (slower for the projected D here)
     max_minutes: float = 0.0           # stop (with a snapshot) after this much wall time; 0: no limit
 
-    def fast_path(self) -> "FastPath":
+    def fast_path(self) -> "FastPath":  # noqa: F821  (imported when called: fast imports loop)
         from portrait3d.training.fast import FastPath
 
         return FastPath(self.precision, self.channels_last, self.compile, self.compile_d)
@@ -247,7 +247,6 @@ def derive_seed(seed: int, *keys: int) -> int:
     return (int(a) << 31) ^ int(b)
 
 
-_PATCH_ACTIVE = False
 
 
 class BatchRandom:
@@ -302,63 +301,38 @@ class BatchRandom:
     def shared_randint(self, low: int, high: int) -> int:
         return int(torch.randint(low, high, [], generator=self._shared))
 
-    @contextlib.contextmanager
-    def patch_torch(self) -> Iterator[None]:
-        """Route ``torch.rand/randn/rand_like/randn_like`` inside network code through this object.
+    def _draw(self, fn: Callable[..., torch.Tensor], size: Sequence[int], device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+        """Draw ``size`` (batch-major: first dimension ``rows * k``) as the global batch would and keep this
+        shard's rows; a size whose first dimension is not a multiple of ``rows`` gets one draw shared by all."""
+        size = tuple(int(v) for v in size)
+        if size and size[0] > 0 and size[0] % self.rows == 0:
+            k = size[0] // self.rows
+            full = fn([self.global_rows, k, *size[1:]], generator=self.generator, device=self.device, dtype=dtype)
+            t = self.shard.take(full).reshape(size)
+        else:
+            t = fn(list(size), generator=self.generator, device=self.device, dtype=dtype)
+        return t.to(device)
 
-        The networks draw their own randomness (StyleGAN noise inputs ``torch.randn([N, 1, R, R])``,
-        EG3D's stratified ray jitter and importance samples ``torch.rand_like`` / ``torch.rand``),
-        always batch-major: the first dimension is ``N`` or ``N * M``. Inside this context such a
-        call draws ``[global_rows, M, ...]`` from our generator and returns this shard's rows, so
-        those numbers too are independent of how the batch is split, and reproducible from
-        ``(seed, step)``. Calls whose first dimension is not a multiple of ``rows`` get one draw
-        shared by all shards; calls passing their own ``generator`` or ``out`` are left alone.
-        Not re-entrant and not thread-safe (it swaps module attributes for the duration).
-        """
-        global _PATCH_ACTIVE
-        if _PATCH_ACTIVE:
-            raise RuntimeError("BatchRandom.patch_torch() is not re-entrant")
-        names = ("randn", "rand", "randn_like", "rand_like")
-        orig = {n: getattr(torch, n) for n in names}
+    @property
+    def source(self) -> "RandomSource":
+        """This stream as the networks' :class:`~portrait3d.networks.ops.RandomSource` (pass it as ``random=``):
+        the numbers a network draws inside its forward pass (noise inputs, ray jitter, importance samples) are
+        then, like the rest, the same for a sample however the batch is split, and replayable from the seed."""
+        return _ShardedSource(self)
 
-        def draw(kind: str, size: Sequence[int], dtype: torch.dtype | None, device: Any) -> torch.Tensor:
-            fn = orig[kind]
-            dtype = dtype or torch.get_default_dtype()
-            size = tuple(int(s) for s in size)
-            if size and size[0] > 0 and size[0] % self.rows == 0:
-                k = size[0] // self.rows
-                full = fn([self.global_rows, k, *size[1:]], generator=self.generator, device=self.device, dtype=dtype)
-                t = self.shard.take(full).reshape(size)
-            else:
-                t = fn(list(size), generator=self.generator, device=self.device, dtype=dtype)
-            return t.to(device) if device is not None else t.cpu()
 
-        def make(kind: str) -> Callable[..., torch.Tensor]:
-            def fresh(*args: Any, **kw: Any) -> torch.Tensor:
-                if kw.get("generator") is not None or kw.get("out") is not None:
-                    return orig[kind](*args, **kw)
-                size = kw.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
-                return draw(kind, size, kw.get("dtype"), kw.get("device"))
-            return fresh
+class _ShardedSource:
+    """:class:`~portrait3d.networks.ops.RandomSource` view of a :class:`BatchRandom`."""
 
-        def make_like(kind: str) -> Callable[..., torch.Tensor]:
-            def like(x: torch.Tensor, **kw: Any) -> torch.Tensor:
-                if kw.get("generator") is not None:
-                    return orig[kind + "_like"](x, **kw)
-                return draw(kind, x.shape, kw.get("dtype") or x.dtype, kw.get("device") or x.device)
-            return like
+    def __init__(self, rnd: BatchRandom) -> None:
+        self._rnd = rnd
 
-        repl = {"randn": make("randn"), "rand": make("rand"), "randn_like": make_like("randn"),
-                "rand_like": make_like("rand")}
-        _PATCH_ACTIVE = True
-        try:
-            for n, f in repl.items():
-                setattr(torch, n, f)
-            yield
-        finally:
-            for n, f in orig.items():
-                setattr(torch, n, f)
-            _PATCH_ACTIVE = False
+    def rand(self, size: Sequence[int], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self._rnd._draw(torch.rand, size, device, dtype)
+
+    def randn(self, size: Sequence[int], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self._rnd._draw(torch.randn, size, device, dtype)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from portrait3d.networks.ops import RandomSource, draw_rand, draw_randn
+
 __all__ = [
     "generate_planes",
     "project_onto_planes",
@@ -272,6 +274,7 @@ class ImportanceRenderer(torch.nn.Module):
         ray_directions: torch.Tensor,
         rendering_options: Options,
         deterministic: bool = False,
+        random: RandomSource | None = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Render rays through a tri-plane.
 
@@ -285,6 +288,7 @@ class ImportanceRenderer(torch.nn.Module):
             deterministic: if True, stratified depths sit at the middle of each bin (the official
                 ``torch.rand_like`` jitter replaced by 0.5) and importance sampling uses the
                 official ``det=True`` branch. ``density_noise`` (if > 0) stays random.
+            random: where the jitter, importance samples and density noise are drawn from (global RNG if None).
 
         Returns:
             ``(features [N, M, F] in [-1, 1], depth [N, M, 1], weight_total [N, M, 1])``.
@@ -306,6 +310,7 @@ class ImportanceRenderer(torch.nn.Module):
                 rendering_options["depth_resolution"],
                 rendering_options["disparity_space_sampling"],
                 deterministic=deterministic,
+                random=random,
             )
         else:
             depths_coarse = self.sample_stratified(
@@ -315,22 +320,24 @@ class ImportanceRenderer(torch.nn.Module):
                 rendering_options["depth_resolution"],
                 rendering_options["disparity_space_sampling"],
                 deterministic=deterministic,
+                random=random,
             )
 
         batch_size, num_rays, samples_per_ray, _ = depths_coarse.shape
 
         # Coarse pass
         colors_coarse, densities_coarse = self._query(
-            planes, decoder, ray_origins, ray_directions, depths_coarse, rendering_options
+            planes, decoder, ray_origins, ray_directions, depths_coarse, rendering_options, random
         )
 
         # Fine pass
         n_importance = rendering_options["depth_resolution_importance"]
         if n_importance > 0:
             _, _, weights = self.ray_marcher(colors_coarse, densities_coarse, depths_coarse, rendering_options)
-            depths_fine = self.sample_importance(depths_coarse, weights, n_importance, det=deterministic)
+            depths_fine = self.sample_importance(depths_coarse, weights, n_importance, det=deterministic,
+                                                 random=random)
             colors_fine, densities_fine = self._query(
-                planes, decoder, ray_origins, ray_directions, depths_fine, rendering_options
+                planes, decoder, ray_origins, ray_directions, depths_fine, rendering_options, random
             )
             all_depths, all_colors, all_densities = self.unify_samples(
                 depths_coarse, colors_coarse, densities_coarse, depths_fine, colors_fine, densities_fine
@@ -353,6 +360,7 @@ class ImportanceRenderer(torch.nn.Module):
         ray_directions: torch.Tensor,
         depths: torch.Tensor,
         options: Options,
+        random: RandomSource | None = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode colours ``[N, M, S, F]`` and raw densities ``[N, M, S, 1]`` at ``depths [N, M, S, 1]``."""
         batch_size, num_rays, samples_per_ray, _ = depths.shape
@@ -362,7 +370,7 @@ class ImportanceRenderer(torch.nn.Module):
         sample_directions = (
             ray_directions.unsqueeze(-2).expand(-1, -1, samples_per_ray, -1).reshape(batch_size, -1, 3)
         )
-        out = self.run_model(planes, decoder, sample_coordinates, sample_directions, options)
+        out = self.run_model(planes, decoder, sample_coordinates, sample_directions, options, random)
         colors = out["rgb"].reshape(batch_size, num_rays, samples_per_ray, out["rgb"].shape[-1])
         densities = out["sigma"].reshape(batch_size, num_rays, samples_per_ray, 1)
         return colors, densities
@@ -374,6 +382,7 @@ class ImportanceRenderer(torch.nn.Module):
         sample_coordinates: torch.Tensor,
         sample_directions: torch.Tensor,
         options: Options,
+        random: RandomSource | None = None,
     ) -> Dict[str, torch.Tensor]:
         """Sample the tri-plane and decode.
 
@@ -396,7 +405,8 @@ class ImportanceRenderer(torch.nn.Module):
         )
         out = decoder(sampled_features, sample_directions)
         if options.get("density_noise", 0) > 0:
-            out["sigma"] += torch.randn_like(out["sigma"]) * options["density_noise"]
+            sigma = out["sigma"]
+            out["sigma"] = sigma + draw_randn(random, sigma.shape, sigma.device, sigma.dtype) * options["density_noise"]
         return out
 
     @staticmethod
@@ -433,6 +443,7 @@ class ImportanceRenderer(torch.nn.Module):
         depth_resolution: int,
         disparity_space_sampling: bool = False,
         deterministic: bool = False,
+        random: RandomSource | None = None,
     ) -> torch.Tensor:
         """Stratified depths: ``linspace(start, end, D) + U * delta`` with ``delta = (end-start)/(D-1)``.
 
@@ -453,7 +464,7 @@ class ImportanceRenderer(torch.nn.Module):
         n, m, _ = ray_origins.shape
 
         def jitter(x: torch.Tensor) -> torch.Tensor:
-            return torch.full_like(x, 0.5) if deterministic else torch.rand_like(x)
+            return torch.full_like(x, 0.5) if deterministic else draw_rand(random, x.shape, x.device, x.dtype)
 
         if disparity_space_sampling:
             depths = (
@@ -483,7 +494,8 @@ class ImportanceRenderer(torch.nn.Module):
         return depths
 
     def sample_importance(
-        self, z_vals: torch.Tensor, weights: torch.Tensor, n_importance: int, det: bool = False
+        self, z_vals: torch.Tensor, weights: torch.Tensor, n_importance: int, det: bool = False,
+        random: RandomSource | None = None,
     ) -> torch.Tensor:
         """NeRF importance sampling from smoothed coarse weights (no gradient).
 
@@ -510,12 +522,13 @@ class ImportanceRenderer(torch.nn.Module):
             weights = weights + 0.01
 
             z_vals_mid = 0.5 * (z_vals[:, :-1] + z_vals[:, 1:])
-            importance_z_vals = self.sample_pdf(z_vals_mid, weights[:, 1:-1], n_importance, det=det)
+            importance_z_vals = self.sample_pdf(z_vals_mid, weights[:, 1:-1], n_importance, det=det, random=random)
             return importance_z_vals.detach().reshape(batch_size, num_rays, n_importance, 1)
 
     @staticmethod
     def sample_pdf(
-        bins: torch.Tensor, weights: torch.Tensor, n_importance: int, det: bool = False, eps: float = 1e-5
+        bins: torch.Tensor, weights: torch.Tensor, n_importance: int, det: bool = False, eps: float = 1e-5,
+        random: RandomSource | None = None,
     ) -> torch.Tensor:
         """Inverse-CDF sampling of a piecewise-constant pdf.
 
@@ -539,7 +552,7 @@ class ImportanceRenderer(torch.nn.Module):
         if det:
             u = torch.linspace(0, 1, n_importance, device=bins.device).expand(n_rays, n_importance)
         else:
-            u = torch.rand(n_rays, n_importance, device=bins.device)
+            u = draw_rand(random, (n_rays, n_importance), bins.device)
         u = u.contiguous()
 
         inds = torch.searchsorted(cdf, u, right=True)

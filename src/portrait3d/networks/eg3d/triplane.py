@@ -27,6 +27,7 @@ from torch import nn
 
 from portrait3d.config import ConfigMixin
 from portrait3d.networks.eg3d.decoder import OSGDecoder
+from portrait3d.networks.ops import RandomSource, draw_randn
 from portrait3d.networks.eg3d.ray_sampler import RaySampler
 from portrait3d.networks.eg3d.renderer import ImportanceRenderer, sample_density_grid
 from portrait3d.networks.eg3d.superresolution import build_superresolution
@@ -137,20 +138,27 @@ class TriPlaneGenerator(nn.Module):
         return self.backbone.mapping(z, c * self.rendering_kwargs.get("c_scale", 0), truncation_psi=truncation_psi,
                                      truncation_cutoff=truncation_cutoff, update_emas=update_emas)
 
-    def planes(self, ws: torch.Tensor, **synthesis_kwargs: Any) -> torch.Tensor:
-        """Tri-plane features ``[N, 3, C, H, W]`` for ``ws``."""
+    def planes(self, ws: torch.Tensor, random: RandomSource | None = None, **synthesis_kwargs: Any) -> torch.Tensor:
+        """Tri-plane features ``[N, 3, C, H, W]`` for ``ws`` (backbone noise from ``random`` when given)."""
+        if random is not None and synthesis_kwargs.get("noise_mode", "random") == "random" \
+                and synthesis_kwargs.get("noise_inputs") is None:
+            synthesis_kwargs["noise_inputs"] = [draw_randn(random, shape, ws.device)
+                                                for shape in self.backbone.synthesis.noise_shapes(len(ws))]
         planes = self.backbone.synthesis(ws, **synthesis_kwargs)
         return planes.view(len(planes), 3, self.config.plane_channels, planes.shape[-2], planes.shape[-1])
 
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: int | None = None,
                   update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
-                  deterministic: bool = False, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+                  deterministic: bool = False, random: RandomSource | None = None,
+                  **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
         """Render ``ws`` from camera ``c``.
 
         Args:
             ws: ``[N, num_ws, w_dim]``; c: ``[N, 25]``.
             neural_rendering_resolution: volume-rendering resolution (default: the model's).
             deterministic: mid-bin stratified depths and ``det=True`` importance sampling.
+            random: source of the backbone noise (``noise_mode='random'``), ray jitter, importance samples and
+                density noise (:class:`~portrait3d.networks.ops.RandomSource`; the global RNG when None).
         Returns:
             ``image [N,3,R,R]``, ``image_raw [N,3,r,r]``, ``image_depth [N,1,r,r]``.
         """
@@ -167,16 +175,19 @@ class TriPlaneGenerator(nn.Module):
         if use_cached_backbone and self._last_planes is not None:
             planes = self._last_planes
         else:
-            planes = self.planes(ws, update_emas=update_emas, **synthesis_kwargs)
+            planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
         if cache_backbone:
             self._last_planes = planes
         features, depth, _ = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
-                                           deterministic=deterministic)
+                                           deterministic=deterministic, random=random)
         h = w = neural_rendering_resolution
         feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], h, w).contiguous()
         depth_image = depth.permute(0, 2, 1).reshape(n, 1, h, w)
         rgb_image = feature_image[:, :3]
-        sr_kwargs = {k: v for k, v in synthesis_kwargs.items() if k != "noise_mode"}
+        sr_kwargs = {k: v for k, v in synthesis_kwargs.items() if k not in ("noise_mode", "noise_inputs")}
+        if random is not None and self.rendering_kwargs["superresolution_noise_mode"] == "random":
+            raise ValueError("an explicit random source does not reach the super-resolution noise; "
+                             "use superresolution_noise_mode 'none' or 'const' (EG3D's models use 'none')")
         sr_image = self.superresolution(rgb_image, feature_image, ws,
                                         noise_mode=self.rendering_kwargs["superresolution_noise_mode"], **sr_kwargs)
         return {"image": sr_image, "image_raw": rgb_image, "image_depth": depth_image}
@@ -191,10 +202,10 @@ class TriPlaneGenerator(nn.Module):
 
     def sample_mixed(self, coordinates: torch.Tensor, directions: torch.Tensor, ws: torch.Tensor,
                      truncation_psi: float = 1, truncation_cutoff: int | None = None, update_emas: bool = False,
-                     **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
-        """As :meth:`sample` but from given ``ws``."""
-        planes = self.planes(ws, update_emas=update_emas, **synthesis_kwargs)
-        return self.renderer.run_model(planes, self.decoder, coordinates, directions, self.rendering_kwargs)
+                     random: RandomSource | None = None, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        """As :meth:`sample` but from given ``ws`` (``random``: see :meth:`synthesis`)."""
+        planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
+        return self.renderer.run_model(planes, self.decoder, coordinates, directions, self.rendering_kwargs, random)
 
     @torch.no_grad()
     def density_grid(self, ws: torch.Tensor, resolution: int = 128, max_batch: int = 1_000_000,
