@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from portrait3d.training.loop import DistInfo  # noqa: E402
+from portrait3d.training.distributed import DistInfo  # noqa: E402
 from portrait3d.training.stylegan2 import PRESETS, build_networks, make_step, preset  # noqa: E402
 
 MODES = {

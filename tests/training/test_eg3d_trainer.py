@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import START_METHOD as START
+from tests.conftest import make_dataset
 
 from portrait3d.networks.eg3d.camera import camera_from_angles
 from portrait3d.training import eg3d as E
-from portrait3d.training.loop import run_local_processes
-from tests.conftest import START_METHOD as START, make_dataset
+from portrait3d.training.distributed import run_local_processes
 
 RES = 128
 

@@ -11,14 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import make_dataset
 
 from portrait3d.networks import ops
 from portrait3d.networks.stylegan2 import Generator
+from portrait3d.training.distributed import DistInfo
 from portrait3d.training.fast import FastPath
-from portrait3d.training.loop import DistInfo
-from portrait3d.training.stylegan2 import (build_networks, discriminator_losses, generator_loss, grow_generator,
-                                           make_step, preset, train_stylegan2)
-from tests.conftest import make_dataset
+from portrait3d.training.stylegan2 import (
+    build_networks,
+    discriminator_losses,
+    generator_loss,
+    grow_generator,
+    make_step,
+    preset,
+    train_stylegan2,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

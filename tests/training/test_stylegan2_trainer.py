@@ -15,12 +15,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tests.conftest import START_METHOD as START
+from tests.conftest import make_dataset
 
-from portrait3d.training import augment
-from portrait3d.training.loop import BatchRandom, GlobalBatchSampler, Shard, run_local_processes
 from portrait3d.interfaces.cli.train import stylegan2_cmd as main
+from portrait3d.training import augment
+from portrait3d.training.batches import GlobalBatchSampler
+from portrait3d.training.distributed import run_local_processes
+from portrait3d.training.randomness import BatchRandom, Shard
 from portrait3d.training.stylegan2 import StyleGAN2TrainConfig, preset, train_stylegan2
-from tests.conftest import START_METHOD as START, make_dataset
 
 RES = 32
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.conftest import make_dataset
 
 from portrait3d.face.dataset import AlignedFaceDataset
 from portrait3d.training.stylegan2 import preset, train_stylegan2
 from portrait3d.training.transfer import pack_data, pack_snapshot, unpack_data, unpack_snapshot
-from tests.conftest import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -38,7 +38,7 @@ class RandomSource(Protocol):
 
     Networks take it as an explicit argument (``random=``) instead of reading the global RNG, so a trainer can make
     every number a function of ``(seed, step, sample)``, independent of how the batch is split across processes
-    (:class:`portrait3d.training.loop.BatchRandom` is one). ``None`` means the global RNG, as the official code.
+    (:class:`portrait3d.training.randomness.BatchRandom` is one). ``None`` means the global RNG, as the official code.
     The first dimension of ``size`` is batch-major (``N`` or ``N * M``).
     """
 

@@ -22,7 +22,7 @@ As NVIDIA's EG3D ``training/loss.py`` (``StyleGAN2Loss`` with dual discriminatio
 
 ``density_reg``, ``density_reg_p_dist``, ``reg_type`` and ``gpc_reg_prob`` live in
 ``cfg.G.rendering`` (EG3D's ``rendering_kwargs``), so the exported generator carries them.
-Randomness, sharding, checkpoints, progress: :mod:`portrait3d.training.loop`.
+Randomness, sharding, checkpoints, progress: :mod:`portrait3d.training.randomness`, :mod:`~portrait3d.training.snapshots`, :mod:`~portrait3d.training.loop`.
 """
 
 from __future__ import annotations
@@ -45,25 +45,14 @@ from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscrimin
 from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
 from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 from portrait3d.training import augment
-from portrait3d.training.loop import (
-    BatchRandom,
-    Counters,
-    DistInfo,
-    MetricsFn,
-    Networks,
-    RunConfig,
-    Shard,
-    StepFn,
-    broadcast_module,
-    gan_step,
-    init_distributed,
-    lazy_adam,
-    load_training_state,
-    make_loader,
-    run_loop,
-    save_grid,
-    shutdown_distributed,
-)
+from portrait3d.training.batches import make_loader
+from portrait3d.training.distributed import DistInfo, broadcast_module, init_distributed, shutdown_distributed
+from portrait3d.training.loop import MetricsFn, StepFn, run_loop
+from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
+from portrait3d.training.progress import save_grid
+from portrait3d.training.randomness import BatchRandom, Shard
+from portrait3d.training.run_config import RunConfig
+from portrait3d.training.snapshots import load_training_state
 from portrait3d.training.stylegan2 import auto_r1_gamma
 
 __all__ = ["EG3DTrainConfig", "PRESETS", "preset", "train_eg3d", "dataset_cameras", "gaussian_blur"]

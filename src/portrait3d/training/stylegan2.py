@@ -16,7 +16,7 @@ Per step (as NVIDIA's StyleGAN2-ADA loop, each phase its own optimiser step):
 the generator learns the un-augmented distribution; with ~22k faces (44k mirrored) it keeps the
 discriminator from memorising. Mixed precision on CUDA uses the networks' fp16 blocks
 (``num_fp16_res``, with ``conv_clamp``) as the official code does; CPU runs in float32.
-Randomness, sharding and checkpoints: :mod:`portrait3d.training.loop`.
+Randomness, sharding and checkpoints: :mod:`portrait3d.training.randomness`, :mod:`~portrait3d.training.snapshots`, :mod:`~portrait3d.training.loop`.
 """
 
 from __future__ import annotations
@@ -37,28 +37,20 @@ from portrait3d.networks.discriminator import Discriminator, DiscriminatorConfig
 from portrait3d.networks.projected import ProjectedDiscriminator, ProjectedDiscriminatorConfig, VisionAidedDiscriminator
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 from portrait3d.training import augment
-from portrait3d.training.loop import (
-    BatchRandom,
-    Counters,
+from portrait3d.training.batches import make_loader
+from portrait3d.training.distributed import (
     DistInfo,
-    MetricsFn,
-    Networks,
-    RunConfig,
-    Shard,
-    StepFn,
     all_reduce_mean,
     broadcast_module,
-    gan_step,
     init_distributed,
-    lazy_adam,
-    load_training_state,
-    make_loader,
-    read_snapshot,
-    run_loop,
-    save_grid,
     shutdown_distributed,
-    state_with_prefix,
 )
+from portrait3d.training.loop import MetricsFn, StepFn, run_loop
+from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
+from portrait3d.training.progress import save_grid
+from portrait3d.training.randomness import BatchRandom, Shard
+from portrait3d.training.run_config import RunConfig
+from portrait3d.training.snapshots import load_training_state, read_snapshot, state_with_prefix
 
 __all__ = ["StyleGAN2TrainConfig", "PRESETS", "DISCRIMINATORS", "preset", "train_stylegan2", "auto_r1_gamma",
            "grow_generator", "discriminator_losses", "generator_loss"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = ["pack_data", "unpack_data", "pack_snapshot", "unpack_snapshot"]
@@ -79,7 +80,7 @@ def pack_snapshot(snapshot: str | os.PathLike[str], out: str | os.PathLike[str])
     """Write G, G_ema, D (float16) and ``run.json`` (trainer, config, counters) of a snapshot into ``out``."""
     from safetensors.torch import save_file
 
-    from portrait3d.training.loop import read_snapshot, state_with_prefix
+    from portrait3d.training.snapshots import read_snapshot, state_with_prefix
 
     meta, tensors = read_snapshot(snapshot, "stylegan2")
     out = Path(out)
@@ -102,7 +103,8 @@ def unpack_snapshot(packed: str | os.PathLike[str], run_dir: str | os.PathLike[s
 
     from portrait3d.checkpoints.native import save_network
     from portrait3d.checkpoints.state import load_state_strict
-    from portrait3d.training.loop import Counters, save_training_state
+    from portrait3d.training.optim import Counters
+    from portrait3d.training.snapshots import save_training_state
     from portrait3d.training.stylegan2 import StyleGAN2TrainConfig, build_networks
 
     packed = Path(packed)

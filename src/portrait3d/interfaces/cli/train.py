@@ -27,7 +27,8 @@ from portrait3d.methods.lifting import train as lifting
 from portrait3d.training import eg3d as e3d
 from portrait3d.training import stylegan2 as sg2
 from portrait3d.training import transfer
-from portrait3d.training.loop import MetricsFn, apply_cli_options
+from portrait3d.training.loop import MetricsFn
+from portrait3d.training.run_config import apply_cli_options
 
 
 @main.group(context_settings=CONTEXT_SETTINGS)

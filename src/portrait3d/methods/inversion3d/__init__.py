@@ -11,6 +11,7 @@
 * :mod:`.optimize`: Algorithm 1 (alternating latent / camera steps) and the baselines, Algorithms 2-3.
 """
 
+from portrait3d.methods.inversion3d.camera_params import CameraParams
 from portrait3d.methods.inversion3d.networks import (
     BackboneOutput,
     EncoderConfig,
@@ -28,8 +29,7 @@ from portrait3d.methods.inversion3d.networks import (
     rotation_from_angles,
     save_module,
 )
-from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, sample_poses, sample_pseudo_pairs
-from portrait3d.methods.inversion3d.camera_params import CameraParams
 from portrait3d.methods.inversion3d.optimize import ImageLoss, InversionConfig, InversionResult, LossWeights, invert
+from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, sample_poses, sample_pseudo_pairs
 from portrait3d.methods.inversion3d.pti import PTIConfig, depth_smoothness, pivotal_tuning
 from portrait3d.methods.inversion3d.warp import warp_image, warp_loss

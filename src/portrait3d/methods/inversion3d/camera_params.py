@@ -34,6 +34,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from portrait3d.errors import UsageError
 from portrait3d.networks.eg3d.camera import (
     camera_vector,
     create_cam2world_matrix,
@@ -41,7 +42,6 @@ from portrait3d.networks.eg3d.camera import (
     normalize_vecs,
     pose_angles_from_camera,
 )
-from portrait3d.errors import UsageError
 
 __all__ = ["CameraParams", "fov_from_intrinsics", "rotation_z_transposed"]
 

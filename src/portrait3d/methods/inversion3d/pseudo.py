@@ -36,7 +36,7 @@ from torch import nn
 
 from portrait3d.config import ConfigMixin
 from portrait3d.methods.inversion3d.networks import camera_from_pose
-from portrait3d.training.loop import derive_seed
+from portrait3d.training.randomness import derive_seed
 
 __all__ = ["DISTRIBUTIONS", "PseudoPairConfig", "sample_poses", "sample_pseudo_pairs", "PseudoPairStream"]
 

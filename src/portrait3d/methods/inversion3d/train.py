@@ -80,13 +80,12 @@ from portrait3d.methods.inversion3d.networks import (
     save_module,
 )
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
-from portrait3d.training.loop import (
-    DistInfo,
-    Progress,
-    derive_seed,
-    due,
-    ema_beta,
-    ema_update,
+from portrait3d.training.distributed import DistInfo
+from portrait3d.training.loop import due
+from portrait3d.training.optim import ema_beta, ema_update
+from portrait3d.training.progress import Progress
+from portrait3d.training.randomness import derive_seed
+from portrait3d.training.snapshots import (
     find_snapshot,
     load_optimizer,
     optimizer_tensors,

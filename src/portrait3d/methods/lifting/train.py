@@ -280,7 +280,7 @@ def save_lift_state(folder: Path, cfg: LiftTrainConfig, model: LiftedGenerator, 
     ``state.json``: format, trainer, configuration, step, images seen, optimiser hyper-parameters.
     ``lifted.safetensors``: :meth:`LiftedGenerator.save`.
     """
-    from portrait3d.training.loop import (
+    from portrait3d.training.snapshots import (
         STATE_FORMAT,
         STATE_VERSION,
         optimizer_tensors,
@@ -302,7 +302,7 @@ def save_lift_state(folder: Path, cfg: LiftTrainConfig, model: LiftedGenerator, 
 
 def read_lift_snapshot(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """``(snapshot folder, state.json)`` of a snapshot folder or a run folder (its newest snapshot)."""
-    from portrait3d.training.loop import STATE_FORMAT, find_snapshot
+    from portrait3d.training.snapshots import STATE_FORMAT, find_snapshot
 
     folder = find_snapshot(path)
     try:
@@ -323,7 +323,7 @@ def load_lift_state(folder: Path, meta: dict[str, Any], model: LiftedGenerator,
     from safetensors.torch import load_file
 
     from portrait3d.checkpoints.state import load_state_strict
-    from portrait3d.training.loop import load_optimizer, restore_rng
+    from portrait3d.training.snapshots import load_optimizer, restore_rng
 
     tensors = load_file(str(folder / "state.safetensors"))
     dev = next(model.nets.parameters()).device
@@ -413,7 +413,10 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
             missing or mismatched snapshot -- one-line messages.
     """
     from portrait3d.checkpoints.native import atomic_write
-    from portrait3d.training.loop import DistInfo, Progress, all_reduce_grads, derive_seed, due, save_grid
+    from portrait3d.training.distributed import DistInfo, all_reduce_grads
+    from portrait3d.training.loop import due
+    from portrait3d.training.progress import Progress, save_grid
+    from portrait3d.training.randomness import derive_seed
 
     cfg.validate()
     if int(g2d.w_dim) != cfg.lift.w_dim:

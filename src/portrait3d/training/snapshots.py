@@ -1,0 +1,205 @@
+"""Checkpoints: one folder per snapshot with ``state.safetensors`` (networks, flattened optimiser states, RNG states as
+``uint8``) and ``state.json`` (configs, counters, optimiser hyper-parameters, metric history), written into a
+temporary folder and renamed into place; :func:`load_training_state` restores bit-exactly (the next steps equal an
+uninterrupted run). Loading never executes code (safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from portrait3d.errors import UsageError
+from portrait3d.training.optim import Counters, Networks
+
+__all__ = ["optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state"]
+
+STATE_FORMAT = "portrait3d-train-state"
+STATE_VERSION = 1
+
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``opt``'s state as ``({prefix.state.<i>.<k>: tensor}, JSON metadata)`` (type, param groups, scalar states)."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}.state.{idx}.{k}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[k] = _jsonable(v)
+    groups = [{k: _jsonable(v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"type": type(opt).__name__, "param_groups": groups, "state_scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str,
+                    meta: dict[str, Any]) -> None:
+    """Restore ``opt`` in place from what :func:`optimizer_tensors` wrote under ``prefix``."""
+    if meta["type"] != type(opt).__name__:
+        raise UsageError(f"snapshot optimiser is {meta['type']}, not {type(opt).__name__}")
+    state: dict[int, dict[str, Any]] = {}
+    head = prefix + ".state."
+    for key, v in tensors.items():
+        if key.startswith(head):
+            idx, name = key[len(head):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, st in meta.get("state_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(st)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The global torch (and initialised CUDA) RNG states: ``rng.torch``, ``rng.cuda.<i>``."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Set the global RNG states saved by :func:`rng_tensors` (those present in ``tensors``)."""
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        states = [tensors[k].to(torch.uint8) for k in cuda][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+
+
+def write_snapshot_folder(folder: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                          extra_files: dict[str, Callable[[Path], Any]] | None = None) -> Path:
+    """Write a snapshot folder atomically (a temporary sibling renamed into place).
+
+    ``tensors`` go to ``state.safetensors`` (detached, contiguous CPU copies), ``meta`` to ``state.json``;
+    ``extra_files``: ``name -> write(path)`` for more files (an exported network), written last. An existing
+    ``folder`` is replaced only once everything is written.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_training_state(folder: str | os.PathLike[str], trainer: str, config: dict[str, Any], nets: Networks,
+                        counters: Counters, extra_files: dict[str, Callable[[Path], Any]] | None = None) -> Path:
+    """Write a snapshot folder atomically (:func:`write_snapshot_folder`).
+
+    ``state.safetensors``: ``G.*``, ``D.*``, ``G_ema.*`` state dicts, ``opt_G.state.<i>.<k>``,
+    ``opt_D...`` optimiser tensors, ``extra.*`` trainer tensors, ``rng.*`` RNG states (``uint8``).
+    ``state.json``: format, trainer, config, step, images seen, optimiser hyper-parameters,
+    metric history. ``extra_files``: ``name -> write(path)`` for more files (the exported generator).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ("G", "D", "G_ema"):
+        for k, v in getattr(nets, name).state_dict().items():
+            tensors[f"{name}.{k}"] = v
+    opt_meta = {}
+    for name in ("opt_G", "opt_D"):
+        t, m = optimizer_tensors(getattr(nets, name), name)
+        tensors.update(t)
+        opt_meta[name] = m
+    tensors.update({f"extra.{k}": v for k, v in nets.extra.items()})
+    tensors.update(rng_tensors())
+    meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "trainer": trainer, "config": config,
+            "step": counters.step, "images_seen": counters.images_seen, "kimg": counters.images_seen / 1000,
+            "optimizers": opt_meta, "metrics": counters.metrics, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return write_snapshot_folder(folder, tensors, meta, extra_files)
+
+
+def prune_snapshots(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``snapshot-*`` folders of ``run_dir`` (``keep <= 0``: keep all)."""
+    if keep > 0:
+        for old in sorted(run_dir.glob("snapshot-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def find_snapshot(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if it is a snapshot folder, else its newest ``snapshot-*`` sub-folder."""
+    p = Path(path)
+    if (p / "state.json").exists():
+        return p
+    snaps = sorted(q for q in p.glob("snapshot-*") if (q / "state.json").exists()) if p.is_dir() else []
+    if not snaps:
+        raise FileNotFoundError(f"no training snapshot in {p}")
+    return snaps[-1]
+
+
+def read_snapshot(path: str | os.PathLike[str], trainer: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON metadata and tensors of a ``trainer`` snapshot (``path``: a snapshot or run folder)."""
+    from safetensors.torch import load_file
+
+    folder = find_snapshot(path)
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("format") != STATE_FORMAT:
+        raise UsageError(f"{folder} is not a portrait3d training snapshot")
+    if meta.get("trainer") != trainer:
+        raise UsageError(f"{folder} is a {meta.get('trainer')} snapshot, not {trainer}")
+    meta["folder"] = str(folder)
+    return meta, load_file(str(folder / "state.safetensors"))
+
+
+def state_with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The state dict stored under ``prefix.`` in snapshot tensors (``'G'``, ``'D'``, ``'G_ema'``)."""
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
+def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: str) -> tuple[Counters, dict[str, Any]]:
+    """Restore ``nets`` (in place) from a snapshot; returns the counters and the JSON metadata."""
+    from portrait3d.checkpoints.state import load_state_strict
+
+    meta, tensors = read_snapshot(path, trainer)
+    for name in ("G", "D", "G_ema"):
+        load_state_strict(getattr(nets, name), state_with_prefix(tensors, name), f"snapshot {name}")
+    for name in ("opt_G", "opt_D"):
+        load_optimizer(getattr(nets, name), tensors, name, meta["optimizers"][name])
+    for k in list(nets.extra):
+        v = tensors.get(f"extra.{k}")
+        if v is not None:
+            nets.extra[k].copy_(v)
+    restore_rng(tensors)
+    return Counters(int(meta["step"]), int(meta["images_seen"]), list(meta.get("metrics", []))), meta
