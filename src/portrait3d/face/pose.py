@@ -61,8 +61,10 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from portrait3d.networks.eg3d.camera import camera_from_angles, fov_to_intrinsics, roll_from_camera
 from portrait3d.errors import UsageError
+from portrait3d.geometry.rotations import head_angles_np as angles_from_rotation
+from portrait3d.geometry.rotations import head_rotation_np as rotation_from_angles
+from portrait3d.networks.eg3d.camera import camera_from_angles, fov_to_intrinsics, roll_from_camera
 
 __all__ = [
     "EG3D_FOV_DEG",
@@ -80,7 +82,6 @@ __all__ = [
 
 EG3D_FOV_DEG = 18.837
 MEAN_FACE_PATH = Path(__file__).resolve().parent / "data" / "mean_face_68.npy"
-_F = np.diag([1.0, -1.0, -1.0])
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,39 +92,6 @@ def mean_face_68() -> np.ndarray:
         raise RuntimeError(f"{MEAN_FACE_PATH} has shape {points.shape}, expected (68, 3)")
     points.setflags(write=False)
     return points
-
-
-def _rx(a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-
-
-def _ry(a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-
-
-def _rz(a: float) -> np.ndarray:
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
-def rotation_from_angles(yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0) -> np.ndarray:
-    """Head-to-camera rotation ``Rz(roll) @ F @ Rx(-pitch) @ Ry(yaw)`` (float64 ``[3, 3]``)."""
-    y, p, r = (math.radians(float(a)) for a in (yaw_deg, pitch_deg, roll_deg))
-    return _rz(r) @ _F @ _rx(-p) @ _ry(y)
-
-
-def angles_from_rotation(rotation: np.ndarray) -> Tuple[float, float, float]:
-    """``(yaw, pitch, roll)`` in degrees of a head-to-camera rotation (inverse of :func:`rotation_from_angles`).
-
-    Pitch is in [-90, 90]; yaw and roll in (-180, 180].
-    """
-    r = np.asarray(rotation, dtype=np.float64)
-    yaw = math.atan2(r[2, 0], -r[2, 2])
-    pitch = math.asin(min(1.0, max(-1.0, r[2, 1])))
-    roll = math.atan2(r[0, 1], -r[1, 1])
-    return math.degrees(yaw), math.degrees(pitch), math.degrees(roll)
 
 
 @dataclass(frozen=True, eq=False)

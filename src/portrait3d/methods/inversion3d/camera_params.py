@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from portrait3d.errors import UsageError
+from portrait3d.geometry.rotations import axis_rotation
 from portrait3d.networks.eg3d.camera import (
     camera_vector,
     create_cam2world_matrix,
@@ -64,10 +65,7 @@ def rotation_z_transposed(roll_rad: torch.Tensor) -> torch.Tensor:
     ``cam2world' = cam2world @ Rz(roll)^T`` turns the camera about its viewing axis so the face turns
     clockwise in the image by ``roll``. Differentiable; the dtype of ``roll_rad`` is kept.
     """
-    cos, sin = torch.cos(roll_rad), torch.sin(roll_rad)
-    zero, one = torch.zeros_like(roll_rad), torch.ones_like(roll_rad)
-    return torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1),
-                        torch.stack([zero, zero, one], -1)], -2)
+    return axis_rotation(roll_rad, 2).transpose(-1, -2)
 
 
 class CameraParams(nn.Module):

@@ -54,6 +54,9 @@ from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
 from portrait3d.config import ConfigMixin
+from portrait3d.geometry.rotations import camera_angles as angles_from_rotation
+from portrait3d.geometry.rotations import camera_rotation as rotation_from_angles
+from portrait3d.geometry.rotations import matrix_to_rotation_6d, rotation_6d_to_matrix
 from portrait3d.networks.eg3d.camera import camera_from_angles
 
 __all__ = [
@@ -310,61 +313,6 @@ def generator_w_avg(G: nn.Module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- rotations
-
-
-def rotation_6d_to_matrix(x: torch.Tensor) -> torch.Tensor:
-    """Zhou et al. (CVPR 2019) 6D representation -> rotation matrix by Gram-Schmidt.
-
-    ``x[..., :3]`` and ``x[..., 3:]`` are the (unnormalised) first and second **columns**:
-    ``b1 = a1 / |a1|``, ``b2 = normalize(a2 - (b1 . a2) b1)``, ``b3 = b1 x b2``, ``R = [b1 b2 b3]``.
-
-    Args:
-        x: ``[..., 6]``.
-
-    Returns:
-        ``[..., 3, 3]`` proper rotations (orthonormal, determinant +1).
-    """
-    if x.shape[-1] != 6:
-        raise ValueError(f"6D rotations must have a last dimension of 6, not {x.shape[-1]}")
-    a1, a2 = x[..., :3], x[..., 3:]
-    b1 = F.normalize(a1, dim=-1, eps=1e-8)
-    b2 = F.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1, eps=1e-8)
-    b3 = torch.cross(b1, b2, dim=-1)
-    return torch.stack([b1, b2, b3], dim=-1)
-
-
-def matrix_to_rotation_6d(rotation: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rotation_6d_to_matrix` for rotations: the first two columns, ``[..., 3, 3] -> [..., 6]``."""
-    return torch.cat([rotation[..., :, 0], rotation[..., :, 1]], dim=-1)
-
-
-def rotation_from_angles(angles_deg: torch.Tensor) -> torch.Tensor:
-    """``R = Ry(-yaw) Rx(pitch) Rz(roll)`` (module docstring): ``[N, 3]`` degrees -> ``[N, 3, 3]``."""
-    a = torch.deg2rad(angles_deg)
-    yaw, pitch, roll = a.unbind(-1)
-    cy, sy, cp, sp, cr, sr = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch), torch.cos(roll), \
-        torch.sin(roll)
-    one, zero = torch.ones_like(yaw), torch.zeros_like(yaw)
-
-    def mat(*rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return torch.stack([torch.stack(r, -1) for r in rows], -2)
-
-    ry = mat((cy, zero, -sy), (zero, one, zero), (sy, zero, cy))    # Ry(-yaw)
-    rx = mat((one, zero, zero), (zero, cp, -sp), (zero, sp, cp))    # Rx(pitch)
-    rz = mat((cr, -sr, zero), (sr, cr, zero), (zero, zero, one))    # Rz(roll)
-    return ry @ rx @ rz
-
-
-def angles_from_rotation(rotation: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`rotation_from_angles`: ``[N, 3, 3] -> [N, 3]`` (yaw, pitch, roll) in degrees.
-
-    Valid for ``|pitch| < 90``; at exactly +-90 degrees yaw and roll are not separable.
-    """
-    r = rotation
-    yaw = torch.atan2(-r[..., 0, 2], r[..., 2, 2])
-    pitch = torch.asin((-r[..., 1, 2]).clamp(-1.0, 1.0))
-    roll = torch.atan2(r[..., 1, 0], r[..., 1, 1])
-    return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=-1))
 
 
 def camera_from_pose(angles_deg: torch.Tensor, translation: torch.Tensor | None = None, radius: float = 2.7,

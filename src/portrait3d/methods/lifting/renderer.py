@@ -64,6 +64,8 @@ from typing import Iterator, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from portrait3d.geometry.rotations import view_rotation
+
 __all__ = ["RenderOutput", "RendererConfig", "depth_to_points", "faces_for_grid", "light_direction",
            "mesh_from_depth", "normals_from_depth", "project_points", "rasterize", "render",
            "rotation_from_view", "save_obj", "shade", "transform_points", "zero_border"]
@@ -233,19 +235,6 @@ def shade(albedo: torch.Tensor, normal: torch.Tensor, ambient: torch.Tensor, dif
     return albedo * shading, shading
 
 
-def _axis_rotations(angle: torch.Tensor, axis: int) -> torch.Tensor:
-    """Right-handed rotation matrices ``[N, 3, 3]`` by ``angle [N]`` (radians) about camera axis 0/1/2."""
-    c, s = angle.cos(), angle.sin()
-    o, z = torch.ones_like(angle), torch.zeros_like(angle)
-    if axis == 0:
-        rows = [[o, z, z], [z, c, -s], [z, s, c]]
-    elif axis == 1:
-        rows = [[c, z, s], [z, o, z], [-s, z, c]]
-    else:
-        rows = [[c, -s, z], [s, c, z], [z, z, o]]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
-
-
 def rotation_from_view(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rigid motion of a viewpoint vector (Unsup3d's ``w``).
 
@@ -260,7 +249,7 @@ def rotation_from_view(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if view.dim() != 2 or view.shape[1] not in (3, 5, 6):
         raise ValueError(f"view must be [N, 6] (or [N, 5] / [N, 3]), got {tuple(view.shape)}")
-    rot = _axis_rotations(view[:, 2], 2) @ _axis_rotations(view[:, 1], 1) @ _axis_rotations(view[:, 0], 0)
+    rot = view_rotation(view[:, 0], view[:, 1], view[:, 2])
     t = torch.zeros_like(view[:, :3])
     if view.shape[1] >= 5:
         t = torch.cat([view[:, 3:5], view[:, 5:6] if view.shape[1] == 6 else torch.zeros_like(view[:, :1])], dim=1)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from portrait3d.checkpoints.native import atomic_write
+from portrait3d.geometry.rotations import head_angles, head_rotation
 
 __all__ = [
     "LandmarkScheme",
@@ -197,45 +198,11 @@ def join(k: torch.Tensor, theta: torch.Tensor, alpha: torch.Tensor, t: torch.Ten
 # --------------------------------------------------------------------------------------------
 
 
-def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
-    """Head-to-camera rotations ``Rz(roll) @ F @ Rx(-pitch) @ Ry(yaw)`` (``R(theta)`` of eq. 2).
+rotation_matrix = head_rotation
+"""``R(theta)`` of eq. 2: :func:`portrait3d.geometry.head_rotation` (the face pipeline's head-to-camera convention)."""
 
-    Batched and differentiable; equals :func:`portrait3d.face.pose.rotation_from_angles`.
-
-    Args:
-        angles: ``[..., 3]`` ``(yaw, pitch, roll)`` in degrees.
-
-    Returns:
-        ``[..., 3, 3]`` rotations, same dtype as ``angles``.
-    """
-    rad = torch.deg2rad(angles)
-    cy, cp, cr = torch.cos(rad).unbind(-1)
-    sy, sp, sr = torch.sin(rad).unbind(-1)
-    # Closed form of Rz(roll) F Rx(-pitch) Ry(yaw): one stack instead of three matmuls.
-    rows = [
-        cr * cy - sr * sp * sy, sr * cp, cr * sy + sr * sp * cy,
-        sr * cy + cr * sp * sy, -cr * cp, sr * sy - cr * sp * cy,
-        cp * sy, sp, -cp * cy,
-    ]
-    return torch.stack(rows, dim=-1).reshape(*angles.shape[:-1], 3, 3)
-
-
-def angles_from_rotation_matrix(rotation: torch.Tensor) -> torch.Tensor:
-    """``(yaw, pitch, roll)`` in degrees of head-to-camera rotations (inverse of :func:`rotation_matrix`).
-
-    Same formulas as :func:`portrait3d.face.pose.angles_from_rotation`: pitch in [-90, 90], yaw and
-    roll in (-180, 180].
-
-    Args:
-        rotation: ``[..., 3, 3]``.
-
-    Returns:
-        ``[..., 3]``.
-    """
-    yaw = torch.atan2(rotation[..., 2, 0], -rotation[..., 2, 2])
-    pitch = torch.asin(rotation[..., 2, 1].clamp(-1.0, 1.0))
-    roll = torch.atan2(rotation[..., 0, 1], -rotation[..., 1, 1])
-    return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=-1))
+angles_from_rotation_matrix = head_angles
+"""Inverse of :data:`rotation_matrix`: :func:`portrait3d.geometry.head_angles`."""
 
 
 # --------------------------------------------------------------------------------------------

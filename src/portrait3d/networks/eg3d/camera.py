@@ -33,6 +33,8 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
+from portrait3d.geometry.rotations import axis_rotation
+
 __all__ = [
     "fov_to_intrinsics",
     "normalize_vecs",
@@ -238,9 +240,7 @@ def camera_from_angles(
     if bool((roll != 0).any()):
         # world2cam' = Rz(roll) world2cam in camera axes (x right, y down), i.e.
         # cam2world' = cam2world Rz(roll)^T; computed in float64 and rounded once.
-        cos, sin, zero, one = torch.cos(roll), torch.sin(roll), torch.zeros_like(roll), torch.ones_like(roll)
-        rz_t = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1),
-                            torch.stack([zero, zero, one], -1)], -2)
+        rz_t = axis_rotation(roll, 2).transpose(-1, -2)
         cam2world = cam2world.clone()
         cam2world[:, :3, :3] = (cam2world[:, :3, :3].to(torch.float64) @ rz_t).to(torch.float32)
     c = camera_vector(cam2world, fov_to_intrinsics(fov_deg, device=device))
