@@ -21,12 +21,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import make_cli_stylegan2, run_cli, shared_path
 
 from portrait3d.face.errors import ImageReadError, ImageSizeError
-from portrait3d.interfaces.web.methods import (ADAPTERS, Control, Embedding, Inversion3DAdapter, MethodAdapter,
-                                               MethodSettings, build_registry)
+from portrait3d.interfaces.web.methods import (
+    ADAPTERS,
+    Control,
+    Embedding,
+    Inversion3DAdapter,
+    MethodAdapter,
+    MethodSettings,
+    build_registry,
+)
 from portrait3d.interfaces.web.upload import UploadLimits, decode_upload
-from tests.conftest import make_cli_stylegan2, run_cli, shared_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +55,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
 def _builtin_3d() -> Inversion3DAdapter:
@@ -104,8 +112,9 @@ def test_upload_refuses_too_many_bytes_and_pixels():
         decode_upload(_encode("PNG"), UploadLimits(max_pixels=1000))
     # a header claiming 10 gigapixels is refused from the header alone, before any decoding
     t = time.perf_counter()
-    with pytest.raises(ImageSizeError, match="too large"):
-        decode_upload(_png_header_only(100_000, 100_000))
+    for side in (100_000, 6_000):  # beyond Pillow's own bomb limit, and beyond ours (36 MP) only
+        with pytest.raises(ImageSizeError, match="too large"):
+            decode_upload(_png_header_only(side, side))
     assert time.perf_counter() - t < 1.0
     with pytest.raises(ImageSizeError, match="too small"):
         decode_upload(_encode("PNG", (16, 16)))
@@ -175,7 +184,7 @@ class _ShadeAdapter(MethodAdapter):
 
 
 def test_a_new_adapter_plugs_into_the_app():
-    pytest.importorskip("gradio")
+    gr = pytest.importorskip("gradio")
     from portrait3d.interfaces.web.app import EditorApp, WebConfig
 
     app = EditorApp(WebConfig(), adapters=(_ShadeAdapter,))
@@ -185,10 +194,12 @@ def test_a_new_adapter_plugs_into_the_app():
         state, source, image, _, status = out[:5]
         assert source == 3 and status.startswith("Ready: Shade, seed 3.") and image[0, 0, 0] == 20
         assert app.on_controls(state, 99.0)[0, 0, 0] == 99
-        path = Path(app.on_image(state, 7.0))
-        assert path.is_file() and path.is_relative_to(app.workdir)
+        update = app.on_image(state, 7.0)
+        path = Path(update["value"])
+        assert update["visible"] and path.is_file() and path.is_relative_to(app.workdir)
         assert np.asarray(Image.open(path))[0, 0, 0] == 7
-        assert app.on_video(state, progress=lambda *a, **k: None) is None  # no video: a warning, no crash
+        with pytest.warns(UserWarning, match="makes no orbit video"):  # a warning, no crash
+            assert isinstance(app.on_video(state, progress=lambda *a, **k: None), gr.skip().__class__)
     finally:
         app.close()
     assert not app.workdir.exists()
@@ -230,7 +241,7 @@ def test_app_reports_a_photo_without_a_face():
     try:
         with pytest.warns(UserWarning):
             status = app.on_photo("inversion3d", buf.getvalue(), progress=lambda *a, **k: None)[4]
-        assert status == "Error: no face found in the image", status
+        assert status.startswith("Error: ") and "no face found" in status and "\n" not in status, status
     finally:
         app.close()
 
@@ -330,8 +341,8 @@ def browser_page():
 
     write_docs = os.environ.get("PORTRAIT3D_WRITE_DOCS") == "1"
     port = _free_port()
-    app, page_app = launch(WebConfig(port=port, methods=MethodSettings(invert_steps=40 if write_docs else 4)),
-                           block=False)
+    settings = MethodSettings(invert_steps=40 if write_docs else 4, orbit_frames=8, mesh_resolution=32)
+    app, page_app = launch(WebConfig(port=port, methods=settings), block=False)
     external: list[str] = []
     try:
         with sync_api.sync_playwright() as pw:
@@ -350,7 +361,8 @@ def browser_page():
 
             page.route("**/*", only_local)
             page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#photo-upload input[type=file]", state="attached")
+            page.wait_for_selector("#photo-upload input[type=file]", state="attached", timeout=60_000)
+            page.wait_for_selector("#status textarea", state="attached", timeout=60_000)
             yield page, photo, external, write_docs
             browser.close()
     finally:
@@ -382,14 +394,16 @@ def test_browser_upload_embed_and_live_slider(browser_page, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     page.locator("#photo-upload input[type=file]").set_input_files(str(bad))
-    page.wait_for_function("document.querySelector('#status textarea').value.startsWith('Error')", timeout=20_000)
+    page.wait_for_function("(() => { const e = document.querySelector('#status textarea'); "
+                           "return e !== null && e.value.startsWith('Error'); })()", timeout=60_000)
     assert _status(page) == "Error: not an image file: upload a JPEG, PNG or WebP photo"
 
     # A real photo: align + invert once (progress bar), then show the reconstruction.
     page.locator("#photo-upload input[type=file]").set_input_files(str(photo))
-    page.wait_for_function("document.querySelector('#status textarea').value.startsWith('Ready')",
-                           timeout=180_000)
-    assert "3D inversion" in _status(page) and "photo" in _status(page)
+    page.wait_for_function("prev => { const e = document.querySelector('#status textarea'); const s = e ? e.value : ''; "
+                           "return s.startsWith('Ready') || (s.startsWith('Error') && s !== prev); }",
+                           arg=_status(page), timeout=180_000)
+    assert _status(page).startswith("Ready: 3D inversion") and "photo" in _status(page), _status(page)
     assert page.locator("#aligned-image img").count() == 1
     before = _stable_src(page)
     assert before and "/file=" in before
@@ -405,13 +419,18 @@ def test_browser_upload_embed_and_live_slider(browser_page, tmp_path):
     assert np.abs(old_img.astype(int) - new_img).mean() > 1, "the yaw slider did not change the image"
     assert page.locator("#control-0 input[type=number]").input_value() == "30"
 
-    # Download the current view.
-    page.locator("#download-image").click()
-    link = page.locator("#image-file a[href*='/file=']").first
-    link.wait_for(timeout=20_000)
-    png = page.request.get(link.get_attribute("href")).body()
+    # Downloads: the current view, the orbit video, the mesh.
+    def download(name: str) -> bytes:
+        page.locator(f"#download-{name}").click()
+        link = page.locator(f"#{name}-file a[href*='/file=']").first
+        link.wait_for(timeout=30_000)
+        return page.request.get(link.get_attribute("href")).body()
+
+    png = download("image")
     assert png.startswith(b"\x89PNG") and np.array_equal(
         np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), new_img)
+    assert download("video")[4:8] == b"ftyp"  # an MP4
+    assert download("mesh").startswith(b"ply\n")
 
     assert external == [], f"the page tried to reach the network: {external}"
     if write_docs:

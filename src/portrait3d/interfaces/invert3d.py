@@ -35,15 +35,12 @@ from torch import nn
 
 from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
-from portrait3d.methods.inversion3d.pipeline import (NOVEL_YAWS, face_landmarks68, fmt_deg, invert_photo,  # noqa: F401
-                                                     load_generator, orbit_cameras_at, render_views, to_tensor,
-                                                     view_camera)
+from portrait3d.methods.inversion3d.pipeline import (fmt_deg, invert_photo, load_generator, orbit_cameras_at,
+                                                     render_views, view_camera)
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 from portrait3d.utils.io import jsonable, write_json, write_npy
 
 __all__ = ["OUTPUTS", "PTI_GENERATOR", "run_invert3d", "run_render", "render_filename"]
-
-_orbit = orbit_cameras_at  # TEMPORARY alias while the web editor is being moved onto the pipeline
 
 PTI_GENERATOR = "generator.safetensors"
 OUTPUTS = ("input_aligned.png", "reconstruction.png", "view_yaw-30.png", "view_yaw+30.png", "depth.png",

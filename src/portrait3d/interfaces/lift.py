@@ -41,6 +41,9 @@ import torch
 
 from portrait3d.face.io import save_image
 from portrait3d.errors import UsageError
+from portrait3d.methods.lifting.pipeline import (TRUNCATION, builtin_lifted_path, check_generator,  # noqa: F401
+                                              lifted_generator_ref, load_latent_file, render_views,
+                                              resolve_lifted, view_light_record)
 
 __all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "render_views",
            "run_lift", "validate_yaws"]
@@ -50,57 +53,6 @@ DEFAULT_YAWS: tuple[float, ...] = (-60.0, -30.0, 0.0, 30.0, 60.0)
 RELIGHT_DIRECTIONS: tuple[tuple[float, float], ...] = ((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))
 LIFT_OUTPUTS = ("image.png", "rotated.png", "relit.png", "depth.png", "normal.png", "albedo.png", "shading.png",
                 "mesh.obj", "latent.npy", "result.json")
-TRUNCATION = 0.7
-
-
-def builtin_lifted_path(network: str) -> Path | None:
-    """Where a built-in network's shipped lifting model would live (None for other networks)."""
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
-
-    if network not in BUILTIN_NETWORKS:
-        return None
-    return (Path(__file__).resolve().parent.parent / BUILTIN_NETWORKS[network]).parent / "lifted.safetensors"
-
-
-def _train_hint(network: str) -> str:
-    return (f"train one with `portrait3d train lift --network {network} --out RUN` "
-            f"and pass --lifted RUN/lifted.safetensors")
-
-
-def resolve_lifted(network: str, lifted_path: Path | None) -> Path:
-    """The lifting model to use: ``lifted_path``, else the built-in one of ``network``."""
-    if lifted_path is not None:
-        p = Path(lifted_path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such lifted model; {_train_hint(network)}")
-        return p
-    p = builtin_lifted_path(network)
-    if p is None or not p.is_file():
-        raise FileNotFoundError(f"no lifted model for network {network!r}: {_train_hint(network)}")
-    return p
-
-
-def _lifted_generator_ref(path: Path) -> str | None:
-    """The 2D generator reference in a lifting file's metadata (None if absent or unreadable:
-    :meth:`LiftedGenerator.load` reports unreadable files)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("generator") or None
-    except (SafetensorError, OSError, ValueError):
-        return None
-
-
-def _check_generator(lifted: Path, ref: str | None, network: str) -> bool:
-    """Refuse a lifting model trained on another 2D generator; True when the match is verified."""
-    from portrait3d.methods.lifting.train import generator_matches
-
-    same = generator_matches(ref, network)
-    if same is False:
-        raise UsageError(f"{lifted.name} was trained on the 2D generator {ref!r}, not {network!r}: "
-                         f"pass --network {ref}")
-    return same is True
 
 
 def parse_light(text: str | None) -> tuple[float, float] | None:
@@ -130,51 +82,6 @@ def validate_yaws(yaws: Sequence[float] | None) -> tuple[float, ...]:
     return out
 
 
-@torch.no_grad()
-def render_views(model: Any, lifted: Any, yaws: Sequence[float],
-                 light_dirs: Sequence[tuple[float, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frontal, rotated and relit renders of lifted faces (``lifted = model(w)``, ``N`` faces).
-
-    The views are the canonical pose turned by each yaw with the training perturbation's
-    translation (:func:`~portrait3d.methods.lifting.train.yaw_view`); relit views are frontal with
-    the light direction replaced by each ``(dx, dy)`` (ambient and diffuse strengths kept).
-
-    Returns:
-        ``frontal [N, 3, S, S]``, ``rotated [N, len(yaws), 3, S, S]``, ``relit [N, len(light_dirs), 3, S, S]``,
-        all in ``[-1, 1]``.
-    """
-    from portrait3d.methods.lifting.losses import LiftLossConfig
-    from portrait3d.methods.lifting.train import relight, yaw_view
-
-    n, dev, tx = lifted.view.shape[0], lifted.view.device, LiftLossConfig().perturb_tx_per_sin_yaw
-    frontal_view = yaw_view(0.0, n, tx, dev)
-    frontal = model.render_view(lifted, view=frontal_view).image
-    rotated = torch.stack([model.render_view(lifted, view=yaw_view(y, n, tx, dev)).image for y in yaws], 1)
-    relit = torch.stack([model.render_view(lifted, view=frontal_view, light=relight(lifted.light, dx, dy)).image
-                         for dx, dy in light_dirs], 1)
-    return frontal, rotated, relit
-
-
-def _load_latent_file(path: Path, w_dim: int, num_ws: int) -> torch.Tensor:
-    """A ``.npy`` latent -> ``[1, w_dim]`` (W) or ``[1, num_ws, w_dim]`` (W+)."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable .npy latent ({str(e).splitlines()[0][:80]})") from None
-    if arr.dtype.kind not in "fiu":
-        raise UsageError(f"{path}: latent must be numeric, not {arr.dtype}")
-    shape = tuple(arr.shape)
-    if shape[:1] == (1,) and len(shape) in (2, 3):
-        arr, shape = arr[0], shape[1:]
-    if shape not in ((w_dim,), (num_ws, w_dim)):
-        raise UsageError(f"{path}: latent of shape {tuple(np.shape(arr))} does not fit the generator: "
-                         f"expected [{w_dim}] (W) or [{num_ws}, {w_dim}] (W+)")
-    t = torch.as_tensor(np.asarray(arr, dtype=np.float32))[None]
-    if not torch.isfinite(t).all():
-        raise UsageError(f"{path}: latent contains NaN or infinite values")
-    return t
-
-
 def _classify_source(source: str) -> tuple[str, Any]:
     """``("seed", int)``, ``("latent", Path)`` or ``("photo", Path)``; checked before anything is loaded."""
     if source.lstrip("-").isdigit():
@@ -186,17 +93,6 @@ def _classify_source(source: str) -> tuple[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{source} is neither a seed (integer), a .npy latent nor an existing photo")
     return ("latent", path) if path.suffix.lower() == ".npy" else ("photo", path)
-
-
-def _degrees(view: torch.Tensor, light: torch.Tensor) -> dict[str, Any]:
-    v, li = view[0].tolist(), light[0].tolist()
-    return {
-        "view": {"pitch_deg": math.degrees(v[0]), "yaw_deg": math.degrees(v[1]), "roll_deg": math.degrees(v[2]),
-                 "tx": v[3], "ty": v[4], "tz": v[5]},
-        "light": {"ambient": li[0], "diffuse": li[1], "dx": li[2], "dy": li[3],
-                  # angle of the travel direction (dx, dy, 1) from the optical axis, per axis
-                  "horizontal_deg": math.degrees(math.atan(li[2])), "vertical_deg": math.degrees(math.atan(li[3]))},
-    }
 
 
 def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: Path | None = None,
@@ -240,7 +136,7 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     kind, value = _classify_source(source)
     names = LIFT_OUTPUTS + (("aligned.png", "projection.png") if kind == "photo" else ())
     check_outputs(out, names, force)
-    verified = _check_generator(lifted, _lifted_generator_ref(lifted), network)
+    verified = check_generator(lifted, lifted_generator_ref(lifted), network)
 
     t0 = time.perf_counter()
     G = load_network(network, device=device)
@@ -255,7 +151,7 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         latent = sample_w(G, 1, TRUNCATION, torch.Generator().manual_seed(value))
         record.update(seed=value, truncation=TRUNCATION)
     elif kind == "latent":
-        latent = _load_latent_file(value, model.cfg.w_dim, model.num_ws).to(device)
+        latent = load_latent_file(value, model.cfg.w_dim, model.num_ws).to(device)
         record["latent_file"] = str(value)
     else:
         t0 = time.perf_counter()
@@ -291,7 +187,7 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
     atomic_write(out / "mesh.obj", lambda tmp: save_obj(tmp, verts, faces, colors), overwrite=force)
     write_npy(out / "latent.npy", latent.detach().cpu().numpy(), overwrite=force)
     timings["total_s"] = time.perf_counter() - t_start
-    record.update(_degrees(lo.view.cpu(), lo.light.cpu()))
+    record.update(view_light_record(lo.view.cpu(), lo.light.cpu()))
     record.update(yaws_deg=list(yaws), relight_directions=[list(d) for d in dirs],
                   mesh={"vertices": int(verts.shape[0]), "faces": int(faces.shape[0])}, timings=timings)
     write_json(out / "result.json", record, overwrite=force)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.options import check_batch_files, run_batch_command, wants_batch, workers_option
+from portrait3d.errors import UsageError
+from portrait3d.utils.batch import BatchItem, ItemTask
 
 
 @main.group()
@@ -77,20 +81,61 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Change of shape component K (1-based) in standard deviations; repeatable.")
 @click.option("--face-index", type=click.IntRange(0), default=None, help="Face in a photo (0 = largest).")
 @_edit_options
+@workers_option
 @fail_cleanly
 def edit(source: str, method: str, yaw: float, pitch: float, roll: float, expr: tuple[str, ...],
          face_index: int | None, network: str, editor_path: Path | None, mode: str, steps: int, lambda_id: float,
-         detector: str, project_steps: int, out: Path, force: bool) -> None:
-    """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first)."""
+         detector: str, project_steps: int, out: Path, force: bool, workers: int) -> None:
+    """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first).
+
+    \b
+    SOURCE may be a folder or a glob of photos (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
+      portrait3d edit 'photos/*.jpg' --yaw 20 --out edits --workers 2
+    """
     from portrait3d.interfaces.nrsfm import run_edit
     from portrait3d.methods.nrsfm.edit import EditSpec, parse_expr
 
     spec = EditSpec(yaw=yaw, pitch=pitch, roll=roll, expr=parse_expr(expr))
     if spec.is_identity():
-        raise ValueError("nothing to edit: give --yaw, --pitch, --roll or --expr")
+        raise UsageError("nothing to edit: give --yaw, --pitch, --roll or --expr")
+    if wants_batch([source], seeds=True):
+        check_batch_files(network, nrsfm=editor_path)
+        task = EditTask(yaw=yaw, pitch=pitch, roll=roll, expr=tuple(expr), face_index=face_index, network=network,
+                        editor_path=editor_path, mode=mode, steps=steps, lambda_id=lambda_id, detector=detector,
+                        project_steps=project_steps)
+        run_batch_command([source], out, task, desc="editing", config={"command": "edit", **task.__dict__},
+                          workers=workers, force=force)
+        return
     rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
                    face_index)
     _echo_edit_summary(rec, out)
+
+
+@dataclass
+class EditTask(ItemTask):
+    """Batch ``edit``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""
+
+    yaw: float
+    pitch: float
+    roll: float
+    expr: tuple[str, ...]
+    face_index: int | None
+    network: str
+    editor_path: Path | None
+    mode: str
+    steps: int
+    lambda_id: float
+    detector: str
+    project_steps: int
+
+    def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
+        from portrait3d.interfaces.nrsfm import run_edit
+        from portrait3d.methods.nrsfm.edit import EditSpec, parse_expr
+
+        spec = EditSpec(yaw=self.yaw, pitch=self.pitch, roll=self.roll, expr=parse_expr(self.expr))
+        rec = run_edit(str(item.path), self.network, self.editor_path, spec, self.mode, self.steps, self.lambda_id,
+                       out_dir, False, self.detector, self.project_steps, self.face_index)
+        return {k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds") if k in rec}
 
 
 def _echo_edit_summary(rec: dict, out: Path) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
 from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.options import check_batch_files, run_batch_command, wants_batch, workers_option
+from portrait3d.utils.batch import BatchItem, ItemTask, WorkerInfo, pick_device
 
 
 @main.command()
@@ -35,19 +39,34 @@ from portrait3d.interfaces.cli.base import fail_cleanly, main
               help="Marching-cubes grid side of mesh.ply.")
 @click.option("--seed", type=int, default=None, help="Optimiser seed [default: the configuration's].")
 @click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every photo).")
+@workers_option
 @fail_cleanly
 def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | None, pti: bool,
              pti_steps: int | None, encoder_path: Path | None, pose_path: Path | None, face_index: int | None,
-             align: str, orbit_frames: int, mesh_resolution: int, seed: int | None, device: str, force: bool) -> None:
+             align: str, orbit_frames: int, mesh_resolution: int, seed: int | None, device: str, force: bool,
+             workers: int) -> None:
     """Invert the face in PHOTO into a 3D (EG3D) generator, optimising latent and camera (Ko et al.).
 
     Writes input_aligned.png, reconstruction.png, view_yaw-30.png, view_yaw+30.png, depth.png, mesh.ply,
     orbit.mp4, latent.npy, result.json (and generator.safetensors with --pti) to OUT; `portrait3d render OUT`
     re-renders them from other angles.
+
+    \b
+    PHOTO may be a folder or a glob (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
+      portrait3d invert3d 'photos/*.jpg' --out results --workers 2
+      torchrun --nproc_per_node 4 -m portrait3d.interfaces.cli invert3d 'photos/*.jpg' --out results --device cuda
     """
     from portrait3d.interfaces.invert3d import run_invert3d
 
+    if wants_batch([photo]):
+        check_batch_files(network, encoder=encoder_path, pose=pose_path)
+        kwargs = dict(network=network, algorithm=int(algorithm), steps=steps, pti=pti, pti_steps=pti_steps,
+                      encoder_path=encoder_path, pose_path=pose_path, face_index=face_index, align=align,
+                      orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed)
+        run_batch_command([photo], out, Invert3DTask(kwargs, device), desc="inverting",
+                          config={"command": "invert3d", **kwargs}, workers=workers, force=force)
+        return
     rec = run_invert3d(photo, out, network=network, algorithm=int(algorithm), steps=steps, pti=pti,
                        pti_steps=pti_steps, encoder_path=encoder_path, pose_path=pose_path, face_index=face_index,
                        align=align, force=force, orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed,
@@ -80,3 +99,23 @@ def render(folder: Path, yaws: tuple[float, ...], pitch: float | None, orbit: bo
 
     for p in run_render(folder, yaws, pitch, orbit, force, orbit_frames=orbit_frames, device=device):
         click.echo(f"wrote {p}")
+
+
+@dataclass
+class Invert3DTask(ItemTask):
+    """Batch ``invert3d``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""
+
+    kwargs: dict[str, Any]  # run_invert3d's options, the same for every photo
+    device: str
+    _device: str = field(default="cpu", init=False, repr=False)
+
+    def setup(self, worker: WorkerInfo) -> None:
+        self._device = pick_device(self.device, worker)  # 'cuda' -> this rank's / worker's GPU
+
+    def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
+        from portrait3d.interfaces.invert3d import run_invert3d
+
+        rec = run_invert3d(item.path, out_dir, force=False, device=self._device, **self.kwargs)
+        cam = rec.get("camera") or {}
+        return {"psnr_db": rec.get("psnr_db"), "identity_cosine_dlib": rec.get("identity_cosine_dlib"),
+                **{k: cam.get(k) for k in ("yaw_deg", "pitch_deg", "roll_deg")}}

@@ -1,0 +1,622 @@
+"""Method adapters of the web editor: one class per editing method behind one small interface.
+
+The editor knows nothing about any method. It asks each :class:`MethodAdapter` in :data:`ADAPTERS`:
+
+* :meth:`~MethodAdapter.available` -- can it run here (models installed / given), and if not, why;
+* :meth:`~MethodAdapter.controls` -- the sliders it offers (:class:`Control`);
+* :meth:`~MethodAdapter.embed` -- the slow step, run once per photo or seed: a seed is sampled, a photo is
+  aligned and inverted; returns an :class:`Embedding` that caches everything rendering needs;
+* :meth:`~MethodAdapter.render` -- the fast step, run on every slider move: an image from the embedding and
+  the slider values;
+* optionally :meth:`~MethodAdapter.orbit_frames` (the orbit video) and :meth:`~MethodAdapter.write_mesh`
+  (a mesh file), announced by :attr:`~MethodAdapter.exports`.
+
+Adding a method (PIE, a W_tri encoder, ...) is one new subclass appended to :data:`ADAPTERS`.
+
+Adapters load their networks lazily, on first use, and keep them: starting the editor costs nothing, and a
+method whose model is missing only says so (``available()``) instead of failing the whole editor. Nothing
+here imports gradio: the adapters are plain Python, tested without a browser.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from portrait3d.errors import UsageError
+
+__all__ = ["ADAPTERS", "Availability", "Control", "Embedding", "Inversion3DAdapter", "LiftedGANAdapter",
+           "MethodAdapter", "MethodSettings", "NRSfMAdapter", "Progress", "Source", "build_registry"]
+
+Progress = Callable[[float, str], None]
+"""``progress(fraction in [0, 1], description)``: how far the slow embedding is."""
+
+Source = int | np.ndarray
+"""What is embedded: a seed (``int >= 0``) or a photo (``uint8 [H, W, 3]`` RGB, already validated)."""
+
+
+def _no_progress(fraction: float, desc: str) -> None:
+    """The default :data:`Progress`: report nothing."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """One slider of a method.
+
+    Attributes:
+        key: name the adapter reads the value under (``"yaw"``, ``"expr1"``, ...).
+        label: what the user reads; minimum / maximum / step: the slider's range;
+        value: its default (an :class:`Embedding` may start elsewhere, see ``Embedding.values``);
+        info: one line of help under the slider.
+    """
+
+    key: str
+    label: str
+    minimum: float
+    maximum: float
+    step: float = 1.0
+    value: float = 0.0
+    info: str = ""
+
+    def clamp(self, v: float) -> float:
+        """``v`` moved into ``[minimum, maximum]``."""
+        return float(min(max(float(v), self.minimum), self.maximum))
+
+    def snap(self, v: float) -> float:
+        """``v`` clamped and rounded to the slider's step (what the slider can show)."""
+        steps = round((self.clamp(v) - self.minimum) / self.step)
+        return self.clamp(round(self.minimum + steps * self.step, 6))
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a method can run here; ``reason`` says why not (one line, with what to do)."""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class Embedding:
+    """The cached result of :meth:`MethodAdapter.embed` (held per browser session).
+
+    Attributes:
+        method: the adapter's ``key``.
+        source: ``"seed 7"`` or ``"photo"``.
+        data: the adapter's own cache (latents, cameras, a tuned generator ...).
+        values: control values that reproduce the starting image (e.g. a photo's own head pose).
+        aligned: the aligned crop of a photo, as the generator saw it.
+        note: what the user should know about the embedding (faces found, fit quality), one line.
+    """
+
+    method: str
+    source: str
+    data: dict[str, Any]
+    values: dict[str, float] = field(default_factory=dict)
+    aligned: np.ndarray | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Models and speed settings of the adapters (``portrait3d web`` options).
+
+    Attributes:
+        network_3d: EG3D checkpoint or built-in name (3D inversion).
+        network_2d: StyleGAN2 checkpoint or built-in name (NRSfM, LiftedGAN).
+        nrsfm_path: NRSfM editor file (default: the one shipped with ``network_2d``, if any).
+        lifted_path: LiftedGAN model file (default: the one shipped with ``network_2d``, if any).
+        invert_steps: 3D inversion optimiser steps per photo (few: the editor is interactive).
+        pti: pivotal tuning after the 3D inversion; pti_steps: its steps (``None``: the configuration's).
+        project_steps: 2D projector steps per photo (NRSfM, LiftedGAN).
+        truncation: truncation psi for seeds.
+        orbit_frames, fps: the orbit video; mesh_resolution: marching-cubes grid side of the 3D mesh.
+        device: torch device.
+    """
+
+    network_3d: str = "default-3d"
+    network_2d: str = "default-2d"
+    nrsfm_path: Path | None = None
+    lifted_path: Path | None = None
+    invert_steps: int = 40
+    pti: bool = False
+    pti_steps: int | None = None
+    project_steps: int = 100
+    truncation: float = 0.7
+    orbit_frames: int = 48
+    fps: int = 24
+    mesh_resolution: int = 96
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for settings no method can use."""
+        if self.invert_steps < 0 or self.project_steps < 1:
+            raise UsageError("inversion steps must be >= 0 and projector steps >= 1")
+        if self.orbit_frames < 2 or self.fps < 1 or self.mesh_resolution < 16:
+            raise UsageError("orbit frames must be >= 2, fps >= 1 and the mesh resolution >= 16")
+        if not 0 <= self.truncation <= 1:
+            raise UsageError(f"truncation must lie in [0, 1], got {self.truncation:g}")
+
+
+# ----------------------------------------------------------------------------- shared steps
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise UsageError(f"the seed must be an integer in [0, 2^32), got {seed!r}")
+    return int(seed)
+
+
+def _check_photo(photo: np.ndarray) -> np.ndarray:
+    if not (isinstance(photo, np.ndarray) and photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3):
+        raise UsageError("a photo must be an RGB uint8 array [H, W, 3]")
+    return photo
+
+
+def _align(photo: np.ndarray, style: str, size: int) -> tuple[Any, str]:
+    """``(FaceResult, note)``: the largest face of ``photo`` aligned as ``style`` at ``size`` px.
+
+    Raises:
+        FaceError: no face (one line).
+    """
+    from portrait3d.face.pipeline import FacePipeline
+
+    with FacePipeline(style=style, output_size=size) as pipe:
+        face = pipe(photo)  # the largest face when there are several
+    note = f"{face.num_faces} faces found: the largest was used. " if face.num_faces > 1 else ""
+    return face, note
+
+
+def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int,
+                   progress: Progress) -> tuple[torch.Tensor, np.ndarray, str]:
+    """A photo -> ``(latent of a 2D StyleGAN2's space, aligned crop, note)`` through the projector, with the
+    ``default`` crop (the one portrait3d's built-in generators are trained on), as ``portrait3d edit`` does.
+
+    The latent is ``[1, w_dim]`` for ``"w"``, flat ``[1, num_ws * w_dim]`` for ``"w+"`` (the NRSfM layout).
+    """
+    from portrait3d.methods.inversion3d.pipeline import face_landmarks68, to_tensor
+    from portrait3d.methods.projector import ProjectorConfig, project
+
+    if space == "z":
+        raise UsageError("photos can be edited only with a W or W+ model (Z has no projector)")
+    progress(0.0, "finding the face")
+    face, note = _align(photo, "default", int(G.img_resolution))
+    aligned = face.aligned.image
+    dev = next(G.parameters()).device
+
+    def step(i: int, *_: Any) -> None:
+        progress((i + 1) / steps, f"projecting into the 2D generator: step {i + 1}/{steps}")
+
+    res = project(G, to_tensor(aligned, dev), ProjectorConfig(space=space, steps=steps),
+                  landmarks=face_landmarks68(face), progress=False, callback=step)
+    latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
+    return latent.detach(), aligned, note
+
+
+# ----------------------------------------------------------------------------- the interface
+class MethodAdapter(ABC):
+    """One editing method as the web editor drives it (see the module docstring).
+
+    Subclasses set :attr:`key` (stable id), :attr:`title` (menu entry), :attr:`summary` (one line) and
+    :attr:`exports` (``"video"`` and / or ``"mesh"`` besides the always available image).
+    """
+
+    key: ClassVar[str]
+    title: ClassVar[str]
+    summary: ClassVar[str]
+    exports: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, settings: MethodSettings) -> None:
+        self.settings = settings
+        self._load_lock = threading.Lock()  # two sessions must not load the same network twice
+
+    @abstractmethod
+    def available(self) -> Availability:
+        """Whether the method can run; cheap after the first call (no network is built twice)."""
+
+    @abstractmethod
+    def controls(self) -> tuple[Control, ...]:
+        """The sliders, in display order."""
+
+    @abstractmethod
+    def embed(self, source: Source, progress: Progress = _no_progress) -> Embedding:
+        """The slow step: sample a seed or invert a photo.
+
+        Raises:
+            UsageError (FaceError, CheckpointError ...): the method is unavailable, no face, a bad seed.
+        """
+
+    @abstractmethod
+    def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
+        """The fast step: ``uint8 [H, W, 3]`` for slider ``values`` (missing keys: the embedding's own)."""
+
+    def orbit_frames(self, state: Embedding) -> np.ndarray:
+        """``uint8 [T, H, W, 3]`` frames of a turning head (when ``"video" in exports``)."""
+        raise UsageError(f"{self.title} makes no video")
+
+    def write_mesh(self, state: Embedding, folder: Path) -> Path:
+        """Write the head's mesh into ``folder`` and return its path (when ``"mesh" in exports``)."""
+        raise UsageError(f"{self.title} makes no mesh")
+
+    # helpers for subclasses
+    def values(self, state: Embedding, values: Mapping[str, float]) -> dict[str, float]:
+        """Every control's value: ``values``, else the embedding's, else the default; clamped to its range."""
+        out = {}
+        for c in self.controls():
+            v = values.get(c.key, state.values.get(c.key, c.value))
+            out[c.key] = c.clamp(v if v is not None and np.isfinite(v) else c.value)
+        return out
+
+    def _check_state(self, state: Embedding) -> None:
+        if state.method != self.key:
+            raise UsageError(f"this embedding was made by {state.method}, not {self.key}: embed the photo again")
+
+
+# ----------------------------------------------------------------------------- 3D inversion (Ko et al.)
+class Inversion3DAdapter(MethodAdapter):
+    """EG3D: a seed's latent, or a photo inverted with pose optimisation (Ko et al., Algorithm 1), seen from
+    any head yaw / pitch. Renders are :mod:`portrait3d.methods.inversion3d.pipeline`'s deterministic views,
+    as ``portrait3d invert3d`` writes them."""
+
+    key = "inversion3d"
+    title = "3D inversion (Ko et al., EG3D)"
+    summary = "Invert the photo into a 3D generator, then turn the head: any yaw and pitch."
+    exports = frozenset({"video", "mesh"})
+    YAW_RANGE = 45.0
+    PITCH_RANGE = 30.0
+
+    def __init__(self, settings: MethodSettings) -> None:
+        super().__init__(settings)
+        self._G: nn.Module | None = None
+        # render_views caches the tri-planes on the generator between the views of one call: one call at a time
+        self._render_lock = threading.Lock()
+
+    def _generator(self) -> nn.Module:
+        from portrait3d.methods.inversion3d.pipeline import load_generator
+
+        with self._load_lock:
+            if self._G is None:
+                self._G, _ = load_generator(self.settings.network_3d, self.settings.device)
+            return self._G
+
+    def available(self) -> Availability:
+        from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+
+        net = self.settings.network_3d
+        if net in BUILTIN_NETWORKS:
+            import portrait3d
+
+            if not (Path(portrait3d.__file__).resolve().parent / BUILTIN_NETWORKS[net]).is_file():
+                return Availability(False, f"built-in network {net} is not installed; pass --network-3d PATH")
+        elif not Path(net).expanduser().is_file():
+            return Availability(False, f"{net}: no such EG3D checkpoint")
+        return Availability(True)
+
+    def controls(self) -> tuple[Control, ...]:
+        return (Control("yaw", "Yaw (degrees)", -self.YAW_RANGE, self.YAW_RANGE, 1.0, 0.0,
+                        "Head yaw: positive turns the head to its left."),
+                Control("pitch", "Pitch (degrees)", -self.PITCH_RANGE, self.PITCH_RANGE, 1.0, 0.0,
+                        "Head pitch: positive tilts the head up."))
+
+    def embed(self, source: Source, progress: Progress = _no_progress) -> Embedding:
+        from portrait3d.networks.eg3d.camera import camera_from_angles
+
+        if not (av := self.available()).ok:
+            raise UsageError(av.reason)
+        G = self._generator()
+        dev = torch.device(self.settings.device)
+        rk = getattr(G, "rendering_kwargs", {}) or {}
+        radius = float(rk.get("avg_camera_radius", 2.7))
+        if not isinstance(source, np.ndarray):
+            seed = _check_seed(source)
+            z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(dev)
+            camera = camera_from_angles(0.0, 0.0, radius=radius)[None].to(dev)
+            with torch.no_grad():  # conditioned on the frontal camera, as portrait3d demo samples
+                ws = G.mapping(z, camera, truncation_psi=self.settings.truncation)
+            return Embedding(self.key, f"seed {seed}", {"G": G, "ws": ws, "camera": camera},
+                             values={"yaw": 0.0, "pitch": 0.0})
+        return self._invert(G, _check_photo(source), progress)
+
+    def _invert(self, G: nn.Module, photo: np.ndarray, progress: Progress) -> Embedding:
+        from portrait3d.methods.inversion3d.optimize import invert
+        from portrait3d.methods.inversion3d.pipeline import (
+            face_landmarks68,
+            initialise,
+            make_inversion_config,
+            render_views,
+            resolve_align,
+            to_tensor,
+        )
+        from portrait3d.metrics.psnr import psnr
+        from portrait3d.networks.eg3d.camera import pose_angles_from_camera
+
+        s = self.settings
+        dev = torch.device(s.device)
+        progress(0.0, "finding the face")
+        face, note = _align(photo, resolve_align("auto", s.network_3d), int(G.img_resolution))
+        aligned = face.aligned.image
+        target = to_tensor(aligned, dev)
+        cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None)
+        init_ws, init_camera, _ = initialise(G, target, face.camera, None, None)
+        steps = max(cfg.steps, 1)
+
+        def step(i: int, *_: Any) -> None:
+            progress((i + 1) / steps, f"inverting into the 3D generator: step {i + 1}/{cfg.steps}")
+
+        progress(0.0, "inverting into the 3D generator")
+        res = invert(G, target, init_ws, init_camera, cfg, landmarks=face_landmarks68(face), progress=False,
+                     callback=step)
+        G_out = res.G.eval().requires_grad_(False)  # the PTI-tuned copy, or G itself
+        ws, camera = res.ws.detach().to(dev), res.camera.detach().reshape(1, 25).to(dev)
+        yaw, pitch, _, _ = pose_angles_from_camera(camera[0].cpu())
+        with self._render_lock:
+            recon = render_views(G_out, ws, camera)[0][0]
+        yaw_c, pitch_c = self.controls()
+        return Embedding(self.key, "photo", {"G": G_out, "ws": ws, "camera": camera},
+                         values={"yaw": yaw_c.clamp(float(yaw)), "pitch": pitch_c.clamp(float(pitch))},
+                         aligned=aligned,
+                         note=f"{note}{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
+                              f"reconstruction PSNR {psnr(recon, aligned):.1f} dB.")
+
+    def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
+        from portrait3d.methods.inversion3d.pipeline import render_views, view_camera
+
+        self._check_state(state)
+        v = self.values(state, values)
+        d = state.data
+        cam = view_camera(d["camera"], v["yaw"], v["pitch"]).to(d["ws"].device)
+        with self._render_lock:
+            return render_views(d["G"], d["ws"], cam)[0][0]
+
+    def orbit_frames(self, state: Embedding) -> np.ndarray:
+        # EG3D's orbit at the embedding's camera distance and intrinsics, exactly as invert3d's orbit.mp4
+        from portrait3d.methods.inversion3d.pipeline import orbit_cameras_at, render_views
+
+        self._check_state(state)
+        d = state.data
+        with self._render_lock:
+            return render_views(d["G"], d["ws"], orbit_cameras_at(d["camera"], self.settings.orbit_frames))[0]
+
+    def write_mesh(self, state: Embedding, folder: Path) -> Path:
+        from portrait3d.utils.mesh import extract_mesh, write_ply
+
+        self._check_state(state)
+        d = state.data
+        with self._render_lock:
+            mesh = extract_mesh(d["G"], d["ws"], resolution=self.settings.mesh_resolution)
+        return write_ply(mesh, Path(folder) / "mesh.ply")
+
+
+# ----------------------------------------------------------------------------- NRSfM edits on 2D
+class NRSfMAdapter(MethodAdapter):
+    """A 2D StyleGAN2 latent edited through an NRSfM editor's regressor (eq. 14, the linear edit: fast enough
+    to follow a slider): head yaw / pitch changes and shape (expression) components."""
+
+    key = "nrsfm"
+    title = "NRSfM edits on 2D (StyleGAN2)"
+    summary = "Edit head pose and expression of a 2D generator's face through a rank-one NRSfM model."
+    MAX_COMPONENTS = 4  # sliders for the first components only: the rest change little
+
+    def __init__(self, settings: MethodSettings) -> None:
+        super().__init__(settings)
+        self._loaded: tuple[nn.Module, Any] | None = None
+        self._error: str | None = None
+
+    def _models(self) -> tuple[nn.Module, Any]:
+        """``(G, editor)``, loaded once; a load failure is remembered (and raised as UsageError)."""
+        from portrait3d.checkpoints import load_network
+        from portrait3d.methods.nrsfm.pipeline import resolve_editor
+
+        with self._load_lock:
+            if self._loaded is None and self._error is None:
+                try:
+                    editor = resolve_editor(self.settings.network_2d, self.settings.nrsfm_path)
+                    G = load_network(self.settings.network_2d, device=self.settings.device)
+                    if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0:
+                        raise UsageError(f"{self.settings.network_2d}: NRSfM edits need an unconditional 2D "
+                                         "StyleGAN2 generator")
+                    self._loaded = (G.eval().requires_grad_(False), editor)
+                except (OSError, UsageError) as e:  # CheckpointError / FileNotFoundError: one-line messages
+                    self._error = str(e)
+            if self._error is not None:
+                raise UsageError(self._error)
+            assert self._loaded is not None
+            return self._loaded
+
+    def available(self) -> Availability:
+        try:
+            self._models()
+        except UsageError as e:
+            return Availability(False, str(e))
+        return Availability(True)
+
+    def controls(self) -> tuple[Control, ...]:
+        from portrait3d.methods.nrsfm.edit import ALPHA_LIMIT, ANGLE_LIMITS
+
+        if self._loaded is None:
+            self.available()  # the expression sliders depend on the editor: load it (or learn why not)
+        out = [Control("yaw", "Yaw change (degrees)", -ANGLE_LIMITS["yaw"], ANGLE_LIMITS["yaw"], 1.0, 0.0,
+                       "Head yaw relative to the face's own."),
+               Control("pitch", "Pitch change (degrees)", -ANGLE_LIMITS["pitch"], ANGLE_LIMITS["pitch"], 1.0, 0.0,
+                       "Head pitch relative to the face's own.")]
+        if self._loaded is not None:
+            k_max = min(int(self._loaded[1].model.num_basis), self.MAX_COMPONENTS)
+            out += [Control(f"expr{k}", f"Expression component {k} (std. dev.)", -ALPHA_LIMIT, ALPHA_LIMIT, 0.1,
+                            0.0, f"Shape coefficient α_{k} of the NRSfM model, in standard deviations.")
+                    for k in range(1, k_max + 1)]
+        return tuple(out)
+
+    def embed(self, source: Source, progress: Progress = _no_progress) -> Embedding:
+        from portrait3d.methods.nrsfm.data import sample_latents
+
+        G, editor = self._models()
+        if not isinstance(source, np.ndarray):
+            seed = _check_seed(source)
+            latent = sample_latents(G, 1, editor.space, seed=seed).reshape(1, -1)
+            return Embedding(self.key, f"seed {seed}", {"latent": latent})
+        latent, aligned, note = _project_photo(G, _check_photo(source), editor.space, self.settings.project_steps,
+                                               progress)
+        return Embedding(self.key, "photo", {"latent": latent}, aligned=aligned,
+                         note=f"{note}{self.settings.project_steps} projector steps.")
+
+    def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
+        from portrait3d.methods.nrsfm.data import synthesize
+        from portrait3d.methods.nrsfm.edit import EditSpec
+        from portrait3d.utils.visualize import to_uint8
+
+        self._check_state(state)
+        G, editor = self._models()
+        v = self.values(state, values)
+        spec = EditSpec(yaw=v["yaw"], pitch=v["pitch"],
+                        expr={int(k[4:]): x for k, x in v.items() if k.startswith("expr") and x})
+        latent = state.data["latent"]
+        if not spec.is_identity():
+            spec.validate(int(editor.model.num_basis))
+            latent, _ = editor.edit(G, latent, editor.target(latent, spec), "linear")  # needs autograd (J = dφ/dw)
+        with torch.no_grad():
+            return to_uint8(synthesize(G, latent.detach(), editor.space))[0]
+
+
+# ----------------------------------------------------------------------------- LiftedGAN
+class LiftedGANAdapter(MethodAdapter):
+    """LiftedGAN (Shi et al.): a 2D StyleGAN2 face lifted to depth + albedo + light, rendered from another view
+    and under another light direction (:mod:`portrait3d.interfaces.lift`'s renders)."""
+
+    key = "lifted"
+    title = "LiftedGAN (2D generator lifted to 3D)"
+    summary = "Rotate and relight a 2D generator's face through a learned depth, albedo and light."
+    exports = frozenset({"video", "mesh"})
+    YAW_RANGE = 60.0
+    PITCH_RANGE = 30.0
+    ORBIT_YAW = 45.0
+
+    def __init__(self, settings: MethodSettings) -> None:
+        super().__init__(settings)
+        self._loaded: tuple[nn.Module, nn.Module] | None = None
+        self._error: str | None = None
+
+    def _models(self) -> tuple[nn.Module, nn.Module]:
+        """``(G, lifted model)``, loaded once; a load failure is remembered (and raised as UsageError)."""
+        from portrait3d.checkpoints import load_network
+        from portrait3d.methods.lifting.pipeline import check_generator, lifted_generator_ref, resolve_lifted
+        from portrait3d.methods.lifting.networks import LiftedGenerator
+
+        s = self.settings
+        with self._load_lock:
+            if self._loaded is None and self._error is None:
+                try:
+                    path = resolve_lifted(s.network_2d, s.lifted_path)
+                    check_generator(path, lifted_generator_ref(path), s.network_2d)
+                    G = load_network(s.network_2d, device=s.device)
+                    if not hasattr(G, "mapping") or getattr(G, "c_dim", 0) != 0:
+                        raise UsageError(f"{s.network_2d}: LiftedGAN lifts an unconditional 2D StyleGAN2 generator")
+                    self._loaded = (G, LiftedGenerator.load(path, g2d=G, device=s.device))
+                except (OSError, UsageError) as e:
+                    self._error = str(e)
+            if self._error is not None:
+                raise UsageError(self._error)
+            assert self._loaded is not None
+            return self._loaded
+
+    def available(self) -> Availability:
+        try:
+            self._models()
+        except UsageError as e:
+            return Availability(False, str(e))
+        return Availability(True)
+
+    def controls(self) -> tuple[Control, ...]:
+        return (Control("yaw", "Yaw (degrees)", -self.YAW_RANGE, self.YAW_RANGE, 1.0, 0.0,
+                        "From the frontal view; positive moves the nose towards the image's left."),
+                Control("pitch", "Pitch (degrees)", -self.PITCH_RANGE, self.PITCH_RANGE, 1.0, 0.0,
+                        "From the frontal view."),
+                Control("light_x", "Light direction x", -1.0, 1.0, 0.05, 0.0, "Positive lights from the image's left."),
+                Control("light_y", "Light direction y", -1.0, 1.0, 0.05, 0.0, "Positive lights from the top."))
+
+    def embed(self, source: Source, progress: Progress = _no_progress) -> Embedding:
+        from portrait3d.methods.lifting.pipeline import TRUNCATION
+        from portrait3d.methods.lifting.losses import sample_w
+
+        G, model = self._models()
+        aligned, note, name = None, "", "photo"
+        if not isinstance(source, np.ndarray):
+            seed = _check_seed(source)
+            with torch.no_grad():  # as portrait3d lift: the training distribution's truncation
+                latent = sample_w(G, 1, TRUNCATION, torch.Generator().manual_seed(seed))
+            name = f"seed {seed}"
+        else:
+            latent, aligned, note = _project_photo(G, _check_photo(source), "w", self.settings.project_steps,
+                                                   progress)
+            note += f"{self.settings.project_steps} projector steps."
+        with torch.no_grad():
+            lifted = model(latent)
+        dx, dy = (float(x) for x in lifted.light[0, 2:4])
+        return Embedding(self.key, name, {"latent": latent, "lifted": lifted},
+                         values={"yaw": 0.0, "pitch": 0.0, "light_x": dx, "light_y": dy}, aligned=aligned, note=note)
+
+    @torch.no_grad()
+    def _views(self, state: Embedding, yaws: list[float], pitch: float, light: tuple[float, float]) -> np.ndarray:
+        from portrait3d.methods.lifting.losses import LiftLossConfig
+        from portrait3d.methods.lifting.train import relight, yaw_view
+        from portrait3d.utils.visualize import to_uint8
+
+        _, model = self._models()
+        lo = state.data["lifted"]
+        dev = lo.view.device
+        lit = relight(lo.light, *light)
+        frames = []
+        for yaw in yaws:
+            view = yaw_view(yaw, 1, LiftLossConfig().perturb_tx_per_sin_yaw, dev)  # as portrait3d lift's views
+            view[:, 0] = torch.deg2rad(torch.tensor(pitch, dtype=view.dtype))
+            frames.append(to_uint8(model.render_view(lo, view=view, light=lit).image.clamp(-1, 1))[0])
+        return np.stack(frames)
+
+    def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
+        self._check_state(state)
+        v = self.values(state, values)
+        return self._views(state, [v["yaw"]], v["pitch"], (v["light_x"], v["light_y"]))[0]
+
+    def orbit_frames(self, state: Embedding) -> np.ndarray:
+        self._check_state(state)
+        n = self.settings.orbit_frames
+        yaws = [self.ORBIT_YAW * float(np.sin(2 * np.pi * i / n)) for i in range(n)]  # a closed loop
+        v = state.values
+        return self._views(state, yaws, 0.0, (v["light_x"], v["light_y"]))
+
+    def write_mesh(self, state: Embedding, folder: Path) -> Path:
+        from portrait3d.checkpoints.native import atomic_write
+        from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
+
+        self._check_state(state)
+        _, model = self._models()
+        lo = state.data["lifted"]
+        verts, faces, colors = mesh_from_depth(lo.depth[0].cpu(), ((lo.albedo[0].cpu() + 1) / 2).clamp(0, 1),
+                                               model.resolved_renderer_cfg())
+        path = Path(folder) / "mesh.obj"
+        return atomic_write(path, lambda tmp: save_obj(tmp, verts, faces, colors))
+
+
+# ----------------------------------------------------------------------------- registry
+ADAPTERS: tuple[type[MethodAdapter], ...] = (Inversion3DAdapter, NRSfMAdapter, LiftedGANAdapter)
+"""Every method the editor offers, in menu order. A new method is one class appended here."""
+
+
+def build_registry(settings: MethodSettings, adapters: tuple[type[MethodAdapter], ...] = ADAPTERS
+                   ) -> dict[str, MethodAdapter]:
+    """``{key: adapter}`` for ``settings``, in menu order.
+
+    Raises:
+        ValueError: two adapters share a key (a programming error).
+    """
+    out: dict[str, MethodAdapter] = {}
+    for cls in adapters:
+        if cls.key in out:
+            raise ValueError(f"two method adapters use the key {cls.key!r}")
+        out[cls.key] = cls(settings)
+    return out
