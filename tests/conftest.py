@@ -39,11 +39,15 @@ def run_cli(*args):
 
 
 def assert_clean_failure(result, pattern: str | None = None) -> None:
-    """A usage failure: exit code 2, one ``error: ...`` line on stderr (containing ``pattern`` if given),
-    no traceback."""
+    """A usage failure: exit code 2, and stderr ends with the one ``error: ...`` line (containing ``pattern`` if
+    given) -- progress bars and notes may come before it -- and no traceback."""
+    import re
+
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
+    lines = [line for line in re.split(r"[\r\n]+", result.stderr) if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, result.stderr[-2000:]
+    err = lines[-1]
     assert "Traceback" not in result.output, err
     if pattern is not None:
         assert pattern in err, err

@@ -232,6 +232,6 @@ def test_identity_batch_compares_each_photo_with_photo_b(tmp_path):
     shutil.copy(b, root / "b.jpg")
     res = run_cli("identity", root, a, "--out", tmp_path / "out")
     assert res.exit_code == 0 and "2 done, 0 failed" in res.output, (res.output, res.exception)
-    assert f"{root / 'a.jpg'}: cosine similarity 1.0000" in res.output and "same person" in res.output
+    assert f"{root / 'a.jpg'}: same person: distance 0.0000" in res.output and "cosine similarity 1.0000" in res.output
     rec = json.loads((tmp_path / "out" / "b" / "identity.json").read_text())
     assert rec["photo_b"] == str(a.resolve()) and isinstance(rec["same_person"], bool)

@@ -190,10 +190,12 @@ def test_blank_image_has_no_face(tmp_path, network):
     assert not (tmp_path / "o").exists()
 
 
-def test_several_faces_need_face_index(tmp_path, network):
-    res = run_cli("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "o", "--network", network)
-    assert_clean_failure(res, "2 faces found")
-    assert "--face-index" in res.stderr
+def test_several_faces_use_the_largest_and_say_so(tmp_path, network):
+    res = run_cli("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "ok", "--network", network,
+                  "--steps", "1", *FAST)
+    assert res.exit_code == 0, res.output
+    assert "2 faces found" in res.stderr and "the largest was used" in res.stderr
+    assert any("2 faces found" in n for n in json.loads((tmp_path / "ok" / "result.json").read_text())["notes"])
     res = run_cli("invert3d", shared_path(TWO_FACES), "--out", tmp_path / "o", "--network", network,
                   "--face-index", "5")
     assert_clean_failure(res, "out of range")

@@ -190,13 +190,17 @@ def test_lift_photo_projects_then_lifts(trained, tmp_path):
     assert "projection_s" in rec["timings"]
 
 
-def test_lift_photo_with_two_faces_needs_an_index(trained, tmp_path):
+def test_lift_photo_with_two_faces_uses_the_largest_and_says_so(trained, tmp_path):
     from tests.conftest import shared_path
 
     photo = shared_path(TWO_FACES)
     _, net, lifted = trained
+    res = run_cli("lift", str(photo), "--network", str(net), "--lifted", str(lifted), "--project-steps", "1",
+                  "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert "2 faces found" in res.stderr and "--face-index" in res.stderr
     assert_clean_failure(run_cli("lift", str(photo), "--network", str(net), "--lifted", str(lifted),
-                                 "--out", str(tmp_path / "o")), "--face-index")
+                                 "--face-index", "4", "--out", str(tmp_path / "p")), "out of range")
 
 
 # ------------------------------------------------------------------ default-2d ships no lifted model at present

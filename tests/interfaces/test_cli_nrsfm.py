@@ -20,7 +20,7 @@ def built(tmp_path_factory):
     net = save_network(G, root / "g.safetensors")
     editor = root / "editor.safetensors"
     res = run_cli("nrsfm", "build", "--network", str(net), "--out", str(editor), "--samples", "80", "--basis", "2",
-                  "--detector", "template", "--epochs", "3", "--cache", str(root / "cache"))
+                  "--sample-detector", "template", "--epochs", "3", "--cache", str(root / "cache"))
     assert res.exit_code == 0, res.output
     return root, net, editor
 
@@ -48,8 +48,15 @@ def test_edit_seed(built, tmp_path, mode):
     rec = json.loads((out / "result.json").read_text())
     names = rec["parameter_names"]
     yaw = names.index("yaw")
-    assert rec["target"][yaw] == pytest.approx(rec["phi_before"][yaw] + 10, abs=1e-4)
+    assert rec["target"][yaw] == pytest.approx(10, abs=1e-4)  # --yaw is the head yaw to reach
+    assert rec["edit"]["angles"] == "absolute" and isinstance(rec["warnings"], list)
     assert rec["seed"] == 7 and rec["mode"] == mode
+    rel = tmp_path / f"{mode}-relative"
+    res = run_cli("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10", "--relative",
+                  "--mode", mode, "--steps", "3", "--out", str(rel))
+    assert res.exit_code == 0, res.output
+    rec = json.loads((rel / "result.json").read_text())
+    assert rec["target"][yaw] == pytest.approx(rec["phi_before"][yaw] + 10, abs=1e-4)
     # Never clobbers without --force.
     assert_clean_failure(run_cli("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10",
                                  "--out", str(out)), "already exists")
@@ -66,7 +73,8 @@ def test_transfer_seeds(built, tmp_path):
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--yaw", "90"], "out of range"),
+    (["--yaw", "61", "--relative"], "out of range"),
+    (["--yaw", "95"], "not in the range"),
     (["--expr", "7=1"], "does not exist"),
     (["--expr", "x"], "COMPONENT=VALUE"),
     ([], "nothing to edit"),
@@ -114,10 +122,12 @@ def test_edit_photo_without_face(built, tmp_path):
                                  "--out", str(tmp_path / "o")), "face")
 
 
-def test_edit_photo_with_several_faces_needs_an_index(built, tmp_path):
+def test_edit_photo_with_several_faces_uses_the_largest_and_says_so(built, tmp_path):
     from tests.conftest import shared_path
 
     photo = shared_path("data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg")
     _, net, editor = built
-    assert_clean_failure(run_cli("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5",
-                                 "--out", str(tmp_path / "o")), "--face-index")
+    res = run_cli("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--yaw", "5", "--mode", "linear",
+                  "--sample-detector", "template", "--project-steps", "1", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert "2 faces found" in res.stderr and "the largest was used" in res.stderr

@@ -271,7 +271,7 @@ def tiny_2d(tmp_path_factory):
     G = make_cli_stylegan2()
     net = save_network(G, root / "g.safetensors")
     res = run_cli("nrsfm", "build", "--network", net, "--out", root / "editor.safetensors", "--samples", "80",
-                  "--basis", "2", "--detector", "template", "--epochs", "3", "--cache", root / "cache")
+                  "--basis", "2", "--sample-detector", "template", "--epochs", "3", "--cache", root / "cache")
     assert res.exit_code == 0, res.output
     cfg = LiftConfig(w_dim=16, image_size=16, mlp_dim=16, mlp_layers=2, decoder_mlp_dim=16, decoder_channel_base=128,
                      decoder_channel_max=16, decoder_channel_min=8)

@@ -19,6 +19,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +99,15 @@ class FacePipeline(ReleasesOnExit):
 
 
 
+def several_faces_note(face: Any, face_index: int | None, name: str) -> list[str]:
+    """The one convention for photos with several faces: without ``face_index`` the largest is used, and the
+    caller reports this note (``[]`` when there is nothing to say)."""
+    n = int(getattr(face, "num_faces", 1))
+    if n > 1 and face_index is None:
+        return [f"{n} faces found in {name}: the largest was used (--face-index N chooses another, 0 = largest)"]
+    return []
+
+
 def compare_photos(photo_a: str | os.PathLike[str], photo_b: str | os.PathLike[str], backend: str = "port",
                    face_index_a: int | None = None, face_index_b: int | None = None,
                    detector: str = "mediapipe") -> dict[str, float | bool]:
@@ -106,18 +116,23 @@ def compare_photos(photo_a: str | os.PathLike[str], photo_b: str | os.PathLike[s
     Args:
         backend: ``'port'`` (portrait3d's PyTorch port, differentiable) or ``'dlib'`` (reference).
     Returns:
-        ``{'cosine', 'distance', 'threshold', 'same_person'}``.
+        ``{'distance', 'cosine', 'threshold', 'same_person', 'notes'}``; ``notes`` says when a photo had several
+        faces and the largest was used.
     """
     from portrait3d.face import identity as idm
 
     if backend not in ("port", "dlib"):
         raise UsageError(f"unknown identity backend {backend!r} (choose 'port' or 'dlib')")
-    descriptors = []
+    descriptors, notes = [], []
     with FaceDetector(detector) as det, LandmarkDetector("dlib") as lmk:
         for photo, index in ((photo_a, face_index_a), (photo_b, face_index_b)):
             image = load_image(Path(photo))
             try:
-                lm68 = lmk.landmarks68(image, select_face(det.detect(image), index))
+                dets = det.detect(image)
+                lm68 = lmk.landmarks68(image, select_face(dets, index))
+                if len(dets) > 1 and index is None:
+                    notes.append(f"{len(dets)} faces found in {Path(photo).name}: the largest was used "
+                                 "(--face-index-a/-b choose another, 0 = largest)")
             except ValueError as e:
                 raise type(e)(f"{photo}: {e}") from None
             if backend == "dlib":
@@ -129,8 +144,8 @@ def compare_photos(photo_a: str | os.PathLike[str], photo_b: str | os.PathLike[s
                     descriptors.append(encoder(x, lm68[None]).double().numpy()[0])
     a, b = descriptors
     distance = float(idm.descriptor_distance(a, b))
-    return {"cosine": float(idm.cosine_similarity(a, b)), "distance": distance,
-            "threshold": idm.SAME_PERSON_THRESHOLD, "same_person": distance < idm.SAME_PERSON_THRESHOLD}
+    return {"distance": distance, "cosine": float(idm.cosine_similarity(a, b)),
+            "threshold": idm.SAME_PERSON_THRESHOLD, "same_person": distance < idm.SAME_PERSON_THRESHOLD, "notes": notes}
 
 
 @functools.lru_cache(maxsize=1)

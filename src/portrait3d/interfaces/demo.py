@@ -27,10 +27,11 @@ from torch import nn
 from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
 from portrait3d.face.io import save_image
 from portrait3d.networks.eg3d.camera import camera_from_angles
+from portrait3d.utils.compute import auto_threads
 from portrait3d.utils.visualize import colour_depth, make_grid, to_uint8
 from portrait3d.errors import UsageError
 
-__all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "auto_threads", "run_demo"]
+__all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "run_demo"]
 
 YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
 LIFT_YAWS = (-45.0, -20.0, 0.0, 20.0, 45.0)
@@ -97,25 +98,6 @@ def _describe(net: nn.Module) -> str:
                  f"{cfg.rendering.depth_resolution}+{cfg.rendering.depth_resolution_importance} depth samples")
     return text
 
-
-
-def auto_threads() -> int:
-    """CPU threads for the demo: the cores not already kept busy by other processes.
-
-    With every core taken, PyTorch's OpenMP threads wait on each other at every operation: on a
-    2-core machine that is also training, 2 threads ran the demo 3x slower than 1 thread.
-    """
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
 
 
 def _lifted_grid(g2: nn.Module, network_2d: str, z: torch.Tensor, truncation: float,

@@ -103,26 +103,28 @@ def _save_edit(out: Path, rep: EditReport, grid: np.ndarray, extra: dict[str, An
 
 def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mode: str, steps: int, lambda_id: float,
              out: Path, force: bool, detector: str = "template", project_steps: int = 300,
-             face_index: int | None = None) -> dict[str, Any]:
+             face_index: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """``portrait3d edit``: see the module docstring for what lands in ``out``."""
     from portrait3d.checkpoints import load_network
 
     editor = resolve_editor(network, editor_path)
     spec.validate(editor.model.num_basis)
     check_outputs(out, EDIT_OUTPUTS + ("aligned.png", "projection.png"), force)
-    G = load_network(network).eval().requires_grad_(False)
+    G = load_network(network, device=device).eval().requires_grad_(False)
+    editor.phi.to(device)
     latent0, extra = source_latent(G, editor, source, project_steps, face_index, out, force)
     q_target = editor.target(latent0, spec)
     rep = edit_and_measure(G, editor, latent0, q_target, mode, steps, lambda_id, detector)
-    rep.check_pose((spec.yaw, spec.pitch, spec.roll))
-    extra = {"network": network, "space": editor.space, "edit": {"yaw": spec.yaw, "pitch": spec.pitch,
-                                                                  "roll": spec.roll, "expr": spec.expr}, **extra}
+    rep.check_pose(spec)
+    extra = {"network": network, "space": editor.space,
+             "edit": {"yaw": spec.yaw, "pitch": spec.pitch, "roll": spec.roll, "expr": spec.expr,
+                      "angles": "absolute" if spec.absolute else "change"}, **extra}
     return _save_edit(out, rep, rep.grid, extra, force)
 
 
 def run_transfer(source: str, target: str, network: str, editor_path: Path | None, part: str, mode: str, steps: int,
                  lambda_id: float, out: Path, force: bool, detector: str = "template",
-                 project_steps: int = 300) -> dict[str, Any]:
+                 project_steps: int = 300, device: str = "cpu") -> dict[str, Any]:
     """``portrait3d transfer SOURCE TARGET``: TARGET's face with SOURCE's pose and/or expression (Sec. 4.4)."""
     from portrait3d.checkpoints import load_network
     from portrait3d.methods.nrsfm.data import synthesize
@@ -130,7 +132,8 @@ def run_transfer(source: str, target: str, network: str, editor_path: Path | Non
 
     editor = resolve_editor(network, editor_path)
     check_outputs(out, EDIT_OUTPUTS + ("source.png",), force)
-    G = load_network(network).eval().requires_grad_(False)
+    G = load_network(network, device=device).eval().requires_grad_(False)
+    editor.phi.to(device)
     w_src, src_info = source_latent(G, editor, source, project_steps, None, out / "source_inversion", force)
     w_tgt, tgt_info = source_latent(G, editor, target, project_steps, None, out / "target_inversion", force)
     with torch.no_grad():

@@ -5,9 +5,8 @@ Each submodule registers its commands on :data:`main`; importing this package im
 
 from __future__ import annotations
 
+from portrait3d.interfaces.cli import dataset, demo, edit, inversion, lift, models, photos, train, web  # noqa: F401  (importing registers the commands)
 from portrait3d.interfaces.cli.base import fail_cleanly, main
-from portrait3d.interfaces.cli import (  # noqa: F401  (importing registers the commands)
-    dataset, demo, edit, inversion, lift, models, photos, train, web)
 
 __all__ = ["main", "fail_cleanly"]
 

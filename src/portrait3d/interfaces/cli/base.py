@@ -47,7 +47,32 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class Portrait3dGroup(click.Group):
+    """The root group: click's own usage errors (a bad option value, a missing argument) are printed as one
+    ``error: ...`` line with exit code 2, like every other mistake of the user's, instead of click's usage block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(0)
+
+
+@click.group(cls=Portrait3dGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="portrait3d")
 @click.option("--debug", is_flag=True, help="Show the traceback of every error, not only of bugs.")
 @click.pass_context

@@ -24,7 +24,8 @@ def dataset() -> None:
 @click.option("--limit", type=int, default=None, help="Only the first N photos (sorted by name).")
 @click.option("--holdout", type=int, default=0, show_default=True,
               help="Leave out every N-th photo (by sorted name) for evaluation; 0 keeps all.")
-@click.option("--detector", type=click.Choice(["mediapipe", "dlib-hog"]), default="mediapipe", show_default=True)
+@click.option("--detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog"]), default="mediapipe",
+              help="Face detector for the photos (mediapipe: BlazeFace with dlib's CNN as fallback).")
 @click.option("--only", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Only the photos named in this file, one per line (e.g. another build's holdout.txt).")
 @fail_cleanly

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.options import compute_options
+from portrait3d.utils.compute import setup_compute
 
 
 @main.command()
@@ -20,10 +22,8 @@ from portrait3d.interfaces.cli.base import fail_cleanly, main
 @click.option("--fps", type=click.IntRange(1, 120), default=24, help="Frame rate of orbit.mp4.")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, help="Truncation psi.")
-@click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="CPU threads [default: the cores not busy with other processes].")
 @click.option("--force", is_flag=True, help="Overwrite existing demo outputs in OUT.")
+@compute_options
 @fail_cleanly
 def demo(out: Path, network_2d: str, network_3d: str, samples: int, orbit_faces: int, orbit_frames: int, fps: int,
          seed: int, truncation: float, device: str, threads: int | None, force: bool) -> None:
@@ -32,6 +32,7 @@ def demo(out: Path, network_2d: str, network_3d: str, samples: int, orbit_faces:
     Writes samples_2d.png, samples_3d.png, views_3d.png, depth_3d.png, orbit.mp4 and README.txt to OUT, and
     lifted_2d.png (LiftedGAN rotations and relighting of the 2D faces) when the 2D model ships a lifted model.
     """
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.demo import run_demo
 
     run_demo(out, network_2d, network_3d, samples, seed, truncation, force, orbit_faces=orbit_faces,

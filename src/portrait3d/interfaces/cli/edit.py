@@ -9,10 +9,18 @@ from typing import Any, Callable
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, main
-from portrait3d.interfaces.cli.options import check_batch_files, run_batch_command, wants_batch, workers_option
 from portrait3d.errors import UsageError
+from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.options import (
+    check_batch_files,
+    compute_options,
+    echo_notes,
+    run_batch_command,
+    wants_batch,
+    workers_option,
+)
 from portrait3d.utils.batch import BatchItem, ItemTask
+from portrait3d.utils.compute import setup_compute
 
 
 @main.group()
@@ -29,8 +37,9 @@ def nrsfm() -> None:
 @click.option("--basis", type=click.IntRange(0, 64), default=8, help="Number of non-rigid basis shapes K.")
 @click.option("--landmarks", "backend", type=click.Choice(["dlib", "mediapipe"]), default="dlib",
               help="Landmark backend (68 iBUG points or the 468-point mesh).")
-@click.option("--detector", type=click.Choice(["template", "mediapipe", "dlib", "dlib-hog"]), default="mediapipe",
-              help="Face box: a detector, or 'template' (the aligned generator's fixed face box).")
+@click.option("--sample-detector", "detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog", "template"]),
+              default="mediapipe", help="Face box on the generated samples: a detector, or 'template' (the aligned "
+                                        "generator's fixed box; fastest, frontal samples only).")
 @click.option("--seed", type=int, default=0, help="Seed of the latent stream.")
 @click.option("--truncation", type=click.FloatRange(0, 1), default=1.0, help="Truncation psi of sampled latents.")
 @click.option("--factorize-samples", type=click.IntRange(50), default=4000, help="Faces used by the factorisation.")
@@ -38,14 +47,16 @@ def nrsfm() -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("~/.cache/portrait3d/nrsfm").expanduser(), help="Landmark cache folder.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@compute_options
 @fail_cleanly
 def nrsfm_build(network: str, out: Path, space: str, samples: int, basis: int, backend: str, detector: str, seed: int,
-                truncation: float, factorize_samples: int, epochs: int, cache_dir: Path, force: bool) -> None:
+                truncation: float, factorize_samples: int, epochs: int, cache_dir: Path, force: bool, device: str, threads: int | None) -> None:
     """Landmark N generated faces, factorise them (rank-one NRSfM) and train the regressor φ."""
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.nrsfm import run_build
 
     report = run_build(network, out, space, samples, basis, backend, detector, seed, truncation, factorize_samples,
-                       epochs, force, cache_dir)
+                       epochs, force, cache_dir, device=device)
     click.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     click.echo(f"wrote {out}")
 
@@ -59,8 +70,9 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Eq. 14 (Jacobian pseudo-inverse) or eq. 15 (gradient with identity term)."),
         click.option("--steps", type=click.IntRange(1, 10000), default=50, help="Gradient-edit steps."),
         click.option("--lambda-id", type=click.FloatRange(0), default=0.01, help="Identity weight λ_ID of eq. 15."),
-        click.option("--detector", type=click.Choice(["template", "mediapipe", "dlib", "dlib-hog"]),
-                     default="template", help="Face box on generated images."),
+        click.option("--sample-detector", "detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog", "template"]),
+                     default="mediapipe", help="Face box on the generated images (before and after the edit): a "
+                                               "detector, or 'template' (the aligned generator's fixed box)."),
         click.option("--project-steps", type=click.IntRange(1, 100000), default=300,
                      help="Projector steps when editing a photo."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
@@ -74,40 +86,49 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @click.argument("source", type=str)
 @click.option("--method", type=click.Choice(["nrsfm"]), default="nrsfm", help="Editing method.")
-@click.option("--yaw", type=float, default=0.0, help="Change of head yaw, degrees (+ = head turns to its left).")
-@click.option("--pitch", type=float, default=0.0, help="Change of head pitch, degrees (+ = chin up).")
-@click.option("--roll", type=float, default=0.0, help="Change of head roll, degrees.")
+@click.option("--yaw", type=click.FloatRange(-90, 90), default=None,
+              help="Head yaw to reach, degrees (+ = the head turns to its left) [default: unchanged].")
+@click.option("--pitch", type=click.FloatRange(-89, 89), default=None,
+              help="Head pitch to reach, degrees (+ = chin up) [default: unchanged].")
+@click.option("--roll", type=click.FloatRange(-90, 90), default=None,
+              help="Head roll to reach, degrees (+ = the face turns clockwise in the image) [default: unchanged].")
+@click.option("--relative", is_flag=True,
+              help="Read --yaw/--pitch/--roll as changes of the face's own angles (the paper's protocol; "
+                   "|change| <= 60 / 40 / 45 degrees).")
 @click.option("--expr", multiple=True, metavar="K=VALUE",
               help="Change of shape component K (1-based) in standard deviations; repeatable.")
 @click.option("--face-index", type=click.IntRange(0), default=None, help="Face in a photo (0 = largest).")
 @_edit_options
 @workers_option
+@compute_options
 @fail_cleanly
-def edit(source: str, method: str, yaw: float, pitch: float, roll: float, expr: tuple[str, ...],
+def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll: float | None, relative: bool,
+         expr: tuple[str, ...],
          face_index: int | None, network: str, editor_path: Path | None, mode: str, steps: int, lambda_id: float,
-         detector: str, project_steps: int, out: Path, force: bool, workers: int) -> None:
+         detector: str, project_steps: int, out: Path, force: bool, workers: int, device: str, threads: int | None) -> None:
     """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first).
 
     \b
     SOURCE may be a folder or a glob of photos (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
       portrait3d edit 'photos/*.jpg' --yaw 20 --out edits --workers 2
     """
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.nrsfm import run_edit
     from portrait3d.methods.nrsfm.edit import EditSpec, parse_expr
 
-    spec = EditSpec(yaw=yaw, pitch=pitch, roll=roll, expr=parse_expr(expr))
+    spec = EditSpec(yaw=yaw, pitch=pitch, roll=roll, expr=parse_expr(expr), absolute=not relative)
     if spec.is_identity():
         raise UsageError("nothing to edit: give --yaw, --pitch, --roll or --expr")
     if wants_batch([source], seeds=True):
         check_batch_files(network, nrsfm=editor_path)
-        task = EditTask(yaw=yaw, pitch=pitch, roll=roll, expr=tuple(expr), face_index=face_index, network=network,
+        task = EditTask(yaw=yaw, pitch=pitch, roll=roll, relative=relative, expr=tuple(expr), face_index=face_index, network=network,
                         editor_path=editor_path, mode=mode, steps=steps, lambda_id=lambda_id, detector=detector,
-                        project_steps=project_steps)
+                        project_steps=project_steps, device=device)
         run_batch_command([source], out, task, desc="editing", config={"command": "edit", **task.__dict__},
                           workers=workers, force=force)
         return
     rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
-                   face_index)
+                   face_index, device=device)
     _echo_edit_summary(rec, out)
 
 
@@ -115,9 +136,10 @@ def edit(source: str, method: str, yaw: float, pitch: float, roll: float, expr: 
 class EditTask(ItemTask):
     """Batch ``edit``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""
 
-    yaw: float
-    pitch: float
-    roll: float
+    yaw: float | None
+    pitch: float | None
+    roll: float | None
+    relative: bool
     expr: tuple[str, ...]
     face_index: int | None
     network: str
@@ -127,21 +149,33 @@ class EditTask(ItemTask):
     lambda_id: float
     detector: str
     project_steps: int
+    device: str = "cpu"
 
     def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
         from portrait3d.interfaces.nrsfm import run_edit
         from portrait3d.methods.nrsfm.edit import EditSpec, parse_expr
 
-        spec = EditSpec(yaw=self.yaw, pitch=self.pitch, roll=self.roll, expr=parse_expr(self.expr))
+        spec = EditSpec(yaw=self.yaw, pitch=self.pitch, roll=self.roll, expr=parse_expr(self.expr),
+                        absolute=not self.relative)
         rec = run_edit(str(item.path), self.network, self.editor_path, spec, self.mode, self.steps, self.lambda_id,
-                       out_dir, False, self.detector, self.project_steps, self.face_index)
+                       out_dir, False, self.detector, self.project_steps, self.face_index, device=self.device)
         return {k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds") if k in rec}
 
 
 def _echo_edit_summary(rec: dict, out: Path) -> None:
-    """The headline figures of an edit / transfer record, then where it was written."""
+    """What was asked, what was achieved (head pose measured by the face pipeline), warnings, where it went."""
+    asked = rec.get("edit", {})
+    angles = {k: asked.get(k) for k in ("yaw", "pitch", "roll") if asked.get(k) is not None}
+    if angles:
+        kind = asked.get("angles", "change")
+        click.echo(f"asked ({kind}): " + ", ".join(f"{k} {v:+.1f} deg" for k, v in angles.items()))
+    before, after = rec.get("head_pose_before_deg"), rec.get("head_pose_after_deg")
+    if before is not None and after is not None:
+        click.echo("achieved (face pipeline): " + ", ".join(
+            f"{k} {b:+.1f} -> {a:+.1f} deg" for k, b, a in zip(("yaw", "pitch", "roll"), before, after)))
     click.echo(json.dumps({k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds")
                            if k in rec}))
+    echo_notes(rec.get("notes", []) + rec.get("warnings", []), "warning")
     click.echo(f"wrote {out}")
 
 
@@ -151,12 +185,14 @@ def _echo_edit_summary(rec: dict, out: Path) -> None:
 @click.option("--part", type=click.Choice(["pose", "expression", "all"]), default="pose",
               help="What TARGET takes from SOURCE.")
 @_edit_options
+@compute_options
 @fail_cleanly
 def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, steps: int,
-             lambda_id: float, detector: str, project_steps: int, out: Path, force: bool) -> None:
+             lambda_id: float, detector: str, project_steps: int, out: Path, force: bool, device: str, threads: int | None) -> None:
     """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo)."""
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.nrsfm import run_transfer
 
     rec = run_transfer(source, target, network, editor_path, part, mode, steps, lambda_id, out, force, detector,
-                       project_steps)
+                       project_steps, device=device)
     _echo_edit_summary(rec, out)

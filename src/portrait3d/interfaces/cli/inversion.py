@@ -10,8 +10,16 @@ from typing import Any
 import click
 
 from portrait3d.interfaces.cli.base import fail_cleanly, main
-from portrait3d.interfaces.cli.options import check_batch_files, run_batch_command, wants_batch, workers_option
+from portrait3d.interfaces.cli.options import (
+    check_batch_files,
+    compute_options,
+    echo_notes,
+    run_batch_command,
+    wants_batch,
+    workers_option,
+)
 from portrait3d.utils.batch import BatchItem, ItemTask, WorkerInfo, pick_device
+from portrait3d.utils.compute import setup_compute
 
 
 @main.command()
@@ -38,14 +46,14 @@ from portrait3d.utils.batch import BatchItem, ItemTask, WorkerInfo, pick_device
 @click.option("--mesh-resolution", type=click.IntRange(16, 512), default=128,
               help="Marching-cubes grid side of mesh.ply.")
 @click.option("--seed", type=int, default=None, help="Optimiser seed [default: the configuration's].")
-@click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every photo).")
 @workers_option
+@compute_options
 @fail_cleanly
 def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | None, pti: bool,
              pti_steps: int | None, encoder_path: Path | None, pose_path: Path | None, face_index: int | None,
              align: str, orbit_frames: int, mesh_resolution: int, seed: int | None, device: str, force: bool,
-             workers: int) -> None:
+             workers: int, threads: int | None) -> None:
     """Invert the face in PHOTO into a 3D (EG3D) generator, optimising latent and camera (Ko et al.).
 
     Writes input_aligned.png, reconstruction.png, view_yaw-30.png, view_yaw+30.png, depth.png, mesh.ply,
@@ -57,6 +65,7 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
       portrait3d invert3d 'photos/*.jpg' --out results --workers 2
       torchrun --nproc_per_node 4 -m portrait3d.interfaces.cli invert3d 'photos/*.jpg' --out results --device cuda
     """
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.invert3d import run_invert3d
 
     if wants_batch([photo]):
@@ -75,6 +84,7 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     click.echo(f"PSNR {rec['psnr_db'] if rec['psnr_db'] is not None else float('inf'):.2f} dB, camera yaw "
                f"{cam['yaw_deg']:+.1f} pitch {cam['pitch_deg']:+.1f} roll {cam['roll_deg']:+.1f} deg, "
                f"identity (dlib cosine) {json.dumps(rec['identity_cosine_dlib'])}")
+    echo_notes(rec.get("notes", []), "warning")
     click.echo(f"wrote {out}")
 
 
@@ -85,16 +95,17 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
               help="Head pitch in degrees [default: the optimised pitch].")
 @click.option("--orbit", is_flag=True, help="Also write render_orbit.mp4 (EG3D's orbit).")
 @click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of render_orbit.mp4.")
-@click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
 @click.option("--force", is_flag=True, help="Overwrite existing renders.")
+@compute_options
 @fail_cleanly
 def render(folder: Path, yaws: tuple[float, ...], pitch: float | None, orbit: bool, orbit_frames: int, device: str,
-           force: bool) -> None:
+           force: bool, threads: int | None) -> None:
     """Re-render a FOLDER written by `portrait3d invert3d` from new angles.
 
     Writes FOLDER/render_yaw{+-}NN_pitch{+-}NN.png per --yaw (yaw 0 with only --pitch) and, with --orbit,
     FOLDER/render_orbit.mp4.
     """
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.invert3d import run_render
 
     for p in run_render(folder, yaws, pitch, orbit, force, orbit_frames=orbit_frames, device=device):

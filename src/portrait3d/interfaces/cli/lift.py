@@ -9,8 +9,16 @@ from typing import Any
 import click
 
 from portrait3d.interfaces.cli.base import fail_cleanly, main
-from portrait3d.interfaces.cli.options import check_batch_files, run_batch_command, wants_batch, workers_option
+from portrait3d.interfaces.cli.options import (
+    check_batch_files,
+    compute_options,
+    echo_notes,
+    run_batch_command,
+    wants_batch,
+    workers_option,
+)
 from portrait3d.utils.batch import IMAGE_SUFFIXES, BatchItem, ItemTask, WorkerInfo, pick_device
+from portrait3d.utils.compute import setup_compute
 
 
 @main.command()
@@ -29,12 +37,12 @@ from portrait3d.utils.batch import IMAGE_SUFFIXES, BatchItem, ItemTask, WorkerIn
 @click.option("--face-index", type=click.IntRange(0), default=None,
               help="Which face when the photo has several (0 = largest) [required then].")
 @click.option("--project-steps", type=click.IntRange(1, 100000), default=300, help="Projector steps for a photo.")
-@click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every input).")
 @workers_option
+@compute_options
 @fail_cleanly
 def lift(source: str, out: Path, network: str, lifted_path: Path | None, yaws: tuple[float, ...], light: str | None,
-         face_index: int | None, project_steps: int, device: str, force: bool, workers: int) -> None:
+         face_index: int | None, project_steps: int, device: str, force: bool, workers: int, threads: int | None) -> None:
     """Lift SOURCE (a seed, a .npy latent or a photo) to 3D with LiftedGAN: rotate, relight, export a mesh.
 
     Writes image.png, rotated.png, relit.png, depth.png, normal.png, albedo.png, shading.png, mesh.obj,
@@ -44,6 +52,7 @@ def lift(source: str, out: Path, network: str, lifted_path: Path | None, yaws: t
     SOURCE may be a folder or a glob of photos and .npy latents (batch mode, resumable; OUT/<key>/ each):
       portrait3d lift 'latents/*.npy' --lifted runs/lift/lifted.safetensors --out lifted --workers 2
     """
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.lift import run_lift
 
     if wants_batch([source], seeds=True):
@@ -59,6 +68,7 @@ def lift(source: str, out: Path, network: str, lifted_path: Path | None, yaws: t
     v, li = rec["view"], rec["light"]
     click.echo(f"view yaw {v['yaw_deg']:+.1f} pitch {v['pitch_deg']:+.1f} roll {v['roll_deg']:+.1f} deg, light "
                f"ambient {li['ambient']:.2f} diffuse {li['diffuse']:.2f} direction ({li['dx']:+.2f}, {li['dy']:+.2f})")
+    echo_notes(rec.get("notes", []))
     click.echo(f"wrote {out}")
 
 

@@ -28,11 +28,33 @@ from portrait3d.utils.batch import (
     run_batch,
 )
 
-__all__ = ["MAX_LISTED_FAILURES", "check_batch_files", "report_batch", "run_batch_command", "wants_batch",
+__all__ = ["MAX_LISTED_FAILURES", "compute_options", "threads_option", "echo_notes", "check_batch_files", "report_batch", "run_batch_command", "wants_batch",
            "workers_option"]
 
 MAX_LISTED_FAILURES = 20
 """Failed inputs listed one per line on stderr at the end of a batch (all of them are in the manifest)."""
+
+
+def compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--device`` and ``--threads``, the same on every command that computes (resolve them with
+    :func:`portrait3d.utils.compute.setup_compute`)."""
+    fn = click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                      help="CPU threads for PyTorch [default: the cores not busy with other processes].")(fn)
+    return click.option("--device", type=str, default="auto",
+                        help="Where to compute: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda, "
+                             "cuda:N or mps.")(fn)
+
+
+def threads_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threads`` alone, for commands whose work runs on the CPU only (face detection and landmarks)."""
+    return click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                        help="CPU threads for PyTorch [default: the cores not busy with other processes].")(fn)
+
+
+def echo_notes(notes: Iterable[str], kind: str = "note") -> None:
+    """Print what the user should know about a result (``note: ...`` / ``warning: ...``) on stderr, one per line."""
+    for n in notes:
+        click.echo(f"{kind}: {n}", err=True)
 
 
 def workers_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,11 +9,18 @@ from typing import Any
 
 import click
 
+from portrait3d.errors import UsageError
 from portrait3d.face.errors import FaceError
 from portrait3d.interfaces.cli.base import fail_cleanly, main
-from portrait3d.interfaces.cli.options import run_batch_command, wants_batch, workers_option
-from portrait3d.errors import UsageError
+from portrait3d.interfaces.cli.options import (
+    threads_option,
+    echo_notes,
+    run_batch_command,
+    wants_batch,
+    workers_option,
+)
 from portrait3d.utils.batch import BatchItem, BatchSummary, ItemTask, WorkerInfo, done_records
+from portrait3d.utils.compute import setup_compute
 
 
 @main.command()
@@ -25,13 +32,15 @@ from portrait3d.utils.batch import BatchItem, BatchSummary, ItemTask, WorkerInfo
               help="Aligned image side in pixels [default: 1024 ffhq, 512 eg3d, 128 default].")
 @click.option("--face-index", type=click.IntRange(0), default=None,
               help="Which face when a photo has several (0 = largest) [default: the largest].")
-@click.option("--detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog"]), default="mediapipe")
+@click.option("--detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog"]), default="mediapipe",
+              help="Face detector for the photos (mediapipe: BlazeFace with dlib's CNN as fallback).")
 @click.option("--landmarks", type=click.Choice(["dlib", "mediapipe"]), default="dlib")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (batch mode: redo every photo).")
 @workers_option
+@threads_option
 @fail_cleanly
 def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, face_index: int | None, detector: str,
-          landmarks: str, force: bool, workers: int) -> None:
+          landmarks: str, force: bool, workers: int, threads: int | None) -> None:
     """Align PHOTOS for a generator and estimate their EG3D cameras.
 
     One photo: writes OUT/<name>.png and OUT/cameras.json laid out like EG3D's dataset.json
@@ -46,6 +55,7 @@ def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, fac
     over every aligned photo in OUT (file names "<key>/aligned.png"). A bad photo is recorded as failed and the
     others go on; rerunning skips what is done. Exit status 0 all done, 1 some photos failed, 3 a bug.
     """
+    setup_compute("cpu", threads)  # face detection and landmarks run on the CPU
     if wants_batch(photos):
         _align_batch(photos, style, out, size, face_index, detector, landmarks, force, workers)
         return
@@ -73,6 +83,10 @@ def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, fac
                 results.append(pipe(photo, face_index=face_index))
             except (FaceError, ValueError) as e:
                 raise type(e)(f"{photo}: {e}") from None
+    from portrait3d.face.pipeline import several_faces_note
+
+    for photo, r in zip(photos, results):
+        echo_notes(several_faces_note(r, face_index, photo.name))
     labels, poses = [], {}
     for name, r in zip(names, results):
         save_image(out / name, r.aligned.image, overwrite=force)
@@ -173,15 +187,17 @@ def _write_align_summaries(summary: BatchSummary) -> None:
               help="Output folder of batch mode (PHOTO_A a folder or glob): OUT/<key>/identity.json per photo.")
 @click.option("--force", is_flag=True, help="Batch mode: redo every photo.")
 @workers_option
+@threads_option
 @fail_cleanly
 def identity(photo_a: Path, photo_b: Path, backend: str, face_index_a: int | None,
-             face_index_b: int | None, out: Path | None, force: bool, workers: int) -> None:
+             face_index_b: int | None, out: Path | None, force: bool, workers: int, threads: int | None) -> None:
     """Say whether two photos show the same person (dlib's 128-D descriptor, distance threshold 0.6).
 
     \b
     PHOTO_A may be a folder or a glob: each of its photos is compared with PHOTO_B (resumable batch mode):
       portrait3d identity 'people/*.jpg' reference.jpg --out ids
     """
+    setup_compute("cpu", threads)  # face detection and landmarks run on the CPU
     from portrait3d.face.pipeline import compare_photos
 
     if wants_batch([photo_a]):
@@ -196,13 +212,18 @@ def identity(photo_a: Path, photo_b: Path, backend: str, face_index_a: int | Non
                           after=_echo_verdicts)
         return
     r = compare_photos(photo_a, photo_b, backend=backend, face_index_a=face_index_a, face_index_b=face_index_b)
-    verdict = "same person" if r["same_person"] else "different people"
-    click.echo(f"cosine similarity {r['cosine']:.4f}  distance {r['distance']:.4f}  "
-               f"(threshold {r['threshold']}): {verdict}")
+    echo_notes(r["notes"])
+    click.echo(_verdict_line(r))
 
 
 def _verdict(r: dict[str, Any]) -> str:
     return "same person" if r["same_person"] else "different people"
+
+
+def _verdict_line(r: dict[str, Any]) -> str:
+    """The verdict first with the number it rests on (the distance), then the cosine for reference."""
+    return (f"{_verdict(r)}: distance {r['distance']:.4f} (same person below {r['threshold']}), "
+            f"cosine similarity {r['cosine']:.4f}")
 
 
 @dataclass
@@ -219,7 +240,8 @@ class IdentityTask(ItemTask):
 
         r = compare_photos(item.path, self.photo_b, backend=self.backend, face_index_a=self.face_index_a,
                            face_index_b=self.face_index_b)
-        r = {k: bool(v) if k == "same_person" else float(v) for k, v in r.items()}  # numpy scalars -> JSON
+        r = {k: v if k == "notes" else bool(v) if k == "same_person" else float(v)
+             for k, v in r.items()}  # numpy scalars -> JSON
         (out_dir / "identity.json").write_text(json.dumps({"photo_a": str(item.path), "photo_b": self.photo_b, **r},
                                                           indent=1))
         return r
@@ -230,5 +252,4 @@ def _echo_verdicts(summary: BatchSummary) -> None:
     for rec in summary.records:
         if rec.status == "done":
             r = rec.result
-            click.echo(f"{rec.path}: cosine similarity {r['cosine']:.4f}  distance {r['distance']:.4f}  "
-                       f"(threshold {r['threshold']}): {_verdict(r)}")
+            click.echo(f"{rec.path}: {_verdict_line(r)}")

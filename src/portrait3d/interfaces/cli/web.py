@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.options import compute_options
+from portrait3d.utils.compute import setup_compute
 
 
 @main.command()
@@ -34,9 +36,7 @@ from portrait3d.interfaces.cli.base import fail_cleanly, main
 @click.option("--max-upload-mb", type=click.FloatRange(0.1, 200), default=10.0, help="Largest photo accepted, in MB.")
 @click.option("--max-megapixels", type=click.FloatRange(0.1, 64), default=25.0,
               help="Largest photo accepted, in megapixels (checked before decoding).")
-@click.option("--threads", type=click.IntRange(1, 256), default=None,
-              show_default="the cores not busy with other work", help="torch CPU threads.")
-@click.option("--device", type=str, default="cpu", help="torch device ('cpu', 'cuda', ...).")
+@compute_options
 @fail_cleanly
 def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path | None, lifted_path: Path | None,
         steps: int, pti: bool, project_steps: int, orbit_frames: int, mesh_resolution: int, max_upload_mb: float,
@@ -56,10 +56,11 @@ def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path
     takes about 30 s at --steps 40, each slider move renders in about 0.15 s, the orbit video (48 frames)
     about 7 s and the mesh a few seconds.
     """
-    from portrait3d.interfaces.demo import auto_threads
+    device = setup_compute(device, threads)
     from portrait3d.interfaces.web.app import WebConfig, launch
     from portrait3d.interfaces.web.methods import MethodSettings
     from portrait3d.interfaces.web.upload import UploadLimits
+    from portrait3d.utils.compute import auto_threads
 
     methods = MethodSettings(network_3d=network_3d, network_2d=network_2d, nrsfm_path=nrsfm_path,
                              lifted_path=lifted_path, invert_steps=steps, pti=pti, project_steps=project_steps,

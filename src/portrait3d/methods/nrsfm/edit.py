@@ -24,6 +24,7 @@ from portrait3d.errors import UsageError
 
 __all__ = [
     "ANGLE_LIMITS",
+    "ABSOLUTE_LIMITS",
     "ALPHA_LIMIT",
     "EditSpec",
     "parse_expr",
@@ -36,6 +37,8 @@ __all__ = [
 
 ANGLE_LIMITS = {"yaw": 60.0, "pitch": 40.0, "roll": 45.0}
 """Largest accepted change (degrees): beyond these a 2D generator's faces leave its training poses."""
+ABSOLUTE_LIMITS = {"yaw": 90.0, "pitch": 89.0, "roll": 90.0}
+"""Largest accepted absolute head angle (degrees), as for every command's --yaw / --pitch / --roll."""
 ALPHA_LIMIT = 5.0
 """Largest accepted change of a shape coefficient, in standard deviations of α_k over the data."""
 TRANSFER_PARTS = ("pose", "expression", "all")
@@ -43,22 +46,35 @@ TRANSFER_PARTS = ("pose", "expression", "all")
 
 @dataclass
 class EditSpec:
-    """An edit: angle changes in degrees and shape-coefficient changes in standard deviations.
+    """An edit: head angles in degrees and shape-coefficient changes in standard deviations.
 
-    ``expr`` maps a 1-based component index ``k`` to the change of α_k in units of its standard
-    deviation over the landmark data (so ``{1: 2.0}`` = "two sigmas more of component 1").
+    Angles are changes of the latent's own ``phi(w)`` (the paper's protocol, "+20 degrees of yaw") unless
+    ``absolute``, when they are the head angles to reach (the command line's convention, shared by every command:
+    ``--yaw 20`` means "head yaw 20 degrees"). ``None`` leaves an angle unchanged. ``expr`` maps a 1-based component
+    index ``k`` to the change of alpha_k in units of its standard deviation over the landmark data (so
+    ``{1: 2.0}`` = "two sigmas more of component 1").
     """
 
-    yaw: float = 0.0
-    pitch: float = 0.0
-    roll: float = 0.0
+    yaw: float | None = None
+    pitch: float | None = None
+    roll: float | None = None
     expr: dict[int, float] = field(default_factory=dict)
+    absolute: bool = False
+
+    def angles(self) -> dict[str, float]:
+        """The angles that are set: name -> degrees."""
+        return {k: float(v) for k, v in (("yaw", self.yaw), ("pitch", self.pitch), ("roll", self.roll))
+                if v is not None}
 
     def validate(self, num_basis: int) -> None:
-        for name, limit in ANGLE_LIMITS.items():
-            v = float(getattr(self, name))
-            if not (abs(v) <= limit):
-                raise UsageError(f"--{name} {v:g} is out of range (|{name}| <= {limit:g} degrees)")
+        limits = ABSOLUTE_LIMITS if self.absolute else ANGLE_LIMITS
+        for name in ("yaw", "pitch", "roll"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not (abs(float(v)) <= limits[name]):
+                raise UsageError(f"--{name} {float(v):g} is out of range (|{name}| <= {limits[name]:g} degrees"
+                                 f"{'' if self.absolute else ' of change'})")
         for k, v in self.expr.items():
             if not 1 <= k <= num_basis:
                 raise UsageError(f"--expr {k}=...: component {k} does not exist (the model has {num_basis})")
@@ -66,7 +82,9 @@ class EditSpec:
                 raise UsageError(f"--expr {k}={v:g} is out of range (|value| <= {ALPHA_LIMIT:g} standard deviations)")
 
     def is_identity(self) -> bool:
-        return self.yaw == self.pitch == self.roll == 0 and not any(self.expr.values())
+        angles = self.angles()
+        moves = bool(angles) if self.absolute else any(angles.values())
+        return not moves and not any(self.expr.values())
 
 
 def parse_expr(items: Sequence[str]) -> dict[int, float]:
@@ -87,13 +105,19 @@ def parse_expr(items: Sequence[str]) -> dict[int, float]:
 
 
 def edit_target(q0: torch.Tensor, spec: EditSpec, layout, alpha_std: torch.Tensor) -> torch.Tensor:
-    """``q* [N, P]``: ``q0`` with the angle and α changes of ``spec`` applied (the rest unchanged)."""
+    """``q* [N, P]``: ``q0`` with the angles of ``spec`` set (absolute) or added (changes), and its α changes
+    applied; everything else unchanged."""
     spec.validate(layout.num_basis)
     q = q0.detach().clone()
     theta = layout.theta
-    q[:, theta.start + 0] += spec.yaw
-    q[:, theta.start + 1] += spec.pitch
-    q[:, theta.start + 2] += spec.roll
+    for i, name in enumerate(("yaw", "pitch", "roll")):
+        v = getattr(spec, name)
+        if v is None:
+            continue
+        if spec.absolute:
+            q[:, theta.start + i] = float(v)
+        else:
+            q[:, theta.start + i] += float(v)
     for k, v in spec.expr.items():
         q[:, layout.alpha.start + k - 1] += v * float(alpha_std[k - 1])
     return q

@@ -74,7 +74,8 @@ def latent_from_seed(G: nn.Module, editor: Any, seed: int) -> torch.Tensor:
     """The latent (in the editor's space, ``[1, D]``) of generator seed ``seed``."""
     from portrait3d.methods.nrsfm.data import sample_latents
 
-    return sample_latents(G, 1, editor.space, seed=seed).reshape(1, -1)
+    dev = next(G.parameters()).device
+    return sample_latents(G, 1, editor.space, seed=seed, device=dev).reshape(1, -1)
 
 
 def project_photo(G: nn.Module, editor: Any, image: np.ndarray | Path, project_steps: int,
@@ -121,18 +122,22 @@ class EditReport:
     def grid(self) -> np.ndarray:
         return make_grid(np.stack(self.panels), cols=len(self.panels))
 
-    def check_pose(self, asked_deg: tuple[float, float, float], tolerance_deg: float = POSE_TOLERANCE_DEG) -> None:
-        """Add a warning for each of yaw / pitch / roll whose measured change misses ``asked_deg`` by more than
-        ``tolerance_deg`` (or cannot be measured)."""
-        change = self.head_pose_change_deg
-        for name, asked, i in zip(("yaw", "pitch", "roll"), asked_deg, range(3)):
-            if not asked:
+    def check_pose(self, spec: Any, tolerance_deg: float = POSE_TOLERANCE_DEG) -> None:
+        """Warn for each angle of ``spec`` (an :class:`~portrait3d.methods.nrsfm.edit.EditSpec`) that the face
+        pipeline measures more than ``tolerance_deg`` away from what was asked (absolute angle, or change)."""
+        before, after = self.head_pose_before_deg, self.head_pose_after_deg
+        for i, name in enumerate(("yaw", "pitch", "roll")):
+            asked = getattr(spec, name)
+            if asked is None or (not spec.absolute and asked == 0):
                 continue
-            if change is None:
-                self.warnings.append(f"{name}: asked {asked:+.1f} deg, not measurable (no face found)")
-            elif abs(change[i] - asked) > tolerance_deg:
-                self.warnings.append(f"{name}: asked {asked:+.1f} deg, achieved {change[i]:+.1f} deg "
-                                     f"(measured by the face pipeline; tolerance {tolerance_deg:g} deg)")
+            what = "" if spec.absolute else " change"
+            if before is None or after is None:
+                self.warnings.append(f"{name}: asked {asked:+.1f} deg{what}, not measurable (no face found)")
+                continue
+            got = after[i] if spec.absolute else after[i] - before[i]
+            if abs(got - asked) > tolerance_deg:
+                self.warnings.append(f"{name}: asked {asked:+.1f} deg{what}, achieved {got:+.1f} deg (measured by the "
+                                     f"face pipeline; tolerance {tolerance_deg:g} deg)")
 
     def record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -169,8 +174,8 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
         if mode == "gradient" and lambda_id > 0:
             if not idok0[0]:
                 raise UsageError("no face found in the original image: cannot build the identity term of eq. 15")
-            id_loss = make_identity_loss(torch.as_tensor(img0).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                                         to_pixels(id0, res))
+            id_loss = make_identity_loss(torch.as_tensor(img0).permute(0, 3, 1, 2).float().to(latent.device) / 127.5
+                                         - 1, to_pixels(id0, res))
         t0 = time.time()
         w1, hist = editor.edit(G, latent, q_target, mode, steps=steps, lambda_id=lambda_id, identity_loss=id_loss,
                                progress=mode == "gradient")
@@ -181,8 +186,8 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
         id1, idok1 = (lm1, ok1) if backend == "dlib" else idl(img1)
     with torch.no_grad():
         q0, q1 = editor.params(latent)[0], editor.params(w1)[0]
-        pred0 = editor.model.project(q0[None])[0].numpy()
-        pred1 = editor.model.project(q_target)[0].numpy()
+        pred0 = editor.model.project(q0[None].cpu())[0].numpy()  # the rank-one model lives on the CPU
+        pred1 = editor.model.project(q_target.cpu())[0].numpy()
     panels = [draw_points(draw_points(img0[0], pred0, (230, 30, 30)), lm0[0], (30, 200, 30)),
               draw_points(draw_points(img1[0], pred1, (230, 30, 30)), lm1[0], (30, 200, 30))]
     rep = EditReport(mode=mode, seconds=seconds, parameter_names=editor.layout.names(), target=q_target[0].tolist(),

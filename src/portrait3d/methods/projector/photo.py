@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from portrait3d.errors import UsageError
+from portrait3d.face.pipeline import several_faces_note
 from portrait3d.methods.projector.projector import ProjectorConfig, project
 from portrait3d.utils.visualize import to_uint8
 
@@ -32,8 +33,8 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
     """Align ``image`` (an array or a path) in portrait3d's default crop and project it into ``space``.
 
     Raises:
-        FaceError: no face, or ``face_index`` out of range; UsageError: several faces and no ``face_index``, or a
-        space the projector does not have.
+        FaceError: no face, or ``face_index`` out of range; UsageError: a space the projector does not have.
+        Several faces without ``face_index``: the largest is used, and ``info["notes"]`` says so.
     """
     from portrait3d.face.pipeline import FacePipeline
 
@@ -41,8 +42,6 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
         raise UsageError(f"photos can be projected only into W or W+, not {space!r}")
     with FacePipeline(style="default", output_size=int(G.img_resolution)) as pipe:
         face = pipe(image, face_index=face_index)
-    if face.num_faces > 1 and face_index is None:
-        raise UsageError(f"{face.num_faces} faces found in {name}: choose one with --face-index (0 = largest)")
     aligned = face.aligned.image
     target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
     res = project(G, target, ProjectorConfig(space=space, steps=project_steps), landmarks=face.aligned.landmarks,
@@ -50,4 +49,4 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
     return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(res.image)[0],
                        info={"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
-                             "projection_steps": project_steps})
+                             "projection_steps": project_steps, "notes": several_faces_note(face, face_index, name)})
