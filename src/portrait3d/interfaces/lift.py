@@ -11,8 +11,8 @@ Outputs in OUT (nothing is overwritten without ``--force``; every file is writte
 the lifting resolution ``S``:
 
 * ``image.png``: frontal render (canonical view, predicted light);
-* ``rotated.png``: one row of renders at the given yaws (degrees from the frontal view; positive
-  turns the nose towards the image's left), predicted light;
+* ``rotated.png``: one row of renders at the given head yaws (degrees from the frontal view, the convention of
+  every command: positive turns the head to its left, the nose towards the image's right), predicted light;
 * ``relit.png``: frontal renders lit from the left, top, right and bottom (``(dx, dy)`` =
   ``(1, 0), (0, 1), (-1, 0), (0, -1)``), then the ``--light`` one when given; ambient and diffuse
   strengths are the predicted ones;
@@ -170,7 +170,8 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         lo = model(latent)
         timings["lift_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        image, rotated, relit = render_views(model, lo, yaws, dirs)
+        # LiftedGAN's renderer turns the nose to the image's left for positive r_y: a head yaw is r_y = -yaw
+        image, rotated, relit = render_views(model, lo, [-y for y in yaws], dirs)
         rotated, relit = rotated[0], relit[0]
         timings["render_s"] = time.perf_counter() - t0
     rcfg = model.resolved_renderer_cfg()

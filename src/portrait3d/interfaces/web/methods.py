@@ -572,8 +572,9 @@ class LiftedGANAdapter(MethodAdapter):
         lit = relight(lo.light, *light)
         frames = []
         for yaw in yaws:
-            view = yaw_view(yaw, 1, LiftLossConfig().perturb_tx_per_sin_yaw, dev)  # as portrait3d lift's views
-            view[:, 0] = torch.deg2rad(torch.tensor(pitch, dtype=view.dtype))
+            # Head yaw / pitch (+ = head to its left / chin up) are r_y = -yaw, r_x = -pitch in the renderer's view.
+            view = yaw_view(-yaw, 1, LiftLossConfig().perturb_tx_per_sin_yaw, dev)  # as portrait3d lift's views
+            view[:, 0] = torch.deg2rad(torch.tensor(-pitch, dtype=view.dtype))
             frames.append(to_uint8(model.render_view(lo, view=view, light=lit).image.clamp(-1, 1))[0])
         return np.stack(frames)
 

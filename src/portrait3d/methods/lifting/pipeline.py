@@ -120,11 +120,14 @@ def load_latent_file(path: Path, w_dim: int, num_ws: int) -> torch.Tensor:
 
 
 def view_light_record(view: torch.Tensor, light: torch.Tensor) -> dict[str, Any]:
-    """D_V's view (degrees, translations) and D_L's light of the first face, for ``result.json``."""
+    """D_V's view of the first face as a head pose (degrees, the face pipeline's convention, as every command reports
+    poses) with its translation, and D_L's light, for ``result.json``."""
+    from portrait3d.methods.lifting.evaluate import head_pose_from_view
+
     v, li = view[0].tolist(), light[0].tolist()
+    yaw, pitch, roll = (float(a) for a in head_pose_from_view(view[0, :3].detach().cpu()))
     return {
-        "view": {"pitch_deg": math.degrees(v[0]), "yaw_deg": math.degrees(v[1]), "roll_deg": math.degrees(v[2]),
-                 "tx": v[3], "ty": v[4], "tz": v[5]},
+        "view": {"yaw_deg": yaw, "pitch_deg": pitch, "roll_deg": roll, "tx": v[3], "ty": v[4], "tz": v[5]},
         "light": {"ambient": li[0], "diffuse": li[1], "dx": li[2], "dy": li[3],
                   # angle of the travel direction (dx, dy, 1) from the optical axis, per axis
                   "horizontal_deg": math.degrees(math.atan(li[2])), "vertical_deg": math.degrees(math.atan(li[3]))},
