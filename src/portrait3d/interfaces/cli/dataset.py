@@ -31,7 +31,8 @@ def dataset() -> None:
 @fail_cleanly
 def build(photos_dir: Path, out: Path, resolution: int, limit: int | None, holdout: int, detector: str,
           only: Path | None) -> None:
-    """Align every photo in PHOTOS_DIR into the dataset folder OUT.
+    """Align every photo in PHOTOS_DIR into the dataset folder OUT (about 0.03-0.1 s per photo on one core: UTKFace's
+    21k photos take about 10 minutes, with a progress bar).
 
     \b
     Training set with every 20th photo held out, then the held-out photos as their own set:

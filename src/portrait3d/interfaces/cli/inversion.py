@@ -60,6 +60,10 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     orbit.mp4, latent.npy, result.json (and generator.safetensors with --pti) to OUT; `portrait3d render OUT`
     re-renders them from other angles.
 
+    CPU time with the built-in 128 px default-3d on one core: about 3 minutes (190 s measured: 180 s for the 400
+    default steps, then views, orbit, mesh and identity in 7 s); --steps scales the optimisation, --pti adds about
+    as much again. A progress bar shows the steps.
+
     \b
     PHOTO may be a folder or a glob (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
       portrait3d invert3d 'photos/*.jpg' --out results --workers 2

@@ -28,7 +28,8 @@ from portrait3d.utils.batch import (
     run_batch,
 )
 
-__all__ = ["MAX_LISTED_FAILURES", "compute_options", "threads_option", "echo_notes", "check_batch_files", "report_batch", "run_batch_command", "wants_batch",
+__all__ = ["MAX_LISTED_FAILURES", "compute_options", "threads_option", "echo_notes", "check_batch_files",
+           "report_batch", "run_batch_command", "wants_batch",
            "workers_option"]
 
 MAX_LISTED_FAILURES = 20

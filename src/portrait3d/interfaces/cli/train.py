@@ -149,7 +149,8 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
             setattr(cfg, name, v)
     if resolution is not None:
         cfg.G.img_resolution = cfg.D.img_resolution = int(resolution)
-    train = functools.partial(sg2.train_stylegan2, grow_from=grow_from) if grow_from is not None else sg2.train_stylegan2
+    train = (functools.partial(sg2.train_stylegan2, grow_from=grow_from) if grow_from is not None
+             else sg2.train_stylegan2)
     run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: sg2._hooks(
         sg2.fid_hook(data, fid, dev) if fid > 0 else None,
         sg2.face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None))
