@@ -60,7 +60,12 @@ def build(photos_dir: Path, out: Path, resolution: int, limit: int | None, holdo
 @click.option("--quality", type=click.IntRange(50, 100), default=90, show_default=True, help="JPEG quality.")
 @fail_cleanly
 def _pack_data(root: Path, out: Path, n: int, quality: int) -> None:
-    """Pack N faces of the dataset ROOT as JPEGs into one .npz OUT (about 4.5 MB per 1,000 faces at 128 px)."""
+    """Pack N faces of the dataset ROOT as JPEGs into one .npz OUT (about 4.5 MB per 1,000 faces at 128 px).
+
+    \b
+    Example:
+      portrait3d dataset pack ~/.cache/portrait3d/utkface128 .device/faces.npz --n 10000
+    """
     click.echo(json.dumps(pack_data(root, out, n, quality)))
 
 
@@ -69,5 +74,10 @@ def _pack_data(root: Path, out: Path, n: int, quality: int) -> None:
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @fail_cleanly
 def _unpack_data(packed: Path, root: Path) -> None:
-    """Rebuild a dataset folder ROOT from a file written by `portrait3d dataset pack`."""
+    """Rebuild a dataset folder ROOT from a file written by `portrait3d dataset pack`.
+
+    \b
+    Example:
+      portrait3d dataset unpack .device/faces.npz /tmp/faces
+    """
     click.echo(f"{unpack_data(packed, root)} faces in {root}")

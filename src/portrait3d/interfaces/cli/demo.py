@@ -31,6 +31,11 @@ def demo(out: Path, network_2d: str, network_3d: str, samples: int, orbit_faces:
 
     Writes samples_2d.png, samples_3d.png, views_3d.png, depth_3d.png, orbit.mp4 and README.txt to OUT, and
     lifted_2d.png (LiftedGAN rotations and relighting of the 2D faces) when the 2D model ships a lifted model.
+
+    \b
+    Examples:
+      portrait3d demo --out portrait3d_demo --force
+      portrait3d demo --network-3d eg3d_ffhq.safetensors --samples 4 --device cuda
     """
     device = setup_compute(device, threads)
     from portrait3d.interfaces.demo import run_demo

@@ -57,6 +57,10 @@ def nrsfm_build(network: str, out: Path, space: str, samples: int, basis: int, b
     CPU time on one core: landmarking takes about 0.1 s per face (so about 20 minutes for the default 10,000,
     cached in --cache for the next build), then the factorisation and the regressor a few minutes; progress bars
     show each stage.
+
+    \b
+    Example:
+      portrait3d nrsfm build --network default-2d --out editor.safetensors --samples 10000
     """
     device = setup_compute(device, threads)
     from portrait3d.interfaces.nrsfm import run_build
@@ -201,7 +205,13 @@ def _echo_edit_summary(rec: dict, out: Path) -> None:
 def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, steps: int,
              lambda_id: float, detector: str, project_steps: int, out: Path, force: bool, device: str,
              threads: int | None) -> None:
-    """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo)."""
+    """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo).
+
+    \b
+    Examples:
+      portrait3d transfer 7 42 --part pose --nrsfm editor.safetensors --out transfer/
+      portrait3d transfer photo_a.jpg photo_b.jpg --part expression --nrsfm editor.safetensors --out t/
+    """
     device = setup_compute(device, threads)
     from portrait3d.interfaces.nrsfm import run_transfer
 

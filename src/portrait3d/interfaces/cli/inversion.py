@@ -108,6 +108,11 @@ def render(folder: Path, yaws: tuple[float, ...], pitch: float | None, orbit: bo
 
     Writes FOLDER/render_yaw{+-}NN_pitch{+-}NN.png per --yaw (yaw 0 with only --pitch) and, with --orbit,
     FOLDER/render_orbit.mp4.
+
+    \b
+    Examples:
+      portrait3d render inv/ --yaw -45 --yaw 45 --pitch 10
+      portrait3d render inv/ --orbit --orbit-frames 96
     """
     device = setup_compute(device, threads)
     from portrait3d.interfaces.invert3d import run_render

@@ -16,7 +16,13 @@ from portrait3d.interfaces.cli.base import fail_cleanly, main
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @fail_cleanly
 def convert(src: Path, dst: Path, force: bool) -> None:
-    """Convert a checkpoint (NVIDIA .pkl, rosinality .pt, ours) to portrait3d's .safetensors format."""
+    """Convert a checkpoint (NVIDIA .pkl, rosinality .pt, ours) to portrait3d's .safetensors format.
+
+    \b
+    Examples:
+      portrait3d convert ffhq512-128.pkl eg3d_ffhq.safetensors     # NVIDIA EG3D / StyleGAN2 pickle
+      portrait3d convert stylegan2-ffhq-config-f.pt ffhq.safetensors  # rosinality checkpoint
+    """
     from portrait3d.checkpoints import load_network, save_network
 
     if dst.exists() and not force:
@@ -30,7 +36,13 @@ def convert(src: Path, dst: Path, force: bool) -> None:
 @click.argument("network", type=str)
 @fail_cleanly
 def info(network: str) -> None:
-    """Print the architecture and configuration of a checkpoint."""
+    """Print the architecture and configuration of a checkpoint.
+
+    \b
+    Examples:
+      portrait3d info default-2d
+      portrait3d info eg3d_ffhq.safetensors
+    """
     from portrait3d.checkpoints import load_network
 
     net = load_network(network)

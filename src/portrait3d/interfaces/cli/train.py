@@ -172,7 +172,12 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
 def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
          neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
          gpc_prob: float | None, blur_fade: float | None, policy: str | None, **overrides: Any) -> None:
-    """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun)."""
+    """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun).
+
+    \b
+    Example:
+      portrait3d train eg3d --data DATA --out runs/eg3d --config cpu-small --precision bf16
+    """
     cfg = e3d.preset(preset_name)
     apply_cli_options(cfg, **overrides)
     if neural_res is not None:
@@ -231,6 +236,11 @@ def lift_cmd(network: str | None, out: Path, kimg: float | None, batch: int | No
 
     Writes OUT/lifted.safetensors (for `portrait3d lift --lifted`), resumable snapshots, sample grids
     and log.jsonl.
+
+    \b
+    Examples:
+      portrait3d train lift --network default-2d --out runs/lift --decoder-channels 128
+      portrait3d train lift --out runs/lift --resume runs/lift
     """
     from portrait3d.checkpoints import load_network
 
@@ -329,7 +339,12 @@ def _load_generator(name: str, device: str) -> nn.Module:
 @fail_cleanly
 def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv: float, lambda_reg: float,
                 lambda_latent: float, **kw: Any) -> None:
-    """Train the latent encoder E (e4e-style, into W) and export encoder.safetensors."""
+    """Train the latent encoder E (e4e-style, into W) and export encoder.safetensors.
+
+    \b
+    Example:
+      portrait3d train encoder --network default-3d --out runs/enc --kimg 200
+    """
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])
     arch = inv.EncoderConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"])
@@ -353,7 +368,12 @@ def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv
 @fail_cleanly
 def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_translation: float, lambda_reproj: float,
              eval_n: int, **kw: Any) -> None:
-    """Train the pose estimator P and export pose.safetensors."""
+    """Train the pose estimator P and export pose.safetensors.
+
+    \b
+    Example:
+      portrait3d train pose --network default-3d --out runs/pose --kimg 200
+    """
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])
     cfg = inv.PoseTrainConfig(pose=inv.PoseConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"],
@@ -388,7 +408,12 @@ def load_pose_for_eval(path: Path, G: nn.Module) -> inv.PoseEstimator:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @fail_cleanly
 def _pack_snapshot(snapshot: Path, out: Path) -> None:
-    """Write SNAPSHOT's weights in float16 and its optimiser state compactly into OUT (for a device round trip)."""
+    """Write SNAPSHOT's weights in float16 and its optimiser state compactly into OUT (for a device round trip).
+
+    \b
+    Example:
+      portrait3d train pack-snapshot runs/sg2/snapshot-00003750 .device/snapshot
+    """
     for p in transfer.pack_snapshot(snapshot, out):
         click.echo(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)")
 
@@ -398,5 +423,10 @@ def _pack_snapshot(snapshot: Path, out: Path) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @fail_cleanly
 def _unpack_snapshot(packed: Path, run_dir: Path) -> None:
-    """Turn a folder written by pack-snapshot back into a resumable snapshot inside RUN_DIR."""
+    """Turn a folder written by pack-snapshot back into a resumable snapshot inside RUN_DIR.
+
+    \b
+    Example:
+      portrait3d train unpack-snapshot returned/snapshot runs/sg2
+    """
     click.echo(str(transfer.unpack_snapshot(packed, run_dir)))

@@ -393,40 +393,29 @@ class Inversion3DAdapter(MethodAdapter):
         return write_ply(mesh, Path(folder) / "mesh.ply")
 
 
-# ----------------------------------------------------------------------------- NRSfM edits on 2D
-class NRSfMAdapter(MethodAdapter):
-    """A 2D StyleGAN2 latent edited through an NRSfM editor's regressor (eq. 14, the linear edit: fast enough
-    to follow a slider): head yaw / pitch changes and shape (expression) components."""
-
-    key = "nrsfm"
-    title = "NRSfM edits on 2D (StyleGAN2)"
-    summary = "Edit head pose and expression of a 2D generator's face through a rank-one NRSfM model."
-    MAX_COMPONENTS = 4  # sliders for the first components only: the rest change little
+# ----------------------------------------------------------------------------- adapters with model files
+class ModelFileAdapter(MethodAdapter):
+    """An adapter whose models come from files that may be missing: they are loaded once, on first use, and a
+    failure is remembered and reported as the reason the method is unavailable."""
 
     def __init__(self, settings: MethodSettings) -> None:
         super().__init__(settings)
-        self._loaded: tuple[nn.Module, Any] | None = None
+        self._loaded: Any = None
         self._error: str | None = None
 
-    def _models(self) -> tuple[nn.Module, Any]:
-        """``(G, editor)``, loaded once; a load failure is remembered (and raised as UsageError)."""
-        from portrait3d.checkpoints import load_network
-        from portrait3d.methods.nrsfm.pipeline import resolve_editor
+    @abstractmethod
+    def _load(self) -> Any:
+        """Load and check the models (raise ``UsageError`` / ``OSError`` with a one-line reason)."""
 
+    def _models(self) -> Any:
         with self._load_lock:
             if self._loaded is None and self._error is None:
                 try:
-                    editor = resolve_editor(self.settings.network_2d, self.settings.nrsfm_path)
-                    G = load_network(self.settings.network_2d, device=self.settings.device)
-                    if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0:
-                        raise UsageError(f"{self.settings.network_2d}: NRSfM edits need an unconditional 2D "
-                                         "StyleGAN2 generator")
-                    self._loaded = (G.eval().requires_grad_(False), editor)
+                    self._loaded = self._load()
                 except (OSError, UsageError) as e:  # CheckpointError / FileNotFoundError: one-line messages
                     self._error = str(e)
             if self._error is not None:
                 raise UsageError(self._error)
-            assert self._loaded is not None
             return self._loaded
 
     def available(self) -> Availability:
@@ -435,6 +424,28 @@ class NRSfMAdapter(MethodAdapter):
         except UsageError as e:
             return Availability(False, str(e))
         return Availability(True)
+
+
+# ----------------------------------------------------------------------------- NRSfM edits on 2D
+class NRSfMAdapter(ModelFileAdapter):
+    """A 2D StyleGAN2 latent edited through an NRSfM editor's regressor (eq. 14, the linear edit: fast enough
+    to follow a slider): head yaw / pitch changes and shape (expression) components."""
+
+    key = "nrsfm"
+    title = "NRSfM edits on 2D (StyleGAN2)"
+    summary = "Edit head pose and expression of a 2D generator's face through a rank-one NRSfM model."
+    MAX_COMPONENTS = 4  # sliders for the first components only: the rest change little
+
+    def _load(self) -> tuple[nn.Module, Any]:
+        """``(G, editor)``."""
+        from portrait3d.checkpoints import load_network
+        from portrait3d.methods.nrsfm.pipeline import resolve_editor
+
+        editor = resolve_editor(self.settings.network_2d, self.settings.nrsfm_path)
+        G = load_network(self.settings.network_2d, device=self.settings.device)
+        if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0:
+            raise UsageError(f"{self.settings.network_2d}: NRSfM edits need an unconditional 2D StyleGAN2 generator")
+        return G.eval().requires_grad_(False), editor
 
     def controls(self) -> tuple[Control, ...]:
         from portrait3d.methods.nrsfm.edit import ALPHA_LIMIT, ANGLE_LIMITS
@@ -484,7 +495,7 @@ class NRSfMAdapter(MethodAdapter):
 
 
 # ----------------------------------------------------------------------------- LiftedGAN
-class LiftedGANAdapter(MethodAdapter):
+class LiftedGANAdapter(ModelFileAdapter):
     """LiftedGAN (Shi et al.): a 2D StyleGAN2 face lifted to depth + albedo + light, rendered from another view
     and under another light direction (:mod:`portrait3d.interfaces.lift`'s renders)."""
 
@@ -496,40 +507,19 @@ class LiftedGANAdapter(MethodAdapter):
     PITCH_RANGE = 30.0
     ORBIT_YAW = 45.0
 
-    def __init__(self, settings: MethodSettings) -> None:
-        super().__init__(settings)
-        self._loaded: tuple[nn.Module, nn.Module] | None = None
-        self._error: str | None = None
-
-    def _models(self) -> tuple[nn.Module, nn.Module]:
-        """``(G, lifted model)``, loaded once; a load failure is remembered (and raised as UsageError)."""
+    def _load(self) -> tuple[nn.Module, nn.Module]:
+        """``(G, lifted model)``, the lifted model checked against the 2D generator it was trained on."""
         from portrait3d.checkpoints import load_network
-        from portrait3d.methods.lifting.pipeline import check_generator, lifted_generator_ref, resolve_lifted
         from portrait3d.methods.lifting.networks import LiftedGenerator
+        from portrait3d.methods.lifting.pipeline import check_generator, lifted_generator_ref, resolve_lifted
 
         s = self.settings
-        with self._load_lock:
-            if self._loaded is None and self._error is None:
-                try:
-                    path = resolve_lifted(s.network_2d, s.lifted_path)
-                    check_generator(path, lifted_generator_ref(path), s.network_2d)
-                    G = load_network(s.network_2d, device=s.device)
-                    if not hasattr(G, "mapping") or getattr(G, "c_dim", 0) != 0:
-                        raise UsageError(f"{s.network_2d}: LiftedGAN lifts an unconditional 2D StyleGAN2 generator")
-                    self._loaded = (G, LiftedGenerator.load(path, g2d=G, device=s.device))
-                except (OSError, UsageError) as e:
-                    self._error = str(e)
-            if self._error is not None:
-                raise UsageError(self._error)
-            assert self._loaded is not None
-            return self._loaded
-
-    def available(self) -> Availability:
-        try:
-            self._models()
-        except UsageError as e:
-            return Availability(False, str(e))
-        return Availability(True)
+        path = resolve_lifted(s.network_2d, s.lifted_path)
+        check_generator(path, lifted_generator_ref(path), s.network_2d)
+        G = load_network(s.network_2d, device=s.device)
+        if not hasattr(G, "mapping") or getattr(G, "c_dim", 0) != 0:
+            raise UsageError(f"{s.network_2d}: LiftedGAN lifts an unconditional 2D StyleGAN2 generator")
+        return G, LiftedGenerator.load(path, g2d=G, device=s.device)
 
     def controls(self) -> tuple[Control, ...]:
         return (Control("yaw", "Yaw (degrees)", -self.YAW_RANGE, self.YAW_RANGE, 1.0, 0.0,
