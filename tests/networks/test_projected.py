@@ -67,3 +67,26 @@ def test_config_validation():
         ProjectedDiscriminatorConfig(taps=["stage2", "stage1"]).validate()
     with pytest.raises(ValueError, match="multiple"):
         ProjectedDiscriminatorConfig(feature_resolution=40).validate()
+
+
+def test_dual_projected_judges_image_and_raw_render_with_the_camera():
+    from portrait3d.networks.projected import DualProjectedDiscriminator
+
+    torch.manual_seed(0)
+    cfg = ProjectedDiscriminatorConfig(c_dim=25, feature_resolution=64, proj_channels=8, head_channels=8,
+                                       head_channels_max=16, cmap_dim=8)
+    D = DualProjectedDiscriminator(cfg, EfficientNetLite0()).train()
+    image = torch.randn(2, 3, 32, 32, requires_grad=True)
+    raw = torch.randn(2, 3, 16, 16, requires_grad=True)
+    c = torch.randn(2, 25)
+    D.eval()  # (in training, spectral norm's power iteration moves a little at every call)
+    k = D(image, c).shape[1]
+    logits = D({"image": image, "image_raw": raw}, c)
+    assert logits.shape == (2, 2 * k)
+    assert torch.allclose(logits[:, :k], D(image, c), atol=1e-6)  # first half: the image alone
+    assert not torch.allclose(logits, D({"image": image, "image_raw": raw}, torch.randn(2, 25)))  # camera matters
+    D.train()
+    logits = D({"image": image, "image_raw": raw}, c)
+    logits.mean().backward()
+    assert image.grad.abs().sum() > 0 and raw.grad.abs().sum() > 0  # both halves reach the generator
+    assert all(p.grad is None for p in D.features.parameters())

@@ -37,7 +37,7 @@ from portrait3d.config import ConfigMixin
 from portrait3d.networks.efficientnet import EFFICIENTNET_LITE0_CHANNELS, EFFICIENTNET_LITE0_STRIDES, EfficientNetLite0
 from portrait3d.networks.stylegan2 import MappingNetwork
 
-__all__ = ["ProjectedDiscriminatorConfig", "ProjectedDiscriminator", "FeatureMixer", "ScaleHead",
+__all__ = ["ProjectedDiscriminatorConfig", "ProjectedDiscriminator", "DualProjectedDiscriminator", "FeatureMixer", "ScaleHead",
            "VisionAidedDiscriminator"]
 
 
@@ -182,6 +182,27 @@ class ProjectedDiscriminator(nn.Module):
                 h = (h * cmap[:, :, None, None]).sum(1, keepdim=True) / math.sqrt(cmap.shape[1])
             logits.append(h.flatten(1))
         return torch.cat(logits, 1)
+
+
+class DualProjectedDiscriminator(ProjectedDiscriminator):
+    """EG3D's dual discrimination with a projected discriminator: the super-resolved image and the raw neural
+    render (upsampled to the image's size) are both judged, each conditioned on the camera, in two passes (so the
+    heads' batch normalisation sees a batch of images and a batch of renders, never a mix).
+
+    ``forward({'image': [N, 3, R, R], 'image_raw': [N, 3, r, r]}, c [N, 25]) -> logits [N, 2K]`` (the image's
+    logits, then the raw render's); a plain ``[N, 3, R, R]`` tensor is judged alone (``[N, K]``). EG3D's pixel
+    discriminator concatenates the two as 6 channels; the frozen 3-channel feature network cannot take that, so
+    each is judged on its own -- a fake is then caught when either its SR image or its raw render looks wrong,
+    which keeps the render itself (what the geometry produces) honest.
+    """
+
+    def forward(self, img: Any, c: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        if not isinstance(img, dict):
+            return super().forward(img, c, **kw)
+        image, raw = img["image"], img["image_raw"]
+        size = image.shape[-2:]
+        raw_up = F.interpolate(raw, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return torch.cat([super().forward(image, c), super().forward(raw_up.to(image.dtype), c)], dim=1)
 
 
 class VisionAidedDiscriminator(nn.Module):

@@ -43,6 +43,8 @@ from portrait3d.errors import UsageError
 from portrait3d.networks import ops
 from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator, filtered_resizing
 from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
+from portrait3d.networks.projected import (DualProjectedDiscriminator, ProjectedDiscriminatorConfig,
+                                           VisionAidedDiscriminator)
 from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 from portrait3d.training import augment
 from portrait3d.training.batches import make_loader
@@ -53,7 +55,7 @@ from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
 from portrait3d.training.run_config import RunConfig
 from portrait3d.training.snapshots import load_training_state
-from portrait3d.training.stylegan2 import auto_r1_gamma
+from portrait3d.training.stylegan2 import DISCRIMINATORS, auto_r1_gamma, discriminator_losses, generator_loss
 
 __all__ = ["EG3DTrainConfig", "PRESETS", "preset", "train_eg3d", "dataset_cameras", "gaussian_blur"]
 
@@ -83,8 +85,13 @@ class EG3DTrainConfig(ConfigMixin):
     blur_fade_kimg: float | None = None  # None: batch * 200 / 32 (EG3D); 0: no blur
     blur_raw_target: bool = True
     augment: str = "color"               # DiffAugment policy on (image, image_raw) pairs
+    discriminator: str = "stylegan2"     # stylegan2 (EG3D's dual pixel D + R1), projected, or both
+    PD: ProjectedDiscriminatorConfig = field(default_factory=lambda: ProjectedDiscriminatorConfig(c_dim=25))
+    projected_weight: float = 1.0        # 'both': weight of the projected part of the losses
 
     def gamma(self) -> float:
+        if self.discriminator == "projected":
+            return 0.0  # the projected discriminator needs no R1 (Sauer et al.)
         return self.r1_gamma if self.r1_gamma is not None else auto_r1_gamma(self.G.img_resolution, self.run.batch)
 
     def blur_fade(self) -> float:
@@ -94,6 +101,12 @@ class EG3DTrainConfig(ConfigMixin):
         augment.parse_policy(self.augment)
         if self.D.img_resolution != self.G.img_resolution or self.D.c_dim != 25:
             raise UsageError("D must be a 25-d camera-conditioned discriminator at the generator's resolution")
+        if self.discriminator not in DISCRIMINATORS:
+            raise UsageError(f"discriminator must be one of {DISCRIMINATORS}, not {self.discriminator!r}")
+        if self.discriminator != "stylegan2":
+            if self.PD.c_dim != 25:
+                raise UsageError("the projected discriminator must be conditioned on the 25-d camera (PD.c_dim = 25)")
+            self.PD.validate()
         if self.G.rendering.image_resolution != self.G.img_resolution:
             raise UsageError("G.rendering.image_resolution must equal G.img_resolution")
         if self.G.rendering.reg_type != "l1":
@@ -139,7 +152,23 @@ def _tiny() -> EG3DTrainConfig:
                       grid_samples=4))
 
 
-PRESETS: dict[str, Callable[[], EG3DTrainConfig]] = {"cpu-small": _cpu_small, "gpu": _gpu, "tiny": _tiny}
+def _cpu_proj() -> EG3DTrainConfig:
+    # The CPU recipe of default-2d carried to 3D: a backbone shaped like default-2d's synthesis network (so
+    # --init-2d can start it from those weights), 32 px neural rendering with 2x super-resolution, 24+24 samples
+    # per ray, the camera-conditioned dual projected discriminator, bf16 + channels_last.
+    return EG3DTrainConfig(
+        G=EG3DConfig(z_dim=256, w_dim=256, img_resolution=128, neural_rendering_resolution=32, sr_num_fp16_res=4,
+                     mapping=MappingConfig(num_layers=4, w_avg_beta=0.998),
+                     backbone=SynthesisConfig(channel_base=4096, channel_max=256, num_fp16_res=0, conv_clamp=None),
+                     rendering=_rendering(24, 24), plane_resolution=128),
+        D=DiscriminatorConfig(c_dim=25, img_resolution=128, channel_base=4096, channel_max=128),
+        discriminator="projected", lr_G=0.0025, lr_D=0.002,
+        run=RunConfig(batch=8, total_kimg=500, snapshot_kimg=4, sample_kimg=1, workers=0, grid_samples=8,
+                      keep_snapshots=3, precision="bf16", channels_last=True))
+
+
+PRESETS: dict[str, Callable[[], EG3DTrainConfig]] = {"cpu-small": _cpu_small, "cpu-proj": _cpu_proj, "gpu": _gpu,
+                                                      "tiny": _tiny}
 
 
 def preset(name: str) -> EG3DTrainConfig:
@@ -273,7 +302,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             with fast.autocast(info.device):
                 out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
                 logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
-            loss = F.softplus(-logits.float()).mean()
+            loss = generator_loss(logits, cfg.projected_weight, cfg.discriminator)
             note("loss_G", loss)
             return loss
 
@@ -298,13 +327,14 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             with fast.autocast(info.device):
                 with torch.no_grad():
                     out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, True, kw)
-                fake_logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw).float()
+                fake_logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
                 real_logits = _discriminate(D, {"image": real, "image_raw": real_raw}, real_c, r, cfg.augment, sigma,
-                                            kw).float()
-            loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+                                            kw)
+            loss = discriminator_losses(fake_logits, real_logits, cfg.projected_weight, cfg.discriminator)
             note("loss_D", loss)
-            note("score_real", real_logits)
-            note("score_fake", fake_logits)
+            first = (lambda x: x[0] if isinstance(x, tuple) else x)  # noqa: E731  ('both': the pixel scores)
+            note("score_real", first(real_logits).float())
+            note("score_fake", first(fake_logits).float())
             return loss
 
         def d_reg(shard: Shard, real: torch.Tensor, real_raw: torch.Tensor, real_c: torch.Tensor) -> torch.Tensor:
@@ -312,6 +342,8 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             x = real.detach().requires_grad_(True)
             x_raw = real_raw.detach().requires_grad_(True)
             logits = _discriminate(D, {"image": x, "image_raw": x_raw}, real_c, r, cfg.augment, sigma, kw)
+            if isinstance(logits, tuple):  # 'both': R1 on the pixel discriminator only
+                logits = logits[0]
             g_img, g_raw = torch.autograd.grad(logits.sum(), [x, x_raw], create_graph=True)
             penalty = g_img.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])
             note("r1_penalty", penalty)
@@ -328,12 +360,41 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
 # ----------------------------------------------------------------------------- building and training
 
 
+@torch.no_grad()
+def init_from_2d(G3: TriPlaneGenerator, G2: torch.nn.Module) -> list[str]:
+    """Start the tri-plane backbone from a trained 2D StyleGAN2 wherever the shapes match (as Mimic3D starts 3D
+    training from a 2D generator): every synthesis weight, bias and constant but the final ToRGB layers (3 colour
+    channels there, 3 x C plane channels here), the mapping layers after the first (whose input also holds the
+    camera embedding here) and the tracked ``w_avg``. Returns the copied tensor names."""
+    src = {f"synthesis.{k}": v for k, v in G2.synthesis.state_dict().items()}
+    src.update({f"mapping.{k}": v for k, v in G2.mapping.state_dict().items()})
+    dst = G3.backbone.state_dict()
+    copied = []
+    for name, value in src.items():
+        if name in dst and dst[name].shape == value.shape and not name.startswith("mapping.fc0.") \
+                and "embed" not in name and ".torgb." not in name:  # ToRGB styles drive colours, not planes
+            dst[name].copy_(value.to(dst[name].dtype))
+            copied.append(name)
+    G3.backbone.load_state_dict(dst)
+    return copied
+
+
+def build_discriminator(cfg: EG3DTrainConfig) -> torch.nn.Module:
+    """EG3D's dual pixel discriminator, the camera-conditioned dual projected one, or both side by side."""
+    from portrait3d.losses.perceptual import load_efficientnet_lite0
+
+    if cfg.discriminator == "stylegan2":
+        return DualDiscriminator(cfg.D)
+    proj = DualProjectedDiscriminator(cfg.PD, load_efficientnet_lite0())
+    return proj if cfg.discriminator == "projected" else VisionAidedDiscriminator(DualDiscriminator(cfg.D), proj)
+
+
 def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:
     """G, D, G_ema and optimisers, initialised from ``cfg.run.seed`` (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
     fast = cfg.run.fast_path()
     G = fast.prepare(TriPlaneGenerator(cfg.G).train().requires_grad_(False).to(device))
-    D = fast.prepare(DualDiscriminator(cfg.D).train().requires_grad_(False).to(device))
+    D = fast.prepare(build_discriminator(cfg).train().requires_grad_(False).to(device))
     G_ema = copy.deepcopy(G).eval()
     reg_G = cfg.G_reg_interval if cfg.G.rendering.density_reg > 0 else None
     opt_G = lazy_adam(G.parameters(), cfg.lr_G, cfg.betas, cfg.eps, reg_G)
@@ -342,8 +403,12 @@ def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:
 
 
 def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-               resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None) -> Path:
+               resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None,
+               init_2d: str | os.PathLike[str] | None = None) -> Path:
     """Train (or continue training) an EG3D generator on a built :class:`AlignedFaceDataset`.
+
+    ``init_2d``: a 2D StyleGAN2 checkpoint (or built-in name) whose weights start the tri-plane backbone where
+    the shapes match (:func:`init_from_2d`; a new run only).
 
     Same conventions as :func:`portrait3d.training.stylegan2.train_stylegan2` (single process or
     ``torchrun``; ``out_dir`` layout; bit-exact ``resume``; ``metrics`` hook on rank 0). Sample
@@ -365,6 +430,17 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
         cams = dataset_cameras(ds).to(info.device)
         nets = build_networks(cfg, info.device)
         counters = Counters()
+        if init_2d is not None:
+            if resume is not None:
+                raise UsageError("--init-2d starts a new run; it cannot be combined with --resume")
+            from portrait3d.checkpoints.load import load_network
+
+            copied = init_from_2d(nets.G, load_network(init_2d, device=info.device))
+            if not copied:
+                raise UsageError(f"{init_2d}: no weight of this 2D generator fits the tri-plane backbone")
+            nets.G_ema.load_state_dict(nets.G.state_dict())
+            if info.is_main:
+                print(f"initialised {len(copied)} backbone tensors from {init_2d}")
         if resume is not None:
             counters, meta = load_training_state(resume, nets, "eg3d")
             old = EG3DTrainConfig.from_dict(meta["config"])

@@ -121,9 +121,9 @@ def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resu
     click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9]."),
     click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off]."),
     click.option("--discriminator", type=click.Choice(sg2.DISCRIMINATORS), default=None,
-                 help="stylegan2 (pixel, R1), projected (EfficientNet-Lite0 features, hinge) or both [sg2.preset]."),
+                 help="stylegan2 (pixel, R1), projected (EfficientNet-Lite0 features, hinge) or both [preset]."),
     click.option("--resolution", type=click.Choice(["32", "64", "128", "256", "512", "1024"]), default=None,
-                 help="Train G and D at this size (the dataset is box-filtered down) [sg2.preset]."),
+                 help="Train G and D at this size (the dataset is box-filtered down) [preset]."),
     click.option("--grow-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                  help="Start from a snapshot at the same or a lower resolution (progressive growing)."),
     click.option("--face-metrics", type=click.IntRange(0), default=0,
@@ -160,23 +160,30 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
 @run_options(e3d.PRESETS, data_help="Built dataset folder (images.npy + labels.json with cameras).", lr_d_default=0.002,
              extra=[
     click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
-                 help="Neural rendering resolution [e3d.preset]."),
+                 help="Neural rendering resolution [preset]."),
     click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this."),
     click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25]."),
     click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004]."),
     click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5]."),
     click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none."),
     click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none."),
+    click.option("--discriminator", type=click.Choice(sg2.DISCRIMINATORS), default=None,
+                 help="stylegan2 (EG3D's dual pixel D, R1), projected (camera-conditioned, on EfficientNet-Lite0 "
+                      "features of the image and the raw render, hinge) or both [preset]."),
+    click.option("--init-2d", type=str, default=None,
+                 help="Start the tri-plane backbone from this 2D StyleGAN2 (checkpoint or built-in name, e.g. "
+                      "default-2d) where shapes match; a new run only."),
 ])
 @fail_cleanly
 def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
          neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
-         gpc_prob: float | None, blur_fade: float | None, policy: str | None, **overrides: Any) -> None:
+         gpc_prob: float | None, blur_fade: float | None, policy: str | None, discriminator: str | None,
+         init_2d: str | None, **overrides: Any) -> None:
     """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun).
 
     \b
     Example:
-      portrait3d train eg3d --data DATA --out runs/eg3d --config cpu-small --precision bf16
+      portrait3d train eg3d --data DATA --out runs/eg3d --config cpu-proj --init-2d default-2d --threads 1
     """
     cfg = e3d.preset(preset_name)
     apply_cli_options(cfg, **overrides)
@@ -185,7 +192,7 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
     rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
     cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
     for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
-                    ("blur_fade_kimg", blur_fade)):
+                    ("blur_fade_kimg", blur_fade), ("discriminator", discriminator)):
         if v is not None:
             setattr(cfg, name, v)
 
@@ -195,7 +202,8 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
         cams = e3d.dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror))
         return sg2.fid_hook(data, fid, dev, cameras=cams)
 
-    run_cli(e3d.train_eg3d, cfg, data, out, resume, fid, make_fid_hook)
+    train = functools.partial(e3d.train_eg3d, init_2d=init_2d) if init_2d is not None else e3d.train_eg3d
+    run_cli(train, cfg, data, out, resume, fid, make_fid_hook)
 
 
 # ----------------------------------------------------------------------------- method networks

@@ -33,7 +33,8 @@ __all__ = ["SuperresolutionHybrid2X", "SuperresolutionHybrid4X", "Superresolutio
 class _Superresolution(nn.Module):
     """Shared forward: resample inputs to ``input_resolution``, run ``block0`` then ``block1``.
 
-    Shape: ``rgb [N, 3, r, r], x [N, C, r, r], ws [N, num_ws, 512] -> [N, 3, R, R]``.
+    Shape: ``rgb [N, 3, r, r], x [N, C, r, r], ws [N, num_ws, w_dim] -> [N, 3, R, R]``
+    (EG3D's models: ``w_dim = 512``).
     """
 
     output_resolution: int
@@ -46,7 +47,7 @@ class _Superresolution(nn.Module):
 
     def __init__(self, channels: int, img_resolution: int, sr_num_fp16_res: int, sr_antialias: bool = True,
                  num_fp16_res: int = 4, conv_clamp: float | None = None, channel_base: int | None = None,
-                 channel_max: int | None = None, **block_kwargs: Any) -> None:
+                 channel_max: int | None = None, w_dim: int = 512, **block_kwargs: Any) -> None:
         super().__init__()
         if img_resolution != self.output_resolution:
             raise ValueError(f"{type(self).__name__} produces {self.output_resolution} px, "
@@ -56,9 +57,9 @@ class _Superresolution(nn.Module):
         self.sr_antialias = sr_antialias
         out0, res0, up0 = self.block0_spec
         in1, out1, res1, up1 = self.block1_spec
-        self.block0 = SynthesisBlock(channels, out0, w_dim=512, resolution=res0, img_channels=3, is_last=False,
+        self.block0 = SynthesisBlock(channels, out0, w_dim=w_dim, resolution=res0, img_channels=3, is_last=False,
                                      use_fp16=use_fp16, conv_clamp=clamp, upsample=up0, **block_kwargs)
-        self.block1 = SynthesisBlock(in1, out1, w_dim=512, resolution=res1, img_channels=3, is_last=True,
+        self.block1 = SynthesisBlock(in1, out1, w_dim=w_dim, resolution=res1, img_channels=3, is_last=True,
                                      use_fp16=use_fp16, conv_clamp=clamp, upsample=up1, **block_kwargs)
         if self.has_filter:
             self.register_buffer("resample_filter", ops.setup_filter([1, 3, 3, 1]))

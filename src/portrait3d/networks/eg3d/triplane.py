@@ -121,7 +121,8 @@ class TriPlaneGenerator(nn.Module):
         self.superresolution = build_superresolution(
             config.rendering.superresolution_module, channels=config.plane_channels,
             img_resolution=config.img_resolution, sr_num_fp16_res=config.sr_num_fp16_res,
-            sr_antialias=config.rendering.sr_antialias, fused_modconv_default=config.sr_fused_modconv_default)
+            sr_antialias=config.rendering.sr_antialias, fused_modconv_default=config.sr_fused_modconv_default,
+            w_dim=config.w_dim)
         self.decoder = OSGDecoder(config.plane_channels, {"decoder_lr_mul": config.rendering.decoder_lr_mul,
                                                           "decoder_output_dim": config.plane_channels})
         self._last_planes: torch.Tensor | None = None
