@@ -81,3 +81,30 @@ def test_half_precision_storage(tiny_stylegan2, tmp_path):
     a = tiny_stylegan2.eval()(z, None, noise_mode="const")
     b = G(z, None, noise_mode="const")
     assert (a - b).abs().max() < 1e-2 * a.abs().max()
+
+
+@pytest.mark.parametrize("net, key, value", [
+    ("tiny_stylegan2", "z_dim", -4),
+    ("tiny_stylegan2", "img_resolution", 100),
+    ("tiny_eg3d", "plane_channels", 0),
+    ("tiny_eg3d", "w_dim", "512"),
+])
+def test_a_tampered_config_is_a_checkpoint_error_not_a_crash(net, key, value, tmp_path, request):
+    """A config that parses but describes no network (a negative width, a resolution that is not a power of
+    two, a string) fails with one CheckpointError line before any tensor is built."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_network(request.getfixturevalue(net), tmp_path / "g.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    config[key] = value
+    meta["config"] = json.dumps(config)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match=key):
+        load_network(bad)

@@ -462,6 +462,35 @@ class StyleGAN2Config(ConfigMixin):
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
 
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` for dimensions no generator can have."""
+        m, y = self.mapping, self.synthesis
+        _check_dims("StyleGAN2Config", z_dim=("nonneg", self.z_dim), c_dim=("nonneg", self.c_dim),
+                    w_dim=("pos", self.w_dim), img_resolution=("pow2", self.img_resolution),
+                    img_channels=("pos", self.img_channels), mapping_num_layers=("pos", m.num_layers),
+                    channel_base=("pos", y.channel_base), channel_max=("pos", y.channel_max),
+                    num_fp16_res=("nonneg", y.num_fp16_res))
+        if self.z_dim == 0 and self.c_dim == 0:
+            raise ValueError("StyleGAN2Config needs z_dim > 0 or c_dim > 0")
+
+
+def _check_dims(where: str, **dims: Any) -> None:
+    """Refuse configurations no network can have (a tampered or corrupt config) before any tensor is built."""
+    for name, v in dims.items():
+        kind, value = v
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and kind == "pos":
+            ok = value > 0
+        elif ok and kind == "nonneg":
+            ok = value >= 0
+        elif ok and kind == "pow2":
+            ok = 4 <= value <= 8192 and value & (value - 1) == 0
+        if not ok:
+            need = {"pos": "a positive integer", "nonneg": "an integer >= 0",
+                    "pow2": "a power of two from 4 to 8192"}[kind]
+            raise ValueError(f"{where}.{name} must be {need}, not {value!r}")
+
+
 class Generator(nn.Module):
     """StyleGAN2 generator G = g ∘ f with the official call signatures.
 
@@ -470,6 +499,7 @@ class Generator(nn.Module):
 
     def __init__(self, config: StyleGAN2Config) -> None:
         super().__init__()
+        config.validate()
         self.config = config
         self.z_dim = config.z_dim
         self.c_dim = config.c_dim

@@ -8,6 +8,7 @@ its traceback. ``portrait3d --debug CMD`` shows the traceback for every error.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any, Callable
 
@@ -15,13 +16,26 @@ import click
 
 from portrait3d.errors import UsageError
 
-__all__ = ["main", "fail_cleanly", "EXPECTED_ERRORS", "CONTEXT_SETTINGS"]
+__all__ = ["main", "fail_cleanly", "EXPECTED_ERRORS", "CONTEXT_SETTINGS", "FiniteFloat"]
 
 CONTEXT_SETTINGS: dict = {"help_option_names": ["-h", "--help"], "show_default": True}
 """Every group and command: ``-h`` for help, and defaults shown in help."""
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (UsageError, OSError)
 """Errors that are the user's to fix: printed as one line, exit code 2."""
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite (click's FLOAT and FloatRange let NaN and Inf through: NaN compares false
+    with any bound), optionally within ``min``/``max``. Every float option of the command line uses it."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        v = super().convert(value, param, ctx)
+        if v is not None and not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
 
 
 def _debug_requested() -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
 from portrait3d.interfaces.cli.options import compute_options
 from portrait3d.utils.compute import setup_compute
 
@@ -21,7 +21,7 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of orbit.mp4.")
 @click.option("--fps", type=click.IntRange(1, 120), default=24, help="Frame rate of orbit.mp4.")
 @click.option("--seed", type=int, default=0, help="Random seed.")
-@click.option("--truncation", type=click.FloatRange(0, 1), default=0.7, help="Truncation psi.")
+@click.option("--truncation", type=FiniteFloat(0, 1), default=0.7, help="Truncation psi.")
 @click.option("--force", is_flag=True, help="Overwrite existing demo outputs in OUT.")
 @compute_options
 @fail_cleanly

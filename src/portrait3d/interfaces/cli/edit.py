@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from portrait3d.errors import UsageError
-from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
 from portrait3d.interfaces.cli.options import (
     check_batch_files,
     compute_options,
@@ -41,7 +41,7 @@ def nrsfm() -> None:
               default="mediapipe", help="Face box on the generated samples: a detector, or 'template' (the aligned "
                                         "generator's fixed box; fastest, frontal samples only).")
 @click.option("--seed", type=int, default=0, help="Seed of the latent stream.")
-@click.option("--truncation", type=click.FloatRange(0, 1), default=1.0, help="Truncation psi of sampled latents.")
+@click.option("--truncation", type=FiniteFloat(0, 1), default=1.0, help="Truncation psi of sampled latents.")
 @click.option("--factorize-samples", type=click.IntRange(50), default=4000, help="Faces used by the factorisation.")
 @click.option("--epochs", type=click.IntRange(1), default=60, help="Regressor training epochs.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -79,7 +79,7 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--mode", type=click.Choice(["linear", "gradient"]), default="gradient",
                      help="Eq. 14 (Jacobian pseudo-inverse) or eq. 15 (gradient with identity term)."),
         click.option("--steps", type=click.IntRange(1, 10000), default=50, help="Gradient-edit steps."),
-        click.option("--lambda-id", type=click.FloatRange(0), default=0.01, help="Identity weight λ_ID of eq. 15."),
+        click.option("--lambda-id", type=FiniteFloat(0), default=0.01, help="Identity weight λ_ID of eq. 15."),
         click.option("--sample-detector", "detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog", "template"]),
                      default="mediapipe", help="Face box on the generated images (before and after the edit): a "
                                                "detector, or 'template' (the aligned generator's fixed box)."),
@@ -96,11 +96,11 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @click.argument("source", type=str)
 @click.option("--method", type=click.Choice(["nrsfm"]), default="nrsfm", help="Editing method.")
-@click.option("--yaw", type=click.FloatRange(-90, 90), default=None,
+@click.option("--yaw", type=FiniteFloat(-90, 90), default=None,
               help="Head yaw to reach, degrees (+ = the head turns to its left) [default: unchanged].")
-@click.option("--pitch", type=click.FloatRange(-89, 89), default=None,
+@click.option("--pitch", type=FiniteFloat(-89, 89), default=None,
               help="Head pitch to reach, degrees (+ = chin up) [default: unchanged].")
-@click.option("--roll", type=click.FloatRange(-90, 90), default=None,
+@click.option("--roll", type=FiniteFloat(-90, 90), default=None,
               help="Head roll to reach, degrees (+ = the face turns clockwise in the image) [default: unchanged].")
 @click.option("--relative", is_flag=True,
               help="Read --yaw/--pitch/--roll as changes of the face's own angles (the paper's protocol; "

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
 from portrait3d.interfaces.cli.options import (
     check_batch_files,
     compute_options,
@@ -94,8 +94,8 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
 
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--yaw", "yaws", type=float, multiple=True, help="Head yaw in degrees; repeatable.")
-@click.option("--pitch", type=click.FloatRange(-89, 89), default=None,
+@click.option("--yaw", "yaws", type=FiniteFloat(-90, 90), multiple=True, help="Head yaw in degrees; repeatable.")
+@click.option("--pitch", type=FiniteFloat(-89, 89), default=None,
               help="Head pitch in degrees [default: the optimised pitch].")
 @click.option("--orbit", is_flag=True, help="Also write render_orbit.mp4 (EG3D's orbit).")
 @click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of render_orbit.mp4.")

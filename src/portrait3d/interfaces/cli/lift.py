@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
 from portrait3d.interfaces.cli.options import (
     check_batch_files,
     compute_options,
@@ -29,7 +29,7 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--lifted", "lifted_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               show_default="models/<network>/lifted.safetensors when shipped",
               help="Lifting model written by `portrait3d train lift`.")
-@click.option("--yaw", "yaws", type=float, multiple=True, show_default="-60 -30 0 30 60",
+@click.option("--yaw", "yaws", type=FiniteFloat(-90, 90), multiple=True, show_default="-60 -30 0 30 60",
               help="Yaw of a view in rotated.png, degrees within [-90, 90]; repeatable.")
 @click.option("--light", type=str, default=None, metavar="X,Y",
               help="Extra light direction for relit.png, X and Y in [-1, 1] as D_L predicts them "

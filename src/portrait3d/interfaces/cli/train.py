@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from portrait3d.errors import UsageError
-from portrait3d.interfaces.cli.base import CONTEXT_SETTINGS, fail_cleanly, main
+from portrait3d.interfaces.cli.base import CONTEXT_SETTINGS, fail_cleanly, FiniteFloat, main
 from portrait3d.methods.inversion3d import train as inv
 from portrait3d.methods.lifting import train as lifting
 from portrait3d.training import eg3d as e3d
@@ -52,23 +52,23 @@ def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
         click.option("--config", "preset_name", type=click.Choice(sorted(presets)), default="cpu-small",
                      help="Network and schedule preset."),
-        click.option("--kimg", type=float, default=None, help="Total training length in thousands of images [preset]."),
+        click.option("--kimg", type=FiniteFloat(), default=None, help="Total training length in thousands of images [preset]."),
         click.option("--batch", type=int, default=None, help="Global batch size [preset]."),
         click.option("--batch-gpu", type=int, default=None, help="Per-process micro-batch (gradient accumulation)."),
         click.option("--resume", type=dir_in, default=None,
                      help="Snapshot folder (or run folder: newest snapshot) to continue from."),
-        click.option("--gamma", type=float, default=None, help="R1 weight [0.0002 * res^2 / batch]."),
-        click.option("--lr-g", type=float, default=None, help="Generator learning rate [0.0025]."),
-        click.option("--lr-d", type=float, default=None, help=f"Discriminator learning rate [{lr_d_default:g}]."),
+        click.option("--gamma", type=FiniteFloat(), default=None, help="R1 weight [0.0002 * res^2 / batch]."),
+        click.option("--lr-g", type=FiniteFloat(), default=None, help="Generator learning rate [0.0025]."),
+        click.option("--lr-d", type=FiniteFloat(), default=None, help=f"Discriminator learning rate [{lr_d_default:g}]."),
         *extra,
         click.option("--seed", type=int, default=None, help="Random seed [0]."),
-        click.option("--snap", type=float, default=None, help="Snapshot interval in kimg [preset]."),
-        click.option("--sample-every", type=float, default=None, help="Sample-grid interval in kimg [preset]."),
-        click.option("--metrics-every", type=float, default=None, help="Metrics interval in kimg [preset]."),
+        click.option("--snap", type=FiniteFloat(), default=None, help="Snapshot interval in kimg [preset]."),
+        click.option("--sample-every", type=FiniteFloat(), default=None, help="Sample-grid interval in kimg [preset]."),
+        click.option("--metrics-every", type=FiniteFloat(), default=None, help="Metrics interval in kimg [preset]."),
         click.option("--fid", type=int, default=0, help="FID with N generated images as the metrics hook (0 = none)."),
         click.option("--workers", type=int, default=None, help="Data-loading processes per rank [preset]."),
         click.option("--threads", type=int, default=None, help="CPU threads per process [torch default]."),
-        click.option("--max-minutes", type=click.FloatRange(0), default=None,
+        click.option("--max-minutes", type=FiniteFloat(0), default=None,
                      help="Stop with a snapshot after this much wall time (0 = no limit) [0]."),
         click.option("--limit", type=int, default=None, help="Use only the first N faces."),
         click.option("--mirror/--no-mirror", default=None, help="X-flip augmentation [on]."),
@@ -118,8 +118,8 @@ def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resu
 @train.command("stylegan2")
 @run_options(sg2.PRESETS, data_help="Built dataset folder (images.npy + labels.json).", lr_d_default=0.0025, extra=[
     click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy, '' for none."),
-    click.option("--mixing", type=click.FloatRange(0, 1), default=None, help="Style-mixing probability [0.9]."),
-    click.option("--pl-weight", type=float, default=None, help="Path-length regularisation weight [0 = off]."),
+    click.option("--mixing", type=FiniteFloat(0, 1), default=None, help="Style-mixing probability [0.9]."),
+    click.option("--pl-weight", type=FiniteFloat(), default=None, help="Path-length regularisation weight [0 = off]."),
     click.option("--discriminator", type=click.Choice(sg2.DISCRIMINATORS), default=None,
                  help="stylegan2 (pixel, R1), projected (EfficientNet-Lite0 features, hinge) or both [preset]."),
     click.option("--resolution", type=click.Choice(["32", "64", "128", "256", "512", "1024"]), default=None,
@@ -162,10 +162,10 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
     click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
                  help="Neural rendering resolution [preset]."),
     click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this."),
-    click.option("--density-reg", type=float, default=None, help="Density regularisation weight [0.25]."),
-    click.option("--density-reg-p-dist", type=float, default=None, help="Density regularisation offset std [0.004]."),
-    click.option("--gpc-prob", type=click.FloatRange(0, 1), default=None, help="Camera swapping probability [0.5]."),
-    click.option("--blur-fade", type=float, default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none."),
+    click.option("--density-reg", type=FiniteFloat(), default=None, help="Density regularisation weight [0.25]."),
+    click.option("--density-reg-p-dist", type=FiniteFloat(), default=None, help="Density regularisation offset std [0.004]."),
+    click.option("--gpc-prob", type=FiniteFloat(0, 1), default=None, help="Camera swapping probability [0.5]."),
+    click.option("--blur-fade", type=FiniteFloat(), default=None, help="Blur fade-out in kimg [batch * 200 / 32]; 0 = none."),
     click.option("--augment", "policy", type=str, default=None, help="DiffAugment policy ['color'], '' for none."),
     click.option("--discriminator", type=click.Choice(sg2.DISCRIMINATORS), default=None,
                  help="stylegan2 (EG3D's dual pixel D, R1), projected (camera-conditioned, on EfficientNet-Lite0 "
@@ -212,12 +212,12 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
 @click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
               help="2D StyleGAN2 checkpoint or built-in name.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
-@click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, show_default="400",
+@click.option("--kimg", type=FiniteFloat(min=0, min_open=True), default=None, show_default="400",
               help="Training length in thousands of sampled latents.")
 @click.option("--batch", type=click.IntRange(1), default=None, show_default="8", help="Latents per step.")
 @click.option("--size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None, show_default="64",
               help="Resolution of depth, albedo and renders (the 2D images are resized to it).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, show_default="1e-4",
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, show_default="1e-4",
               help="Adam learning rate.")
 @click.option("--decoder-channels", type=click.IntRange(8, 1024), default=None, show_default="256",
               help="Widest layer of the D_S / D_T decoders (128 halves their cost and size; a new run only).")
@@ -227,9 +227,9 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
               help="Switch a loss off (repeatable): flip (eq. 3), perturb (eqs. 4-7), identity (eq. 8), "
                    "albedo (rank, eq. 9).")
 @click.option("--seed", type=int, default=None, show_default="0", help="Random seed.")
-@click.option("--snap", type=click.FloatRange(0), default=None, show_default="40",
+@click.option("--snap", type=FiniteFloat(0), default=None, show_default="40",
               help="Snapshot interval in kimg (0: only at the end).")
-@click.option("--sample-every", type=click.FloatRange(0), default=None, show_default="4",
+@click.option("--sample-every", type=FiniteFloat(0), default=None, show_default="4",
               help="Sample-grid interval in kimg (0: only at the end).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, show_default="auto",
               help="Device (auto: CUDA when available).")
@@ -288,23 +288,23 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--network", type=str, default="default-3d", help="EG3D generator checkpoint or built-in name."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."),
-        click.option("--kimg", type=float, default=200.0, help="Training length in thousands of pseudo pairs."),
+        click.option("--kimg", type=FiniteFloat(), default=200.0, help="Training length in thousands of pseudo pairs."),
         click.option("--batch", type=int, default=None, help="Batch size [8 encoder, 16 pose]."),
-        click.option("--lr", type=float, default=1e-4, help="Adam learning rate."),
+        click.option("--lr", type=FiniteFloat(), default=1e-4, help="Adam learning rate."),
         click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Snapshot folder (or run folder: newest snapshot) to continue from."),
         click.option("--input-size", type=int, default=128, help="Network input resolution (power of two)."),
         click.option("--depth", type=click.Choice(["18", "34"]), default="34", help="ResNet depth."),
         click.option("--width", type=int, default=64, help="ResNet width (channels of the first stage)."),
-        click.option("--yaw", "yaw_max", type=float, default=30.0, help="Pseudo pairs: yaw in [-YAW, YAW] degrees."),
-        click.option("--pitch", "pitch_max", type=float, default=20.0, help="Pseudo pairs: pitch in [-PITCH, PITCH]."),
+        click.option("--yaw", "yaw_max", type=FiniteFloat(), default=30.0, help="Pseudo pairs: yaw in [-YAW, YAW] degrees."),
+        click.option("--pitch", "pitch_max", type=FiniteFloat(), default=20.0, help="Pseudo pairs: pitch in [-PITCH, PITCH]."),
         click.option("--pose-dist", type=click.Choice(["uniform", "gaussian"]), default="uniform",
                      help="Pseudo-pair pose distribution (gaussian: clipped, range = +-2 std)."),
-        click.option("--psi", type=float, default=0.7, help="Pseudo pairs: truncation psi."),
+        click.option("--psi", type=FiniteFloat(), default=0.7, help="Pseudo pairs: truncation psi."),
         click.option("--seed", type=int, default=0, help="Seed of the network initialisation and of the pseudo pairs."),
-        click.option("--snap", type=float, default=10.0, help="Snapshot interval in kimg (0: only at the end)."),
-        click.option("--sample-every", type=float, default=2.0, help="Sample-grid interval in kimg (0: none)."),
-        click.option("--ema", "ema_kimg", type=float, default=1.0,
+        click.option("--snap", type=FiniteFloat(), default=10.0, help="Snapshot interval in kimg (0: only at the end)."),
+        click.option("--sample-every", type=FiniteFloat(), default=2.0, help="Sample-grid interval in kimg (0: none)."),
+        click.option("--ema", "ema_kimg", type=FiniteFloat(), default=1.0,
                      help="EMA half-life in kimg (0: export the last weights)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."),
         click.option("--threads", type=int, default=None, help="CPU threads [torch default]."),
@@ -340,10 +340,10 @@ def _load_generator(name: str, device: str) -> nn.Module:
 @_common_options
 @click.option("--discriminator", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="EG3D training snapshot (or run folder) whose D gives the adversarial term.")
-@click.option("--lambda-perceptual", type=float, default=0.8, help="Perceptual-loss weight (0: off).")
-@click.option("--lambda-adv", type=float, default=0.1, help="Adversarial weight (with --discriminator).")
-@click.option("--lambda-reg", type=float, default=2e-4, help="||delta w||^2 weight.")
-@click.option("--lambda-latent", type=float, default=0.0, help="Latent loss ||E(x) - w||^2 weight.")
+@click.option("--lambda-perceptual", type=FiniteFloat(), default=0.8, help="Perceptual-loss weight (0: off).")
+@click.option("--lambda-adv", type=FiniteFloat(), default=0.1, help="Adversarial weight (with --discriminator).")
+@click.option("--lambda-reg", type=FiniteFloat(), default=2e-4, help="||delta w||^2 weight.")
+@click.option("--lambda-latent", type=FiniteFloat(), default=0.0, help="Latent loss ||E(x) - w||^2 weight.")
 @fail_cleanly
 def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv: float, lambda_reg: float,
                 lambda_latent: float, **kw: Any) -> None:
@@ -368,10 +368,10 @@ def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv
 @train.command("pose")
 @_common_options
 @click.option("--roll/--no-roll", default=False, help="Predict roll (6D rotation) and draw pseudo pairs with roll.")
-@click.option("--roll-max", type=float, default=15.0, help="With --roll: roll in [-ROLL_MAX, ROLL_MAX] degrees.")
-@click.option("--translation-std", type=float, default=0.02, help="Pseudo-pair camera offset std (world units).")
-@click.option("--lambda-translation", type=float, default=10.0, help="Camera-offset loss weight.")
-@click.option("--lambda-reproj", type=float, default=0.0, help="Re-rendering loss ||G(w, P(x)) - x||^2 weight.")
+@click.option("--roll-max", type=FiniteFloat(), default=15.0, help="With --roll: roll in [-ROLL_MAX, ROLL_MAX] degrees.")
+@click.option("--translation-std", type=FiniteFloat(), default=0.02, help="Pseudo-pair camera offset std (world units).")
+@click.option("--lambda-translation", type=FiniteFloat(), default=10.0, help="Camera-offset loss weight.")
+@click.option("--lambda-reproj", type=FiniteFloat(), default=0.0, help="Re-rendering loss ||G(w, P(x)) - x||^2 weight.")
 @click.option("--eval-n", type=int, default=64, help="Fresh pseudo pairs for the final pose-error report (0: none).")
 @fail_cleanly
 def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_translation: float, lambda_reproj: float,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, main
+from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
 from portrait3d.interfaces.cli.options import compute_options
 from portrait3d.utils.compute import setup_compute
 
@@ -33,8 +33,8 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of the orbit video.")
 @click.option("--mesh-resolution", type=click.IntRange(16, 512), default=96,
               help="Marching-cubes grid side of the mesh.")
-@click.option("--max-upload-mb", type=click.FloatRange(0.1, 200), default=10.0, help="Largest photo accepted, in MB.")
-@click.option("--max-megapixels", type=click.FloatRange(0.1, 64), default=25.0,
+@click.option("--max-upload-mb", type=FiniteFloat(0.1, 200), default=10.0, help="Largest photo accepted, in MB.")
+@click.option("--max-megapixels", type=FiniteFloat(0.1, 64), default=25.0,
               help="Largest photo accepted, in megapixels (checked before decoding).")
 @compute_options
 @fail_cleanly

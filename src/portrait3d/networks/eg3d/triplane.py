@@ -98,12 +98,24 @@ class EG3DConfig(ConfigMixin):
     plane_channels: int = 32
     plane_resolution: int = 256
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` for dimensions no EG3D generator can have."""
+        from portrait3d.networks.stylegan2 import _check_dims
+
+        _check_dims("EG3DConfig", z_dim=("nonneg", self.z_dim), c_dim=("nonneg", self.c_dim), w_dim=("pos", self.w_dim),
+                    img_resolution=("pow2", self.img_resolution), plane_resolution=("pow2", self.plane_resolution),
+                    plane_channels=("pos", self.plane_channels),
+                    neural_rendering_resolution=("pos", self.neural_rendering_resolution),
+                    channel_base=("pos", self.backbone.channel_base), channel_max=("pos", self.backbone.channel_max),
+                    mapping_num_layers=("pos", self.mapping.num_layers))
+
 
 class TriPlaneGenerator(nn.Module):
     """EG3D generator: camera-conditioned mapping, tri-plane backbone, renderer, super-resolution."""
 
     def __init__(self, config: EG3DConfig) -> None:
         super().__init__()
+        config.validate()
         self.config = config
         self.z_dim = config.z_dim
         self.c_dim = config.c_dim
