@@ -41,8 +41,14 @@ from typing import Any, Callable
 import click
 import torch
 
-from portrait3d.methods.inversion3d.pipeline import (face_landmarks68, initialise, load_networks,
-                                                     make_inversion_config, resolve_align, to_tensor)
+from portrait3d.methods.inversion3d.pipeline import (
+    face_landmarks68,
+    initialise,
+    load_networks,
+    make_inversion_config,
+    resolve_align,
+    to_tensor,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_UTK = REPO.parent / "shared" / "data" / "utkface"

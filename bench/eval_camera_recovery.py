@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from portrait3d.methods.inversion3d.pipeline import load_networks
-from portrait3d.utils.io import write_json
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
+from portrait3d.utils.io import write_json
 
 EVAL_SEED_KEY = 0xCA3E  # pseudo-pair seed offset: keeps these pairs apart from the training streams' seeds
 

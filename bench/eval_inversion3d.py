@@ -65,12 +65,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.methods.inversion3d.pipeline import (NOVEL_YAWS, face_landmarks68, initialise, load_networks,
-                                                     render_views, resolve_align, to_tensor, view_camera)
+from portrait3d.methods.inversion3d.pipeline import (
+    NOVEL_YAWS,
+    face_landmarks68,
+    initialise,
+    load_networks,
+    render_views,
+    resolve_align,
+    to_tensor,
+    view_camera,
+)
 from portrait3d.metrics.psnr import psnr
-from portrait3d.utils.io import write_json
 from portrait3d.metrics.ssim import ms_ssim, ms_ssim_scales
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
+from portrait3d.utils.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_UTK = REPO.parent / "shared" / "data" / "utkface"

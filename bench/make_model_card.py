@@ -50,8 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from portrait3d.checkpoints.load import load_network  # noqa: E402
 from portrait3d.face.io import save_image  # noqa: E402
 from portrait3d.metrics import fid as fidm  # noqa: E402
-from portrait3d.metrics.detection_rate import (EVAL_YAWS, detection_rate, eval_cameras,  # noqa: E402
-                                               generator_detection_rates)
+from portrait3d.metrics.detection_rate import EVAL_YAWS, detection_rate, eval_cameras, generator_detection_rates  # noqa: E402
 from portrait3d.networks.eg3d.triplane import TriPlaneGenerator  # noqa: E402
 from portrait3d.utils.visualize import make_grid, to_uint8  # noqa: E402
 
@@ -105,9 +104,9 @@ def _dataset_facts(root: Path) -> dict:
 @torch.no_grad()
 def _visuals(G, out_dir: Path, device: torch.device, seed: int, truncation: float, force: bool) -> list[str]:
     """samples.png (+ depth.png, orbit.mp4 for EG3D). Returns the written file names."""
-    from portrait3d.utils.visualize import colour_depth
     from portrait3d.networks.eg3d.camera import camera_from_angles
     from portrait3d.utils.video import orbit_cameras, write_mp4
+    from portrait3d.utils.visualize import colour_depth
 
     gen = torch.Generator().manual_seed(seed)
     n = 32

@@ -37,8 +37,7 @@ def main(network: str, spaces: str, samples: int, basis: int, n_eval: int, eval_
     from portrait3d.checkpoints import load_network
     from portrait3d.methods.nrsfm.data import LandmarkDataConfig
     from portrait3d.methods.nrsfm.editor import BuildConfig, build_editor
-    from portrait3d.methods.nrsfm.evaluate import (EvalConfig, evaluate_table1, expression_edit_check,
-                                                   pose_edit_check)
+    from portrait3d.methods.nrsfm.evaluate import EvalConfig, evaluate_table1, expression_edit_check, pose_edit_check
 
     torch.set_num_threads(threads)
     G = load_network(network).eval().requires_grad_(False)

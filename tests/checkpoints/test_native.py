@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import parity_file
 
 from portrait3d import CheckpointError, load_network, save_network
-from tests.conftest import parity_file
 
 
 def test_stylegan2_round_trip(tiny_stylegan2, tmp_path):

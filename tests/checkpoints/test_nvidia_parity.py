@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.conftest import parity_file
 
 from portrait3d import load_network
 from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
 from portrait3d.networks.stylegan2 import Generator, SynthesisBlock
-from tests.conftest import parity_file
 
 TOL = 1e-4
 

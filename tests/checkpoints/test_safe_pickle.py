@@ -10,10 +10,10 @@ import types
 from pathlib import Path
 
 import pytest
+from tests.conftest import parity_file
 
 from portrait3d import CheckpointError, load_network
 from portrait3d.checkpoints.safe_pickle import PersistentStub, UnsafeCheckpointError, safe_load_pickle
-from tests.conftest import parity_file
 
 
 def _nvidia_style_pickle(module_src: str, class_name: str = "Generator", extra: object = None) -> bytes:

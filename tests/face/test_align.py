@@ -5,12 +5,22 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-
-from portrait3d.face.align import (ALIGNERS, DEFAULT_TEMPLATE, AlignedFace, align_default,
-                                   align_eg3d, align_ffhq, apply_transform, ffhq_quad,
-                                   paste_back, similarity_transform, warp_image)
-from portrait3d.face.landmarks import five_points
 from tests.conftest import shared_path
+
+from portrait3d.face.align import (
+    ALIGNERS,
+    DEFAULT_TEMPLATE,
+    AlignedFace,
+    align_default,
+    align_eg3d,
+    align_ffhq,
+    apply_transform,
+    ffhq_quad,
+    paste_back,
+    similarity_transform,
+    warp_image,
+)
+from portrait3d.face.landmarks import five_points
 
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:

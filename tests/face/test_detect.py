@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tests.conftest import shared_path
 
 from portrait3d.face.detect import Detection, FaceDetector, box_iou, select_face
 from portrait3d.face.errors import NoFaceError
-from tests.conftest import shared_path
 
 FR = "data/portraits/face_recognition/examples/"
 

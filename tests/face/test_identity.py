@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.conftest import shared_path
 
 from portrait3d.face.dlib_serialize import DlibReader, read_dlib_network
 from portrait3d.face.identity import (
@@ -24,7 +25,6 @@ from portrait3d.face.identity import (
     same_person,
 )
 from portrait3d.face.models import dlib_model_path
-from tests.conftest import shared_path
 
 dlib = pytest.importorskip("dlib")
 

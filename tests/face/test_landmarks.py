@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tests.conftest import shared_path
 
 from portrait3d.face.errors import NoFaceError
-from portrait3d.face.landmarks import (IBUG68_MIRROR, IBUG68_REGIONS, MESH_TO_IBUG68,
-                                       FaceLandmarks, LandmarkDetector, five_points,
-                                       mesh_to_ibug68)
-from tests.conftest import shared_path
+from portrait3d.face.landmarks import (
+    IBUG68_MIRROR,
+    IBUG68_REGIONS,
+    MESH_TO_IBUG68,
+    FaceLandmarks,
+    LandmarkDetector,
+    five_points,
+    mesh_to_ibug68,
+)
 
 
 @pytest.fixture(scope="module")

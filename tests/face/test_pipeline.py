@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tests.conftest import shared_path
 
 from portrait3d.face.errors import FaceError, NoFaceError
 from portrait3d.face.pipeline import FacePipeline, compare_photos
 from portrait3d.interfaces.cli import main
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
-from tests.conftest import shared_path
 
 EXAMPLES = "data/portraits/face_recognition/examples"
 

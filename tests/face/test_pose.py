@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests.conftest import shared_path
 
 from portrait3d.face.pose import (
     EG3D_FOV_DEG,
@@ -27,7 +28,6 @@ from portrait3d.networks.eg3d.camera import (
     pose_angles_from_camera,
     roll_from_camera,
 )
-from tests.conftest import shared_path
 
 MIRROR = np.array([16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
                    26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 27, 28, 29, 30, 35, 34, 33, 32, 31,

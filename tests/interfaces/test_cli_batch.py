@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
 
 from portrait3d import save_network
-from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
 
 N_FACES = 28
 
@@ -202,9 +202,9 @@ def test_invert3d_batch(tmp_path, one_thread):
 
 def test_lift_batch_of_latents(tmp_path, one_thread):
     from click.testing import CliRunner
+    from tests.conftest import make_cli_stylegan2
 
     from portrait3d.interfaces.cli.train import lift_cmd
-    from tests.conftest import make_cli_stylegan2
 
     net = save_network(make_cli_stylegan2(), tmp_path / "g.safetensors")
     res = CliRunner().invoke(lift_cmd, ["--network", str(net), "--out", str(tmp_path / "run"), "--kimg", "0.004",

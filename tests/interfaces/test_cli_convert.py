@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 import torch
+from tests.conftest import assert_clean_failure, parity_file, run_cli
 
 from portrait3d import load_network, save_network
-from tests.conftest import assert_clean_failure, parity_file, run_cli
 
 
 def test_convert_pickle_then_refuse_to_clobber(tmp_path):
@@ -40,8 +40,8 @@ def _bad_files(tmp_path, tiny_stylegan2):
     }
     # Wrong architecture: a portrait3d file whose weights do not fit its config.
     path = save_network(tiny_stylegan2, tmp_path / "ok.safetensors")
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
 
 from portrait3d import save_network
 from portrait3d.interfaces.invert3d import OUTPUTS, render_filename
 from portrait3d.methods.inversion3d.pipeline import NOVEL_YAWS, view_camera
 from portrait3d.metrics.psnr import psnr
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
-from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
 
 PHOTO = "data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg"
 TWO_FACES = "data/portraits/face_recognition/examples/knn_examples/test/obama_and_biden.jpg"

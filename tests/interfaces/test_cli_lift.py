@@ -10,10 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 from portrait3d import save_network
 from portrait3d.interfaces.cli.train import lift_cmd as train_main
-from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 from portrait3d import save_network
-from tests.conftest import assert_clean_failure, make_cli_stylegan2, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import run_cli
 
 from portrait3d import save_network
 from portrait3d.interfaces.demo import LIFT_YAWS, LIFTED_OUTPUT, OUTPUTS, YAWS
-from tests.conftest import run_cli
 
 
 def test_demo_on_given_networks(tmp_path, tiny_stylegan2, tiny_eg3d):

@@ -8,9 +8,9 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+from tests.conftest import shared_path
 
 from portrait3d.losses.identity import IdentityLoss, identity_similarity, rescale_transform
-from tests.conftest import shared_path
 
 TRAIN = "data/portraits/face_recognition/examples/knn_examples/train"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.conftest import shared_path
 
 from portrait3d.losses.perceptual import (
     EFFICIENTNET_LITE0_LAYERS,
@@ -16,7 +17,6 @@ from portrait3d.losses.perceptual import (
     load_efficientnet_lite0,
     perceptual_loss,
 )
-from tests.conftest import shared_path
 
 # ImageNet classes a portrait photo is expected to land in
 PORTRAIT_CLASSES = {834: "suit", 982: "groom", 906: "Windsor tie", 457: "bow tie", 400: "academic gown",

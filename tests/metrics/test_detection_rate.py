@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from portrait3d.metrics.detection_rate import (EVAL_YAWS, detection_rate, eval_cameras, faces_found,
-                                               generator_detection_rates)
 from tests.conftest import shared_path
+
+from portrait3d.metrics.detection_rate import (
+    EVAL_YAWS,
+    detection_rate,
+    eval_cameras,
+    faces_found,
+    generator_detection_rates,
+)
 
 
 def test_real_photo_and_noise():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tests.conftest import shared_path
 
 from portrait3d.metrics.face_stats import FaceSetStats, compare, fd_dlib, kid, mean_pairwise_distance
-from tests.conftest import shared_path
 
 
 def _set(seed: int, n: int = 300, shift: float = 0.0, scale: float = 0.05) -> np.ndarray:

@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import scipy.linalg
-
-from portrait3d.metrics import fid
 from tests.conftest import shared_path
 
+from portrait3d.metrics import fid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

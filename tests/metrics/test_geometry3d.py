@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from portrait3d.metrics.geometry3d import (geometry_checks, homography_residual, mean_face_parallax, nose_nearer,
-                                           yaw_slope)
+from portrait3d.metrics.geometry3d import (
+    geometry_checks,
+    homography_residual,
+    mean_face_parallax,
+    nose_nearer,
+    yaw_slope,
+)
 
 
 def test_a_flat_picture_has_no_parallax_a_head_has_some():

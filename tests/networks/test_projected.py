@@ -7,8 +7,7 @@ import torch
 
 from portrait3d.networks.discriminator import Discriminator, DiscriminatorConfig
 from portrait3d.networks.efficientnet import EfficientNetLite0
-from portrait3d.networks.projected import (ProjectedDiscriminator, ProjectedDiscriminatorConfig,
-                                           VisionAidedDiscriminator)
+from portrait3d.networks.projected import ProjectedDiscriminator, ProjectedDiscriminatorConfig, VisionAidedDiscriminator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -123,7 +123,11 @@ def network_from_stub(stub: Any) -> nn.Module:
 
 def triplane_from_stub(stub: PersistentStub) -> nn.Module:
     """Build our :class:`TriPlaneGenerator` from an official pickle's ``TriPlaneGenerator`` stub."""
-    from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator  # heavy: only when needed
+    from portrait3d.networks.eg3d.triplane import (  # heavy: only when needed
+        EG3DConfig,
+        RenderingConfig,
+        TriPlaneGenerator,
+    )
 
     kw = stub_init_kwargs(stub, ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels"))
     rendering = dict(stub.state.get("rendering_kwargs") or kw.get("rendering_kwargs") or {})

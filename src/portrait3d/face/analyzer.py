@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+
 from portrait3d.errors import UsageError
 
 __all__ = ["DETECTORS", "TEMPLATE_BOX", "FaceTools", "FaceAnalyzer"]

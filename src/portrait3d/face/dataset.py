@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = ["AlignedFaceDataset", "build_dataset"]

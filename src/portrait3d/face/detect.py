@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from portrait3d.errors import UsageError
 from portrait3d.face.errors import NoFaceError
 from portrait3d.face.models import ReleasesOnExit, quiet_native_stderr
-from portrait3d.errors import UsageError
 
 __all__ = ["BACKENDS", "MEDIAPIPE_KEYPOINTS", "Detection", "FaceDetector", "box_iou", "select_face"]
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from portrait3d.errors import UsageError
 
 __all__ = ["DlibLayer", "DlibNetwork", "DlibReader", "read_dlib_network"]

@@ -47,9 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from portrait3d.errors import UsageError
+
 from .dlib_serialize import DlibNetwork, read_dlib_network
 from .models import dlib_model_path
-from portrait3d.errors import UsageError
 
 __all__ = [
     "CHIP_PADDING",

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from portrait3d.errors import UsageError
 from portrait3d.face.align import ALIGNERS, AlignedFace, apply_transform
 from portrait3d.face.detect import Detection, FaceDetector, select_face
 from portrait3d.face.io import load_image
 from portrait3d.face.landmarks import LandmarkDetector
 from portrait3d.face.models import ReleasesOnExit
 from portrait3d.face.pose import HeadPose, camera_from_pose, estimate_head_pose
-from portrait3d.errors import UsageError
 
 __all__ = ["FaceResult", "FacePipeline", "EG3D_FOV_DEG", "DEFAULT_SIZES"]
 

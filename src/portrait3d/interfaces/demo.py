@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
+from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
 from portrait3d.networks.eg3d.camera import camera_from_angles
 from portrait3d.utils.compute import auto_threads
 from portrait3d.utils.visualize import colour_depth, make_grid, to_uint8
-from portrait3d.errors import UsageError
 
 __all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "run_demo"]
 

@@ -35,8 +35,14 @@ from torch import nn
 
 from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
-from portrait3d.methods.inversion3d.pipeline import (fmt_deg, invert_photo, load_generator, orbit_cameras_at,
-                                                     render_views, view_camera)
+from portrait3d.methods.inversion3d.pipeline import (
+    fmt_deg,
+    invert_photo,
+    load_generator,
+    orbit_cameras_at,
+    render_views,
+    view_camera,
+)
 from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 from portrait3d.utils.io import jsonable, write_json, write_npy
 

@@ -39,11 +39,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from portrait3d.face.io import save_image
 from portrait3d.errors import UsageError
-from portrait3d.methods.lifting.pipeline import (TRUNCATION, builtin_lifted_path, check_generator,  # noqa: F401
-                                              lifted_generator_ref, load_latent_file, render_views,
-                                              resolve_lifted, view_light_record)
+from portrait3d.face.io import save_image
+from portrait3d.methods.lifting.pipeline import (  # noqa: F401
+    TRUNCATION,
+    builtin_lifted_path,
+    check_generator,
+    lifted_generator_ref,
+    load_latent_file,
+    render_views,
+    resolve_lifted,
+    view_light_record,
+)
 
 __all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "render_views",
            "run_lift", "validate_yaws"]
@@ -119,11 +126,11 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         ValueError / FileNotFoundError / FileExistsError / CheckpointError / FaceError: one-line messages.
     """
     from portrait3d.checkpoints import load_network
-    from portrait3d.methods.projector import project_photo
-    from portrait3d.utils.io import atomic_write, check_outputs, write_json, write_npy
     from portrait3d.methods.lifting.losses import sample_w
     from portrait3d.methods.lifting.networks import LiftedGenerator
     from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
+    from portrait3d.methods.projector import project_photo
+    from portrait3d.utils.io import atomic_write, check_outputs, write_json, write_npy
     from portrait3d.utils.visualize import colour_depth, make_grid, normal_to_uint8, shading_to_uint8, to_uint8
 
     def _image_uint8(x: torch.Tensor) -> np.ndarray:

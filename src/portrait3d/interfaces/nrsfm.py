@@ -24,8 +24,15 @@ import torch
 
 from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
-from portrait3d.methods.nrsfm.pipeline import (EditReport, basis_figure, builtin_editor_path,  # noqa: F401
-                                               edit_and_measure, latent_from_seed, project_photo, resolve_editor)
+from portrait3d.methods.nrsfm.pipeline import (  # noqa: F401
+    EditReport,
+    basis_figure,
+    builtin_editor_path,
+    edit_and_measure,
+    latent_from_seed,
+    project_photo,
+    resolve_editor,
+)
 from portrait3d.utils.io import check_outputs, write_json, write_npy
 from portrait3d.utils.visualize import make_grid, to_uint8
 

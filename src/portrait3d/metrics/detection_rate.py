@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = ["EVAL_YAWS", "eval_cameras", "faces_found", "detection_rate", "generator_detection_rates"]

@@ -20,8 +20,8 @@ photos against the training split), which :func:`compare` computes the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = [

@@ -43,8 +43,11 @@ from portrait3d.errors import UsageError
 from portrait3d.networks import ops
 from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator, filtered_resizing
 from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
-from portrait3d.networks.projected import (DualProjectedDiscriminator, ProjectedDiscriminatorConfig,
-                                           VisionAidedDiscriminator)
+from portrait3d.networks.projected import (
+    DualProjectedDiscriminator,
+    ProjectedDiscriminatorConfig,
+    VisionAidedDiscriminator,
+)
 from portrait3d.networks.stylegan2 import MappingConfig, SynthesisConfig
 from portrait3d.training import augment
 from portrait3d.training.batches import make_loader

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = ["Mesh", "extract_mesh", "mesh_from_density", "vertex_colors", "write_ply", "write_obj", "EG3D_SIGMA_THRESHOLD"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = ["write_mp4", "orbit_cameras"]

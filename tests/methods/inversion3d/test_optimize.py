@@ -19,13 +19,7 @@ import torch
 import torch.nn as nn
 
 from portrait3d.methods.inversion3d.camera_params import CameraParams
-from portrait3d.methods.inversion3d.optimize import (
-    ImageLoss,
-    InversionConfig,
-    LossWeights,
-    invert,
-    phase_schedule,
-)
+from portrait3d.methods.inversion3d.optimize import ImageLoss, InversionConfig, LossWeights, invert, phase_schedule
 from portrait3d.methods.inversion3d.pti import PTIConfig, render
 from portrait3d.methods.inversion3d.warp import split_camera, warp_loss
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera

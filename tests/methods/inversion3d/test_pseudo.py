@@ -10,7 +10,6 @@ import torch
 from portrait3d.methods.inversion3d import PseudoPairConfig, PseudoPairStream, sample_poses, sample_pseudo_pairs
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

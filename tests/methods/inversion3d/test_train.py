@@ -8,10 +8,25 @@ import math
 import pytest
 import torch
 
-from portrait3d.methods.inversion3d import (EncoderConfig, LatentEncoder, PoseConfig, PoseEstimator, PseudoPairConfig,
-                                            PseudoPairStream, load_module, sample_pseudo_pairs)
-from portrait3d.methods.inversion3d.train import (EncoderTrainConfig, PoseTrainConfig, encoder_losses,
-                                                  pose_error_deg, pose_losses, train_encoder, train_pose)
+from portrait3d.methods.inversion3d import (
+    EncoderConfig,
+    LatentEncoder,
+    PoseConfig,
+    PoseEstimator,
+    PseudoPairConfig,
+    PseudoPairStream,
+    load_module,
+    sample_pseudo_pairs,
+)
+from portrait3d.methods.inversion3d.train import (
+    EncoderTrainConfig,
+    PoseTrainConfig,
+    encoder_losses,
+    pose_error_deg,
+    pose_losses,
+    train_encoder,
+    train_pose,
+)
 from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator
 
 TINY = dict(layers=(1, 1, 1, 1), width=8, input_size=64)
@@ -194,9 +209,8 @@ def test_pose_error_deg(tiny_eg3d):
 def test_cli(tiny_eg3d, tmp_path):
     from click.testing import CliRunner
 
-    from portrait3d.interfaces.cli.train import train as cli
-
     from portrait3d.checkpoints.native import save_network
+    from portrait3d.interfaces.cli.train import train as cli
 
     net = save_network(tiny_eg3d, tmp_path / "g.safetensors")
     runner = CliRunner()

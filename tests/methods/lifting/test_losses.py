@@ -225,9 +225,8 @@ def test_centered_chip_transform_covers_the_centre():
 
 def test_all_terms_with_real_renderer(tiny_stylegan2, identity_net):
     pytest.importorskip("portrait3d.methods.lifting.renderer")
-    from tests.methods.lifting.test_networks import tiny_config
-
     from portrait3d.methods.lifting.networks import LiftedGenerator
+    from tests.methods.lifting.test_networks import tiny_config
 
     torch.manual_seed(1)
     model = LiftedGenerator(tiny_stylegan2, tiny_config())

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from portrait3d.methods.nrsfm.data import (LandmarkDataConfig, LandmarkSet, build_landmark_set, latents_to_ws,
-                                           sample_latents, synthesize)
+from portrait3d.methods.nrsfm.data import (
+    LandmarkDataConfig,
+    LandmarkSet,
+    build_landmark_set,
+    latents_to_ws,
+    sample_latents,
+    synthesize,
+)
 
 
 @pytest.mark.parametrize("space", ["z", "w", "w+"])

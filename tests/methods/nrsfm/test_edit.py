@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from portrait3d.methods.nrsfm.edit import (EditSpec, edit_target, gradient_edit, linear_edit, parse_expr,
-                                           transfer_target)
+from portrait3d.methods.nrsfm.edit import EditSpec, edit_target, gradient_edit, linear_edit, parse_expr, transfer_target
 from portrait3d.methods.nrsfm.regressor import ParamRegressor
 
 

@@ -8,7 +8,6 @@ import torch
 
 from portrait3d.methods.projector import ProjectorConfig, compute_w_stats, noise_buffer_names, project, synthesize
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

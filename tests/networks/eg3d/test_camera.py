@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests.conftest import PARITY
 
 from portrait3d.networks.eg3d.camera import (
     angles_from_camera,
@@ -14,7 +15,6 @@ from portrait3d.networks.eg3d.camera import (
     fov_to_intrinsics,
     look_at_pose,
 )
-from tests.conftest import PARITY
 
 FIXTURE = PARITY / "eg3d_128.npz"
 PIVOT = torch.tensor([0.0, 0.0, 0.2])

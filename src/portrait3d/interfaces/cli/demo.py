@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
+from portrait3d.interfaces.cli.base import FiniteFloat, fail_cleanly, main
 from portrait3d.interfaces.cli.options import compute_options
 from portrait3d.utils.compute import setup_compute
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from portrait3d.errors import UsageError
-from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
+from portrait3d.interfaces.cli.base import FiniteFloat, fail_cleanly, main
 from portrait3d.interfaces.cli.options import (
     check_batch_files,
     compute_options,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from portrait3d.interfaces.cli.base import fail_cleanly, FiniteFloat, main
+from portrait3d.interfaces.cli.base import FiniteFloat, fail_cleanly, main
 from portrait3d.interfaces.cli.options import (
     check_batch_files,
     compute_options,

@@ -12,13 +12,7 @@ import click
 from portrait3d.errors import UsageError
 from portrait3d.face.errors import FaceError
 from portrait3d.interfaces.cli.base import fail_cleanly, main
-from portrait3d.interfaces.cli.options import (
-    threads_option,
-    echo_notes,
-    run_batch_command,
-    wants_batch,
-    workers_option,
-)
+from portrait3d.interfaces.cli.options import echo_notes, run_batch_command, threads_option, wants_batch, workers_option
 from portrait3d.utils.batch import BatchItem, BatchSummary, ItemTask, WorkerInfo, done_records
 from portrait3d.utils.compute import setup_compute
 

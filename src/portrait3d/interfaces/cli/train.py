@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from portrait3d.errors import UsageError
-from portrait3d.interfaces.cli.base import CONTEXT_SETTINGS, fail_cleanly, FiniteFloat, main
+from portrait3d.interfaces.cli.base import CONTEXT_SETTINGS, FiniteFloat, fail_cleanly, main
 from portrait3d.methods.inversion3d import train as inv
 from portrait3d.methods.lifting import train as lifting
 from portrait3d.training import eg3d as e3d

@@ -530,8 +530,8 @@ class LiftedGANAdapter(ModelFileAdapter):
                 Control("light_y", "Light direction y", -1.0, 1.0, 0.05, 0.0, "Positive lights from the top."))
 
     def embed(self, source: Source, progress: Progress = _no_progress) -> Embedding:
-        from portrait3d.methods.lifting.pipeline import TRUNCATION
         from portrait3d.methods.lifting.losses import sample_w
+        from portrait3d.methods.lifting.pipeline import TRUNCATION
 
         G, model = self._models()
         aligned, note, name = None, "", "photo"

@@ -86,10 +86,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from portrait3d.errors import UsageError
 from portrait3d.face.analyzer import DETECTORS, FaceAnalyzer, FaceTools
 from portrait3d.methods.lifting.losses import ABLATIONS
 from portrait3d.methods.lifting.networks import LIFT_FORMAT, LiftedGenerator, canonical_light
-from portrait3d.errors import UsageError
 
 __all__ = [
     "ABLATIONS",

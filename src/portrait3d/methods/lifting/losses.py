@@ -50,13 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from portrait3d.methods.lifting.networks import (
-    LiftedGenerator,
-    LiftOutput,
-    LightNet,
-    gaussian_blur,
-    resize_images,
-)
+from portrait3d.methods.lifting.networks import LiftedGenerator, LiftOutput, LightNet, gaussian_blur, resize_images
 
 __all__ = [
     "ABLATIONS",

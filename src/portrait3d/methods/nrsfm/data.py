@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from portrait3d.checkpoints.native import atomic_write
-from portrait3d.face.analyzer import TEMPLATE_BOX
 from portrait3d.errors import UsageError
+from portrait3d.face.analyzer import TEMPLATE_BOX
 
 __all__ = [
     "SPACES",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
 from portrait3d.errors import UsageError
 
 __all__ = [

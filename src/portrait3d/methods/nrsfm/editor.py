@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from portrait3d.checkpoints.native import atomic_write
+from portrait3d.errors import UsageError
 from portrait3d.methods.nrsfm.data import LandmarkDataConfig, LandmarkSet, build_landmark_set, latents_to_ws
 from portrait3d.methods.nrsfm.edit import EditSpec, edit_target, gradient_edit, linear_edit
 from portrait3d.methods.nrsfm.regressor import ParamRegressor, RegressorConfig, train_regressor
-from portrait3d.errors import UsageError
 
 __all__ = ["EDITOR_FORMAT", "BuildConfig", "NRSfMEditor", "build_editor"]
 

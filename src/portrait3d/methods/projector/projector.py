@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+
 from portrait3d.errors import UsageError
 
 __all__ = ["SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",

@@ -27,10 +27,10 @@ from torch import nn
 
 from portrait3d.config import ConfigMixin
 from portrait3d.networks.eg3d.decoder import OSGDecoder
-from portrait3d.networks.ops import RandomSource, draw_randn
 from portrait3d.networks.eg3d.ray_sampler import RaySampler
 from portrait3d.networks.eg3d.renderer import ImportanceRenderer, sample_density_grid
 from portrait3d.networks.eg3d.superresolution import build_superresolution
+from portrait3d.networks.ops import RandomSource, draw_randn
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 
 __all__ = ["RenderingConfig", "EG3DConfig", "TriPlaneGenerator"]
