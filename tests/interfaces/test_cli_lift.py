@@ -209,7 +209,7 @@ def test_lift_photo_with_two_faces_uses_the_largest_and_says_so(trained, tmp_pat
 def test_default_2d_without_a_lifted_model_says_how_to_train_one(tmp_path):
     """The lifting of the previous default-2d was removed with it (it lifted other weights); until one is
     retrained on the current generator, ``lift`` refuses with one line that says how to make one."""
-    from portrait3d.interfaces.lift import builtin_lifted_path
+    from portrait3d.methods.lifting.pipeline import builtin_lifted_path
 
     if builtin_lifted_path("default-2d").is_file():
         pytest.skip("a lifted default-2d ships again")

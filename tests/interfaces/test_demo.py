@@ -71,7 +71,7 @@ def test_demo_lifts_the_2d_faces_when_a_lifted_model_ships(tmp_path, monkeypatch
     p3 = save_network(tiny_eg3d, tmp_path / "g3.safetensors")
     model = tiny_model(tiny_stylegan2)
     lifted = model.save(tmp_path / "lifted.safetensors")
-    monkeypatch.setattr("portrait3d.interfaces.lift.builtin_lifted_path",
+    monkeypatch.setattr("portrait3d.methods.lifting.pipeline.builtin_lifted_path",
                         lambda network: lifted if network == str(p2) else None)
     out = tmp_path / "demo"
     result = run_cli("demo", "--out", str(out), "--network-2d", str(p2), "--network-3d", str(p3), "--samples", "3",

@@ -104,8 +104,9 @@ def _lifted_grid(g2: nn.Module, network_2d: str, z: torch.Tensor, truncation: fl
                  dev: torch.device) -> tuple[np.ndarray | None, str]:
     """LiftedGAN rows for the 2D faces ``z`` (one row a face: :data:`LIFT_YAWS`, the four relit views,
     the depth), or ``None`` and the reason when ``network_2d`` ships no lifted model."""
-    from portrait3d.interfaces.lift import RELIGHT_DIRECTIONS, builtin_lifted_path, render_views
+    from portrait3d.interfaces.lift import RELIGHT_DIRECTIONS
     from portrait3d.methods.lifting.networks import LiftedGenerator
+    from portrait3d.methods.lifting.pipeline import builtin_lifted_path, render_views
 
     path = builtin_lifted_path(network_2d)
     if path is None or not path.is_file():

@@ -41,9 +41,8 @@ import torch
 
 from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
-from portrait3d.methods.lifting.pipeline import (  # noqa: F401
+from portrait3d.methods.lifting.pipeline import (
     TRUNCATION,
-    builtin_lifted_path,
     check_generator,
     lifted_generator_ref,
     load_latent_file,
@@ -52,8 +51,7 @@ from portrait3d.methods.lifting.pipeline import (  # noqa: F401
     view_light_record,
 )
 
-__all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "builtin_lifted_path", "parse_light", "render_views",
-           "run_lift", "validate_yaws"]
+__all__ = ["DEFAULT_YAWS", "LIFT_OUTPUTS", "RELIGHT_DIRECTIONS", "parse_light", "run_lift", "validate_yaws"]
 
 DEFAULT_YAWS: tuple[float, ...] = (-60.0, -30.0, 0.0, 30.0, 60.0)
 #: Relighting directions ``(dx, dy)`` of relit.png: light from the left, top, right, bottom.

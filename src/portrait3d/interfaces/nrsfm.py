@@ -24,10 +24,9 @@ import torch
 
 from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
-from portrait3d.methods.nrsfm.pipeline import (  # noqa: F401
+from portrait3d.methods.nrsfm.pipeline import (
     EditReport,
     basis_figure,
-    builtin_editor_path,
     edit_and_measure,
     latent_from_seed,
     project_photo,

@@ -55,7 +55,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -327,18 +326,11 @@ class Manifest:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary sibling, then ``os.replace`` it onto ``path``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """:func:`portrait3d.utils.io.write_text` (temporary sibling, then ``os.replace``: readers never see half a
+    file), imported when first needed so that this engine's import stays free of torch."""
+    from portrait3d.utils.io import write_text
+
+    write_text(path, text, overwrite=True)
 
 
 def read_manifests(out: Path) -> list[Manifest]:

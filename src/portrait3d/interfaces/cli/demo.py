@@ -8,7 +8,7 @@ import click
 
 from portrait3d.interfaces.cli.base import FiniteFloat, fail_cleanly, main
 from portrait3d.interfaces.cli.options import compute_options
-from portrait3d.utils.compute import setup_compute
+from portrait3d.utils.compute import resolve_device
 
 
 @main.command()
@@ -37,7 +37,7 @@ def demo(out: Path, network_2d: str, network_3d: str, samples: int, orbit_faces:
       portrait3d demo --out portrait3d_demo --force
       portrait3d demo --network-3d eg3d_ffhq.safetensors --samples 4 --device cuda
     """
-    device = setup_compute(device, threads)
+    device = resolve_device(device)  # run_demo sets (and afterwards restores) the threads itself
     from portrait3d.interfaces.demo import run_demo
 
     run_demo(out, network_2d, network_3d, samples, seed, truncation, force, orbit_faces=orbit_faces,

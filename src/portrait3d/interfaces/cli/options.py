@@ -39,8 +39,7 @@ MAX_LISTED_FAILURES = 20
 def compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--device`` and ``--threads``, the same on every command that computes (resolve them with
     :func:`portrait3d.utils.compute.setup_compute`)."""
-    fn = click.option("--threads", type=click.IntRange(1, 1024), default=None,
-                      help="CPU threads for PyTorch [default: the cores not busy with other processes].")(fn)
+    fn = threads_option(fn)
     return click.option("--device", type=str, default="auto",
                         help="Where to compute: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda, "
                              "cuda:N or mps.")(fn)

@@ -15,6 +15,7 @@ from portrait3d.interfaces.cli.base import fail_cleanly, main
 from portrait3d.interfaces.cli.options import echo_notes, run_batch_command, threads_option, wants_batch, workers_option
 from portrait3d.utils.batch import BatchItem, BatchSummary, ItemTask, WorkerInfo, done_records
 from portrait3d.utils.compute import setup_compute
+from portrait3d.utils.io import write_text
 
 
 @main.command()
@@ -55,7 +56,6 @@ def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, fac
         return
     from tqdm import tqdm
 
-    from portrait3d.checkpoints.native import atomic_write
     from portrait3d.face.io import save_image
     from portrait3d.face.pipeline import FacePipeline
 
@@ -87,10 +87,8 @@ def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, fac
         labels.append([name, [round(float(v), 8) for v in r.camera.tolist()]])
         poses[name] = {"yaw_deg": r.pose.yaw_deg, "pitch_deg": r.pose.pitch_deg, "roll_deg": r.pose.roll_deg,
                        "faces_found": r.num_faces, "reprojection_error_px": r.pose.reprojection_error}
-    write_json = lambda path, obj: atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)),
-                                                overwrite=force)  # noqa: E731
-    write_json(out / "cameras.json", {"labels": labels})
-    write_json(out / "poses.json", poses)
+    write_text(out / "cameras.json", json.dumps({"labels": labels}, indent=1), overwrite=force)
+    write_text(out / "poses.json", json.dumps(poses, indent=1), overwrite=force)
     click.echo(f"wrote {len(results)} aligned image(s), cameras.json and poses.json to {out}")
 
 
@@ -150,7 +148,6 @@ def _write_align_summaries(summary: BatchSummary) -> None:
     Under torchrun every rank writes them when it finishes. A rank re-reads the manifests after writing and writes
     again if another rank finished meanwhile, so the files written last hold every rank's results.
     """
-    from portrait3d.checkpoints.native import atomic_write
 
     written = None
     for _ in range(100):  # stops as soon as no rank finished during the write
@@ -165,8 +162,7 @@ def _write_align_summaries(summary: BatchSummary) -> None:
             poses[name] = {k: rec.result.get(k) for k in ("yaw_deg", "pitch_deg", "roll_deg", "faces_found",
                                                           "reprojection_error_px")}
         for fname, obj in (("cameras.json", {"labels": labels}), ("poses.json", poses)):
-            atomic_write(summary.out / fname, lambda tmp, obj=obj: Path(tmp).write_text(json.dumps(obj, indent=1)),
-                         overwrite=True)
+            write_text(summary.out / fname, json.dumps(obj, indent=1), overwrite=True)
         written = state
 
 

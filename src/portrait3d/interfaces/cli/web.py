@@ -60,11 +60,9 @@ def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path
     from portrait3d.interfaces.web.app import WebConfig, launch
     from portrait3d.interfaces.web.methods import MethodSettings
     from portrait3d.interfaces.web.upload import UploadLimits
-    from portrait3d.utils.compute import auto_threads
 
     methods = MethodSettings(network_3d=network_3d, network_2d=network_2d, nrsfm_path=nrsfm_path,
                              lifted_path=lifted_path, invert_steps=steps, pti=pti, project_steps=project_steps,
                              orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, device=device)
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6))
-    launch(WebConfig(host=host, port=port, methods=methods, limits=limits,
-                     threads=threads if threads is not None else auto_threads()))
+    launch(WebConfig(host=host, port=port, methods=methods, limits=limits))  # threads: set by setup_compute
