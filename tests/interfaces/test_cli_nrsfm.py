@@ -31,6 +31,7 @@ def test_build_writes_editor_report_and_figure(built):
     report = json.loads((root / "editor_report.json").read_text())
     assert report["with_landmarks"] == 80 and report["num_basis"] == 2
     assert np.isfinite(report["factorization_rmse_px"])
+    assert report["depth_prior_factor"] > 0 and report["config"]["depth_prior"]
     assert (root / "editor_basis.png").is_file()
     again = run_cli("nrsfm", "build", "--network", str(built[1]), "--out", str(editor), "--samples", "80")
     assert_clean_failure(again, "already exists")

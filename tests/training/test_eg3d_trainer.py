@@ -70,7 +70,7 @@ def test_losses_finite_and_outputs(straight):
     for r in (recs[0], recs[2]):  # steps 0 and 2: density and R1 regularisation
         assert math.isfinite(r["density_tv"]) and math.isfinite(r["r1_penalty"])
     names = sorted(p.name for p in (out / "samples").iterdir())
-    assert names == ["depth-00000000.png", "depth-00000004.png", "fakes-00000000.png", "fakes-00000004.png"]
+    assert names == [f"{kind}-{k:08d}.png" for kind in ("depth", "fakes", "views") for k in (0, 4)]
     from portrait3d.checkpoints.native import load_native
     from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
 
@@ -137,7 +137,7 @@ def test_schedules_and_helpers(data):
     assert back == E.preset("cpu-small")
 
 
-def _tiny_pd() -> "E.ProjectedDiscriminatorConfig":
+def _tiny_pd() -> E.ProjectedDiscriminatorConfig:
     return E.ProjectedDiscriminatorConfig(c_dim=25, feature_resolution=64, proj_channels=8, head_channels=8,
                                           head_channels_max=16, cmap_dim=8)
 
@@ -177,5 +177,54 @@ def test_init_from_2d_copies_every_matching_backbone_weight():
     convs = [k for k in src if ".conv" in k and k.endswith(".weight")]
     assert convs and all(k in copied and torch.equal(bb[k], src[k]) for k in convs)
     assert not any("torgb" in k for k in copied)  # 3 colour channels there, 3 x C plane channels here
-    assert not any(k.startswith("mapping.fc0.") for k in copied)  # its input also holds the camera embedding
-    assert any(k.startswith("mapping.fc1.") for k in copied)
+    assert "mapping.fc0.weight" in copied and any(k.startswith("mapping.fc1.") for k in copied)
+    # fc0 also reads the camera embedding here; its camera columns start at zero, so W is the 2D one for any camera
+    z = torch.randn(3, cfg.G.z_dim)
+    c = torch.stack([camera_from_angles(y, p) for y, p in ((0, 0), (25, -10), (-40, 15))])
+    assert torch.allclose(g3.mapping(z, c), g2.mapping(z, None), atol=1e-5)
+
+
+def _teacher_set(root: Path, data: Path, n: int = 6) -> Path:
+    """A synthetic teacher set: the dataset's first faces and cameras, random latents, a relief-shaped mesh."""
+    import numpy as np
+
+    from portrait3d.face.dataset import AlignedFaceDataset
+    from portrait3d.utils.io import write_json, write_npy
+
+    ds = AlignedFaceDataset(data, mirror=False)
+    g = np.random.default_rng(0)
+    xy = g.uniform(40, 88, (n, 468, 2))
+    z = -20 * np.exp(-((xy - 64) ** 2).sum(-1) / 400)  # a bump nearest the camera in the middle
+    root.mkdir(parents=True)
+    write_npy(root / "images.npy", ds.all_images_uint8(n))
+    write_npy(root / "latents.npy", g.standard_normal((n, E.preset("tiny").G.z_dim)).astype(np.float32))
+    write_npy(root / "mesh.npy", np.concatenate([xy, z[..., None]], -1).astype(np.float32))
+    write_json(root / "labels.json", {"labels": [[f"s{i}", ds.cameras[i].tolist()] for i in range(n)],
+                                      "summary": {"network": "synthetic"}})
+    return root
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_distillation_trains_g_and_leaves_d_alone_without_adversary(adversarial, data, tmp_path):
+    from portrait3d.training.snapshots import load_training_state
+
+    cfg = tiny_config(2)
+    cfg.distill = str(_teacher_set(tmp_path / "teacher", data))
+    cfg.adversarial = adversarial
+    out = tmp_path / "run"
+    E.train_eg3d(cfg, data, out)
+    rec = [r for r in _records(out) if "distill_rec" in r]
+    assert rec and all(math.isfinite(r["distill_rec"]) and math.isfinite(r["distill_depth"]) for r in rec)
+    assert all(("loss_D" in r) == adversarial for r in rec)
+    fresh, trained = E.build_networks(cfg, torch.device("cpu")), E.build_networks(cfg, torch.device("cpu"))
+    load_training_state(max(out.glob("snapshot-*")), trained, "eg3d")
+    d_same = all(torch.equal(a, b) for a, b in zip(fresh.D.state_dict().values(), trained.D.state_dict().values()))
+    g_same = all(torch.equal(a, b) for a, b in zip(fresh.G.state_dict().values(), trained.G.state_dict().values()))
+    assert d_same == (not adversarial) and not g_same
+
+
+def test_distillation_refuses_nothing_to_learn_from():
+    cfg = tiny_config(1)
+    cfg.adversarial = False
+    with pytest.raises(E.UsageError, match="teacher"):
+        cfg.validate()

@@ -30,9 +30,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from portrait3d.config import ConfigMixin
 from portrait3d.errors import UsageError
+from portrait3d.losses.distillation import mesh_depth_loss, reconstruction_loss
 from portrait3d.networks import ops
 from portrait3d.networks.discriminator import DiscriminatorConfig, DualDiscriminator, filtered_resizing
 from portrait3d.networks.eg3d.triplane import EG3DConfig, RenderingConfig, TriPlaneGenerator
@@ -59,8 +61,9 @@ from portrait3d.training.randomness import BatchRandom, Shard
 from portrait3d.training.run_config import RunConfig
 from portrait3d.training.snapshots import load_training_state
 from portrait3d.training.stylegan2 import DISCRIMINATORS, auto_r1_gamma, discriminator_losses, generator_loss
+from portrait3d.training.teacher import TeacherSet
 
-__all__ = ["EG3DTrainConfig", "PRESETS", "preset", "train_eg3d", "dataset_cameras", "gaussian_blur"]
+__all__ = ["PRESETS", "EG3DTrainConfig", "dataset_cameras", "gaussian_blur", "preset", "train_eg3d"]
 
 PHASE_IDS = {"Gmain": 1, "Greg": 2, "Dmain": 3, "Dreg": 4}
 DENSITY_REG_POINTS = 1000  # points per sample, as EG3D
@@ -91,6 +94,13 @@ class EG3DTrainConfig(ConfigMixin):
     discriminator: str = "stylegan2"     # stylegan2 (EG3D's dual pixel D + R1), projected, or both
     PD: ProjectedDiscriminatorConfig = field(default_factory=lambda: ProjectedDiscriminatorConfig(c_dim=25))
     projected_weight: float = 1.0        # 'both': weight of the projected part of the losses
+    adversarial: bool = True             # False: no discriminator steps (pure distillation)
+    distill: str | None = None           # a teacher set (portrait3d.training.teacher) to distil from, or None
+    distill_weight: float = 1.0          # reconstruction of the teacher samples (L1 + perceptual)
+    distill_perceptual: float = 0.25     # weight of the perceptual term inside the reconstruction
+    distill_depth_weight: float = 10.0   # rendered depth at the face-mesh points vs the mesh's relief
+    distill_depth_scale: float = 1.0     # trust in MediaPipe's depth scale (mesh_depth_loss's s)
+    distill_spread_weight: float = 1.0   # depth spread along the teacher renders' rays: surfaces, not fog
 
     def gamma(self) -> float:
         if self.discriminator == "projected":
@@ -114,6 +124,12 @@ class EG3DTrainConfig(ConfigMixin):
             raise UsageError("G.rendering.image_resolution must equal G.img_resolution")
         if self.G.rendering.reg_type != "l1":
             raise UsageError("only EG3D's 'l1' density regularisation is implemented")
+        if not self.adversarial and self.distill is None:
+            raise UsageError("without the adversarial loss there is nothing to train on: give a teacher set (distill)")
+        for name in ("distill_weight", "distill_perceptual", "distill_depth_weight", "distill_depth_scale",
+                     "distill_spread_weight"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise UsageError(f"{name} must be a finite number >= 0")
 
 
 def _rendering(depth: int, depth_importance: int) -> RenderingConfig:
@@ -262,8 +278,37 @@ def _discriminate(D: DualDiscriminator, img: dict[str, torch.Tensor], c: torch.T
     return D({"image": image, "image_raw": raw}, c, **kw)
 
 
-def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.Tensor) -> StepFn:
-    """The per-step function for :func:`portrait3d.training.loop.run_loop`."""
+def _distill_loss(G: TriPlaneGenerator, r: BatchRandom, teacher: TeacherSet, cams: torch.Tensor, swap: float,
+                  nrr: int, cfg: EG3DTrainConfig, perceptual: torch.nn.Module | None, fast: Any, device: torch.device,
+                  kw: dict[str, Any], note: Callable[[str, torch.Tensor], None]) -> torch.Tensor:
+    """Render teacher samples' latents from their cameras (a random one of each latent's views);
+    reconstruction, mesh-depth and depth-spread losses
+    ``[rows]``. One view per latent cannot tell a surface from a fog that looks the same from that camera, and
+    fog smears when the head turns; the spread term (the distortion loss of Mip-NeRF 360 in spirit: each ray's
+    opacity kept near its depth) asks for the surface."""
+    idx, view = r.randint(0, len(teacher)).cpu(), r.randint(0, teacher.num_views).cpu()
+    x, c, z, mesh = (t.to(device, torch.float32) for t in teacher.batch(idx, view))
+    c_other = cams[r.randint(0, len(cams))]
+    c_cond = torch.where(r.rand(1) < swap, c_other, c)
+    with fast.autocast(device):
+        ws = G.mapping(z, c_cond)
+        out = G.synthesis(ws, c, neural_rendering_resolution=nrr, random=r.source,
+                          depth_spread=cfg.distill_spread_weight > 0, **kw)
+        rec = reconstruction_loss(out["image"], out["image_raw"], x, perceptual, cfg.distill_perceptual)
+    depth = mesh_depth_loss(out["image_depth"].float(), mesh, c, x.shape[-1], cfg.distill_depth_scale)
+    note("distill_rec", rec)
+    note("distill_depth", depth)
+    loss = cfg.distill_weight * rec.float() + cfg.distill_depth_weight * depth
+    if cfg.distill_spread_weight > 0:
+        spread = out["image_depth_spread"].float().mean([1, 2, 3])
+        note("distill_spread", spread)
+        loss = loss + cfg.distill_spread_weight * spread
+    return loss
+
+
+def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.Tensor,
+              teacher: TeacherSet | None = None) -> StepFn:
+    """The per-step function for :func:`portrait3d.training.loop.run_loop` (``teacher``: distil from it)."""
     G, D = nets.G, nets.D
     run = cfg.run
     local = run.batch // info.world
@@ -280,6 +325,12 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
         # graph does not hold; EG3D runs the fast path eagerly.
         raise UsageError("the EG3D trainer does not compile (use --no-compile; bf16 and channels_last work)")
     density_reg = rendering.density_reg
+    perceptual = None
+    if teacher is not None and cfg.distill_perceptual > 0 and cfg.distill_weight > 0:
+        from portrait3d.losses.perceptual import PerceptualLoss
+
+        # at the renders' own size: at 128 px the 224 px resize would double the cost for little
+        perceptual = PerceptualLoss(resize=None).to(info.device).eval().requires_grad_(False)
 
     def step_fn(step: int, images_seen: int, batch: Any) -> dict[str, float]:
         real_all = batch[0].to(info.device, non_blocking=True).to(torch.float32)
@@ -302,11 +353,16 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
 
         def g_main(shard: Shard) -> torch.Tensor:
             r = rnd("Gmain", shard)
-            with fast.autocast(info.device):
-                out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
-                logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
-            loss = generator_loss(logits, cfg.projected_weight, cfg.discriminator)
-            note("loss_G", loss)
+            loss = torch.zeros([], device=info.device)
+            if cfg.adversarial:
+                with fast.autocast(info.device):
+                    out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
+                    logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
+                loss = generator_loss(logits, cfg.projected_weight, cfg.discriminator)
+                note("loss_G", loss)
+            if teacher is not None:
+                loss = loss + _distill_loss(G, r, teacher, cams, swap, nrr, cfg, perceptual, fast, info.device, kw,
+                                            note).mean()
             return loss
 
         def g_reg(shard: Shard) -> torch.Tensor:
@@ -335,7 +391,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
                                             kw)
             loss = discriminator_losses(fake_logits, real_logits, cfg.projected_weight, cfg.discriminator)
             note("loss_D", loss)
-            first = (lambda x: x[0] if isinstance(x, tuple) else x)  # noqa: E731  ('both': the pixel scores)
+            first = (lambda x: x[0] if isinstance(x, tuple) else x)
             note("score_real", first(real_logits).float())
             note("score_fake", first(fake_logits).float())
             return loss
@@ -353,9 +409,9 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             return (penalty * (gamma / 2)).mean()
 
         return gan_step(nets, info, step, shards, parts, g_main, g_reg,
-                        lambda s, p: d_main(s, *p), lambda s, p: d_reg(s, *p),
+                        (lambda s, p: d_main(s, *p)) if cfg.adversarial else None, lambda s, p: d_reg(s, *p),
                         g_reg_interval=cfg.G_reg_interval if density_reg > 0 else None,
-                        d_reg_interval=cfg.D_reg_interval if gamma > 0 else None, stats=stats)
+                        d_reg_interval=cfg.D_reg_interval if gamma > 0 and cfg.adversarial else None, stats=stats)
 
     return step_fn
 
@@ -365,19 +421,32 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
 
 @torch.no_grad()
 def init_from_2d(G3: TriPlaneGenerator, G2: torch.nn.Module) -> list[str]:
-    """Start the tri-plane backbone from a trained 2D StyleGAN2 wherever the shapes match (as Mimic3D starts 3D
+    """Start the tri-plane generator from a trained 2D StyleGAN2 wherever the shapes match (as Mimic3D starts 3D
     training from a 2D generator): every synthesis weight, bias and constant but the final ToRGB layers (3 colour
-    channels there, 3 x C plane channels here), the mapping layers after the first (whose input also holds the
-    camera embedding here) and the tracked ``w_avg``. Returns the copied tensor names."""
+    channels there, 3 x C plane channels here), every mapping layer and the tracked ``w_avg``.
+
+    The first mapping layer here also reads the camera embedding: its ``z`` columns take the 2D weights (rescaled,
+    since the equalised-learning-rate gain ``1/sqrt(fan_in)`` counts the extra inputs) and its camera columns
+    start at zero, so ``G3.mapping(z, c)`` equals ``G2.mapping(z)`` for every camera until training conditions it.
+    A teacher sample ``G2(z)`` then has the same ``w`` here (what :mod:`portrait3d.training.teacher` relies on).
+    Returns the copied tensor names."""
     src = {f"synthesis.{k}": v for k, v in G2.synthesis.state_dict().items()}
     src.update({f"mapping.{k}": v for k, v in G2.mapping.state_dict().items()})
     dst = G3.backbone.state_dict()
     copied = []
     for name, value in src.items():
-        if name in dst and dst[name].shape == value.shape and not name.startswith("mapping.fc0.") \
-                and "embed" not in name and ".torgb." not in name:  # ToRGB styles drive colours, not planes
+        if name not in dst or "embed" in name or ".torgb." in name:  # ToRGB styles drive colours, not planes
+            continue
+        if name == "mapping.fc0.weight" and dst[name].shape[0] == value.shape[0] \
+                and dst[name].shape[1] > value.shape[1] == G3.z_dim:
+            gain = (dst[name].shape[1] / value.shape[1]) ** 0.5
+            dst[name].zero_()
+            dst[name][:, : value.shape[1]] = value.to(dst[name].dtype) * gain
+        elif dst[name].shape == value.shape:
             dst[name].copy_(value.to(dst[name].dtype))
-            copied.append(name)
+        else:
+            continue
+        copied.append(name)
     G3.backbone.load_state_dict(dst)
     return copied
 
@@ -431,6 +500,14 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
         if ds.resolution != cfg.G.img_resolution:
             raise UsageError(f"dataset images are {ds.resolution} px but the generator makes {cfg.G.img_resolution} px")
         cams = dataset_cameras(ds).to(info.device)
+        teacher = TeacherSet.load(cfg.distill) if cfg.distill is not None else None
+        if teacher is not None:
+            if teacher.images.shape[1] != cfg.G.img_resolution or teacher.latents.shape[1] != cfg.G.z_dim:
+                raise UsageError(f"{cfg.distill}: the teacher's samples ({teacher.images.shape[1]} px, z of "
+                                 f"{teacher.latents.shape[1]}) do not fit this generator ({cfg.G.img_resolution} px, "
+                                 f"z of {cfg.G.z_dim})")
+            if info.is_main:
+                print(f"distilling from {len(teacher)} samples of {teacher.network} ({cfg.distill})")
         nets = build_networks(cfg, info.device)
         counters = Counters()
         if init_2d is not None:
@@ -465,6 +542,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
 
         @torch.no_grad()
         def grid_fn() -> dict[str, torch.Tensor]:
+            from portrait3d.networks.eg3d.camera import camera_from_angles
             from portrait3d.utils.visualize import depth_to_uint8
 
             nrr = neural_rendering_resolution(cfg, counters.images_seen)
@@ -475,14 +553,21 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
                 imgs.append(o["image"].cpu())
                 depths.append(o["image_depth"].cpu())
             depth = torch.from_numpy(depth_to_uint8(torch.cat(depths))).permute(0, 3, 1, 2).float() / 127.5 - 1
-            return {"fakes": torch.cat(imgs), "depth": depth}
+            # Rows: yaw -30, 0, +30 degrees; columns: the first grid latents, conditioned on the frontal camera.
+            z4 = grid_z[:4].to(info.device)
+            front = camera_from_angles(0.0, 0.0)[None].expand(len(z4), -1).to(info.device)
+            ws = nets.G_ema.mapping(z4, front)
+            views = [nets.G_ema.synthesis(ws, camera_from_angles(yaw, 0.0)[None].expand(len(z4), -1).to(info.device),
+                                          neural_rendering_resolution=nrr, noise_mode="const",
+                                          deterministic=True)["image"].cpu() for yaw in (-30.0, 0.0, 30.0)]
+            return {"fakes": torch.cat(imgs), "depth": depth, "views": torch.cat(views)}
 
         if info.is_main and counters.step == 0 and run.grid_samples > 0:
             out.mkdir(parents=True, exist_ok=True)
             reals = torch.stack([ds[i][0] for i in sampler.positions(0, run.grid_samples)])
             save_grid(out / "reals.png", reals)
         return run_loop(trainer="eg3d", config=cfg.to_dict(), run=run, info=info, out_dir=out, nets=nets,
-                        counters=counters, batches=iter(loader), step_fn=make_step(cfg, nets, info, cams),
+                        counters=counters, batches=iter(loader), step_fn=make_step(cfg, nets, info, cams, teacher),
                         grid_fn=grid_fn, export_fn=export, metrics=metrics)
     finally:
         shutdown_distributed(info)

@@ -261,3 +261,19 @@ def test_factorize_rejects_bad_input():
     q[:, 1:4] = torch.tensor([10.0, 5.0, 0.0], dtype=torch.float64)  # one pose: no 3D to recover
     with pytest.raises(ValueError, match="pose variation"):
         factorize(model.project(q), 0)
+
+
+def test_depth_prior_restores_the_reference_relief_of_a_flattened_face():
+    from portrait3d.methods.nrsfm.factorize import depth_scale_to_reference, scale_depth
+
+    ref = torch.tensor(mean_face_68(), dtype=torch.float32).T  # [3, 68]
+    flat = ref.clone()
+    flat[2] *= 0.5
+    flat *= 3.0  # the factorisation's own scale does not matter
+    basis = torch.randn(2, 3, 68) * 0.01
+    model = RankOneModel(flat, basis)
+    factor = depth_scale_to_reference(model)
+    assert factor == pytest.approx(2.0, rel=1e-4)
+    deep = scale_depth(model, factor)
+    assert torch.allclose(deep.B0[2], 2 * flat[2]) and torch.equal(deep.B0[:2], flat[:2])
+    assert torch.allclose(deep.B[:, 2], 2 * basis[:, 2]) and torch.equal(deep.B[:, :2], basis[:, :2])

@@ -305,3 +305,22 @@ def test_sample_density_grid_chunking():
     samples, _, _ = create_samples(5, [0, 0, 0], 1.0)
     assert torch.equal(big.reshape(-1), decode(samples)[0, :, 0])
     assert np.allclose(corner, -0.5) and size == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("sigma, low, high", [(-3.0, 0.15, 1.0), (60.0, 0.0, 0.05)])
+def test_depth_spread_is_small_at_a_surface_and_large_in_fog(sigma, low, high):
+    """Thin fog (uniform low density) spreads each ray's opacity over its whole range; a dense medium stops the
+    ray at once."""
+
+    def decoder(features: torch.Tensor, directions: torch.Tensor) -> dict:
+        n, k = features.shape[0], features.shape[2]
+        return {"rgb": torch.zeros(n, k, 3), "sigma": torch.full((n, k, 1), sigma)}
+
+    planes = torch.zeros(2, 3, 4, 8, 8)
+    origins, dirs = _rays()
+    with torch.no_grad():
+        rgb, depth, total, spread = ImportanceRenderer()(planes, decoder, origins, dirs,
+                                                         _opts(depth_resolution=24, depth_resolution_importance=0),
+                                                         deterministic=True, with_spread=True)
+    assert spread.shape == depth.shape and torch.isfinite(spread).all()
+    assert ((spread > low) & (spread < high)).all(), spread.flatten()[:4]

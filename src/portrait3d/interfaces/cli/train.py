@@ -13,8 +13,9 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import click
 import torch
@@ -173,17 +174,31 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
     click.option("--init-2d", type=str, default=None,
                  help="Start the tri-plane backbone from this 2D StyleGAN2 (checkpoint or built-in name, e.g. "
                       "default-2d) where shapes match; a new run only."),
+    click.option("--distill", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                 help="Also fit the renders to this teacher set's samples (portrait3d train teacher-set), with "
+                      "their face-mesh depth."),
+    click.option("--distill-weight", type=FiniteFloat(0), default=None, help="Teacher reconstruction weight [1]."),
+    click.option("--distill-depth-weight", type=FiniteFloat(0), default=None, help="Teacher mesh-depth weight [10]."),
+    click.option("--distill-spread-weight", type=FiniteFloat(0), default=None,
+                 help="Weight of the depth spread along the teacher renders' rays (surfaces, not fog) [1]."),
+    click.option("--adversarial/--no-adversarial", default=True, show_default=True,
+                 help="Train against the discriminator (--no-adversarial: distillation only, needs --distill)."),
 ])
 @fail_cleanly
 def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
          neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
          gpc_prob: float | None, blur_fade: float | None, policy: str | None, discriminator: str | None,
-         init_2d: str | None, **overrides: Any) -> None:
+         init_2d: str | None, distill: Path | None, distill_weight: float | None,
+         distill_depth_weight: float | None, distill_spread_weight: float | None, adversarial: bool,
+         **overrides: Any) -> None:
     """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun).
 
     \b
     Example:
       portrait3d train eg3d --data DATA --out runs/eg3d --config cpu-proj --init-2d default-2d --threads 1
+    Distilled from default-2d's samples, then fine-tuned on photos:
+      portrait3d train teacher-set --network default-2d --out TEACHER --count 10000
+      portrait3d train eg3d --data DATA --out RUN --config cpu-proj --init-2d default-2d --distill TEACHER
     """
     cfg = e3d.preset(preset_name)
     apply_cli_options(cfg, **overrides)
@@ -192,9 +207,12 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
     rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
     cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
     for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
-                    ("blur_fade_kimg", blur_fade), ("discriminator", discriminator)):
+                    ("blur_fade_kimg", blur_fade), ("discriminator", discriminator),
+                    ("distill", None if distill is None else str(distill)), ("distill_weight", distill_weight),
+                    ("distill_depth_weight", distill_depth_weight), ("distill_spread_weight", distill_spread_weight)):
         if v is not None:
             setattr(cfg, name, v)
+    cfg.adversarial = adversarial
 
     def make_fid_hook(dev: torch.device) -> MetricsFn:
         from portrait3d.face.dataset import AlignedFaceDataset
@@ -207,6 +225,51 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
 
 
 # ----------------------------------------------------------------------------- method networks
+
+@train.command("teacher-set")
+@click.option("--network", type=str, default="default-2d", show_default=True,
+              help="2D StyleGAN2 checkpoint or built-in name whose samples teach.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to write.")
+@click.option("--count", type=click.IntRange(1), default=10000, show_default=True,
+              help="Samples to keep (only those in which MediaPipe finds a face).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the latents.")
+@click.option("--truncation", type=FiniteFloat(0, 1), default=1.0, show_default=True, help="Truncation psi.")
+@click.option("--turn", type=FiniteFloat(0, 60), default=20.0, show_default=True,
+              help="Also render each latent turned by -TURN and +TURN nominal degrees along the generator's own yaw "
+                   "direction, with measured cameras (0: no turned views).")
+@click.option("--add-views", is_flag=True, help="OUT already holds a set without turned views: add them.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@fail_cleanly
+def teacher_set_cmd(network: str, out: Path, count: int, seed: int, truncation: float, turn: float, add_views: bool,
+                    threads: int | None) -> None:
+    """Sample a 2D generator into a teacher set for `portrait3d train eg3d --distill`: images, latents, the
+    cameras the face pipeline measures on them and MediaPipe's face mesh (about 60 samples/s on one core), and
+    turned views of each latent (about 30 latents/s for two).
+
+    \b
+    Example:
+      portrait3d train teacher-set --network default-2d --out ~/.cache/portrait3d/teacher-2d --count 10000
+    """
+    from portrait3d.checkpoints import load_network
+    from portrait3d.training.teacher import add_teacher_views, build_teacher_set
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if add_views and turn <= 0:
+        raise UsageError("--add-views needs --turn > 0")
+    G = load_network(network)
+    if not hasattr(G, "synthesis") or getattr(G, "c_dim", 0) != 0 or not hasattr(G, "mapping"):
+        raise UsageError(f"{network}: a teacher set needs an unconditional 2D StyleGAN2 generator")
+    if not add_views:
+        summary = build_teacher_set(G, out, count, seed=seed, truncation_psi=truncation, network_name=network)
+        click.echo(f"{out}: {summary['count']} faces from {summary['sampled']} samples "
+                   f"(face rate {summary['face_rate']:.3f})")
+    if turn > 0:
+        views = add_teacher_views(G, out, (-turn, turn))
+        change = ", ".join(f"{c:+.1f}" for c in views["measured_yaw_change_median"])
+        click.echo(f"{out}: turned views measured {change} degrees (median); {views['views_without_face']} without "
+                   f"a face kept the sample in their place")
+
 
 @train.command("lift")
 @click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",

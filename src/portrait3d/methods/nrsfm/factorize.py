@@ -568,6 +568,42 @@ def align_to_head_frame(
     )
 
 
+def depth_scale_to_reference(model: RankOneModel, reference=None) -> float:
+    """The factor that gives the mean shape ``B0``'s relief the reference face's relief, relative to its width.
+
+    Under (weak-perspective) factorisation the depth of the shape is the weakest-determined quantity: when the
+    heads turn through a narrow range (generated faces: yaw std about 10 degrees), a shallower face turned
+    further explains the landmarks almost as well (the bas-relief ambiguity), and every angle then comes out in
+    the wrong units. With ``B0`` in the head frame, the factor is ``s_z / s_xy``: the least-squares scales of
+    its depth row and of its image-plane rows onto the reference's (default for ``ibug68``:
+    :func:`portrait3d.face.pose.mean_face_68`, a measured 3D mean face).
+    """
+    if reference is None:
+        if model.scheme != "ibug68":
+            raise ValueError(f"no default 3D reference for the {model.scheme!r} scheme")
+        from portrait3d.face.pose import mean_face_68
+
+        reference = mean_face_68()
+    b0 = model.B0.detach().to(torch.float64)
+    ref = torch.tensor(np.array(reference, dtype=np.float64)).T
+    if ref.shape != b0.shape:
+        raise ValueError(f"reference must be [{b0.shape[1]}, 3], got {tuple(ref.T.shape)}")
+    b0 = b0 - b0.mean(1, keepdim=True)
+    ref = ref - ref.mean(1, keepdim=True)
+    s_xy = float((b0[:2] * ref[:2]).sum() / b0[:2].square().sum())
+    s_z = float((b0[2] * ref[2]).sum() / b0[2].square().sum())
+    return s_z / s_xy
+
+
+def scale_depth(model: RankOneModel, factor: float) -> RankOneModel:
+    """The model with the depth (z) rows of ``B0`` and every basis shape multiplied by ``factor``."""
+    b0, b = model.B0.detach().clone(), model.B.detach().clone()
+    b0[2] *= factor
+    if b.numel():
+        b[:, 2] *= factor
+    return RankOneModel(b0, b, scheme=model.scheme)
+
+
 # --------------------------------------------------------------------------------------------
 # Joint refinement and the whole pipeline
 # --------------------------------------------------------------------------------------------

@@ -275,7 +275,8 @@ class ImportanceRenderer(torch.nn.Module):
         rendering_options: Options,
         deterministic: bool = False,
         random: RandomSource | None = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with_spread: bool = False,
+    ) -> Tuple[torch.Tensor, ...]:
         """Render rays through a tri-plane.
 
         Args:
@@ -289,9 +290,12 @@ class ImportanceRenderer(torch.nn.Module):
                 ``torch.rand_like`` jitter replaced by 0.5) and importance sampling uses the
                 official ``det=True`` branch. ``density_noise`` (if > 0) stays random.
             random: where the jitter, importance samples and density noise are drawn from (global RNG if None).
+            with_spread: also return the depth spread of each ray, ``sqrt(sum_i w_i (t_i - d)^2 / sum_i w_i)``
+                over the final samples (near 0 where the ray stops at a surface, large in fog).
 
         Returns:
-            ``(features [N, M, F] in [-1, 1], depth [N, M, 1], weight_total [N, M, 1])``.
+            ``(features [N, M, F] in [-1, 1], depth [N, M, 1], weight_total [N, M, 1])``, and
+            ``spread [N, M, 1]`` with ``with_spread``.
         """
         if rendering_options["ray_start"] == rendering_options["ray_end"] == "auto":
             ray_start, ray_end = get_ray_limits_box(
@@ -346,11 +350,16 @@ class ImportanceRenderer(torch.nn.Module):
                 all_colors, all_densities, all_depths, rendering_options
             )
         else:
+            all_depths = depths_coarse
             rgb_final, depth_final, weights = self.ray_marcher(
                 colors_coarse, densities_coarse, depths_coarse, rendering_options
             )
-
-        return rgb_final, depth_final, weights.sum(2)
+        total = weights.sum(2)
+        if not with_spread:
+            return rgb_final, depth_final, total
+        mids = (all_depths[:, :, 1:] + all_depths[:, :, :-1]) / 2
+        var = (weights * (mids - depth_final[:, :, None]).square()).sum(2) / total.clamp_min(1e-6)
+        return rgb_final, depth_final, total, var.clamp_min(1e-10).sqrt()
 
     def _query(
         self,

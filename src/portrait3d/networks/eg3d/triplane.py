@@ -162,7 +162,7 @@ class TriPlaneGenerator(nn.Module):
 
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: int | None = None,
                   update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
-                  deterministic: bool = False, random: RandomSource | None = None,
+                  deterministic: bool = False, random: RandomSource | None = None, depth_spread: bool = False,
                   **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
         """Render ``ws`` from camera ``c``.
 
@@ -173,7 +173,8 @@ class TriPlaneGenerator(nn.Module):
             random: source of the backbone noise (``noise_mode='random'``), ray jitter, importance samples and
                 density noise (:class:`~portrait3d.networks.ops.RandomSource`; the global RNG when None).
         Returns:
-            ``image [N,3,R,R]``, ``image_raw [N,3,r,r]``, ``image_depth [N,1,r,r]``.
+            ``image [N,3,R,R]``, ``image_raw [N,3,r,r]``, ``image_depth [N,1,r,r]``; with ``depth_spread``
+            also ``image_depth_spread [N,1,r,r]`` (how far each ray's opacity spreads around its depth).
         """
         if c.ndim != 2 or c.shape[1] != 25:
             raise ValueError(f"camera c must have shape [N, 25], not {list(c.shape)}")
@@ -191,8 +192,9 @@ class TriPlaneGenerator(nn.Module):
             planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
         if cache_backbone:
             self._last_planes = planes
-        features, depth, _ = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
-                                           deterministic=deterministic, random=random)
+        rendered = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
+                                 deterministic=deterministic, random=random, with_spread=depth_spread)
+        features, depth = rendered[:2]
         h = w = neural_rendering_resolution
         feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], h, w).contiguous()
         depth_image = depth.permute(0, 2, 1).reshape(n, 1, h, w)
@@ -203,7 +205,10 @@ class TriPlaneGenerator(nn.Module):
                              "use superresolution_noise_mode 'none' or 'const' (EG3D's models use 'none')")
         sr_image = self.superresolution(rgb_image, feature_image, ws,
                                         noise_mode=self.rendering_kwargs["superresolution_noise_mode"], **sr_kwargs)
-        return {"image": sr_image, "image_raw": rgb_image, "image_depth": depth_image}
+        out = {"image": sr_image, "image_raw": rgb_image, "image_depth": depth_image}
+        if depth_spread:
+            out["image_depth_spread"] = rendered[3].permute(0, 2, 1).reshape(n, 1, h, w)
+        return out
 
     def sample(self, coordinates: torch.Tensor, directions: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
                truncation_psi: float = 1, truncation_cutoff: int | None = None, update_emas: bool = False,
