@@ -89,3 +89,44 @@ def test_dual_projected_judges_image_and_raw_render_with_the_camera():
     logits.mean().backward()
     assert image.grad.abs().sum() > 0 and raw.grad.abs().sum() > 0  # both halves reach the generator
     assert all(p.grad is None for p in D.features.parameters())
+
+
+def test_efficientnet_eval_folds_batch_norm_into_the_convolutions_exactly():
+    from portrait3d.networks import efficientnet as E
+
+    torch.manual_seed(0)
+    net = E.EfficientNetLite0()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.1)
+    x = torch.randn(2, 3, 64, 64)
+
+    def reference(mod: torch.nn.Module, inp: torch.Tensor) -> list[torch.Tensor]:
+        # the unfused definition: batch norm after each convolution, with the running statistics
+        import torch.nn.functional as F
+
+        def cb(conv, bn, t):
+            return F.batch_norm(conv(t), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+        y = F.relu6(cb(mod._conv_stem, mod._bn0, inp))
+        outs = [y]
+        for i, blk in enumerate(mod._blocks):
+            z = y
+            if blk.has_expand:
+                z = F.relu6(cb(blk._expand_conv, blk._bn0, z))
+            z = F.relu6(cb(blk._depthwise_conv, blk._bn1, z))
+            z = cb(blk._project_conv, blk._bn2, z)
+            y = z + y if blk.residual else z
+            if i in mod._stage_ends[:3]:
+                outs.append(y)
+        return outs
+
+    with torch.no_grad():
+        got = net.eval().features(x, ["stem", "stage0", "stage1", "stage2"])
+        want = reference(net, x)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -74,6 +74,20 @@ def _bn(c: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, eps=_BN_EPS)
 
 
+def _conv_bn(conv: _Conv, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``; in eval mode as one convolution with the batch norm folded into its weights and bias,
+    ``w' = w g / sqrt(v + eps)``, ``b' = beta - m g / sqrt(v + eps)`` (the same function, one kernel fewer: in a
+    bf16 training step the separate batch norms of this frozen network took as long as a tenth of its convs)."""
+    if bn.training:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = conv.weight * scale[:, None, None, None]
+    b = bn.bias - bn.running_mean * scale
+    if conv.tf_same:
+        x = _same_pad(x, conv.kernel_size[0], conv.stride[0])
+    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class _MBConv(nn.Module):
     """Inverted residual block without squeeze-excitation (EfficientNet-Lite)."""
 
@@ -93,9 +107,9 @@ class _MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
         if self.has_expand:
-            y = F.relu6(self._bn0(self._expand_conv(y)))
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+            y = F.relu6(_conv_bn(self._expand_conv, self._bn0, y))
+        y = F.relu6(_conv_bn(self._depthwise_conv, self._bn1, y))
+        y = _conv_bn(self._project_conv, self._bn2, y)
         return y + x if self.residual else y  # (drop-connect is a training-only op)
 
 
@@ -139,7 +153,7 @@ class EfficientNetLite0(nn.Module):
             raise ValueError(f"unknown EfficientNet-Lite0 layer(s) {unknown}; choose from {EFFICIENTNET_LITE0_LAYERS}")
         depth = max(EFFICIENTNET_LITE0_LAYERS.index(l) for l in layers)
         out: dict[str, torch.Tensor] = {}
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(_conv_bn(self._conv_stem, self._bn0, x))
         out["stem"] = x
         stage = 0
         for i, block in enumerate(self._blocks):
@@ -150,7 +164,7 @@ class EfficientNetLite0(nn.Module):
                 out[f"stage{stage}"] = x
                 stage += 1
         if depth == len(EFFICIENTNET_LITE0_LAYERS) - 1:
-            out["head"] = F.relu6(self._bn1(self._conv_head(x)))
+            out["head"] = F.relu6(_conv_bn(self._conv_head, self._bn1, x))
         return [out[l] for l in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
