@@ -108,3 +108,18 @@ def test_a_tampered_config_is_a_checkpoint_error_not_a_crash(net, key, value, tm
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(CheckpointError, match=key):
         load_network(bad)
+
+
+def test_written_checkpoints_get_ordinary_permissions(tmp_path, tiny_stylegan2):
+    """safetensors writes its files 0600; ours are published with the umask's ordinary permissions (0644)."""
+    import os
+    import stat
+
+    from portrait3d.checkpoints.native import save_network
+
+    old = os.umask(0o022)
+    try:
+        path = save_network(tiny_stylegan2, tmp_path / "g.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

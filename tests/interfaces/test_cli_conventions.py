@@ -19,7 +19,9 @@ def test_help_lists_every_command():
     listed = {line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()}
     assert set(COMMANDS) <= listed
     train = CliRunner().invoke(main, ["train", "--help"]).output
-    assert all(t in train for t in ("stylegan2", "eg3d", "lift", "encoder", "pose"))
+    assert all(t in train for t in ("stylegan2", "eg3d", "lift", "encoder", "pose", "teacher-set"))
+    eg3d = CliRunner().invoke(main, ["train", "eg3d", "--help"]).output
+    assert "None" not in eg3d  # unbounded float options print no "x<=None" range
 
 
 @pytest.mark.parametrize("args, pattern", [

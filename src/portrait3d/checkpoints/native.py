@@ -52,9 +52,11 @@ def atomic_write(path: str | os.PathLike[str], write: Any, overwrite: bool = Fal
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
     try:
         write(tmp)
+        # mkstemp creates 0600, and some writers (safetensors' save_file) recreate the file 0600 themselves:
+        # give the finished file ordinary permissions, as any other output
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

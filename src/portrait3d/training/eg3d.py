@@ -20,6 +20,10 @@ As NVIDIA's EG3D ``training/loss.py`` (``StyleGAN2Loss`` with dual discriminatio
 * neural rendering at ``neural_rendering_resolution`` (32 or 64; optionally faded to a final value),
   super-resolution to 128 (``SuperresolutionHybrid2X``).
 
+Distillation (``distill``, a teacher set of :mod:`portrait3d.training.teacher`): each generator step also renders
+teacher latents from their measured cameras and fits them (:mod:`portrait3d.losses.distillation`: image and raw
+render, MediaPipe-mesh relief, the depth spread along each ray); ``adversarial=False`` drops the discriminator.
+
 ``density_reg``, ``density_reg_p_dist``, ``reg_type`` and ``gpc_reg_prob`` live in
 ``cfg.G.rendering`` (EG3D's ``rendering_kwargs``), so the exported generator carries them.
 Randomness, sharding, checkpoints, progress: :mod:`portrait3d.training.randomness`, :mod:`~portrait3d.training.snapshots`, :mod:`~portrait3d.training.loop`.
@@ -281,10 +285,11 @@ def _discriminate(D: DualDiscriminator, img: dict[str, torch.Tensor], c: torch.T
 def _distill_loss(G: TriPlaneGenerator, r: BatchRandom, teacher: TeacherSet, cams: torch.Tensor, swap: float,
                   nrr: int, cfg: EG3DTrainConfig, perceptual: torch.nn.Module | None, fast: Any, device: torch.device,
                   kw: dict[str, Any], note: Callable[[str, torch.Tensor], None]) -> torch.Tensor:
-    """Render teacher samples' latents from their cameras (a random one of each latent's views);
-    reconstruction, mesh-depth and depth-spread losses
-    ``[rows]``. One view per latent cannot tell a surface from a fog that looks the same from that camera, and
-    fog smears when the head turns; the spread term (the distortion loss of Mip-NeRF 360 in spirit: each ray's
+    """Render teacher latents from the measured camera of one of their views (drawn per row); the weighted sum of
+    reconstruction, mesh-depth and depth-spread losses, ``[rows]``.
+
+    One view per latent cannot tell a surface from a fog that looks the same from that camera, and fog smears
+    into streaks when the head turns; the spread term (the distortion loss of Mip-NeRF 360 in spirit: each ray's
     opacity kept near its depth) asks for the surface."""
     idx, view = r.randint(0, len(teacher)).cpu(), r.randint(0, teacher.num_views).cpu()
     x, c, z, mesh = (t.to(device, torch.float32) for t in teacher.batch(idx, view))

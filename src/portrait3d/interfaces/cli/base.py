@@ -37,6 +37,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return v
 
+    def _describe_range(self) -> str:
+        # click would print an unbounded range as "x<=None" in the help; an empty string shows none
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 def _debug_requested() -> bool:
     ctx = click.get_current_context(silent=True)
