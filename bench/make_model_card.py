@@ -365,12 +365,13 @@ def main(model: Path, data_root: Path, state: Path | None, images_seen: int | No
     print(f"detection rate: real {real_rate:.3f}, generated {', '.join(f'{r:.3f}' for r in gen_rates)}")
 
     face = fid_holdout = None
-    if n_face and not isinstance(G, TriPlaneGenerator):
+    if n_face:
         from portrait3d.metrics.face_stats import compare, dataset_face_stats, generator_face_stats
 
         ref = dataset_face_stats(data_root, n_face_real, progress=True)
-        face = {"n": n_face, "n_ref": n_face_real,
-                "generated": compare(generator_face_stats(G, n_face, seed=seed, device=dev, progress=True), ref)}
+        # EG3D: cameras drawn from the training labels, as for FID (so the pose spread is the model's to show)
+        gen_faces = generator_face_stats(G, n_face, seed=seed, device=dev, progress=True, cameras=cams)
+        face = {"n": n_face, "n_ref": n_face_real, "generated": compare(gen_faces, ref)}
         if holdout is not None:
             ho = dataset_face_stats(holdout, None, progress=True)
             face["baseline"] = compare(ho, ref)

@@ -214,11 +214,12 @@ def dataset_face_stats(root: str | os.PathLike[str], n: int | None = 2000, cache
 
 
 def generator_face_stats(G: Any, n: int = 1000, seed: int = 0, batch: int = 16, device: Any = None,
-                         truncation_psi: float = 1.0, progress: bool = False) -> FaceSetStats:
-    """Face statistics of ``n`` samples of ``G`` (seeded latents, constant noise, no truncation)."""
+                         truncation_psi: float = 1.0, progress: bool = False, cameras: Any = None) -> FaceSetStats:
+    """Face statistics of ``n`` samples of ``G`` (seeded latents, constant noise, no truncation; for EG3D,
+    ``cameras [M, 25]`` drawn uniformly for conditioning and rendering, default frontal)."""
     from portrait3d.metrics.fid import generator_sample_fn
 
-    gen = generator_sample_fn(G, truncation_psi=truncation_psi, seed=seed, device=device)
+    gen = generator_sample_fn(G, truncation_psi=truncation_psi, seed=seed, device=device, cameras=cameras)
 
     def images() -> Iterable[np.ndarray]:
         done = 0
