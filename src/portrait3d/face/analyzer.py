@@ -52,6 +52,7 @@ class FaceAnalyzer:
         self.detector_name = detector
         self.work_size = int(work_size)
         self._lm = LandmarkDetector("dlib")
+        self._mesh: Any = None  # MediaPipe's face mesh, made on first use by landmarks_and_mesh
         self._det: Any = None
         if detector != "template":
             from portrait3d.face.detect import FaceDetector
@@ -62,6 +63,8 @@ class FaceAnalyzer:
     def close(self) -> None:
         """Release the detector's native graphs."""
         self._lm.close()
+        if self._mesh is not None:
+            self._mesh.close()
         if self._det is not None:
             self._det.close()
 
@@ -84,10 +87,9 @@ class FaceAnalyzer:
         big = cv2.resize(img, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_LINEAR)
         return big, big.shape[1] / w, big.shape[0] / h
 
-    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
-        """68 points ``[68, 2]`` in pixels of ``image``, or None when no face is found."""
-        from portrait3d.face.errors import FaceError
-
+    def _locate(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any] | None:
+        """``(upscaled copy, its scale [kx, ky], face box in it)`` (the template's box or the first detection),
+        or None when the detector finds no face."""
         big, kx, ky = self._work(image)
         hb, wb = big.shape[:2]
         if self._det is None:
@@ -98,11 +100,42 @@ class FaceAnalyzer:
             if not dets:
                 return None
             face = dets[0]
+        return big, np.array([kx, ky]), face
+
+    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
+        """68 points ``[68, 2]`` in pixels of ``image``, or None when no face is found."""
+        from portrait3d.face.errors import FaceError
+
+        found = self._locate(image)
+        if found is None:
+            return None
+        big, scale, face = found
         try:
             pts = np.asarray(self._lm.detect(big, face).points[:68, :2], dtype=np.float64)
         except FaceError:
             return None
-        return (pts + 0.5) / np.array([kx, ky]) - 0.5
+        return (pts + 0.5) / scale - 0.5
+
+    def landmarks_and_mesh(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The 68 points ``[68, 2]`` and MediaPipe's 468-point face mesh ``[468, 3]`` of the same detected face,
+        in pixels of ``image`` (the mesh's ``z`` in those pixel units, smaller = nearer the camera); None when
+        either finds no face."""
+        from portrait3d.face.errors import FaceError
+        from portrait3d.face.landmarks import LandmarkDetector
+
+        found = self._locate(image)
+        if found is None:
+            return None
+        big, scale, face = found
+        if self._mesh is None:
+            self._mesh = LandmarkDetector("mediapipe", refine_landmarks=False)
+        try:
+            pts = np.asarray(self._lm.detect(big, face).points[:68, :2], dtype=np.float64)
+            mesh = np.asarray(self._mesh.detect(big, face).points3d[:468], dtype=np.float64)
+        except FaceError:
+            return None
+        mesh = np.concatenate([(mesh[:, :2] + 0.5) / scale - 0.5, mesh[:, 2:] / np.sqrt(scale.prod())], axis=1)
+        return (pts + 0.5) / scale - 0.5, mesh
 
     def descriptor(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         """dlib's 128-d descriptor (:func:`portrait3d.face.identity.dlib_descriptor`) on the upscaled copy."""

@@ -54,10 +54,11 @@ def homography_residual(src: np.ndarray, dst: np.ndarray) -> float:
 def mean_face_parallax(yaw_deg: float, size: int = 128) -> float:
     """The parallax (:func:`homography_residual`) of the 3D mean face between yaw 0 and ``yaw_deg``, seen by
     EG3D's camera: what a real head shape produces, the reference of the billboard check."""
+    from portrait3d.face.pipeline import EG3D_FOV_DEG
     from portrait3d.face.pose import HeadPose, focal_from_fov, mean_face_68, project_points
 
     pts = mean_face_68()
-    focal = focal_from_fov(18.837, (size, size))
+    focal = focal_from_fov(EG3D_FOV_DEG, (size, size))
     t = np.array([0.0, 0.0, 2.7])
 
     def view(yaw: float) -> np.ndarray:

@@ -254,14 +254,18 @@ def _mapping(G: TriPlaneGenerator, rnd: BatchRandom, z: torch.Tensor, c_cond: to
     return ws
 
 
+def _conditioning(rnd: BatchRandom, cams: torch.Tensor, c: torch.Tensor, swap: float) -> torch.Tensor:
+    """The mapping network's camera per row: ``c``, or with probability ``swap`` another dataset camera (GPC)."""
+    c_other = cams[rnd.randint(0, len(cams))]
+    return torch.where(rnd.rand(1) < swap, c_other, c)
+
+
 def _generate(G: TriPlaneGenerator, rnd: BatchRandom, cams: torch.Tensor, swap: float, nrr: int, mixing_prob: float,
               update_emas: bool, kw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Render this shard's samples; returns the output dict and the rendering cameras."""
     z = rnd.randn(G.z_dim)
     c = cams[rnd.randint(0, len(cams))]
-    c_other = cams[rnd.randint(0, len(cams))]
-    c_cond = torch.where(rnd.rand(1) < swap, c_other, c)
-    ws = _mapping(G, rnd, z, c_cond, c, mixing_prob, update_emas)
+    ws = _mapping(G, rnd, z, _conditioning(rnd, cams, c, swap), c, mixing_prob, update_emas)
     out = G.synthesis(ws, c, neural_rendering_resolution=nrr, update_emas=update_emas, random=rnd.source, **kw)
     return out, c
 
@@ -293,8 +297,7 @@ def _distill_loss(G: TriPlaneGenerator, r: BatchRandom, teacher: TeacherSet, cam
     opacity kept near its depth) asks for the surface."""
     idx, view = r.randint(0, len(teacher)).cpu(), r.randint(0, teacher.num_views).cpu()
     x, c, z, mesh = (t.to(device, torch.float32) for t in teacher.batch(idx, view))
-    c_other = cams[r.randint(0, len(cams))]
-    c_cond = torch.where(r.rand(1) < swap, c_other, c)
+    c_cond = _conditioning(r, cams, c, swap)
     with fast.autocast(device):
         ws = G.mapping(z, c_cond)
         out = G.synthesis(ws, c, neural_rendering_resolution=nrr, random=r.source,

@@ -39,7 +39,7 @@ import torch
 
 from portrait3d.errors import UsageError
 
-__all__ = ["MESH_POINTS", "TeacherSet", "build_teacher_set"]
+__all__ = ["MESH_POINTS", "TeacherSet", "add_teacher_views", "build_teacher_set", "yaw_direction"]
 
 MESH_POINTS = 468
 WORK_SIZE = 256  # the face tools see the samples upscaled to this (BlazeFace and dlib want more than 128 px)
@@ -110,26 +110,21 @@ class TeacherSet:
         return img.permute(0, 3, 1, 2).float() / 127.5 - 1, cams, self.latents[idx], mesh
 
 
-def _measure(image: np.ndarray, detector: Any, dlib: Any, mesh: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """dlib's 68 points and the face mesh of one ``uint8 [R, R, 3]`` sample, in its pixels; None if no face."""
-    import cv2
+def _camera_and_mesh(fa: Any, image: np.ndarray) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The EG3D camera ``[25]`` of one ``uint8 [R, R, 3]`` sample, measured as for photos (dlib's 68 points, PnP
+    with EG3D's field of view), and its face mesh ``float32 [468, 3]`` in the sample's pixels; None without a face.
+    ``fa``: a :class:`~portrait3d.face.analyzer.FaceAnalyzer` (it upscales the sample for the face tools)."""
+    from portrait3d.face.pipeline import EG3D_FOV_DEG
+    from portrait3d.face.pose import camera_from_pose, estimate_head_pose
 
-    from portrait3d.face.errors import FaceError
-
-    size = image.shape[0]
-    big = cv2.resize(image, (WORK_SIZE, WORK_SIZE), interpolation=cv2.INTER_LINEAR)
-    k = WORK_SIZE / size
-    dets = detector.detect(big)
-    if not dets:
+    found = fa.landmarks_and_mesh(image)
+    if found is None:
         return None
     try:
-        lm68 = np.asarray(dlib.detect(big, dets[0]).points[:68, :2], np.float64)
-        pts = np.asarray(mesh.detect(big, dets[0]).points3d[:MESH_POINTS], np.float64)
-    except FaceError:
+        pose = estimate_head_pose(found[0], (image.shape[1], image.shape[0]), fov_deg=EG3D_FOV_DEG)
+    except ValueError:
         return None
-    lm68 = (lm68 + 0.5) / k - 0.5
-    pts = np.concatenate([(pts[:, :2] + 0.5) / k - 0.5, pts[:, 2:] / k], axis=1)
-    return lm68, pts
+    return camera_from_pose(pose), found[1].astype(np.float32)
 
 
 def build_teacher_set(G: torch.nn.Module, out: str | os.PathLike[str], count: int, seed: int = 0, batch: int = 16,
@@ -144,10 +139,7 @@ def build_teacher_set(G: torch.nn.Module, out: str | os.PathLike[str], count: in
     """
     from tqdm import tqdm
 
-    from portrait3d.face.detect import FaceDetector
-    from portrait3d.face.landmarks import LandmarkDetector
-    from portrait3d.face.pipeline import EG3D_FOV_DEG
-    from portrait3d.face.pose import camera_from_pose, estimate_head_pose
+    from portrait3d.face.analyzer import FaceAnalyzer
     from portrait3d.utils.io import write_json, write_npy
     from portrait3d.utils.visualize import to_uint8
 
@@ -163,8 +155,7 @@ def build_teacher_set(G: torch.nn.Module, out: str | os.PathLike[str], count: in
     tried = 0
     limit = max_samples if max_samples is not None else 4 * count + 64
     bar = tqdm(total=count, desc="teacher set", unit="face", disable=not progress)
-    with FaceDetector("mediapipe", fallback=False) as det, LandmarkDetector("dlib") as dl, \
-            LandmarkDetector("mediapipe", refine_landmarks=False) as mesh:
+    with FaceAnalyzer("mediapipe", WORK_SIZE) as fa:
         while len(images) < count:
             if tried >= limit:
                 raise UsageError(f"only {len(images)} of {tried} samples of {network_name} hold a face the face "
@@ -175,18 +166,13 @@ def build_teacher_set(G: torch.nn.Module, out: str | os.PathLike[str], count: in
                                  noise_mode="const"))
             for zi, im in zip(z, img):
                 tried += 1
-                found = _measure(im, det, dl, mesh)
+                found = _camera_and_mesh(fa, im)
                 if found is None:
-                    continue
-                lm68, pts = found
-                try:
-                    pose = estimate_head_pose(lm68, (im.shape[1], im.shape[0]), fov_deg=EG3D_FOV_DEG)
-                except ValueError:
                     continue
                 images.append(im)
                 latents.append(zi.numpy())
-                meshes.append(pts.astype(np.float32))
-                labels.append([f"sample-{tried - 1:07d}", [float(v) for v in camera_from_pose(pose).tolist()]])
+                meshes.append(found[1])
+                labels.append([f"sample-{tried - 1:07d}", [float(v) for v in found[0].tolist()]])
                 bar.update(1)
                 if len(images) == count:
                     break
@@ -219,10 +205,8 @@ def add_teacher_views(G: torch.nn.Module, root: str | os.PathLike[str], turns: t
     """
     from tqdm import tqdm
 
-    from portrait3d.face.detect import FaceDetector
-    from portrait3d.face.landmarks import LandmarkDetector
-    from portrait3d.face.pipeline import EG3D_FOV_DEG
-    from portrait3d.face.pose import camera_from_pose, estimate_head_pose, pose_from_camera
+    from portrait3d.face.analyzer import FaceAnalyzer
+    from portrait3d.face.pose import pose_from_camera
     from portrait3d.utils.io import write_json, write_npy
     from portrait3d.utils.visualize import to_uint8
 
@@ -243,8 +227,7 @@ def add_teacher_views(G: torch.nn.Module, root: str | os.PathLike[str], turns: t
     cams = torch.empty(n, len(turns), 25)
     mesh = torch.empty(n, len(turns), MESH_POINTS, 3)
     missing = 0
-    with FaceDetector("mediapipe", fallback=False) as det, LandmarkDetector("dlib") as dl, \
-            LandmarkDetector("mediapipe", refine_landmarks=False) as mesher:
+    with FaceAnalyzer("mediapipe", WORK_SIZE) as fa:
         for s in tqdm(range(0, n, batch), desc="turned views", unit="batch", disable=not progress):
             wb = w[s:s + batch]
             for j, k in enumerate(turns):
@@ -253,20 +236,14 @@ def add_teacher_views(G: torch.nn.Module, root: str | os.PathLike[str], turns: t
                     out = to_uint8(G.synthesis(ws, noise_mode="const"))
                 for i, im in enumerate(out):
                     row = s + i
-                    found = _measure(im, det, dl, mesher)
-                    pose = None
-                    if found is not None:
-                        try:
-                            pose = estimate_head_pose(found[0], (res, res), fov_deg=EG3D_FOV_DEG)
-                        except ValueError:
-                            pose = None
-                    if pose is None:  # keep view 0 in its place
+                    found = _camera_and_mesh(fa, im)
+                    if found is None:  # keep view 0 in its place
                         missing += 1
                         imgs[row, j], cams[row, j], mesh[row, j] = t.images[row], t.cameras[row], t.mesh[row]
                         continue
                     imgs[row, j] = im
-                    cams[row, j] = camera_from_pose(pose)
-                    mesh[row, j] = torch.from_numpy(found[1].astype(np.float32))
+                    cams[row, j] = found[0]
+                    mesh[row, j] = torch.from_numpy(found[1])
     yaw_v = torch.as_tensor(pose_from_camera(cams.reshape(-1, 25))[0]).reshape(n, len(turns))
     change = (yaw_v - yaw0[:, None]).median(0).values
     summary = {"turns": list(turns), "measured_yaw_change_median": [float(c) for c in change],

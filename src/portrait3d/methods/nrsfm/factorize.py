@@ -529,17 +529,10 @@ def align_to_head_frame(
     """
     sch = get_scheme(scheme)
     dtype = B0.dtype
-    if reference is None and sch.name == "ibug68":
-        from portrait3d.face.pose import mean_face_68
-
-        reference = mean_face_68()
     mirror = _MIRROR.to(dtype=dtype, device=B0.device)
     b0c = B0 - B0.mean(1, keepdim=True)
-    if reference is not None and reference is not False:
-        ref = torch.tensor(np.array(reference, dtype=np.float64), dtype=dtype, device=B0.device).T
-        if ref.shape != B0.shape:
-            raise ValueError(f"reference must be [{B0.shape[1]}, 3], got {tuple(ref.T.shape)}")
-        ref = ref - ref.mean(1, keepdim=True)
+    ref = None if reference is False else _centred_reference(reference, sch.name, B0)
+    if ref is not None:
         fits = [_proper_procrustes(b0c * (mirror[:, None] if m else 1.0), ref) for m in (False, True)]
         mirrored = fits[1][2] < fits[0][2]
         a, scale, _ = fits[int(mirrored)]
@@ -568,6 +561,21 @@ def align_to_head_frame(
     )
 
 
+def _centred_reference(reference, scheme: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The 3D reference points as a centred ``[3, L]`` tensor in ``like``'s dtype and device (``reference=None``:
+    the scheme's default, :func:`portrait3d.face.pose.mean_face_68` for ``ibug68``); None when there is none."""
+    if reference is None and scheme == "ibug68":
+        from portrait3d.face.pose import mean_face_68
+
+        reference = mean_face_68()
+    if reference is None:
+        return None
+    ref = torch.tensor(np.array(reference, dtype=np.float64), dtype=like.dtype, device=like.device).T
+    if ref.shape != like.shape:
+        raise ValueError(f"reference must be [{like.shape[1]}, 3], got {tuple(ref.T.shape)}")
+    return ref - ref.mean(1, keepdim=True)
+
+
 def depth_scale_to_reference(model: RankOneModel, reference=None) -> float:
     """The factor that gives the mean shape ``B0``'s relief the reference face's relief, relative to its width.
 
@@ -578,18 +586,11 @@ def depth_scale_to_reference(model: RankOneModel, reference=None) -> float:
     its depth row and of its image-plane rows onto the reference's (default for ``ibug68``:
     :func:`portrait3d.face.pose.mean_face_68`, a measured 3D mean face).
     """
-    if reference is None:
-        if model.scheme != "ibug68":
-            raise ValueError(f"no default 3D reference for the {model.scheme!r} scheme")
-        from portrait3d.face.pose import mean_face_68
-
-        reference = mean_face_68()
     b0 = model.B0.detach().to(torch.float64)
-    ref = torch.tensor(np.array(reference, dtype=np.float64)).T
-    if ref.shape != b0.shape:
-        raise ValueError(f"reference must be [{b0.shape[1]}, 3], got {tuple(ref.T.shape)}")
+    ref = _centred_reference(reference, model.scheme, b0)
+    if ref is None:
+        raise ValueError(f"no default 3D reference for the {model.scheme!r} scheme")
     b0 = b0 - b0.mean(1, keepdim=True)
-    ref = ref - ref.mean(1, keepdim=True)
     s_xy = float((b0[:2] * ref[:2]).sum() / b0[:2].square().sum())
     s_z = float((b0[2] * ref[2]).sum() / b0[2].square().sum())
     return s_z / s_xy
