@@ -228,3 +228,22 @@ def test_distillation_refuses_nothing_to_learn_from():
     cfg.adversarial = False
     with pytest.raises(E.UsageError, match="teacher"):
         cfg.validate()
+
+
+def test_init_from_a_trained_eg3d(straight, data, tmp_path):
+    """A new EG3D run starts from exported weights (how training continues from the shipped default-3d)."""
+    from portrait3d.checkpoints.native import load_native, save_network
+
+    out, export = straight[0], straight[1]
+    G = load_native(export)
+    with torch.no_grad():  # far from any fresh initialisation, so a start from it is unmistakable
+        for p in G.parameters():
+            p.add_(0.5)
+    save_network(G, tmp_path / "moved.safetensors")
+    cont = tmp_path / "cont"
+    E.train_eg3d(tiny_config(1), data, cont, init_from=tmp_path / "moved.safetensors")
+    src = dict(G.named_parameters())
+    got = dict(load_native(cont / "G_ema.safetensors").named_parameters())
+    assert max((got[k] - v).abs().max().item() for k, v in src.items()) < 0.05  # one EMA step from the source
+    with pytest.raises(Exception, match="only one of"):
+        E.train_eg3d(tiny_config(1), data, tmp_path / "x", init_from=export, resume=out)

@@ -225,3 +225,42 @@ def test_cli_tiny_run(data, tmp_path):
     assert (out / "G_ema.safetensors").exists() and (out / "snapshot-00000002" / "state.json").exists()
     res = CliRunner().invoke(main, ["--data", str(data), "--out", str(tmp_path / "bad"), "--config", "cpu-small"])
     assert res.exit_code != 0 and "128 px" in res.output
+
+
+def test_init_from_a_trained_generator(straight, data, tmp_path):
+    """A new run starts G and G_ema from exported weights (the shipped default when the run folder is gone);
+    the discriminator stays fresh; weights of another config or kind are refused in one line."""
+    from portrait3d.errors import UsageError
+    from portrait3d.training.snapshots import init_generators
+    from portrait3d.training.stylegan2 import build_networks
+
+    _, export, _ = straight
+    from portrait3d.checkpoints.native import load_native
+
+    src = load_native(export).state_dict()
+    nets = build_networks(tiny_config(1), torch.device("cpu"))
+    d_before = {k: v.clone() for k, v in nets.D.state_dict().items()}
+    assert "fresh discriminator" in init_generators(nets, export)
+    for name in ("G", "G_ema"):
+        got = getattr(nets, name).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in src.items())
+    assert all(torch.equal(nets.D.state_dict()[k], v) for k, v in d_before.items())
+
+    narrow = tiny_config(1)
+    narrow.G.synthesis.channel_max = 8
+    with pytest.raises(UsageError, match="do not fit"):
+        init_generators(build_networks(narrow, torch.device("cpu")), export)
+    from tests.conftest import make_tiny_eg3d
+
+    from portrait3d.checkpoints.native import save_network
+
+    save_network(make_tiny_eg3d(), tmp_path / "g3.safetensors")
+    with pytest.raises(UsageError, match="TriPlaneGenerator, not a Generator"):
+        init_generators(nets, tmp_path / "g3.safetensors")
+
+    out = tmp_path / "cont"
+    train_stylegan2(tiny_config(1), data, out, init_from=export)  # one step from the exported weights
+    assert (out / "G_ema.safetensors").exists()
+    res = CliRunner().invoke(main, ["--data", str(data), "--out", str(tmp_path / "both"), "--config", "tiny",
+                                    "--init-from", str(export), "--resume", str(out), "--threads", "1"])
+    assert res.exit_code == 2 and "only one of" in res.output

@@ -124,9 +124,9 @@ def run_lift(source: str, out: Path, network: str = "default-2d", lifted_path: P
         ValueError / FileNotFoundError / FileExistsError / CheckpointError / FaceError: one-line messages.
     """
     from portrait3d.checkpoints import load_network
+    from portrait3d.geometry.render import mesh_from_depth, save_obj
     from portrait3d.methods.lifting.losses import sample_w
     from portrait3d.methods.lifting.networks import LiftedGenerator
-    from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
     from portrait3d.methods.projector import project_photo
     from portrait3d.utils.io import atomic_write, check_outputs, write_json, write_npy
     from portrait3d.utils.visualize import colour_depth, make_grid, normal_to_uint8, shading_to_uint8, to_uint8

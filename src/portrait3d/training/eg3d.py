@@ -63,7 +63,7 @@ from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
 from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
 from portrait3d.training.run_config import RunConfig
-from portrait3d.training.snapshots import load_training_state
+from portrait3d.training.snapshots import init_generators, load_training_state
 from portrait3d.training.stylegan2 import DISCRIMINATORS, auto_r1_gamma, discriminator_losses, generator_loss
 from portrait3d.training.teacher import TeacherSet
 
@@ -484,11 +484,14 @@ def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:
 
 def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None,
-               init_2d: str | os.PathLike[str] | None = None) -> Path:
+               init_2d: str | os.PathLike[str] | None = None,
+               init_from: str | os.PathLike[str] | None = None) -> Path:
     """Train (or continue training) an EG3D generator on a built :class:`AlignedFaceDataset`.
 
     ``init_2d``: a 2D StyleGAN2 checkpoint (or built-in name) whose weights start the tri-plane backbone where
-    the shapes match (:func:`init_from_2d`; a new run only).
+    the shapes match (:func:`init_from_2d`; a new run only). ``init_from``: a trained EG3D generator of this
+    config (e.g. the shipped ``default-3d``) whose weights start a new run's G and G_ema, with a fresh
+    discriminator (:func:`~portrait3d.training.snapshots.init_generators`).
 
     Same conventions as :func:`portrait3d.training.stylegan2.train_stylegan2` (single process or
     ``torchrun``; ``out_dir`` layout; bit-exact ``resume``; ``metrics`` hook on rank 0). Sample
@@ -518,9 +521,13 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
                 print(f"distilling from {len(teacher)} samples of {teacher.network} ({cfg.distill})")
         nets = build_networks(cfg, info.device)
         counters = Counters()
+        if sum(x is not None for x in (resume, init_2d, init_from)) > 1:
+            raise UsageError("give only one of --resume, --init-2d and --init-from")
+        if init_from is not None:
+            note = init_generators(nets, init_from)
+            if info.is_main:
+                print(note)
         if init_2d is not None:
-            if resume is not None:
-                raise UsageError("--init-2d starts a new run; it cannot be combined with --resume")
             from portrait3d.checkpoints.load import load_network
 
             copied = init_from_2d(nets.G, load_network(init_2d, device=info.device))

@@ -18,7 +18,8 @@ import torch
 from portrait3d.errors import UsageError
 from portrait3d.training.optim import Counters, Networks
 
-__all__ = ["optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state"]
+__all__ = ["optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state",
+           "init_generators"]
 
 STATE_FORMAT = "portrait3d-train-state"
 STATE_VERSION = 1
@@ -203,3 +204,28 @@ def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: s
             nets.extra[k].copy_(v)
     restore_rng(tensors)
     return Counters(int(meta["step"]), int(meta["images_seen"]), list(meta.get("metrics", []))), meta
+
+
+def init_generators(nets: Networks, source: str | os.PathLike[str]) -> str:
+    """Start a new run's G and G_ema from a trained generator (a checkpoint file or built-in name, e.g. the shipped
+    ``default-2d``); the discriminator and optimisers stay fresh. This is how training continues when the run
+    folder with its snapshots is gone: the shipped weights are all that is left.
+
+    Raises UsageError when the generator is of another kind or its weights do not fit these networks.
+    Returns a one-line description for the log."""
+    from portrait3d.checkpoints.load import load_network
+
+    src = load_network(source, device=torch.device("cpu"))
+    if type(src) is not type(nets.G):
+        raise UsageError(f"{source} is a {type(src).__name__}, not a {type(nets.G).__name__} like this run's")
+    theirs = src.state_dict()
+    ours = nets.G.state_dict()
+    wrong = sorted(k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape)
+    extra = sorted(set(theirs) - set(ours))
+    if wrong or extra:
+        names = ", ".join((wrong + extra)[:3])
+        raise UsageError(f"{source}: {len(wrong) + len(extra)} weights do not fit this run's generator (e.g. {names}); "
+                         "give the config it was trained with")
+    for name in ("G", "G_ema"):
+        getattr(nets, name).load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
+    return f"started G and G_ema from {source} ({len(ours)} tensors); fresh discriminator and optimisers"

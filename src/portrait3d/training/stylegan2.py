@@ -50,7 +50,7 @@ from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
 from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
 from portrait3d.training.run_config import RunConfig
-from portrait3d.training.snapshots import load_training_state, read_snapshot, state_with_prefix
+from portrait3d.training.snapshots import init_generators, load_training_state, read_snapshot, state_with_prefix
 
 __all__ = ["StyleGAN2TrainConfig", "PRESETS", "DISCRIMINATORS", "preset", "train_stylegan2", "auto_r1_gamma",
            "grow_generator", "discriminator_losses", "generator_loss"]
@@ -388,7 +388,8 @@ def _check_resume_config(cfg: StyleGAN2TrainConfig, meta: dict[str, Any]) -> Non
 
 def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                     resume: str | os.PathLike[str] | None = None, metrics: MetricsFn | None = None,
-                    grow_from: str | os.PathLike[str] | None = None) -> Path:
+                    grow_from: str | os.PathLike[str] | None = None,
+                    init_from: str | os.PathLike[str] | None = None) -> Path:
     """Train (or continue training) a StyleGAN2 on a built :class:`AlignedFaceDataset`.
 
     Works as a single process (CPU or one GPU) or under ``torchrun`` (one process per GPU, or gloo
@@ -408,6 +409,8 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
             resolution: start a new run from it (:func:`grow_generator` for G and G_ema; the
             discriminator's weights when their shapes match, as a projected one's do at any
             resolution, also as the projected head of a ``'both'`` D; fresh optimisers).
+        init_from: a trained generator (checkpoint or built-in name, e.g. ``default-2d``) of this config: start
+            a new run from its weights, with a fresh discriminator (:func:`init_generators`).
     """
     from portrait3d.checkpoints.native import save_network
     from portrait3d.face.dataset import AlignedFaceDataset
@@ -421,10 +424,14 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
         ds = AlignedFaceDataset(data_root, mirror=run.mirror, limit=run.limit, resolution=cfg.G.img_resolution)
         nets = build_networks(cfg, info.device)
         counters = Counters()
-        if resume is not None and grow_from is not None:
-            raise UsageError("give either resume or grow_from, not both")
+        if sum(x is not None for x in (resume, grow_from, init_from)) > 1:
+            raise UsageError("give only one of resume, grow_from and init_from")
         if grow_from is not None:
             _grow_networks(cfg, nets, grow_from)
+        if init_from is not None:
+            note = init_generators(nets, init_from)
+            if info.is_main:
+                print(note)
         if resume is not None:
             counters, meta = load_training_state(resume, nets, "stylegan2")
             _check_resume_config(cfg, meta)

@@ -20,7 +20,7 @@ from tests.methods.lifting.test_networks import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-R = pytest.importorskip("portrait3d.methods.lifting.renderer")
+R = pytest.importorskip("portrait3d.geometry.render")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_centered_chip_transform_covers_the_centre():
 
 
 def test_all_terms_with_real_renderer(tiny_stylegan2, identity_net):
-    pytest.importorskip("portrait3d.methods.lifting.renderer")
+    pytest.importorskip("portrait3d.geometry.render")
     from portrait3d.methods.lifting.networks import LiftedGenerator
     from tests.methods.lifting.test_networks import tiny_config
 

@@ -1,7 +1,7 @@
 """LiftedGAN lifting networks (Sec. 3.1): shapes and ranges of D_V / D_L / M / D_S / D_T, the
 border of the transformation map, de-lighting, the lifted forward pass and the save / load format.
 
-The renderer (:mod:`portrait3d.methods.lifting.renderer`) is written separately; these tests use
+The renderer (:mod:`portrait3d.geometry.render`) is written separately; these tests use
 :class:`StubRenderer` (same API, a simple differentiable warp) unless a test needs the real one.
 """
 
@@ -295,7 +295,7 @@ def test_config_w_dim_must_match_generator(tiny_stylegan2):
 
 
 def test_with_real_renderer(tiny_stylegan2):
-    pytest.importorskip("portrait3d.methods.lifting.renderer")
+    pytest.importorskip("portrait3d.geometry.render")
     torch.manual_seed(1)
     model = LiftedGenerator(tiny_stylegan2, tiny_config())
     randomize_manipulator(model)
@@ -311,7 +311,7 @@ def test_with_real_renderer(tiny_stylegan2):
 
 
 def test_real_renderer_config_is_saved(tiny_stylegan2, tmp_path):
-    rmod = pytest.importorskip("portrait3d.methods.lifting.renderer")
+    rmod = pytest.importorskip("portrait3d.geometry.render")
     cfg = rmod.RendererConfig(image_size=16, fov=12.0)
     model = LiftedGenerator(tiny_stylegan2, tiny_config(), renderer_cfg=cfg)
     path = model.save(tmp_path / "lift.safetensors")
@@ -337,7 +337,7 @@ def test_gaussian_blur_keeps_constants_and_mean():
 def test_frontal_render_under_neutral_light_reproduces_canonical_image(tiny_stylegan2):
     """A = G2D(w0) / s(L0) and the renderer's shading / projection are consistent: rendering the albedo
     at the canonical view V0 = 0 under L0 gives G2D(w0) back (hard rasteriser, pixel-centred mesh)."""
-    pytest.importorskip("portrait3d.methods.lifting.renderer")
+    pytest.importorskip("portrait3d.geometry.render")
     torch.manual_seed(1)
     model = LiftedGenerator(tiny_stylegan2, tiny_config())
     randomize_manipulator(model)
@@ -349,7 +349,7 @@ def test_frontal_render_under_neutral_light_reproduces_canonical_image(tiny_styl
 
 
 def test_renderer_size_must_match(tiny_stylegan2):
-    rmod = pytest.importorskip("portrait3d.methods.lifting.renderer")
+    rmod = pytest.importorskip("portrait3d.geometry.render")
     model = LiftedGenerator(tiny_stylegan2, tiny_config(), renderer_cfg=rmod.RendererConfig(image_size=32))
     with pytest.raises(ValueError, match="image_size"):
         model(torch.randn(1, 32))

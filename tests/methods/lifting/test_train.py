@@ -145,7 +145,7 @@ def test_helpers():
     cfg = make_cfg(3, ablate=("flip",))
     assert dataclasses.asdict(LiftTrainConfig.from_dict(cfg.to_dict()).effective_weights())["flip"] == 0
     with pytest.raises(ValueError, match="renderer image_size"):
-        from portrait3d.methods.lifting.renderer import RendererConfig
+        from portrait3d.geometry.render import RendererConfig
 
         make_cfg(1, renderer=RendererConfig(image_size=32)).validate()
     with pytest.raises(ValueError, match="at least one latent"):

@@ -127,6 +127,9 @@ def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resu
                  help="Train G and D at this size (the dataset is box-filtered down) [preset]."),
     click.option("--grow-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                  help="Start from a snapshot at the same or a lower resolution (progressive growing)."),
+    click.option("--init-from", type=str, default=None,
+                 help="Start a new run from this trained generator's weights (checkpoint or built-in name, e.g. "
+                      "default-2d) with a fresh discriminator: how training continues when the run folder is gone."),
     click.option("--face-metrics", type=click.IntRange(0), default=0,
                  help="Face metrics (FD-dlib, detection, pose spread, identity diversity) on N samples at each "
                       "metrics interval (0 = none; ~0.1 s per sample)."),
@@ -134,7 +137,7 @@ def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resu
 @fail_cleanly
 def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, policy: str | None,
          mixing: float | None, pl_weight: float | None, discriminator: str | None, resolution: str | None,
-         grow_from: Path | None, face_metrics: int, **overrides: Any) -> None:
+         grow_from: Path | None, init_from: str | None, face_metrics: int, **overrides: Any) -> None:
     """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun).
 
     \b
@@ -150,8 +153,7 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
             setattr(cfg, name, v)
     if resolution is not None:
         cfg.G.img_resolution = cfg.D.img_resolution = int(resolution)
-    train = (functools.partial(sg2.train_stylegan2, grow_from=grow_from) if grow_from is not None
-             else sg2.train_stylegan2)
+    train = functools.partial(sg2.train_stylegan2, grow_from=grow_from, init_from=init_from)
     run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: sg2._hooks(
         sg2.fid_hook(data, fid, dev) if fid > 0 else None,
         sg2.face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None))
@@ -174,6 +176,9 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
     click.option("--init-2d", type=str, default=None,
                  help="Start the tri-plane backbone from this 2D StyleGAN2 (checkpoint or built-in name, e.g. "
                       "default-2d) where shapes match; a new run only."),
+    click.option("--init-from", type=str, default=None,
+                 help="Start a new run from this trained generator's weights (checkpoint or built-in name, e.g. "
+                      "default-3d) with a fresh discriminator: how training continues when the run folder is gone."),
     click.option("--distill", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                  help="Also fit the renders to this teacher set's samples (portrait3d train teacher-set), with "
                       "their face-mesh depth."),
@@ -188,7 +193,7 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
 def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
          neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
          gpc_prob: float | None, blur_fade: float | None, policy: str | None, discriminator: str | None,
-         init_2d: str | None, distill: Path | None, distill_weight: float | None,
+         init_2d: str | None, init_from: str | None, distill: Path | None, distill_weight: float | None,
          distill_depth_weight: float | None, distill_spread_weight: float | None, adversarial: bool,
          **overrides: Any) -> None:
     """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun).
@@ -221,7 +226,7 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
         cams = e3d.dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror))
         return sg2.fid_hook(data, fid, dev, cameras=cams)
 
-    train = functools.partial(e3d.train_eg3d, init_2d=init_2d) if init_2d is not None else e3d.train_eg3d
+    train = functools.partial(e3d.train_eg3d, init_2d=init_2d, init_from=init_from)
     run_cli(train, cfg, data, out, resume, fid, make_fid_hook)
 
 
@@ -270,6 +275,52 @@ def teacher_set_cmd(network: str, out: Path, count: int, seed: int, truncation: 
         change = ", ".join(f"{c:+.1f}" for c in views["measured_yaw_change_median"])
         click.echo(f"{out}: turned views measured {change} degrees (median); {views['views_without_face']} without "
                    f"a face kept the sample in their place")
+
+
+@train.command("face-rig")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Built aligned dataset (images.npy, labels.json) of real photos, e.g. UTKFace's training split.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for face_model.safetensors, face_model.json, preview.png and MODEL_CARD.md.")
+@click.option("--count", type=click.IntRange(50), default=3000, show_default=True,
+              help="Photos to fit (evenly spaced; those without a face are skipped).")
+@click.option("--identity", type=click.IntRange(1, 200), default=40, show_default=True,
+              help="Identity components.")
+@click.option("--albedo", type=click.IntRange(1, 200), default=40, show_default=True, help="Albedo components.")
+@click.option("--force", is_flag=True, help="Overwrite existing files in OUT.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@fail_cleanly
+def face_rig_cmd(data: Path, out: Path, count: int, identity: int, albedo: int, force: bool,
+                 threads: int | None) -> None:
+    """Build PIE's face rig (a linear 3D face model with albedo, SH light and pose) from MediaPipe meshes of real
+    photos: no training, a few minutes on one core for 3,000 photos.
+
+    \b
+    Example:
+      portrait3d train face-rig --data ~/.cache/portrait3d/utkface128 --out src/portrait3d/models/face-rig
+    """
+    import shlex
+
+    from portrait3d.methods.pie.build import build_from_dataset
+    from portrait3d.methods.pie.face_model import FaceModelConfig
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not (data / "images.npy").is_file():
+        raise UsageError(f"{data} holds no images.npy (build it with `portrait3d dataset build`)")
+    cfg = FaceModelConfig(identity_components=identity, albedo_components=albedo)
+    try:
+        command = "portrait3d train face-rig " + shlex.join(
+            ["--data", str(data), "--out", str(out), "--count", str(count), "--identity", str(identity),
+             "--albedo", str(albedo)])
+        rep = build_from_dataset(data, out, count, cfg, command=command, overwrite=force, progress=True)
+    except FileExistsError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"{data}: {e}") from None
+    ev = rep["explained_variance"]
+    click.echo(f"{out}: rig from {rep['faces']} faces; expression {ev['expression']:.1%}, identity "
+               f"{ev['identity']:.1%} of the shape variance; albedo components keep {ev['albedo']:.1%}")
 
 
 @train.command("lift")

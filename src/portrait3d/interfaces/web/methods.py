@@ -582,7 +582,7 @@ class LiftedGANAdapter(ModelFileAdapter):
 
     def write_mesh(self, state: Embedding, folder: Path) -> Path:
         from portrait3d.checkpoints.native import atomic_write
-        from portrait3d.methods.lifting.renderer import mesh_from_depth, save_obj
+        from portrait3d.geometry.render import mesh_from_depth, save_obj
 
         self._check_state(state)
         _, model = self._models()

@@ -35,7 +35,7 @@ Head-pose convention (D_V -> face pipeline)
 -------------------------------------------
 ``D_V`` predicts Unsup3d's viewpoint ``(r_x, r_y, r_z)`` in radians: the canonical (frontal) mesh is
 rotated by ``R_v = R_z(r_z) R_y(r_y) R_x(r_x)`` in camera space (x right, y **down**, z forward;
-:func:`portrait3d.methods.lifting.renderer.rotation_from_view`). The face pipeline's pose
+:func:`portrait3d.geometry.render.rotation_from_view`). The face pipeline's pose
 (:mod:`portrait3d.face.pose`) is a head-to-camera rotation ``R = R_z(roll) F R_x(-pitch) R_y(yaw)``
 with ``F = diag(1, -1, -1)`` the frontal head (head frame: x = the subject's left, y up, z out of
 the face), +yaw = head turned to its left (nose toward the image right), +pitch = chin up, +roll =
@@ -144,7 +144,7 @@ def head_pose_from_view(view: torch.Tensor | np.ndarray | Sequence[float]) -> np
         its left, +pitch = chin up, +roll = clockwise in the image.
     """
     from portrait3d.face.pose import angles_from_rotation
-    from portrait3d.methods.lifting.renderer import rotation_from_view
+    from portrait3d.geometry.render import rotation_from_view
 
     v = torch.as_tensor(np.asarray(view.detach().cpu() if isinstance(view, torch.Tensor) else view,
                                    dtype=np.float64))

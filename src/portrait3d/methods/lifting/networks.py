@@ -18,7 +18,7 @@ read the generator's latent ``w`` (W space):
 
 The canonical image is de-lit into the albedo ``A = G2D(w0) / shading(S, L0)`` (Lambertian model;
 :func:`albedo_from_image`), and the face is re-rendered at the predicted view and light by the
-differentiable renderer of :mod:`portrait3d.methods.lifting.renderer` (imported lazily, see
+differentiable renderer of :mod:`portrait3d.geometry.render` (imported lazily, see
 :class:`LiftedGenerator`), which is what the losses of :mod:`.losses` (Sec. 3.2) compare to
 ``G2D(w)``.
 
@@ -503,7 +503,7 @@ class LiftOutput(NamedTuple):
 
 def _load_renderer() -> Any:
     """The renderer module, imported on first use (it may not exist when this module is imported)."""
-    return importlib.import_module("portrait3d.methods.lifting.renderer")
+    return importlib.import_module("portrait3d.geometry.render")
 
 
 class LiftedGenerator(nn.Module):
@@ -517,7 +517,7 @@ class LiftedGenerator(nn.Module):
             min_depth, max_depth)`` from ``cfg``; its ``image_size`` should equal ``cfg.image_size``).
         generator_ref: name or path of ``g2d`` written into saved files (for :meth:`load`).
         renderer: an object with ``render``, ``shade`` and ``normals_from_depth`` (default: the
-            module :mod:`portrait3d.methods.lifting.renderer`, imported lazily).
+            module :mod:`portrait3d.geometry.render`, imported lazily).
 
     Only the lifting networks (``self.nets``: ``view``, ``light``, ``manipulator``, ``depth``,
     ``transform``) are trainable; optimise :meth:`lifting_parameters`.

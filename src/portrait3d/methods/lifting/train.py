@@ -57,6 +57,7 @@ from torch import nn
 
 from portrait3d.config import ConfigMixin
 from portrait3d.errors import UsageError
+from portrait3d.geometry.render import RendererConfig
 from portrait3d.methods.lifting.losses import (
     ABLATIONS,
     LiftLossConfig,
@@ -68,7 +69,6 @@ from portrait3d.methods.lifting.losses import (
     w_statistics,
 )
 from portrait3d.methods.lifting.networks import LiftConfig, LiftedGenerator, LiftOutput
-from portrait3d.methods.lifting.renderer import RendererConfig
 from portrait3d.utils.visualize import normal_to_uint8, shading_to_uint8
 
 __all__ = ["ABLATIONS", "GRID_ROWS", "LiftTrainConfig", "TRAINER", "generator_matches", "grid_rows",

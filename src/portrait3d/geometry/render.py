@@ -1,4 +1,5 @@
-"""Differentiable depth-map mesh renderer for LiftedGAN (Shi et al., CVPR 2021) in pure PyTorch.
+"""Differentiable mesh renderer in pure PyTorch, written for LiftedGAN (Shi et al., CVPR 2021) and shared by every
+method that renders a mesh (LiftedGAN's depth maps, PIE's face rig).
 
 LiftedGAN re-uses the image formation model of Unsup3d (Wu, Rupprecht, Vedaldi, "Unsupervised
 Learning of Probably Symmetric Deformable 3D Objects from Images in the Wild", CVPR 2020,
