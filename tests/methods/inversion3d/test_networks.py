@@ -12,7 +12,6 @@ from portrait3d.methods.inversion3d import (
     LatentEncoder,
     PoseConfig,
     PoseEstimator,
-    ResNetBackbone,
     angles_from_rotation,
     camera_from_pose,
     load_module,
@@ -39,23 +38,6 @@ def _randomize_head(P: PoseEstimator, seed: int = 1, std: float = 0.3) -> None:
         last = P.head[-1]
         last.weight.copy_(torch.randn(last.weight.shape, generator=g) * std / last.weight.shape[1] ** 0.5)
         last.bias.copy_(torch.randn(last.bias.shape, generator=g) * std)
-
-
-def test_backbone_pyramid_shapes():
-    net = ResNetBackbone(layers=(1, 1, 1, 1), width=8).eval()
-    out = net(_images(2, 64))
-    assert [tuple(f.shape) for f in out.features] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)]
-    assert out.pooled.shape == (2, 64)
-    r34 = ResNetBackbone(depth=34)
-    assert [len(s) for s in (r34.layer1, r34.layer2, r34.layer3, r34.layer4)] == [3, 4, 6, 3]
-    assert r34.pooled_channels == 512
-    assert ResNetBackbone(depth=18, width=4).layer3.__len__() == 2
-    with pytest.raises(ValueError):
-        ResNetBackbone(depth=50)
-    with pytest.raises(ValueError):
-        ResNetBackbone(layers=(1, 1, 1), width=8)
-    gn = ResNetBackbone(layers=(1, 1, 1, 1), width=8, norm="group").eval()
-    assert gn(_images(1, 64)).pooled.shape == (1, 64)
 
 
 def test_encoder_shapes_and_mean_latent(tiny_eg3d):

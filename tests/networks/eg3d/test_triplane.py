@@ -63,3 +63,28 @@ def test_superresolution_variants(name, res, inp):
 def test_unknown_superresolution_is_refused():
     with pytest.raises(ValueError, match="unsupported super-resolution"):
         build_superresolution("Bogus", channels=32, img_resolution=128, sr_num_fp16_res=0)
+
+
+def test_rendering_at_the_sr_input_size_keeps_image_raw_and_trains():
+    """Rendered at the super-resolution's own input size (no resize), the SR's in-place skip add once overwrote
+    ``image_raw`` and broke backward in fp32 (bench_eg3d_cost's 64 px rendering row)."""
+    from tests.conftest import make_tiny_eg3d
+
+    G = make_tiny_eg3d().train().requires_grad_(True)
+    size = G.superresolution.input_resolution
+    seen = {}
+
+    def keep(module, args):
+        seen["rgb"] = args[0].detach().clone()  # returns None: the inputs pass unchanged
+
+    hook = G.superresolution.register_forward_pre_hook(keep)
+    z = torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0))
+    from portrait3d.networks.eg3d.camera import camera_from_angles
+
+    c = camera_from_angles([0.0, 10.0], [0.0, 0.0]).reshape(2, 25)
+    out = G(z, c, neural_rendering_resolution=size, noise_mode="const")
+    hook.remove()
+    assert out["image_raw"].shape[-1] == size
+    torch.testing.assert_close(out["image_raw"].detach(), seen["rgb"])
+    (out["image"].square().mean() + out["image_raw"].square().mean()).backward()
+    assert G.superresolution.block0.conv0.weight.grad is not None and G.decoder.net[0].weight.grad is not None

@@ -323,6 +323,63 @@ def face_rig_cmd(data: Path, out: Path, count: int, identity: int, albedo: int, 
                f"{ev['identity']:.1%} of the shape variance; albedo components keep {ev['albedo']:.1%}")
 
 
+@train.command("pie-estimator")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Built aligned dataset of real photos (images.npy), e.g. UTKFace's training split.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--rig", type=str, default="face-rig", show_default=True, help="Face model file or the shipped rig.")
+@click.option("--count", type=click.IntRange(2), default=10000, show_default=True,
+              help="Training photos (their MediaPipe meshes and rig fits are computed once, ~15 photos/s).")
+@click.option("--kimg", type=FiniteFloat(min=0, min_open=True), default=200.0, show_default=True,
+              help="Training length in thousands of images.")
+@click.option("--batch", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--width", type=click.IntRange(1), default=32, show_default=True, help="ResNet width (first stage).")
+@click.option("--param-weight", type=FiniteFloat(0), default=0.1, show_default=True,
+              help="Weight of the loss towards the closed-form rig fits (0: self-supervised only).")
+@click.option("--photometric-weight", type=FiniteFloat(0), default=1.0, show_default=True)
+@click.option("--bf16/--no-bf16", default=True, show_default=True, help="Backbone in bf16 autocast (AMX).")
+@click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=4.0, show_default=True,
+              help="Snapshot interval in kimg.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue from a snapshot or run folder.")
+@click.option("--holdout", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Built dataset of held-out photos: landmark and photometric error at the end (eval.json).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@fail_cleanly
+def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, batch: int, lr: float, width: int,
+                      param_weight: float, photometric_weight: float, bf16: bool, snap: float, resume: Path | None,
+                      holdout: Path | None, threads: int | None, progress: bool) -> None:
+    """Train PIE's parameter estimator theta(I) (a MoFA-style CNN into the face rig) on real photos.
+
+    \b
+    Example:
+      portrait3d train pie-estimator --data ~/.cache/portrait3d/utkface128 --out runs/pie-est \\
+          --holdout ~/.cache/portrait3d/utkface128-holdout --threads 1
+    """
+    from portrait3d.methods.pie.estimator import EstimatorConfig, LossWeights, ParamEstimator
+    from portrait3d.methods.pie.face_model import FaceModel
+    from portrait3d.methods.pie.train import EstimatorTrainConfig, evaluate_estimator, train_estimator
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not (data / "images.npy").is_file():
+        raise UsageError(f"{data} holds no images.npy (build it with `portrait3d dataset build`)")
+    cfg = EstimatorTrainConfig(rig=rig, count=count, batch=batch, total_kimg=kimg, lr=lr, bf16=bf16,
+                               snapshot_kimg=snap, sample_kimg=snap / 2,
+                               net=EstimatorConfig(width=width),
+                               weights=LossWeights(parameters=param_weight, photometric=photometric_weight))
+    path = train_estimator(data, out, cfg, resume=resume, progress=progress)
+    click.echo(f"exported {path}")
+    if holdout is not None:
+        ev = evaluate_estimator(ParamEstimator.load(path), FaceModel.load(rig), holdout, progress=progress)
+        (out / "eval.json").write_text(json.dumps(ev, indent=1))
+        click.echo(f"held-out: landmark error {ev['landmark_px']:.2f} px (closed-form fit "
+                   f"{ev['landmark_px_closed_form_fit']:.2f} px), photometric {ev['photometric_0_255']:.1f} / 255 "
+                   f"on {int(ev['faces'])} faces")
+
+
 @train.command("lift")
 @click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
               help="2D StyleGAN2 checkpoint or built-in name.")

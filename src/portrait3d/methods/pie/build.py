@@ -120,8 +120,9 @@ EXPRESSION_NAMES = ("mouth_open", "smile", "eyes_open", "brows_up", "corners_up"
 
 def pixels_to_world(points: np.ndarray, image_size: int, fov_deg: float, distance: float) -> np.ndarray:
     """MediaPipe mesh points ``[..., 3]`` in pixels of a ``image_size`` crop -> camera-frame world units (``x``
-    right, ``y`` down, ``z`` forward, centred on the crop; ``z`` relative)."""
-    unit = 2 * distance * np.tan(np.radians(fov_deg) / 2) / image_size
+    right, ``y`` down, ``z`` forward, centred on the crop; ``z`` relative). The inverse of the renderer's
+    projection at the camera distance (its focal length spans pixel centres: ``f = (S - 1) / (2 tan(fov / 2))``)."""
+    unit = 2 * distance * np.tan(np.radians(fov_deg) / 2) / (image_size - 1)
     out = np.asarray(points, np.float64).copy()
     out[..., :2] -= (image_size - 1) / 2
     return out * unit

@@ -72,6 +72,10 @@ class _Superresolution(nn.Module):
             target = (self.input_resolution, self.input_resolution)
             x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=self.sr_antialias)
             rgb = F.interpolate(rgb, size=target, mode="bilinear", align_corners=False, antialias=self.sr_antialias)
+        else:
+            # The skip adds into ``rgb`` in place; unresized it is a view of the rendered features (and the caller's
+            # ``image_raw``), so it would overwrite both, and fail backward where the official fp16 cast copies.
+            rgb = rgb.clone()
         x, rgb = self.block0(x, rgb, ws, **block_kwargs)
         x, rgb = self.block1(x, rgb, ws, **block_kwargs)
         return rgb

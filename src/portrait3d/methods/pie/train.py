@@ -1,0 +1,224 @@
+"""Training PIE's parameter estimator on real photos (:mod:`.estimator` has the losses).
+
+The run folder holds ``targets.npz`` (MediaPipe meshes of the training photos and the rig's closed-form fit to
+each: computed once, the slow part), ``snapshot-<step>/`` folders (``state.safetensors`` + ``state.json``,
+resumable bit-exactly: batches are drawn from ``(seed, step)``, so no data-order state is needed), sample grids
+``samples/fit-<step>.png`` (photo | rig render overlaid) and the exported ``estimator.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
+from portrait3d.methods.pie.build import collect_meshes
+from portrait3d.methods.pie.estimator import (
+    EstimatorConfig,
+    LossWeights,
+    ParamEstimator,
+    estimator_losses,
+    landmark_error_px,
+    rig_targets,
+)
+from portrait3d.methods.pie.face_model import FaceModel, RigParams
+from portrait3d.training.distributed import DistInfo
+from portrait3d.training.loop import due
+from portrait3d.training.progress import Progress
+from portrait3d.training.snapshots import (
+    find_snapshot,
+    load_optimizer,
+    optimizer_tensors,
+    prune_snapshots,
+    write_snapshot_folder,
+)
+
+__all__ = ["EstimatorTrainConfig", "evaluate_estimator", "prepare_targets", "train_estimator"]
+
+TRAINER = "pie-estimator"
+STATE_FORMAT = "portrait3d-train-state"
+EXPORT_NAME = "estimator.safetensors"
+
+
+@dataclass
+class EstimatorTrainConfig(ConfigMixin):
+    rig: str = "face-rig"              # face model file or the shipped rig's name
+    count: int = 10000                 # training photos (evenly spaced over the dataset)
+    batch: int = 16
+    total_kimg: float = 200.0
+    lr: float = 1e-3
+    net: EstimatorConfig = field(default_factory=EstimatorConfig)
+    weights: LossWeights = field(default_factory=LossWeights)
+    bf16: bool = True                  # backbone in bf16 autocast (AMX) with channels_last; losses in fp32
+    snapshot_kimg: float = 4.0
+    sample_kimg: float = 2.0
+    keep_snapshots: int = 2
+    grid_samples: int = 8
+    seed: int = 0
+
+
+def prepare_targets(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, rig: FaceModel,
+                    progress: bool = False) -> dict[str, np.ndarray]:
+    """Meshes and closed-form rig fits of ``count`` evenly spaced photos of a built dataset, cached as
+    ``out_dir/targets.npz`` (recomputed when the count differs)."""
+    path = Path(out_dir) / "targets.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            if int(d["count"]) == count:
+                return {k: d[k] for k in d.files}
+    images = np.load(Path(data_root) / "images.npy", mmap_mode="r")
+    if images.shape[1] != rig.config.image_size:
+        raise UsageError(f"the dataset's images are {images.shape[1]} px but the rig was fitted to "
+                         f"{rig.config.image_size} px crops")
+    pick = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
+    pts, cols, ok = collect_meshes((np.asarray(images[i]) for i in pick), total=len(pick), progress=progress)
+    if len(pts) < 2:
+        raise UsageError(f"{data_root}: MediaPipe found a face in {len(pts)} of {len(pick)} images")
+    tg = rig_targets(pts, cols, rig)
+    out = {"count": np.array(count), "index": pick[ok], "points": pts.astype(np.float32),
+           **{f"target_{k}": v for k, v in tg.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("targets.tmp.npz")
+    np.savez(tmp, **out)
+    tmp.replace(path)
+    return out
+
+
+def _batch(images: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    img = torch.from_numpy(np.stack([np.asarray(images[data["index"][r]]) for r in rows])).permute(0, 3, 1, 2)
+    out = {"image": img.float() / 127.5 - 1, "points": torch.from_numpy(data["points"][rows])}
+    out.update({k: torch.from_numpy(data[k][rows]) for k in data if k.startswith("target_")})
+    return out
+
+
+def _grid(path: Path, rig: FaceModel, est: ParamEstimator, batch: dict[str, torch.Tensor]) -> None:
+    """``photo | rig render over the photo`` pairs."""
+    from portrait3d.face.io import save_image
+    from portrait3d.utils.visualize import make_grid
+
+    with torch.no_grad():
+        out = rig(est(batch["image"]), batch["image"].shape[-1])
+    photo = (batch["image"] + 1) / 2
+    over = torch.where(out["mask"] > 0.5, out["image"].clamp(0, 1), photo)
+    pairs = torch.stack([photo, over], 1).flatten(0, 1)
+    arr = (pairs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    save_image(path, make_grid(arr, 4), overwrite=True)
+
+
+def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: EstimatorTrainConfig,
+                    resume: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """Train (or continue) the estimator on a built dataset of real photos; returns the exported file."""
+    out = Path(out_dir)
+    rig = FaceModel.load(cfg.rig)
+    cfg.net = EstimatorConfig.for_rig(rig, **{k: getattr(cfg.net, k) for k in ("input_size", "width", "layers")})
+    data = prepare_targets(data_root, out, cfg.count, rig, progress=progress)
+    images = np.load(Path(data_root) / "images.npy", mmap_mode="r")
+    torch.manual_seed(cfg.seed)
+    est = ParamEstimator(cfg.net)
+    opt = torch.optim.Adam(est.parameters(), lr=cfg.lr)
+    step = images_seen = 0
+    if resume is not None:
+        step, images_seen = _load(resume, est, opt)
+    est.bf16 = cfg.bf16
+    if cfg.bf16:
+        est.backbone.to(memory_format=torch.channels_last)
+    total = int(round(cfg.total_kimg * 1000))
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"trainer": TRAINER, "config": cfg.to_dict()}, indent=1))
+    n = len(data["index"])
+    grid_rows = np.linspace(0, n - 1, min(cfg.grid_samples, n)).round().astype(int)
+    grid_batch = _batch(images, data, grid_rows)
+
+    def snapshot() -> None:
+        folder = out / f"snapshot-{step:08d}"
+        tensors = {f"net.{k}": v for k, v in est.state_dict().items()}
+        opt_t, opt_meta = optimizer_tensors(opt, "opt")
+        tensors.update(opt_t)
+        meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": TRAINER, "config": cfg.to_dict(),
+                "network": cfg.net.to_dict(), "step": step, "images_seen": images_seen,
+                "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_snapshot_folder(folder, tensors, meta, {EXPORT_NAME: lambda p: est.save(p, overwrite=True)})
+        prune_snapshots(out, cfg.keep_snapshots)
+        bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+
+    bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
+    try:
+        if step == 0 and cfg.sample_kimg > 0:
+            _grid(out / "samples" / f"fit-{step:08d}.png", rig, est.eval(), grid_batch)
+        while images_seen < total:
+            t0 = time.perf_counter()
+            rows = np.random.default_rng((cfg.seed, step)).integers(0, n, cfg.batch)
+            batch = _batch(images, data, rows)
+            est.train()
+            terms = estimator_losses(est, rig, batch, cfg.weights)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            prev, images_seen, step = images_seen, images_seen + cfg.batch, step + 1
+            bar.update(cfg.batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
+                                   **{k: float(v.detach()) for k, v in terms.items()}})
+            done = images_seen >= total
+            if cfg.sample_kimg > 0 and (due(prev, images_seen, cfg.sample_kimg) or done):
+                _grid(out / "samples" / f"fit-{step:08d}.png", rig, est.eval(), grid_batch)
+            if due(prev, images_seen, cfg.snapshot_kimg) or done:
+                snapshot()
+        return est.save(out / EXPORT_NAME, overwrite=True, meta={"images_seen": images_seen, "rig": cfg.rig})
+    finally:
+        bar.close()
+
+
+def _load(path: str | os.PathLike[str], est: ParamEstimator, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from portrait3d.checkpoints.state import load_state_strict
+
+    folder = find_snapshot(path)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise UsageError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
+    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != TRAINER:
+        raise UsageError(f"{folder} is not a PIE estimator snapshot (trainer {meta.get('trainer')!r})")
+    if meta.get("network") != est.config.to_dict():
+        raise UsageError(f"{folder} was trained with a different estimator configuration")
+    load_state_strict(est, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, "snapshot net")
+    load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
+    return int(meta["step"]), int(meta["images_seen"])
+
+
+@torch.no_grad()
+def evaluate_estimator(est: ParamEstimator, rig: FaceModel, data_root: str | os.PathLike[str], count: int = 200,
+                       progress: bool = False) -> dict[str, float]:
+    """Landmark error (pixels, all 468 mesh points) and photometric error (mean absolute, 0-255, on the rendered
+    face) of the estimator on ``count`` photos of a dataset (held-out photos for the model card), beside the
+    closed-form fit to each photo's mesh."""
+    images = np.load(Path(data_root) / "images.npy", mmap_mode="r")
+    pick = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
+    pts, cols, ok = collect_meshes((np.asarray(images[i]) for i in pick), total=len(pick), progress=progress)
+    tg = rig_targets(pts, cols, rig)
+    data = {"index": pick[ok], "points": pts.astype(np.float32), **{f"target_{k}": v for k, v in tg.items()}}
+    lm, photo, lm_fit, yaw_err = [], [], [], []
+    for start in range(0, len(pts), 16):
+        rows = np.arange(start, min(start + 16, len(pts)))
+        b = _batch(images, data, rows)
+        p = est.eval()(b["image"])
+        lm.append(landmark_error_px(rig, p, b["points"]))
+        fit = RigParams(**{f: b[f"target_{f}"] for f in RigParams.FIELDS})
+        lm_fit.append(landmark_error_px(rig, fit, b["points"]))
+        out = rig(p, b["image"].shape[-1])
+        m = (out["mask"] > 0.5).float()
+        photo.append(((out["image"] - (b["image"] + 1) / 2).abs() * m).sum((1, 2, 3)) / (3 * m.sum((1, 2, 3)) + 1e-6))
+        yaw_err.append((p.angles[:, 0] - fit.angles[:, 0]).abs())
+    cat = torch.cat
+    return {"photos": float(len(pick)), "faces": float(len(pts)),
+            "landmark_px": float(cat(lm).mean()), "landmark_px_closed_form_fit": float(cat(lm_fit).mean()),
+            "photometric_0_255": float(cat(photo).mean() * 255), "yaw_vs_fit_deg": float(cat(yaw_err).mean())}
