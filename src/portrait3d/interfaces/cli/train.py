@@ -380,6 +380,42 @@ def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, 
                    f"on {int(ev['faces'])} faces")
 
 
+@train.command("rignet")
+@click.option("--network", type=str, default="default-2d", show_default=True,
+              help="2D StyleGAN2 generator (checkpoint or built-in name) whose W+ space RigNet edits.")
+@click.option("--estimator", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Trained PIE parameter estimator (portrait3d train pie-estimator).")
+@click.option("--rig", type=str, default="face-rig", show_default=True, help="Face model file or the shipped rig.")
+@click.option("--mode", type=click.Choice(["pose", "expression", "light"]), default="pose", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--kimg", type=FiniteFloat(min=0, min_open=True), default=16.0, show_default=True,
+              help="Training length in thousands of source latents.")
+@click.option("--batch", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=2.0, show_default=True,
+              help="Snapshot interval in kimg.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@fail_cleanly
+def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, kimg: float, batch: int, lr: float,
+               snap: float, resume: Path | None, threads: int | None, progress: bool) -> None:
+    """Train a StyleRig RigNet for one mode of the face rig on a generator's samples (self-supervised through
+    the parameter estimator and the rig renderer).
+
+    \b
+    Example:
+      portrait3d train rignet --estimator runs/pie-est/estimator.safetensors --mode pose --out runs/rignet-pose
+    """
+    from portrait3d.methods.pie.train import RigNetTrainConfig, train_rignet
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = RigNetTrainConfig(network=network, estimator=str(estimator), rig=rig, mode=mode, batch=batch,
+                            total_kimg=kimg, lr=lr, snapshot_kimg=snap)
+    click.echo(f"exported {train_rignet(cfg, out, resume=resume, progress=progress)}")
+
+
 @train.command("lift")
 @click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
               help="2D StyleGAN2 checkpoint or built-in name.")

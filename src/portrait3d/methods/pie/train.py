@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ from portrait3d.training.snapshots import (
     write_snapshot_folder,
 )
 
-__all__ = ["EstimatorTrainConfig", "evaluate_estimator", "prepare_targets", "train_estimator"]
+__all__ = ["EstimatorTrainConfig", "RigNetTrainConfig", "evaluate_estimator", "prepare_targets", "train_estimator",
+           "train_rignet"]
 
 TRAINER = "pie-estimator"
 STATE_FORMAT = "portrait3d-train-state"
@@ -174,7 +176,8 @@ def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
         bar.close()
 
 
-def _load(path: str | os.PathLike[str], est: ParamEstimator, opt: torch.optim.Optimizer) -> tuple[int, int]:
+def _load(path: str | os.PathLike[str], est: torch.nn.Module, opt: torch.optim.Optimizer,
+          trainer: str = TRAINER) -> tuple[int, int]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -186,10 +189,10 @@ def _load(path: str | os.PathLike[str], est: ParamEstimator, opt: torch.optim.Op
         tensors = load_file(str(folder / "state.safetensors"))
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise UsageError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
-    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != TRAINER:
-        raise UsageError(f"{folder} is not a PIE estimator snapshot (trainer {meta.get('trainer')!r})")
+    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != trainer:
+        raise UsageError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
     if meta.get("network") != est.config.to_dict():
-        raise UsageError(f"{folder} was trained with a different estimator configuration")
+        raise UsageError(f"{folder} was trained with a different network configuration")
     load_state_strict(est, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, "snapshot net")
     load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
     return int(meta["step"]), int(meta["images_seen"])
@@ -222,3 +225,96 @@ def evaluate_estimator(est: ParamEstimator, rig: FaceModel, data_root: str | os.
     return {"photos": float(len(pick)), "faces": float(len(pts)),
             "landmark_px": float(cat(lm).mean()), "landmark_px_closed_form_fit": float(cat(lm_fit).mean()),
             "photometric_0_255": float(cat(photo).mean() * 255), "yaw_vs_fit_deg": float(cat(yaw_err).mean())}
+
+
+# ----------------------------------------------------------------------------- RigNet
+
+
+@dataclass
+class RigNetTrainConfig(ConfigMixin):
+    network: str = "default-2d"        # the StyleGAN2 generator whose W+ space RigNet edits
+    estimator: str = ""                # trained parameter estimator file
+    rig: str = "face-rig"
+    mode: str = "pose"
+    batch: int = 8
+    total_kimg: float = 16.0
+    lr: float = 1e-4                   # StyleRig: Adam, 1e-4
+    truncation: float = 0.7            # latents drawn from G's mapping with this truncation
+    rec_weight: float = 1.0
+    edit_weight: float = 1.0
+    consist_weight: float = 1.0
+    snapshot_kimg: float = 2.0
+    keep_snapshots: int = 2
+    seed: int = 0
+
+
+def train_rignet(cfg: RigNetTrainConfig, out_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | None = None,
+                 progress: bool = True, G: Any = None) -> Path:
+    """Train one RigNet (StyleRig Sec. 4.2) for ``cfg.mode`` on samples of ``cfg.network`` (or the given ``G``);
+    resumable bit-exactly (latents are drawn from ``(seed, step)``). Returns the exported ``rignet-<mode>.safetensors``."""
+    from portrait3d.methods.pie.rignet import MODES, RigNet, RigNetConfig, mode_params, rignet_losses
+
+    if cfg.mode not in MODES:
+        raise UsageError(f"mode must be one of {sorted(MODES)}, not {cfg.mode!r}")
+    out = Path(out_dir)
+    if G is None:
+        from portrait3d.checkpoints import load_network
+
+        G = load_network(cfg.network)
+    if getattr(G, "c_dim", 0) != 0 or not hasattr(G, "synthesis"):
+        raise UsageError(f"{cfg.network}: RigNet edits an unconditional 2D StyleGAN2 generator")
+    G = G.eval().requires_grad_(False)
+    rig = FaceModel.load(cfg.rig)
+    est = ParamEstimator.load(cfg.estimator).requires_grad_(False)
+    est.bf16 = True
+    dim = mode_params(rig.neutral(1), cfg.mode).shape[1]
+    torch.manual_seed(cfg.seed)
+    net = RigNet(RigNetConfig(num_ws=G.num_ws, w_dim=G.w_dim, mode=cfg.mode, param_dim=dim))
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    trainer = f"pie-rignet-{cfg.mode}"
+    export = f"rignet-{cfg.mode}.safetensors"
+    step = images_seen = 0
+    if resume is not None:
+        step, images_seen = _load(resume, net, opt, trainer)
+    total = int(round(cfg.total_kimg * 1000))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"trainer": trainer, "config": cfg.to_dict()}, indent=1))
+
+    def render(ws: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return G.synthesis(ws, noise_mode="const").float()
+
+    def latents(key: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, key]).generate_state(1)[0]))
+        with torch.no_grad():
+            return G.mapping(torch.randn(cfg.batch, G.z_dim, generator=g), None, truncation_psi=cfg.truncation)
+
+    def snapshot() -> None:
+        folder = out / f"snapshot-{step:08d}"
+        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+        opt_t, opt_meta = optimizer_tensors(opt, "opt")
+        tensors.update(opt_t)
+        meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": trainer, "config": cfg.to_dict(),
+                "network": net.config.to_dict(), "step": step, "images_seen": images_seen,
+                "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_snapshot_folder(folder, tensors, meta, {export: lambda p: net.save(p, overwrite=True)})
+        prune_snapshots(out, cfg.keep_snapshots)
+        bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+
+    bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
+    try:
+        while images_seen < total:
+            t0 = time.perf_counter()
+            ws, vs = latents(0), latents(1)
+            terms = rignet_losses(net, render, est, rig, ws, vs, cfg.rec_weight, cfg.edit_weight, cfg.consist_weight)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            prev, images_seen, step = images_seen, images_seen + cfg.batch, step + 1
+            bar.update(cfg.batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
+                                   **{k: float(v.detach()) for k, v in terms.items()}})
+            if due(prev, images_seen, cfg.snapshot_kimg) or images_seen >= total:
+                snapshot()
+        return net.save(out / export, overwrite=True, meta={"images_seen": images_seen, "network": cfg.network})
+    finally:
+        bar.close()
