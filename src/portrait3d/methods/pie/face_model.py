@@ -127,6 +127,9 @@ class RigParams:
         """All parameters as one ``[N, P]`` vector (the order of :attr:`FIELDS`)."""
         return torch.cat([getattr(self, f) for f in self.FIELDS], dim=1)
 
+    def detach(self) -> "RigParams":
+        return RigParams(**{f: getattr(self, f).detach() for f in self.FIELDS})
+
     def replace(self, **changes: torch.Tensor) -> "RigParams":
         return RigParams(**{f: changes.get(f, getattr(self, f)) for f in self.FIELDS})
 
