@@ -181,12 +181,34 @@ def _face_table(ev: dict) -> str:
     ratio = ""
     if base and base.get("fd_dlib"):
         ratio = f"\n\nFD-dlib is **{gen['fd_dlib'] / base['fd_dlib']:.2f}x** its real-vs-real baseline."
+    cov = face.get("coverage")
+    cov_text = ""
+    if cov:
+        from portrait3d.metrics.demographics import AGE_BINS, UTKFACE_ETHNICITIES
+
+        ages = [f"{a}-{b - 1}" if b < 200 else f"{a}+" for a, b in zip(AGE_BINS[:-1], AGE_BINS[1:])]
+        rows = [f"| age {a} | {r:.2f} | {t:.2f} |" for a, r, t in zip(ages, cov["real"]["age"], cov["test"]["age"])]
+        rows += [f"| {g} | {r:.2f} | {t:.2f} |" for g, r, t in zip(("male", "female"), cov["real"]["gender"],
+                                                                   cov["test"]["gender"])]
+        rows += [f"| {e} | {r:.2f} | {t:.2f} |" for e, r, t in zip(UTKFACE_ETHNICITIES, cov["real"]["ethnicity"],
+                                                                  cov["test"]["ethnicity"])]
+        tv = ", ".join(f"{k} {v:.2f}" for k, v in cov["tv"].items())
+        acc = ", ".join(f"{k} {v:.2f}" for k, v in cov["probe"].items())
+        cov_text = f"""
+
+**Demographic coverage** (`portrait3d.metrics.demographics`): shares predicted by ridge probes on the same dlib
+descriptors, fitted to the UTKFace labels of {cov['n'][0]:,} training photos (probe accuracy on a held-out quarter:
+{acc}); real and generated faces go through the same probes. Total-variation distance to the real shares: {tv}.
+
+| group | real (training) | generated |
+|---|---|---|
+{chr(10).join(rows)}"""
     return f"""
 **Face metrics** ({face['n']:,} samples, truncation psi 1, constant noise, against {face['n_ref']:,}
 training faces; {int(gen['n_faces']):,} samples had a measurable face{'' if not base else f", held-out: {int(base['n_faces']):,} of {face['n_holdout']:,}"}). No ImageNet network is involved:
 descriptors and landmarks come from dlib, detection from MediaPipe, pose from PnP on dlib's 68 points.
 
-{chr(10).join(lines)}{ratio}{fid_base}
+{chr(10).join(lines)}{ratio}{fid_base}{cov_text}
 """
 
 
@@ -372,6 +394,12 @@ def main(model: Path, data_root: Path, state: Path | None, images_seen: int | No
         # EG3D: cameras drawn from the training labels, as for FID (so the pose spread is the model's to show)
         gen_faces = generator_face_stats(G, n_face, seed=seed, device=dev, progress=True, cameras=cams)
         face = {"n": n_face, "n_ref": n_face_real, "generated": compare(gen_faces, ref)}
+        try:
+            from portrait3d.metrics.demographics import coverage, dataset_attributes
+
+            face["coverage"] = coverage(gen_faces.descriptors, dataset_attributes(data_root, 1000, progress=True))
+        except ValueError as e:  # file names without UTKFace labels: no coverage table
+            print(f"no demographic coverage: {e}")
         if holdout is not None:
             ho = dataset_face_stats(holdout, None, progress=True)
             face["baseline"] = compare(ho, ref)

@@ -102,12 +102,15 @@ class ParamEstimator(nn.Module):
         return RigParams(parts[0], parts[1], parts[2], light, c.angle_scale * parts[4], t)
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike[str], overwrite: bool = False, meta: dict[str, Any] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False, meta: dict[str, Any] | None = None,
+             half: bool = False) -> Path:
+        """safetensors + JSON config; ``half`` stores float16 (shipped weights), loaded back as float32."""
         from safetensors.torch import save_file
 
         from portrait3d.checkpoints.native import atomic_write
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                   for k, v in self.state_dict().items()}
         info = {"format": ESTIMATOR_FORMAT, "format_version": "1", "config": json.dumps(self.config.to_dict()),
                 "meta": json.dumps(meta or {})}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=info), overwrite=overwrite)
