@@ -141,15 +141,19 @@ def rig_distance(rig: FaceModel, a: RigParams, b: RigParams, size: int = 64,
 
 def rignet_losses(net: RigNet, G: Callable[[torch.Tensor], torch.Tensor], theta: Callable[[torch.Tensor], RigParams],
                   rig: FaceModel, ws: torch.Tensor, vs: torch.Tensor, rec_weight: float = 1.0,
-                  edit_weight: float = 1.0, consist_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                  edit_weight: float = 1.0, consist_weight: float = 1.0,
+                  target_fn: Callable[[RigParams], RigParams] | None = None) -> dict[str, torch.Tensor]:
     """StyleRig's losses (module docstring) for source latents ``ws`` and targets ``vs`` (``[N, num_ws, w_dim]``).
 
-    ``G(ws) -> images [N, 3, H, W]`` in ``[-1, 1]``; ``theta(images) -> RigParams`` (the estimator).
+    ``G(ws) -> images [N, 3, H, W]`` in ``[-1, 1]``; ``theta(images) -> RigParams`` (the estimator);
+    ``target_fn`` may change the targets' parameters (e.g. poses beyond the generator's usual range).
     """
     mode = net.config.mode
     with torch.no_grad():
         th_w = theta(G(ws))
         th_v = theta(G(vs))
+        if target_fn is not None:
+            th_v = target_fn(th_v)
     rec = (net(ws, mode_params(th_w, mode)) - ws).square().mean()
     w_hat = net(ws, mode_params(th_v, mode))
     th_hat = theta(G(w_hat))

@@ -240,6 +240,10 @@ class RigNetTrainConfig(ConfigMixin):
     total_kimg: float = 16.0
     lr: float = 1e-4                   # StyleRig: Adam, 1e-4
     truncation: float = 0.7            # latents drawn from G's mapping with this truncation
+    # pose mode: this share of the targets get yaw and pitch drawn uniformly within +- uniform_pose_deg, so that
+    # edits beyond the generator's usual pose spread are trained too (StyleRig draws every target from G)
+    uniform_pose_share: float = 0.5
+    uniform_pose_deg: float = 30.0
     rec_weight: float = 1.0
     edit_weight: float = 1.0
     consist_weight: float = 1.0
@@ -306,7 +310,18 @@ def train_rignet(cfg: RigNetTrainConfig, out_dir: str | os.PathLike[str], resume
         while images_seen < total:
             t0 = time.perf_counter()
             ws, vs = latents(0), latents(1)
-            terms = rignet_losses(net, render, est, rig, ws, vs, cfg.rec_weight, cfg.edit_weight, cfg.consist_weight)
+            target_fn = None
+            if cfg.mode == "pose" and cfg.uniform_pose_share > 0:
+                g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, 2]).generate_state(1)[0]))
+                pick = torch.rand(cfg.batch, generator=g) < cfg.uniform_pose_share
+                drawn = (torch.rand(cfg.batch, 2, generator=g) * 2 - 1) * cfg.uniform_pose_deg
+
+                def target_fn(p: RigParams, pick: torch.Tensor = pick, drawn: torch.Tensor = drawn) -> RigParams:
+                    a = p.angles.clone()
+                    a[pick, :2] = drawn[pick]
+                    return p.replace(angles=a)
+            terms = rignet_losses(net, render, est, rig, ws, vs, cfg.rec_weight, cfg.edit_weight, cfg.consist_weight,
+                                  target_fn=target_fn)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
