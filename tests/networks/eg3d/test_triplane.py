@@ -88,3 +88,31 @@ def test_rendering_at_the_sr_input_size_keeps_image_raw_and_trains():
     torch.testing.assert_close(out["image_raw"].detach(), seen["rgb"])
     (out["image"].square().mean() + out["image_raw"].square().mean()).backward()
     assert G.superresolution.block0.conv0.weight.grad is not None and G.decoder.net[0].weight.grad is not None
+
+
+def test_wtri_equals_wplus_when_the_codes_are_its_rows():
+    """Oh & Jo's W_tri: with w_shared, the three plane codes and w_sp equal to the W+ rows they replace, the
+    render is the W+ render; a different code for one plane changes only that plane."""
+    from tests.conftest import make_tiny_eg3d
+
+    G = make_tiny_eg3d().eval()
+    g = torch.Generator().manual_seed(0)
+    c = camera_from_angles([0.0, 20.0], [0.0, -5.0]).reshape(2, 25)
+    ws = G.mapping(torch.randn(2, G.z_dim, generator=g), c) + 0.1 * torch.randn(2, G.num_ws, G.w_dim, generator=g)
+    w = G.wtri_from_ws(ws)
+    assert w.shared.shape == (2, G.wtri_shared_rows, G.w_dim) and w.planes.shape == (2, 3, 3, G.w_dim)
+    with torch.no_grad():
+        a = G.synthesis(ws, c, noise_mode="const", deterministic=True)
+        b = G.synthesis_wtri(w, c, noise_mode="const", deterministic=True)
+        torch.testing.assert_close(G.planes_wtri(w, noise_mode="const"), G.planes(ws, noise_mode="const"))
+        for key in ("image", "image_raw", "image_depth"):
+            torch.testing.assert_close(b[key], a[key])
+        moved = G.wtri_from_ws(ws)
+        moved.planes[:, 1] += 0.5
+        pa, pb = G.planes(ws, noise_mode="const"), G.planes_wtri(moved, noise_mode="const")
+        assert torch.equal(pa[:, 0], pb[:, 0]) and torch.equal(pa[:, 2], pb[:, 2])
+        assert not torch.allclose(pa[:, 1], pb[:, 1])
+    with pytest.raises(ValueError, match="noise_mode"):
+        G.planes_wtri(w)
+    with pytest.raises(ValueError, match="W_tri code"):
+        G.planes_wtri(type(w)(w.shared[:, :-1], w.planes, w.sr), noise_mode="const")

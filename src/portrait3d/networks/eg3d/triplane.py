@@ -33,7 +33,7 @@ from portrait3d.networks.eg3d.superresolution import build_superresolution
 from portrait3d.networks.ops import RandomSource, draw_randn
 from portrait3d.networks.stylegan2 import Generator, MappingConfig, StyleGAN2Config, SynthesisConfig
 
-__all__ = ["RenderingConfig", "EG3DConfig", "TriPlaneGenerator"]
+__all__ = ["RenderingConfig", "EG3DConfig", "TriPlaneGenerator", "WTri"]
 
 
 @dataclass
@@ -110,6 +110,31 @@ class EG3DConfig(ConfigMixin):
                     mapping_num_layers=("pos", self.mapping.num_layers))
 
 
+def _check_camera(c: torch.Tensor) -> None:
+    if c.ndim != 2 or c.shape[1] != 25:
+        raise ValueError(f"camera c must have shape [N, 25], not {list(c.shape)}")
+
+
+@dataclass
+class WTri:
+    """A code of the W_tri space (Oh & Jo): ``w_tri = (w_shared, w_xy, w_yz, w_xz, w_sp)``.
+
+    * ``shared [N, S, w_dim]``: the W+ rows of every backbone block but the last (``S`` = the index of the last
+      block's first row + 1, since the block before it reads that row for its ToRGB);
+    * ``planes [N, 3, 3, w_dim]``: per plane, the three rows of the last block (conv0, conv1, ToRGB); the last
+      block runs once per plane and keeps that plane's channels. Planes follow the renderer's order: 0 ``(x, y)``,
+      1 ``(x, z)``, 2 official EG3D's ``(z, x)`` (its quirk; the paper's third, "yz", plane);
+    * ``sr [N, w_dim]``: the super-resolution module's code (EG3D feeds it the last W+ row).
+    """
+
+    shared: torch.Tensor
+    planes: torch.Tensor
+    sr: torch.Tensor
+
+    def detach(self) -> "WTri":
+        return WTri(self.shared.detach(), self.planes.detach(), self.sr.detach())
+
+
 class TriPlaneGenerator(nn.Module):
     """EG3D generator: camera-conditioned mapping, tri-plane backbone, renderer, super-resolution."""
 
@@ -160,6 +185,57 @@ class TriPlaneGenerator(nn.Module):
         planes = self.backbone.synthesis(ws, **synthesis_kwargs)
         return planes.view(len(planes), 3, self.config.plane_channels, planes.shape[-2], planes.shape[-1])
 
+    # ------------------------------------------------------------------ W_tri (Oh & Jo)
+    @property
+    def wtri_shared_rows(self) -> int:
+        """Rows of ``WTri.shared``: the last block's first W+ row index + 1."""
+        syn = self.backbone.synthesis
+        last = getattr(syn, f"b{syn.block_resolutions[-1]}")
+        return syn.num_ws - (last.num_conv + last.num_torgb) + 1
+
+    def wtri_from_ws(self, ws: torch.Tensor) -> WTri:
+        """The W_tri code that renders exactly as ``ws [N, num_ws, w_dim]`` (every plane gets the same rows)."""
+        k = self.wtri_shared_rows - 1
+        last_rows = ws[:, k:k + 3]
+        return WTri(ws[:, :k + 1], last_rows[:, None].expand(-1, 3, -1, -1).clone(), ws[:, -1])
+
+    def planes_wtri(self, w: WTri, **synthesis_kwargs: Any) -> torch.Tensor:
+        """Tri-plane features ``[N, 3, C, H, W]`` of a W_tri code: the backbone's blocks but the last run on
+        ``w.shared``; the last block runs once per plane on that plane's rows and keeps its channels.
+        (Noise: ``noise_mode`` 'const' or 'none'; per-plane runs would otherwise draw different noise.)"""
+        syn = self.backbone.synthesis
+        if synthesis_kwargs.get("noise_mode", "random") == "random":
+            raise ValueError("planes_wtri needs noise_mode 'const' or 'none' (one noise for the three runs)")
+        n, k = len(w.shared), self.wtri_shared_rows
+        if tuple(w.shared.shape[1:]) != (k, self.w_dim) or tuple(w.planes.shape[1:]) != (3, 3, self.w_dim) or \
+                tuple(w.sr.shape) != (n, self.w_dim):
+            raise ValueError(f"W_tri code of shapes {list(w.shared.shape)}, {list(w.planes.shape)}, "
+                             f"{list(w.sr.shape)}; expected [N, {k}, {self.w_dim}], [N, 3, 3, {self.w_dim}], "
+                             f"[N, {self.w_dim}]")
+        shared = w.shared.float()
+        x = img = None
+        w_idx = 0
+        blocks = [getattr(syn, f"b{res}") for res in syn.block_resolutions]
+        for block in blocks[:-1]:
+            x, img = block(x, img, shared.narrow(1, w_idx, block.num_conv + block.num_torgb), **synthesis_kwargs)
+            w_idx += block.num_conv
+        c = self.config.plane_channels
+        out = []
+        for p in range(3):
+            _, img_p = blocks[-1](x, None if img is None else img.clone(), w.planes[:, p].float(), **synthesis_kwargs)
+            out.append(img_p[:, p * c:(p + 1) * c])
+        return torch.stack(out, dim=1)
+
+    def synthesis_wtri(self, w: WTri, c: torch.Tensor, neural_rendering_resolution: int | None = None,
+                       deterministic: bool = False, random: RandomSource | None = None,
+                       **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Render a W_tri code from camera ``c`` (as :meth:`synthesis`; equal to it for
+        ``wtri_from_ws(ws)``)."""
+        _check_camera(c)
+        planes = self.planes_wtri(w, **synthesis_kwargs)
+        return self._render_planes(planes, w.sr[:, None], c, neural_rendering_resolution, deterministic, random,
+                                   False, synthesis_kwargs)
+
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: int | None = None,
                   update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
                   deterministic: bool = False, random: RandomSource | None = None, depth_spread: bool = False,
@@ -176,8 +252,20 @@ class TriPlaneGenerator(nn.Module):
             ``image [N,3,R,R]``, ``image_raw [N,3,r,r]``, ``image_depth [N,1,r,r]``; with ``depth_spread``
             also ``image_depth_spread [N,1,r,r]`` (how far each ray's opacity spreads around its depth).
         """
-        if c.ndim != 2 or c.shape[1] != 25:
-            raise ValueError(f"camera c must have shape [N, 25], not {list(c.shape)}")
+        _check_camera(c)
+        if use_cached_backbone and self._last_planes is not None:
+            planes = self._last_planes
+        else:
+            planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
+        if cache_backbone:
+            self._last_planes = planes
+        return self._render_planes(planes, ws, c, neural_rendering_resolution, deterministic, random, depth_spread,
+                                   synthesis_kwargs)
+
+    def _render_planes(self, planes: torch.Tensor, ws: torch.Tensor, c: torch.Tensor,
+                       neural_rendering_resolution: int | None, deterministic: bool, random: RandomSource | None,
+                       depth_spread: bool, synthesis_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Volume-render tri-planes from camera ``c`` and super-resolve (the SR reads ``ws``'s last row)."""
         cam2world = c[:, :16].view(-1, 4, 4)
         intrinsics = c[:, 16:25].view(-1, 3, 3)
         if neural_rendering_resolution is None:
@@ -186,12 +274,6 @@ class TriPlaneGenerator(nn.Module):
             self.neural_rendering_resolution = neural_rendering_resolution
         ray_origins, ray_directions = self.ray_sampler(cam2world, intrinsics, neural_rendering_resolution)
         n = ray_origins.shape[0]
-        if use_cached_backbone and self._last_planes is not None:
-            planes = self._last_planes
-        else:
-            planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
-        if cache_backbone:
-            self._last_planes = planes
         rendered = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
                                  deterministic=deterministic, random=random, with_spread=depth_spread)
         features, depth = rendered[:2]
