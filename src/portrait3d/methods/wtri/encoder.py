@@ -1,0 +1,182 @@
+"""The W_tri encoder (Oh & Jo, Sec. 3): a ReStyle-style iterative encoder into EG3D's W_tri space.
+
+At step ``t`` the encoder sees the photo and the current reconstruction side by side (6 channels) and predicts a
+residual of the code: ``w_{t+1} = w_t + E(x, G(w_t, c))``, starting from the generator's average code
+(ReStyle, Alaluf et al. 2021). Two heads share one ResNet (pure PyTorch, :mod:`portrait3d.networks.resnet`):
+
+* a backbone head (pooled ``C5`` with the means of ``C3`` and ``C4``, an MLP) for ``w_shared`` and the three
+  plane codes ``w_xy, w_yz, w_xz`` (:class:`~portrait3d.networks.eg3d.triplane.WTri`);
+* a pSp-style feature pyramid (lateral 1x1 convolutions, top-down upsampling and addition, Richardson et al. 2021)
+  whose finest map is reduced to a vector by strided convolutions ("map2style") for ``w_sp``, the
+  super-resolution code, which carries the fine detail.
+
+``space='wplus'`` is the ReStyle baseline of the paper's tables: the same network predicting plain W+ rows.
+The last layers start at zero, so an untrained encoder returns the average code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from portrait3d.config import ConfigMixin
+from portrait3d.errors import UsageError
+from portrait3d.networks.eg3d.triplane import WTri
+from portrait3d.networks.resnet import ResNetBackbone
+
+__all__ = ["WTRI_ENCODER_FORMAT", "WTriEncoder", "WTriEncoderConfig"]
+
+WTRI_ENCODER_FORMAT = "portrait3d-wtri-encoder"
+SPACES = ("wtri", "wplus")
+
+
+@dataclass
+class WTriEncoderConfig(ConfigMixin):
+    w_dim: int = 256
+    num_ws: int = 12              # the generator's W+ rows
+    shared_rows: int = 11         # TriPlaneGenerator.wtri_shared_rows
+    space: str = "wtri"           # 'wtri' (the paper) or 'wplus' (the ReStyle baseline)
+    iterations: int = 5
+    input_size: int = 128
+    width: int = 32
+    layers: tuple[int, int, int, int] = (2, 2, 2, 2)
+    head_channels: int = 256
+    fpn_channels: int = 128
+
+    @classmethod
+    def for_generator(cls, G: Any, **kw: Any) -> "WTriEncoderConfig":
+        return cls(w_dim=int(G.w_dim), num_ws=int(G.num_ws), shared_rows=int(G.wtri_shared_rows), **kw)
+
+    def validate(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, not {self.space!r}")
+        if self.input_size < 32 or self.input_size & (self.input_size - 1):
+            raise ValueError(f"input_size must be a power of two >= 32, not {self.input_size}")
+        if not 0 < self.shared_rows <= self.num_ws or self.iterations < 1:
+            raise ValueError("need 0 < shared_rows <= num_ws and iterations >= 1")
+
+
+class WTriEncoder(nn.Module):
+    """The iterative encoder of the module docstring.
+
+    Shapes: ``step(x [N, 3, H, W], y [N, 3, H, W], code) -> code`` (images in ``[-1, 1]``); codes are
+    :class:`WTri` (``space='wplus'``: W_tri codes made from W+ rows, so both render through one path).
+    """
+
+    def __init__(self, config: WTriEncoderConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        self.backbone = ResNetBackbone(in_channels=6, width=c.width, layers=c.layers, norm="group")
+        c3, c4, c5 = self.backbone.out_channels[1:]
+        if c.space == "wtri":
+            main_out = (c.shared_rows + 9) * c.w_dim
+        else:
+            main_out = c.num_ws * c.w_dim
+        self.mlp = nn.Sequential(nn.Linear(c5 + c3 + c4, c.head_channels), nn.LeakyReLU(0.2),
+                                 nn.Linear(c.head_channels, main_out))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        if c.space == "wtri":  # the pSp pyramid head for w_sp (the W+ baseline has none)
+            f = c.fpn_channels
+            self.lateral = nn.ModuleList([nn.Conv2d(ch, f, 1) for ch in (c3, c4, c5)])
+            convs: list[nn.Module] = []
+            for _ in range(int(math.log2(c.input_size // 8))):  # C3 is input_size / 8 wide
+                convs += [nn.Conv2d(f, f, 3, 2, 1), nn.LeakyReLU(0.2)]
+            self.map2style = nn.Sequential(*convs)
+            self.sr_head = nn.Linear(f, c.w_dim)
+            nn.init.zeros_(self.sr_head.weight)
+            nn.init.zeros_(self.sr_head.bias)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, code: WTri) -> WTri:
+        """One refinement: ``code + E(x, y)`` (ReStyle's residual update)."""
+        c = self.config
+        inp = torch.cat([x, y], dim=1)
+        if inp.shape[-1] != c.input_size:
+            inp = F.interpolate(inp, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False,
+                                antialias=inp.shape[-1] > c.input_size)
+        out = self.backbone(inp)
+        _, c3, c4, c5 = out.features
+        main = self.mlp(torch.cat([out.pooled, c3.mean((2, 3)), c4.mean((2, 3))], dim=1))
+        n, w = len(x), c.w_dim
+        if c.space == "wtri":
+            p5 = self.lateral[2](c5)
+            p4 = self.lateral[1](c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
+            p3 = self.lateral[0](c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
+            d_sr = self.sr_head(self.map2style(p3).flatten(1))
+            d_shared = main[:, :c.shared_rows * w].reshape(n, c.shared_rows, w)
+            d_planes = main[:, c.shared_rows * w:].reshape(n, 3, 3, w)
+            return WTri(code.shared + d_shared, code.planes + d_planes, code.sr + d_sr)
+        # plain W+ (the ReStyle baseline): one set of rows for every plane, the SR reading the last row as in EG3D
+        ws = _ws_of(code, c) + main.reshape(n, c.num_ws, w)
+        k = c.shared_rows - 1
+        return WTri(ws[:, :k + 1], ws[:, k:k + 3][:, None].expand(-1, 3, -1, -1), ws[:, -1])
+
+    def invert(self, G: Any, x: torch.Tensor, c: torch.Tensor, iterations: int | None = None,
+               start: WTri | None = None, **render_kw: Any) -> tuple[list[WTri], list[torch.Tensor]]:
+        """Run the iterations on photos ``x [N, 3, H, W]`` seen from cameras ``c [N, 25]``: the codes and the
+        reconstructions after every step (``start``: the initial code, default the generator's average)."""
+        n = len(x)
+        if start is None:
+            w_avg = G.backbone.mapping.w_avg.detach()
+            start = G.wtri_from_ws(w_avg[None, None].expand(n, G.num_ws, -1))
+        code = start
+        kw = {"noise_mode": "const", **render_kw}
+        y = G.synthesis_wtri(code, c, **kw)["image"]
+        codes, images = [], []
+        for _ in range(iterations or self.config.iterations):
+            code = self.step(x, y.detach() if self.training else y, code)
+            y = G.synthesis_wtri(code, c, **kw)["image"]
+            codes.append(code)
+            images.append(y)
+        return codes, images
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False, half: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        from portrait3d.checkpoints.native import atomic_write
+
+        tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                   for k, v in self.state_dict().items()}
+        meta = {"format": WTRI_ENCODER_FORMAT, "format_version": "1", "config": json.dumps(self.config.to_dict())}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "WTriEncoder":
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"no W_tri encoder file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        if meta.get("format") != WTRI_ENCODER_FORMAT:
+            raise UsageError(f"{path} is not a W_tri encoder (format {meta.get('format')!r})")
+        try:
+            net = cls(WTriEncoderConfig.from_dict(json.loads(meta["config"])))
+            net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+        except (KeyError, RuntimeError, ValueError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path}: corrupt W_tri encoder ({str(e).splitlines()[0][:120]})") from None
+        return net.eval()
+
+
+def _ws_of(code: WTri, c: WTriEncoderConfig) -> torch.Tensor:
+    """The W+ rows of a code whose planes share their rows (what the 'wplus' space makes): the shared rows and
+    the last block's conv1 and ToRGB rows (EG3D backbones: ``num_ws = shared_rows + 2``)."""
+    ws = torch.cat([code.shared, code.planes[:, 0, 1:]], dim=1)
+    if ws.shape[1] != c.num_ws:
+        raise ValueError(f"a W+ code needs shared_rows + 2 = num_ws rows, not {ws.shape[1]} for {c.num_ws}")
+    return ws
