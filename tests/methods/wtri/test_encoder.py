@@ -62,3 +62,27 @@ def test_config_checks_and_files(tmp_path):
     torch.testing.assert_close(a.planes, b.planes)
     with pytest.raises(UsageError):
         WTriEncoder.load(tmp_path / "nothing.safetensors")
+
+
+def test_losses_finite_and_falling_on_a_tiny_generator():
+    from portrait3d.methods.wtri.losses import WTriLossConfig, code_distance, wtri_losses
+
+    G, enc, _, c = _setup()
+    with torch.no_grad():  # photos the generator can make: the encoder has a code to find
+        x = G.synthesis(G.mapping(torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(5)), c) * 1.0, c,
+                        noise_mode="const")["image"]
+    novel = camera_from_angles([25.0, -25.0], [0.0, 0.0]).reshape(2, 25)
+    w = WTriLossConfig(perceptual=0.0, identity=0.0, similarity=0.0)
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-3)
+    enc.train()
+    first = None
+    for _ in range(6):
+        terms = wtri_losses(enc, G, x, c, novel, w)
+        assert all(torch.isfinite(v) for v in terms.values())
+        first = first if first is not None else float(terms["rec"].detach())
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+    assert float(terms["rec"].detach()) < first
+    code = G.wtri_from_ws(G.mapping(torch.zeros(2, G.z_dim), c))
+    assert code_distance(code, code).abs().max() == 0
