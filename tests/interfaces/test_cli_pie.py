@@ -79,4 +79,4 @@ def test_pie_photo_and_edit_end_to_end(tmp_path, one_thread):
     edit = json.loads((out / "edit.json").read_text())
     assert edit["edits"]["pose"]["target"][0] == -10
     res = CliRunner().invoke(main, ["pie", "edit", str(out), "--expr", "smile=1"])
-    assert res.exit_code == 2 and "no RigNet for mode 'expression'" in res.output
+    assert res.exit_code == 2 and "no RigNet for expression edits" in res.output

@@ -110,6 +110,16 @@ def load_embedder(network: str = "default-2d", models: Path | None = None, recog
                        perceptual=perceptual, identity_encoder=encoder)
 
 
+def _check_modes(emb: Any, spec: EditSpec) -> None:
+    """Refuse an edit whose RigNet is missing before any work is done."""
+    asked = [m for m, on in (("pose", spec.yaw is not None or spec.pitch is not None),
+                             ("expression", bool(spec.expression)), ("light", spec.light is not None)) if on]
+    missing = [m for m in asked if m not in emb.rignets]
+    if missing:
+        raise UsageError(f"no RigNet for {', '.join(missing)} edits is installed (train one: portrait3d train rignet "
+                         f"--mode {missing[0]}; installed: {', '.join(sorted(emb.rignets)) or 'none'})")
+
+
 def _u8(img: torch.Tensor) -> np.ndarray:
     return ((img[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
@@ -172,6 +182,7 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
     if not Path(photo).is_file():
         raise FileNotFoundError(f"no photo at {photo}")
     emb = load_embedder(network, models)
+    _check_modes(emb, spec)
     cfg = PieConfig(modes=sorted(emb.rignets))
     if steps_w is not None:
         cfg.steps_w = steps_w
@@ -212,8 +223,6 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
     images = {"input": aligned, "reconstruction": recon}
     info: dict[str, Any] = {}
     if not spec.empty:
-        if not emb.rignets:
-            raise UsageError("no RigNet is installed (train one: portrait3d train rignet)")
         edited, grid, info = _edit_outputs(emb, res.ws, spec, aligned, recon)
         save_image(out / "edited.png", edited, overwrite=force)
         images["edited"] = edited
@@ -244,6 +253,7 @@ def run_pie_edit(folder: Path, spec: EditSpec, force: bool = True) -> dict[str, 
         raise UsageError(f"{folder} holds no PIE embedding (run `portrait3d pie PHOTO --out {folder}` first)")
     prev = json.loads(res_path.read_text())
     emb = load_embedder(prev["network"], Path(prev["models"]), recog=False)
+    _check_modes(emb, spec)
     with np.load(Path(folder) / "embedding.npz", allow_pickle=False) as d:
         ws = torch.from_numpy(d["ws"])
     if ws.shape[1:] != (emb.G.num_ws, emb.G.w_dim):
