@@ -21,7 +21,8 @@ from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
 
-__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write", "read_safetensors_with_metadata"]
+__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write", "read_safetensors_with_metadata",
+           "save_config_module", "load_config_module"]
 
 FORMAT = "portrait3d-network"
 FORMAT_VERSION = "1"
@@ -92,6 +93,38 @@ def read_safetensors_with_metadata(path: str | os.PathLike[str], expected_format
     if meta.get("format_version") != format_version:
         raise CheckpointError(f"{p.name}: unsupported {version_label} {meta.get('format_version')!r}")
     return tensors, meta
+
+
+def save_config_module(module: nn.Module, path: str | os.PathLike[str], file_format: str, overwrite: bool = False,
+                       half: bool = False, meta: dict[str, Any] | None = None) -> Path:
+    """Write a module whose ``config`` is a :class:`~portrait3d.config.ConfigMixin` dataclass (a method's network:
+    an estimator, a RigNet, an encoder, a face model) as safetensors, the config as JSON in the metadata.
+    ``half`` stores floating tensors in float16 (shipped weights); :func:`load_config_module` reads them back."""
+    from safetensors.torch import save_file
+
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in module.state_dict().items()}
+    info = {"format": file_format, "format_version": "1", "config": json.dumps(module.config.to_dict()),
+            "meta": json.dumps(meta or {})}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=info), overwrite=overwrite)
+
+
+def load_config_module(path: str | os.PathLike[str], build: Any, config_type: Any, file_format: str,
+                       what: str) -> Any:
+    """Read a file written by :func:`save_config_module`: ``build(config_type.from_dict(config))`` loaded with its
+    tensors (as float32; integer buffers as stored), in eval mode. Every failure is a one-line
+    :class:`CheckpointError` naming ``what``; no code is executed."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no {what} file at {p}")
+    tensors, info = read_safetensors_with_metadata(p, file_format, "1", f"not a {what}")
+    try:
+        module = build(config_type.from_dict(json.loads(info["config"])))
+        own = module.state_dict()
+        module.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}, strict=True)
+    except (KeyError, RuntimeError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p.name}: corrupt {what} ({str(e).strip().splitlines()[0][:120]})") from None
+    return module.eval()
 
 
 def save_network(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False,

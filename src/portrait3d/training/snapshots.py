@@ -18,7 +18,7 @@ import torch
 from portrait3d.errors import UsageError
 from portrait3d.training.optim import Counters, Networks
 
-__all__ = ["optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state",
+__all__ = ["save_module_snapshot", "load_module_snapshot", "optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state",
            "init_generators"]
 
 STATE_FORMAT = "portrait3d-train-state"
@@ -229,3 +229,56 @@ def init_generators(nets: Networks, source: str | os.PathLike[str]) -> str:
     for name in ("G", "G_ema"):
         getattr(nets, name).load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
     return f"started G and G_ema from {source} ({len(ours)} tensors); fresh discriminator and optimisers"
+
+
+def save_module_snapshot(folder: str | os.PathLike[str], trainer: str, config: dict[str, Any], net: torch.nn.Module,
+                         opt: torch.optim.Optimizer, step: int, images_seen: int,
+                         exports: dict[str, Callable[[Path], Any]], ema: torch.nn.Module | None = None,
+                         rng: bool = True) -> Path:
+    """Snapshot of a one-network trainer (a method's encoder, estimator or RigNet): ``net.*`` (and ``ema.*``)
+    weights, the optimiser, the RNG states when ``rng`` (a loop that draws its batches from ``(seed, step)`` needs
+    none), and the network's config, written atomically with the ``exports`` files."""
+    tensors: dict[str, torch.Tensor] = {f"net.{k}": v for k, v in net.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_tensors, opt_meta = optimizer_tensors(opt, "opt")
+    tensors.update(opt_tensors)
+    if rng:
+        tensors.update(rng_tensors())
+    meta = {"format": STATE_FORMAT, "format_version": STATE_VERSION, "trainer": trainer, "config": config,
+            "network": net.config.to_dict(), "step": step, "images_seen": images_seen, "kimg": images_seen / 1000,
+            "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return write_snapshot_folder(folder, tensors, meta, exports)
+
+
+def load_module_snapshot(path: str | os.PathLike[str], trainer: str, net: torch.nn.Module,
+                         opt: torch.optim.Optimizer, ema: torch.nn.Module | None = None) -> tuple[int, int]:
+    """Restore a :func:`save_module_snapshot` folder (or a run folder's newest) into ``net``, ``ema`` and ``opt``
+    (and the RNG states when saved); returns ``(step, images_seen)``. A snapshot without EMA starts the EMA from
+    the weights. One-line :class:`UsageError` for another trainer's snapshot or another network config."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from portrait3d.checkpoints.state import load_state_strict
+
+    folder = find_snapshot(path)
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise UsageError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
+    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != trainer:
+        raise UsageError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
+    if meta.get("network") != net.config.to_dict():
+        raise UsageError(f"{folder} was trained with a different {type(net).__name__} configuration")
+    for prefix, module in (("net.", net), ("ema.", ema)):
+        if module is None:
+            continue
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not sd and prefix == "ema.":
+            sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        load_state_strict(module, sd, f"snapshot {prefix[:-1]}")
+    load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
+    if any(k.startswith("rng.") for k in tensors):
+        restore_rng(tensors)
+    return int(meta["step"]), int(meta["images_seen"])

@@ -85,22 +85,13 @@ from portrait3d.training.loop import due
 from portrait3d.training.optim import ema_beta, ema_update
 from portrait3d.training.progress import Progress
 from portrait3d.training.randomness import derive_seed
-from portrait3d.training.snapshots import (
-    find_snapshot,
-    load_optimizer,
-    optimizer_tensors,
-    prune_snapshots,
-    restore_rng,
-    rng_tensors,
-    write_snapshot_folder,
-)
+from portrait3d.training.snapshots import find_snapshot, load_module_snapshot, prune_snapshots, save_module_snapshot
 
 __all__ = [
     "EncoderTrainConfig", "PoseTrainConfig", "encoder_losses", "pose_losses", "train_encoder", "train_pose",
     "pose_error_deg", "load_eg3d_discriminator", "resolve_device",
 ]
 
-STATE_FORMAT = "portrait3d-train-state"  # same layout family as portrait3d.training.loop snapshots
 TRAINERS = {"encoder": "inversion3d-encoder", "pose": "inversion3d-pose"}
 EXPORT_NAMES = {"encoder": "encoder.safetensors", "pose": "pose.safetensors"}
 _INIT_KEY = 0x1A17     # network initialisation seed key
@@ -288,47 +279,15 @@ def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Te
 def _save_snapshot(folder: Path, trainer: str, config: dict[str, Any], net: nn.Module, ema: nn.Module | None,
                    opt: torch.optim.Optimizer, step: int, images_seen: int, export_name: str) -> Path:
     """Write ``folder`` (``state.safetensors``, ``state.json``, the exported network) atomically."""
-    tensors: dict[str, torch.Tensor] = {f"net.{k}": v for k, v in net.state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    opt_tensors, opt_meta = optimizer_tensors(opt, "opt")
-    tensors.update(opt_tensors)
-    tensors.update(rng_tensors())
-    meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": trainer, "config": config,
-            "network": net.config.to_dict(), "step": step, "images_seen": images_seen, "kimg": images_seen / 1000,
-            "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
     exported = ema if ema is not None else net
-    return write_snapshot_folder(folder, tensors, meta, {export_name: lambda path: save_module(exported, path)})
+    return save_module_snapshot(folder, trainer, config, net, opt, step, images_seen,
+                                {export_name: lambda path: save_module(exported, path)}, ema=ema)
 
 
 def _load_snapshot(path: str | os.PathLike[str], trainer: str, net: nn.Module, ema: nn.Module | None,
                    opt: torch.optim.Optimizer) -> tuple[int, int]:
     """Restore ``net``, ``ema``, ``opt`` and the RNG states in place; returns ``(step, images_seen)``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from portrait3d.checkpoints.state import load_state_strict
-
-    folder = find_snapshot(path)
-    try:
-        meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "state.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise UsageError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
-    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != trainer:
-        raise UsageError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
-    if meta.get("network") != net.config.to_dict():
-        raise UsageError(f"{folder} was trained with a different {type(net).__name__} configuration")
-    for prefix, module in (("net.", net), ("ema.", ema)):
-        if module is None:
-            continue
-        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not sd and prefix == "ema.":  # snapshot without EMA: start the EMA from the weights
-            sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-        load_state_strict(module, sd, f"snapshot {prefix[:-1]}")
-    load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
-    restore_rng(tensors)
-    return int(meta["step"]), int(meta["images_seen"])
+    return load_module_snapshot(path, trainer, net, opt, ema)
 
 
 # ----------------------------------------------------------------------------- the loop

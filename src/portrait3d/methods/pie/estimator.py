@@ -16,7 +16,6 @@ network, not a per-image fit. Ours is trained on real photos (:mod:`.train`) wit
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from portrait3d.config import ConfigMixin
-from portrait3d.errors import UsageError
 from portrait3d.methods.pie.build import pixels_to_world, procrustes
 from portrait3d.methods.pie.face_model import FaceModel, RigParams, ambient_light, sh_basis, vertex_normals
 from portrait3d.networks.resnet import ResNetBackbone
@@ -105,37 +103,15 @@ class ParamEstimator(nn.Module):
     def save(self, path: str | os.PathLike[str], overwrite: bool = False, meta: dict[str, Any] | None = None,
              half: bool = False) -> Path:
         """safetensors + JSON config; ``half`` stores float16 (shipped weights), loaded back as float32."""
-        from safetensors.torch import save_file
+        from portrait3d.checkpoints.native import save_config_module
 
-        from portrait3d.checkpoints.native import atomic_write
-
-        tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-                   for k, v in self.state_dict().items()}
-        info = {"format": ESTIMATOR_FORMAT, "format_version": "1", "config": json.dumps(self.config.to_dict()),
-                "meta": json.dumps(meta or {})}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=info), overwrite=overwrite)
+        return save_config_module(self, path, ESTIMATOR_FORMAT, overwrite, half, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "ParamEstimator":
-        from safetensors import SafetensorError, safe_open
+        from portrait3d.checkpoints.native import load_config_module
 
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"no PIE estimator file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                info = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        if info.get("format") != ESTIMATOR_FORMAT:
-            raise UsageError(f"{path} is not a PIE estimator (format {info.get('format')!r})")
-        try:
-            net = cls(EstimatorConfig.from_dict(json.loads(info["config"])))
-            net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-        except (KeyError, RuntimeError, ValueError, json.JSONDecodeError) as e:
-            raise UsageError(f"{path}: corrupt PIE estimator ({str(e).splitlines()[0][:120]})") from None
-        return net.eval()
+        return load_config_module(path, cls, EstimatorConfig, ESTIMATOR_FORMAT, "PIE estimator")
 
 
 # ----------------------------------------------------------------------------- closed-form targets

@@ -217,34 +217,22 @@ class FaceModel(nn.Module):
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str], overwrite: bool = False, half: bool = True) -> Path:
         """safetensors + JSON config (bases in float16 when ``half``: the shipped file stays small)."""
-        from safetensors.torch import save_file
+        from portrait3d.checkpoints.native import save_config_module
 
-        from portrait3d.checkpoints.native import atomic_write
-
-        tensors = {k: (v.half() if half and v.is_floating_point() else v).cpu().contiguous()
-                   for k, v in self.state_dict().items()}
-        meta = {"format": FACE_MODEL_FORMAT, "format_version": "1", "config": json.dumps(self.config.to_dict())}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
+        return save_config_module(self, path, FACE_MODEL_FORMAT, overwrite, half)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "FaceModel":
         """Read a face model written by :meth:`save` (no code is executed: safetensors + JSON), or the shipped one
         by its name ``'face-rig'``."""
-        from safetensors import SafetensorError, safe_open
+        from portrait3d.checkpoints.native import read_safetensors_with_metadata
 
         if str(path) == BUILTIN_FACE_MODEL:
             path = Path(__file__).resolve().parents[2] / "models" / "face-rig" / "face_model.safetensors"
         path = Path(path)
         if not path.is_file():
             raise UsageError(f"no face model file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        if meta.get("format") != FACE_MODEL_FORMAT:
-            raise UsageError(f"{path} is not a portrait3d face model (format {meta.get('format')!r})")
+        tensors, meta = read_safetensors_with_metadata(path, FACE_MODEL_FORMAT, "1", "not a portrait3d face model")
         try:
             cfg = FaceModelConfig.from_dict(json.loads(meta["config"]))
             return cls(cfg, **{k: tensors[k] if k == "faces" else tensors[k].float()

@@ -22,7 +22,6 @@ weights parameters of very different scales.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ import torch
 from torch import nn
 
 from portrait3d.config import ConfigMixin
-from portrait3d.errors import UsageError
 from portrait3d.methods.pie.face_model import FaceModel, RigParams
 
 __all__ = ["MODES", "RIGNET_FORMAT", "RigNet", "RigNetConfig", "mode_params", "with_mode", "rig_distance",
@@ -90,37 +88,17 @@ class RigNet(nn.Module):
         return ws + torch.einsum("nil,ild->nid", x, self.dec_weight) + self.dec_bias
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike[str], overwrite: bool = False, meta: dict[str, Any] | None = None) -> Path:
-        from safetensors.torch import save_file
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False, meta: dict[str, Any] | None = None,
+             half: bool = False) -> Path:
+        from portrait3d.checkpoints.native import save_config_module
 
-        from portrait3d.checkpoints.native import atomic_write
-
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        info = {"format": RIGNET_FORMAT, "format_version": "1", "config": json.dumps(self.config.to_dict()),
-                "meta": json.dumps(meta or {})}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=info), overwrite=overwrite)
+        return save_config_module(self, path, RIGNET_FORMAT, overwrite, half, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "RigNet":
-        from safetensors import SafetensorError, safe_open
+        from portrait3d.checkpoints.native import load_config_module
 
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"no RigNet file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                info = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        if info.get("format") != RIGNET_FORMAT:
-            raise UsageError(f"{path} is not a RigNet (format {info.get('format')!r})")
-        try:
-            net = cls(RigNetConfig.from_dict(json.loads(info["config"])))
-            net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-        except (KeyError, RuntimeError, ValueError, json.JSONDecodeError) as e:
-            raise UsageError(f"{path}: corrupt RigNet ({str(e).splitlines()[0][:120]})") from None
-        return net.eval()
+        return load_config_module(path, cls, RigNetConfig, RIGNET_FORMAT, "RigNet")
 
 
 def rig_distance(rig: FaceModel, a: RigParams, b: RigParams, size: int = 64,

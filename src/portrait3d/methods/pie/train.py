@@ -33,19 +33,12 @@ from portrait3d.methods.pie.face_model import FaceModel, RigParams
 from portrait3d.training.distributed import DistInfo
 from portrait3d.training.loop import due
 from portrait3d.training.progress import Progress
-from portrait3d.training.snapshots import (
-    find_snapshot,
-    load_optimizer,
-    optimizer_tensors,
-    prune_snapshots,
-    write_snapshot_folder,
-)
+from portrait3d.training.snapshots import load_module_snapshot, prune_snapshots, save_module_snapshot
 
 __all__ = ["EstimatorTrainConfig", "RigNetTrainConfig", "evaluate_estimator", "prepare_targets", "train_estimator",
            "train_rignet"]
 
 TRAINER = "pie-estimator"
-STATE_FORMAT = "portrait3d-train-state"
 EXPORT_NAME = "estimator.safetensors"
 
 
@@ -127,7 +120,7 @@ def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
     opt = torch.optim.Adam(est.parameters(), lr=cfg.lr)
     step = images_seen = 0
     if resume is not None:
-        step, images_seen = _load(resume, est, opt)
+        step, images_seen = load_module_snapshot(resume, TRAINER, est, opt)
     est.bf16 = cfg.bf16
     if cfg.bf16:
         est.backbone.to(memory_format=torch.channels_last)
@@ -140,13 +133,8 @@ def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
 
     def snapshot() -> None:
         folder = out / f"snapshot-{step:08d}"
-        tensors = {f"net.{k}": v for k, v in est.state_dict().items()}
-        opt_t, opt_meta = optimizer_tensors(opt, "opt")
-        tensors.update(opt_t)
-        meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": TRAINER, "config": cfg.to_dict(),
-                "network": cfg.net.to_dict(), "step": step, "images_seen": images_seen,
-                "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_snapshot_folder(folder, tensors, meta, {EXPORT_NAME: lambda p: est.save(p, overwrite=True)})
+        save_module_snapshot(folder, TRAINER, cfg.to_dict(), est, opt, step, images_seen,
+                             {EXPORT_NAME: lambda p: est.save(p, overwrite=True)}, rng=False)
         prune_snapshots(out, cfg.keep_snapshots)
         bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
 
@@ -174,28 +162,6 @@ def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
         return est.save(out / EXPORT_NAME, overwrite=True, meta={"images_seen": images_seen, "rig": cfg.rig})
     finally:
         bar.close()
-
-
-def _load(path: str | os.PathLike[str], est: torch.nn.Module, opt: torch.optim.Optimizer,
-          trainer: str = TRAINER) -> tuple[int, int]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from portrait3d.checkpoints.state import load_state_strict
-
-    folder = find_snapshot(path)
-    try:
-        meta = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "state.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise UsageError(f"{folder}: unreadable snapshot ({str(e).splitlines()[0][:100]})") from None
-    if meta.get("format") != STATE_FORMAT or meta.get("trainer") != trainer:
-        raise UsageError(f"{folder} is not a {trainer} snapshot (trainer {meta.get('trainer')!r})")
-    if meta.get("network") != est.config.to_dict():
-        raise UsageError(f"{folder} was trained with a different network configuration")
-    load_state_strict(est, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, "snapshot net")
-    load_optimizer(opt, tensors, "opt", meta["optimizers"]["opt"])
-    return int(meta["step"]), int(meta["images_seen"])
 
 
 @torch.no_grad()
@@ -279,7 +245,7 @@ def train_rignet(cfg: RigNetTrainConfig, out_dir: str | os.PathLike[str], resume
     export = f"rignet-{cfg.mode}.safetensors"
     step = images_seen = 0
     if resume is not None:
-        step, images_seen = _load(resume, net, opt, trainer)
+        step, images_seen = load_module_snapshot(resume, trainer, net, opt)
     total = int(round(cfg.total_kimg * 1000))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"trainer": trainer, "config": cfg.to_dict()}, indent=1))
@@ -295,13 +261,8 @@ def train_rignet(cfg: RigNetTrainConfig, out_dir: str | os.PathLike[str], resume
 
     def snapshot() -> None:
         folder = out / f"snapshot-{step:08d}"
-        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-        opt_t, opt_meta = optimizer_tensors(opt, "opt")
-        tensors.update(opt_t)
-        meta = {"format": STATE_FORMAT, "format_version": 1, "trainer": trainer, "config": cfg.to_dict(),
-                "network": net.config.to_dict(), "step": step, "images_seen": images_seen,
-                "optimizers": {"opt": opt_meta}, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-        write_snapshot_folder(folder, tensors, meta, {export: lambda p: net.save(p, overwrite=True)})
+        save_module_snapshot(folder, trainer, cfg.to_dict(), net, opt, step, images_seen,
+                             {export: lambda p: net.save(p, overwrite=True)}, rng=False)
         prune_snapshots(out, cfg.keep_snapshots)
         bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
 

@@ -16,7 +16,6 @@ The last layers start at zero, so an untrained encoder returns the average code.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from portrait3d.config import ConfigMixin
-from portrait3d.errors import UsageError
 from portrait3d.networks.eg3d.triplane import WTri
 from portrait3d.networks.resnet import ResNetBackbone
 
@@ -141,36 +139,15 @@ class WTriEncoder(nn.Module):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str], overwrite: bool = False, half: bool = False) -> Path:
-        from safetensors.torch import save_file
+        from portrait3d.checkpoints.native import save_config_module
 
-        from portrait3d.checkpoints.native import atomic_write
-
-        tensors = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-                   for k, v in self.state_dict().items()}
-        meta = {"format": WTRI_ENCODER_FORMAT, "format_version": "1", "config": json.dumps(self.config.to_dict())}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
+        return save_config_module(self, path, WTRI_ENCODER_FORMAT, overwrite, half)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "WTriEncoder":
-        from safetensors import SafetensorError, safe_open
+        from portrait3d.checkpoints.native import load_config_module
 
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"no W_tri encoder file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-        if meta.get("format") != WTRI_ENCODER_FORMAT:
-            raise UsageError(f"{path} is not a W_tri encoder (format {meta.get('format')!r})")
-        try:
-            net = cls(WTriEncoderConfig.from_dict(json.loads(meta["config"])))
-            net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-        except (KeyError, RuntimeError, ValueError, json.JSONDecodeError) as e:
-            raise UsageError(f"{path}: corrupt W_tri encoder ({str(e).splitlines()[0][:120]})") from None
-        return net.eval()
+        return load_config_module(path, cls, WTriEncoderConfig, WTRI_ENCODER_FORMAT, "W_tri encoder")
 
 
 def _ws_of(code: WTri, c: WTriEncoderConfig) -> torch.Tensor:
