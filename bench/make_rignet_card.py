@@ -1,0 +1,98 @@
+"""Ship a trained RigNet: float16 weights beside the PIE estimator and a card with the evaluation of eval_pie.py.
+
+    PYTHONPATH=src python bench/make_rignet_card.py ~/.cache/portrait3d/runs/rignet-pose \
+        --eval bench_out/pie --out src/portrait3d/models/pie --force
+
+Writes ``rignet-<mode>.safetensors`` (float16), ``MODEL_CARD_rignet-<mode>.md`` and ``rignet-<mode>_edits.png``
+(the evaluation grid: held-out photo | reconstruction | edit -delta | edit +delta) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from portrait3d.methods.pie.rignet import RigNet  # noqa: E402
+from portrait3d.utils.io import write_text  # noqa: E402
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--eval", "eval_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Output folder of bench/eval_pie.py run with this RigNet.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--hardware", type=str, default="1 core of a 2-core Xeon CPU with AMX-BF16 (bf16 generator passes)")
+@click.option("--force", is_flag=True)
+def main(run: Path, eval_dir: Path, out: Path, hardware: str, force: bool) -> None:
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    mode = cfg["mode"]
+    net = RigNet.load(run / f"rignet-{mode}.safetensors")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.startswith('{"step"')]
+    seen = int(log[-1]["kimg"] * 1000) if log else 0
+    minutes = sum(r.get("sec", 0.0) for r in log) / 60
+    ev = json.loads((eval_dir / "eval_pie.json").read_text())
+    table = (eval_dir / "eval_pie.md").read_text().strip()
+    names = [f"rignet-{mode}.safetensors", f"MODEL_CARD_rignet-{mode}.md", f"rignet-{mode}_edits.png"]
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not force:
+        raise click.ClickException(f"{out / clash[0]} exists (pass --force)")
+    out.mkdir(parents=True, exist_ok=True)
+    net.save(out / names[0], overwrite=True, half=True, meta={"images_seen": seen, "network": cfg["network"]})
+    shutil.copyfile(eval_dir / "grid_full.png", out / names[2])
+    card = f"""# Model card: PIE RigNet for {mode} (`{names[0]}`)
+
+StyleRig's RigNet (Tewari et al. 2020) for the `{mode}` parameters of the shipped face rig, editing the W+ space of
+`{cfg['network']}`: per layer a linear encoder to 32 dimensions, concatenated with the target parameters, and a
+linear decoder to an offset of w (`portrait3d.methods.pie.rignet`).
+
+## Training
+
+- Self-supervised on {seen:,} latents of `{cfg['network']}` (truncation {cfg['truncation']}), through the shipped
+  parameter estimator and the rig renderer: reconstruction, edit and consistency losses (weights
+  {cfg['rec_weight']} / {cfg['edit_weight']} / {cfg['consist_weight']}); for pose, {cfg['uniform_pose_share']:.0%} of the
+  targets have yaw and pitch drawn uniformly within +-{cfg['uniform_pose_deg']:g} degrees.
+- Adam, lr {cfg['lr']}, batch {cfg['batch']}; {minutes:.0f} min of training steps on {hardware}.
+- Command: `portrait3d train rignet --estimator src/portrait3d/models/pie/estimator.safetensors --mode {mode}
+  --out RUN --kimg {cfg['total_kimg']:g} --batch {cfg['batch']} --lr {cfg['lr']:g}`.
+- Weights stored in float16.
+
+## Evaluation on held-out photos
+
+{ev['n']} held-out UTKFace photos, PIE embeddings of {ev['steps'][0]} W + {ev['steps'][1]} W+ steps (shorter than the
+default 150 + 100), yaw edits of -{ev['delta']:g} and +{ev['delta']:g} degrees relative to the reconstruction (one
+feedback step), measured by the face pipeline (MediaPipe, dlib 68 points, PnP); identity: dlib distance of the edit
+to the photo (< 0.6: the same person):
+
+{table}
+
+Measured with `PYTHONPATH=src python bench/eval_pie.py --holdout HOLDOUT --models MODELS --n {ev['n']}
+--steps-w {ev['steps'][0]} --steps-wplus {ev['steps'][1]}`; this card by
+`PYTHONPATH=src python bench/make_rignet_card.py {shlex.join(sys.argv[1:])}`.
+
+![edits]({names[2]})
+
+`{names[2]}`: per row a held-out photo, its PIE reconstruction, and the edits to -{ev['delta']:g} and +{ev['delta']:g}
+degrees.
+
+## Limitations
+
+- A few minutes of CPU training: StyleRig trains for days. Identity drifts under edits (see the table) and the
+  edited faces inherit `{cfg['network']}`'s blur and demographic gaps (its card).
+- UTKFace-derived (the rig and the estimator): **non-commercial research use only**.
+
+Generated {time.strftime('%Y-%m-%d')}.
+"""
+    write_text(out / names[1], card, overwrite=True)
+    print(f"wrote {', '.join(names)} to {out}")
+
+
+if __name__ == "__main__":
+    main()
