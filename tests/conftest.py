@@ -124,6 +124,19 @@ def make_dataset(root: Path, n: int, res: int, seed: int = 0) -> Path:
     return root
 
 
+def make_photo_dataset(root: Path, n: int, size: int = 128) -> Path:
+    """A dataset folder of the first ``n`` UTKFace photos of ../shared, resized (not aligned) to ``size``, with their
+    file names (which carry UTKFace's labels) and zero cameras; skips the test when ../shared is absent."""
+    from PIL import Image
+
+    photos = sorted(shared_path("data/utkface").iterdir())[:n]
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "images.npy", np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size)))
+                                           for p in photos]))
+    (root / "labels.json").write_text(json.dumps({"labels": [[p.name, [0.0] * 25] for p in photos]}))
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread: on the 2-core machine, busy with training, two OpenMP threads

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from tests.conftest import make_dataset, shared_path
+from tests.conftest import make_dataset, make_photo_dataset
 
 from portrait3d.metrics.demographics import (
     AttributeProbe,
@@ -72,17 +72,12 @@ def test_dataset_without_utkface_names_is_refused(tmp_path):
 
 
 def test_labelled_descriptors_of_real_photos(tmp_path, one_thread):
-    from PIL import Image
 
-    photos = sorted(shared_path("data/utkface").iterdir())[:24]
-    root = tmp_path / "utk"
-    root.mkdir()
-    np.save(root / "images.npy", np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128)))
-                                           for p in photos]))
-    (root / "labels.json").write_text(json.dumps({"labels": [[p.name, [0.0] * 25] for p in photos]}))
+    root = make_photo_dataset(tmp_path / "utk", 24)
     got = dataset_attributes(root, 24)
     assert 18 <= len(got) <= 24 and got.descriptors.shape[1] == 128
-    want = {parse_utkface_name(p.name) for p in photos}
+    names = [row[0] for row in json.loads((root / "labels.json").read_text())["labels"]]
+    want = {parse_utkface_name(name) for name in names}
     assert all((int(a), int(g), int(e)) in want for a, g, e in zip(got.ages, got.genders, got.ethnicities))
     assert (root / "attributes_n24.npz").is_file()
     again = dataset_attributes(root, 24)  # from the cache

@@ -3,7 +3,6 @@ fit on synthetic meshes with known poses and expressions, and the command on rea
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from itertools import combinations
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tests.conftest import make_dataset, shared_path
+from tests.conftest import make_dataset, make_photo_dataset
 
 pytest.importorskip("mediapipe")
 
@@ -93,16 +92,10 @@ def test_build_recovers_pose_and_the_mouth():
 
 
 def test_face_rig_command(tmp_path, one_thread):
-    from PIL import Image
 
     from portrait3d.interfaces.cli import main
 
-    photos = sorted(shared_path("data/utkface").iterdir())[:60]
-    root = tmp_path / "utk"
-    root.mkdir()
-    np.save(root / "images.npy", np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128)))
-                                           for p in photos]))
-    (root / "labels.json").write_text(json.dumps({"labels": [[p.name, [0.0] * 25] for p in photos]}))
+    root = make_photo_dataset(tmp_path / "utk", 60)
     out = tmp_path / "rig"
     args = ["train", "face-rig", "--data", str(root), "--out", str(out), "--count", "60", "--identity", "5",
             "--albedo", "5", "--threads", "1"]

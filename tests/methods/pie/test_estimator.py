@@ -3,8 +3,6 @@ resumable training run on real photos."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -19,7 +17,7 @@ from portrait3d.methods.pie.estimator import (
     rig_targets,
 )
 from portrait3d.methods.pie.face_model import RigParams
-from tests.conftest import shared_path
+from tests.conftest import make_photo_dataset
 from tests.methods.pie.test_face_model import tiny_rig
 
 TINY = dict(width=8, layers=(1, 1, 1, 1), input_size=64)
@@ -100,16 +98,10 @@ def test_save_load(tmp_path):
 
 def test_training_run_on_real_photos_resumes_bit_exactly(tmp_path, one_thread):
     pytest.importorskip("mediapipe")
-    from PIL import Image
 
     from portrait3d.methods.pie.train import EstimatorTrainConfig, evaluate_estimator, train_estimator
 
-    photos = sorted(shared_path("data/utkface").iterdir())[:24]
-    root = tmp_path / "utk"
-    root.mkdir()
-    np.save(root / "images.npy", np.stack([np.asarray(Image.open(p).convert("RGB").resize((128, 128)))
-                                           for p in photos]))
-    (root / "labels.json").write_text(json.dumps({"labels": [[p.name, [0.0] * 25] for p in photos]}))
+    root = make_photo_dataset(tmp_path / "utk", 24)
 
     def cfg(kimg: float) -> EstimatorTrainConfig:
         c = EstimatorTrainConfig(count=24, batch=4, total_kimg=kimg, snapshot_kimg=0.008, sample_kimg=0.008,

@@ -131,37 +131,51 @@ def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
     grid_rows = np.linspace(0, n - 1, min(cfg.grid_samples, n)).round().astype(int)
     grid_batch = _batch(images, data, grid_rows)
 
-    def snapshot() -> None:
-        folder = out / f"snapshot-{step:08d}"
-        save_module_snapshot(folder, TRAINER, cfg.to_dict(), est, opt, step, images_seen,
-                             {EXPORT_NAME: lambda p: est.save(p, overwrite=True)}, rng=False)
-        prune_snapshots(out, cfg.keep_snapshots)
-        bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+    def losses(step: int) -> dict[str, torch.Tensor]:
+        rows = np.random.default_rng((cfg.seed, step)).integers(0, n, cfg.batch)
+        est.train()
+        return estimator_losses(est, rig, _batch(images, data, rows), cfg.weights)
 
+    def samples(step: int) -> None:
+        _grid(out / "samples" / f"fit-{step:08d}.png", rig, est.eval(), grid_batch)
+
+    if step == 0 and cfg.sample_kimg > 0:
+        samples(0)
+    seen = _fit(est, opt, out, TRAINER, cfg.to_dict(), EXPORT_NAME, step, images_seen, total, cfg.batch,
+                cfg.snapshot_kimg, cfg.keep_snapshots, progress, losses,
+                samples if cfg.sample_kimg > 0 else None, cfg.sample_kimg)
+    return est.save(out / EXPORT_NAME, overwrite=True, meta={"images_seen": seen, "rig": cfg.rig})
+
+
+def _fit(net: torch.nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: str, config: dict[str, Any],
+         export_name: str, step: int, images_seen: int, total: int, batch: int, snapshot_kimg: float, keep: int,
+         progress: bool, losses: Any, samples: Any = None, sample_kimg: float = 0.0) -> int:
+    """The loop of PIE's one-network trainers: ``losses(step)`` -> terms with ``loss``, Adam step, progress and
+    ``log.jsonl``, ``samples(step)`` every ``sample_kimg``, snapshots every ``snapshot_kimg`` and at the end.
+    Returns the images seen."""
     bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
     try:
-        if step == 0 and cfg.sample_kimg > 0:
-            _grid(out / "samples" / f"fit-{step:08d}.png", rig, est.eval(), grid_batch)
         while images_seen < total:
             t0 = time.perf_counter()
-            rows = np.random.default_rng((cfg.seed, step)).integers(0, n, cfg.batch)
-            batch = _batch(images, data, rows)
-            est.train()
-            terms = estimator_losses(est, rig, batch, cfg.weights)
+            terms = losses(step)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
-            prev, images_seen, step = images_seen, images_seen + cfg.batch, step + 1
-            bar.update(cfg.batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
-                                   **{k: float(v.detach()) for k, v in terms.items()}})
+            prev, images_seen, step = images_seen, images_seen + batch, step + 1
+            bar.update(batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
+                               **{k: float(v.detach()) for k, v in terms.items()}})
             done = images_seen >= total
-            if cfg.sample_kimg > 0 and (due(prev, images_seen, cfg.sample_kimg) or done):
-                _grid(out / "samples" / f"fit-{step:08d}.png", rig, est.eval(), grid_batch)
-            if due(prev, images_seen, cfg.snapshot_kimg) or done:
-                snapshot()
-        return est.save(out / EXPORT_NAME, overwrite=True, meta={"images_seen": images_seen, "rig": cfg.rig})
+            if samples is not None and (due(prev, images_seen, sample_kimg) or done):
+                samples(step)
+            if due(prev, images_seen, snapshot_kimg) or done:
+                folder = out / f"snapshot-{step:08d}"
+                save_module_snapshot(folder, trainer, config, net, opt, step, images_seen,
+                                     {export_name: lambda p: net.save(p, overwrite=True)}, rng=False)
+                prune_snapshots(out, keep)
+                bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
     finally:
         bar.close()
+    return images_seen
 
 
 @torch.no_grad()
@@ -254,43 +268,26 @@ def train_rignet(cfg: RigNetTrainConfig, out_dir: str | os.PathLike[str], resume
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return G.synthesis(ws, noise_mode="const").float()
 
-    def latents(key: int) -> torch.Tensor:
+    def latents(step: int, key: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, key]).generate_state(1)[0]))
         with torch.no_grad():
             return G.mapping(torch.randn(cfg.batch, G.z_dim, generator=g), None, truncation_psi=cfg.truncation)
 
-    def snapshot() -> None:
-        folder = out / f"snapshot-{step:08d}"
-        save_module_snapshot(folder, trainer, cfg.to_dict(), net, opt, step, images_seen,
-                             {export: lambda p: net.save(p, overwrite=True)}, rng=False)
-        prune_snapshots(out, cfg.keep_snapshots)
-        bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+    def losses(step: int) -> dict[str, torch.Tensor]:
+        ws, vs = latents(step, 0), latents(step, 1)
+        target_fn = None
+        if cfg.mode == "pose" and cfg.uniform_pose_share > 0:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, 2]).generate_state(1)[0]))
+            pick = torch.rand(cfg.batch, generator=g) < cfg.uniform_pose_share
+            drawn = (torch.rand(cfg.batch, 2, generator=g) * 2 - 1) * cfg.uniform_pose_deg
 
-    bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
-    try:
-        while images_seen < total:
-            t0 = time.perf_counter()
-            ws, vs = latents(0), latents(1)
-            target_fn = None
-            if cfg.mode == "pose" and cfg.uniform_pose_share > 0:
-                g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, 2]).generate_state(1)[0]))
-                pick = torch.rand(cfg.batch, generator=g) < cfg.uniform_pose_share
-                drawn = (torch.rand(cfg.batch, 2, generator=g) * 2 - 1) * cfg.uniform_pose_deg
+            def target_fn(p: RigParams) -> RigParams:
+                a = p.angles.clone()
+                a[pick, :2] = drawn[pick]
+                return p.replace(angles=a)
+        return rignet_losses(net, render, est, rig, ws, vs, cfg.rec_weight, cfg.edit_weight, cfg.consist_weight,
+                             target_fn=target_fn)
 
-                def target_fn(p: RigParams, pick: torch.Tensor = pick, drawn: torch.Tensor = drawn) -> RigParams:
-                    a = p.angles.clone()
-                    a[pick, :2] = drawn[pick]
-                    return p.replace(angles=a)
-            terms = rignet_losses(net, render, est, rig, ws, vs, cfg.rec_weight, cfg.edit_weight, cfg.consist_weight,
-                                  target_fn=target_fn)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            prev, images_seen, step = images_seen, images_seen + cfg.batch, step + 1
-            bar.update(cfg.batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
-                                   **{k: float(v.detach()) for k, v in terms.items()}})
-            if due(prev, images_seen, cfg.snapshot_kimg) or images_seen >= total:
-                snapshot()
-        return net.save(out / export, overwrite=True, meta={"images_seen": images_seen, "network": cfg.network})
-    finally:
-        bar.close()
+    seen = _fit(net, opt, out, trainer, cfg.to_dict(), export, step, images_seen, total, cfg.batch,
+                cfg.snapshot_kimg, cfg.keep_snapshots, progress, losses)
+    return net.save(out / export, overwrite=True, meta={"images_seen": seen, "network": cfg.network})
