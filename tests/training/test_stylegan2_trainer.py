@@ -264,3 +264,21 @@ def test_init_from_a_trained_generator(straight, data, tmp_path):
     res = CliRunner().invoke(main, ["--data", str(data), "--out", str(tmp_path / "both"), "--config", "tiny",
                                     "--init-from", str(export), "--resume", str(out), "--threads", "1"])
     assert res.exit_code == 2 and "only one of" in res.output
+
+
+def test_face_metrics_hook_reports_demographic_coverage(tmp_path, monkeypatch, tiny_stylegan2):
+    """With UTKFace names in the data, the training log gets coverage TVs; a 'generator' that makes the data's own
+    faces covers it perfectly (TV 0 up to the probes' held-out split)."""
+    pytest.importorskip("mediapipe")
+    from tests.conftest import make_photo_dataset
+
+    from portrait3d.metrics import face_stats
+    from portrait3d.training import stylegan2 as sg2
+
+    root = make_photo_dataset(tmp_path / "utk", 24)
+    monkeypatch.setattr(face_stats, "generator_face_stats",
+                        lambda G, n, **kw: face_stats.dataset_face_stats(root, 24, cache=False))
+    out = sg2.face_metrics_hook(root, 24, torch.device("cpu"), n_real=24)(tiny_stylegan2, 0)
+    assert {"fd_dlib", "detection", "coverage_tv_age", "coverage_tv_gender", "coverage_tv_ethnicity"} <= set(out)
+    assert out["fd_dlib"] == pytest.approx(0, abs=1e-6)
+    assert max(out[f"coverage_tv_{k}"] for k in ("age", "gender", "ethnicity")) < 1e-9

@@ -496,18 +496,29 @@ def fid_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device
 def face_metrics_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device,
                       n_real: int = 2000) -> MetricsFn:
     """A metrics hook: FD-dlib, KID-dlib, detection rate, pose spread and identity diversity of
-    ``n_gen`` EMA samples against ``n_real`` training faces (:mod:`portrait3d.metrics.face_stats`)."""
+    ``n_gen`` EMA samples against ``n_real`` training faces (:mod:`portrait3d.metrics.face_stats`), and, when the
+    photos' file names carry UTKFace labels, the demographic coverage of the samples as total-variation distances
+    ``coverage_tv_age`` / ``_gender`` / ``_ethnicity`` (:mod:`portrait3d.metrics.demographics`)."""
+    from portrait3d.metrics.demographics import coverage, dataset_attributes
     from portrait3d.metrics.face_stats import compare, dataset_face_stats, generator_face_stats
 
     keys = ("fd_dlib", "kid_dlib", "detection", "yaw_std_ratio", "pitch_std_ratio", "identity_diversity_ratio")
 
-    real: list[Any] = []  # the reference, measured (or read from its cache) at the first call only
+    real: list[Any] = []  # the reference and the labelled descriptors, measured (or read from cache) at the first call
 
     def hook(G_ema: torch.nn.Module, step: int) -> dict[str, float]:
         if not real:
             real.append(dataset_face_stats(data_root, n_real))
-        m = compare(generator_face_stats(G_ema, n_gen, seed=0, device=device), real[0])
-        return {k: m[k] for k in keys}
+            try:
+                real.append(dataset_attributes(data_root, 1000))
+            except ValueError:  # no UTKFace labels in the file names: no coverage
+                real.append(None)
+        gen = generator_face_stats(G_ema, n_gen, seed=0, device=device)
+        m = compare(gen, real[0])
+        out = {k: m[k] for k in keys}
+        if real[1] is not None and len(gen.descriptors):
+            out.update({f"coverage_tv_{k}": v for k, v in coverage(gen.descriptors, real[1])["tv"].items()})
+        return out
 
     return hook
 
