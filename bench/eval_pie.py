@@ -30,11 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from portrait3d.interfaces.pie import _u8, load_embedder  # noqa: E402
+from portrait3d.interfaces.pie import _u8, load_embedder, measure_pose_identity  # noqa: E402
 from portrait3d.methods.pie.embed import PieConfig  # noqa: E402
 from portrait3d.metrics.psnr import psnr  # noqa: E402
 from portrait3d.metrics.ssim import ssim  # noqa: E402
 from portrait3d.utils.io import save_image, write_json, write_text  # noqa: E402
+from portrait3d.utils.visualize import from_uint8  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -69,7 +70,6 @@ def _config(base: PieConfig, change: dict) -> PieConfig:
 def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_wplus: int, delta: float,
          variants: tuple[str, ...], out: Path) -> None:
     from portrait3d.face.analyzer import FaceAnalyzer
-    from portrait3d.face.pose import estimate_head_pose
 
     torch.set_num_threads(1)
     emb = load_embedder(network, models)
@@ -82,18 +82,9 @@ def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_
     grids: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     out.mkdir(parents=True, exist_ok=True)
     with FaceAnalyzer("mediapipe") as fa:
-        def measure(img: np.ndarray, ref_desc: np.ndarray | None) -> tuple[float | None, float | None, np.ndarray | None]:
-            lm = fa.landmarks(img)
-            if lm is None:
-                return None, None, None
-            yaw = estimate_head_pose(lm, (img.shape[1], img.shape[0])).yaw_deg
-            desc = fa.descriptor(img, lm)
-            return yaw, (None if ref_desc is None else float(np.linalg.norm(desc - ref_desc))), desc
-
         for i, idx in enumerate(pick):
             photo = np.array(images[idx])  # a writable copy of the memory-mapped row
-            x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1
-            _, _, ref_desc = measure(photo, None)
+            x = from_uint8(photo)
             with torch.no_grad():
                 five = emb._five_points(emb.theta(x), x.shape[-1])[0]
             for v in variants:
@@ -102,26 +93,26 @@ def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_
                 sec = time.perf_counter() - t0
                 with torch.no_grad():
                     rec = emb.render(res.ws)
-                rec_u8 = _u8(rec)
-                row = {"photo": int(idx), "seconds": sec, "psnr": psnr(rec_u8, photo),
-                       "ssim": float(ssim(rec, x)[0])}
-                yaw_rec, id_rec, _ = measure(rec_u8, ref_desc)
-                row["identity_reconstruction"] = id_rec
-                tiles = [photo, rec_u8]
+                shown = {"photo": photo, "reconstruction": _u8(rec)}
                 for sign in (-1.0, 1.0):
                     target = res.params.angles.clone()
                     target[:, 0] += sign * delta
                     ws, _ = emb.edit(res.ws, {"pose": res.params.replace(angles=target)})
                     with torch.no_grad():
-                        img = _u8(emb.render(ws))
-                    tiles.append(img)
-                    yaw_e, id_e, _ = measure(img, ref_desc)
+                        shown[f"{sign * delta:+.0f}"] = _u8(emb.render(ws))
+                m = measure_pose_identity(shown, analyzer=fa)
+                row = {"photo": int(idx), "seconds": sec, "psnr": psnr(shown["reconstruction"], photo),
+                       "ssim": float(ssim(rec, x)[0]),
+                       "identity_reconstruction": m["reconstruction"].get("identity_distance")}
+                yaw_rec = m["reconstruction"].get("yaw_deg")
+                for sign in (-1.0, 1.0):
                     key = f"{sign * delta:+.0f}"
+                    yaw_e = m[key].get("yaw_deg")
                     row[f"edit_error_{key}"] = (None if yaw_e is None or yaw_rec is None
                                                 else abs((yaw_e - yaw_rec) - sign * delta))
-                    row[f"identity_{key}"] = id_e
+                    row[f"identity_{key}"] = m[key].get("identity_distance")
                 rows[v].append(row)
-                grids[v].append(np.concatenate(tiles, 1))
+                grids[v].append(np.concatenate(list(shown.values()), 1))
                 print(f"[{i + 1}/{n}] {v}: PSNR {row['psnr']:.2f}, edit errors "
                       f"{row[f'edit_error_{-delta:+.0f}']}, {row[f'edit_error_{delta:+.0f}']}, {sec:.0f} s", flush=True)
 

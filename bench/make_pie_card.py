@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from portrait3d.checkpoints.native import atomic_write  # noqa: E402
 from portrait3d.methods.pie.estimator import ParamEstimator  # noqa: E402
 from portrait3d.methods.pie.face_model import FaceModel  # noqa: E402
-from portrait3d.methods.pie.train import _grid, evaluate_estimator  # noqa: E402
+from portrait3d.methods.pie.train import _grid, evaluate_estimator, fit_targets  # noqa: E402
+from portrait3d.utils.visualize import from_uint8  # noqa: E402
 
 
 @click.command(context_settings={"show_default": True})
@@ -45,18 +46,18 @@ def main(run: Path, holdout: Path, out: Path, n: int, hardware: str, force: bool
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.startswith('{"step"')]
     seen = int(log[-1]["kimg"] * 1000) if log else 0
     train_s = sum(r.get("sec", 0.0) for r in log)
-    ev = evaluate_estimator(est, rig, holdout, count=n, progress=True)
+    data = fit_targets(holdout, n, rig, progress=True)  # meshes and fits once, for both precisions
+    ev = evaluate_estimator(est, rig, holdout, data=data)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("estimator.safetensors", "estimator_fit.png", "MODEL_CARD.md"):
         if (out / name).exists() and not force:
             raise click.ClickException(f"{out / name} exists (pass --force)")
     est.save(out / "estimator.safetensors", overwrite=True, meta={"images_seen": seen, "rig": cfg["rig"]}, half=True)
-    ev16 = evaluate_estimator(ParamEstimator.load(out / "estimator.safetensors"), rig, holdout, count=n)
+    ev16 = evaluate_estimator(ParamEstimator.load(out / "estimator.safetensors"), rig, holdout, data=data)
 
     images = np.load(holdout / "images.npy", mmap_mode="r")
     pick = np.linspace(0, len(images) - 1, 8).round().astype(int)
-    batch = {"image": torch.from_numpy(np.stack([np.asarray(images[i]) for i in pick])).permute(0, 3, 1, 2).float()
-             / 127.5 - 1}
+    batch = {"image": from_uint8(np.stack([np.asarray(images[i]) for i in pick]))}
     _grid(out / "estimator_fit.png", rig, ParamEstimator.load(out / "estimator.safetensors"), batch)
     command = "PYTHONPATH=src python bench/make_pie_card.py " + shlex.join(sys.argv[1:])
     card = f"""# Model card: PIE parameter estimator (`estimator.safetensors`)

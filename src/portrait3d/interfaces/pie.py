@@ -26,8 +26,9 @@ import torch
 
 from portrait3d.errors import UsageError
 from portrait3d.utils.io import check_outputs, save_image, write_json
+from portrait3d.utils.visualize import from_uint8, to_uint8
 
-__all__ = ["PIE_MODELS", "EditSpec", "load_embedder", "run_pie", "run_pie_edit"]
+__all__ = ["PIE_MODELS", "EditSpec", "load_embedder", "measure_pose_identity", "run_pie", "run_pie_edit"]
 
 PIE_MODELS = Path(__file__).resolve().parents[1] / "models" / "pie"
 OUTPUTS = ("input_aligned.png", "reconstruction.png", "edited.png", "grid.png", "embedding.npz", "result.json")
@@ -121,38 +122,39 @@ def _check_modes(emb: Any, spec: EditSpec) -> None:
 
 
 def _u8(img: torch.Tensor) -> np.ndarray:
-    return ((img[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return to_uint8(img)[0]
 
 
 def _overlay(emb: Any, img: torch.Tensor) -> np.ndarray:
+    """The image with the rig of its estimated parameters blended half over the face."""
     with torch.no_grad():
-        p = emb.theta(img)
-        out = emb.rig(p, img.shape[-1])
-    photo = (img + 1) / 2
-    m = out["mask"] > 0.5
-    mixed = torch.where(m, 0.5 * photo + 0.5 * out["image"].clamp(0, 1), photo)
-    return (mixed[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return _u8(emb.rig.overlay(emb.theta(img), img, alpha=0.5))
 
 
-def _measure(images: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Head pose (face pipeline) and identity distance to the input of each image."""
+def measure_pose_identity(images: dict[str, np.ndarray], analyzer: Any = None) -> dict[str, Any]:
+    """Head pose (face pipeline) of each image and its dlib identity distance to the first one (the input; None
+    for every image when the input shows no face). ``analyzer``: a FaceAnalyzer to reuse."""
     from portrait3d.face.analyzer import FaceAnalyzer
     from portrait3d.face.pose import estimate_head_pose
 
     out: dict[str, Any] = {}
-    ref = None
-    with FaceAnalyzer("mediapipe") as fa:
-        for name, img in images.items():
+    ref: np.ndarray | None = None
+    fa = analyzer if analyzer is not None else FaceAnalyzer("mediapipe")
+    try:
+        for k, (name, img) in enumerate(images.items()):
             lm = fa.landmarks(img)
             if lm is None:
                 out[name] = {"face": False}
                 continue
             pose = estimate_head_pose(lm, (img.shape[1], img.shape[0]))
             desc = fa.descriptor(img, lm)
-            if ref is None:
+            if k == 0:
                 ref = desc
             out[name] = {"face": True, "yaw_deg": pose.yaw_deg, "pitch_deg": pose.pitch_deg,
-                         "identity_distance": float(np.linalg.norm(desc - ref))}
+                         "identity_distance": None if ref is None else float(np.linalg.norm(desc - ref))}
+    finally:
+        if analyzer is None:
+            fa.close()
     return out
 
 
@@ -166,8 +168,8 @@ def _edit_outputs(emb: Any, ws: torch.Tensor, spec: EditSpec, aligned: np.ndarra
     with torch.no_grad():
         edited = emb.render(edited_ws)
     seconds = time.perf_counter() - t0
-    recon_t = torch.from_numpy(recon).permute(2, 0, 1)[None].float() / 127.5 - 1
-    grid = np.concatenate([aligned, recon, _overlay(emb, recon_t), _u8(edited), _overlay(emb, edited)], axis=1)
+    grid = np.concatenate([aligned, recon, _overlay(emb, from_uint8(recon)), _u8(edited), _overlay(emb, edited)],
+                          axis=1)
     return _u8(edited), grid, {"edits": report, "edit_seconds": seconds}
 
 
@@ -176,7 +178,7 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
             force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Align ``photo``, embed it with PIE, apply ``spec`` and write the outputs of the module docstring."""
     from portrait3d.face.pipeline import FacePipeline, several_faces_note
-    from portrait3d.methods.pie.embed import MP_DLIB5, PieConfig
+    from portrait3d.methods.pie.embed import PieConfig
 
     check_outputs(out, OUTPUTS, force)
     if not Path(photo).is_file():
@@ -192,7 +194,7 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
     with FacePipeline(style="default", output_size=int(emb.G.img_resolution)) as pipe:
         face = pipe(photo, face_index=face_index)
     aligned = face.aligned.image
-    target = torch.from_numpy(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
+    target = from_uint8(aligned)
     with torch.no_grad():
         five = emb._five_points(emb.theta(target), target.shape[-1])[0]
     t_align = time.perf_counter() - t0
@@ -210,7 +212,7 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
 
     t1 = time.perf_counter()
     try:
-        res = emb.embed(target, cfg, landmarks5=five if len(MP_DLIB5) == 5 else None, progress=tick)
+        res = emb.embed(target, cfg, landmarks5=five, progress=tick)
     finally:
         if bar is not None:
             bar.close()
@@ -227,16 +229,18 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
         save_image(out / "edited.png", edited, overwrite=force)
         images["edited"] = edited
     else:
-        grid = np.concatenate([aligned, recon, _overlay(emb, torch.from_numpy(recon).permute(2, 0, 1)[None].float()
-                                                        / 127.5 - 1)], axis=1)
+        grid = np.concatenate([aligned, recon, _overlay(emb, from_uint8(recon))], axis=1)
     save_image(out / "grid.png", grid, overwrite=force)
     from portrait3d.utils.io import atomic_write
 
-    atomic_write(out / "embedding.npz", lambda tmp: np.savez(open(tmp, "wb"), ws=res.ws.numpy(),
-                                                             params=res.params.vector().numpy()), overwrite=force)
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(f, ws=res.ws.numpy(), params=res.params.vector().numpy())
+
+    atomic_write(out / "embedding.npz", write_npz, overwrite=force)
     result = {"photo": str(photo), "network": network, "models": str(models or PIE_MODELS), "spec": spec.to_dict(),
               "config": cfg.to_dict(), "seconds": {"align": t_align, "embed": t_embed},
-              "final_energies": res.history[-1] if res.history else {}, "measured": _measure(images),
+              "final_energies": res.history[-1] if res.history else {}, "measured": measure_pose_identity(images),
               "notes": several_faces_note(face, face_index, str(photo)), **info}
     write_json(out / "result.json", result, overwrite=force)
     return result
@@ -263,6 +267,6 @@ def run_pie_edit(folder: Path, spec: EditSpec, force: bool = True) -> dict[str, 
     edited, grid, info = _edit_outputs(emb, ws, spec, aligned, recon)
     save_image(Path(folder) / "edited.png", edited, overwrite=True)
     save_image(Path(folder) / "grid.png", grid, overwrite=True)
-    result = {"spec": spec.to_dict(), "measured": _measure({"input": aligned, "edited": edited}), **info}
+    result = {"spec": spec.to_dict(), "measured": measure_pose_identity({"input": aligned, "edited": edited}), **info}
     write_json(Path(folder) / "edit.json", result, overwrite=True)
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "depth_to_uint8", "colour_depth", "normal_to_uint8", "shading_to_uint8", "make_grid",
+__all__ = ["to_uint8", "from_uint8", "depth_to_uint8", "colour_depth", "normal_to_uint8", "shading_to_uint8", "make_grid",
            "draw_points"]
 
 
@@ -22,6 +22,15 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     x = (img.detach().float().cpu() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
     x = x.permute(0, 2, 3, 1).numpy()
     return x[0] if squeeze else x
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """The inverse of :func:`to_uint8` up to rounding: ``uint8 [N, H, W, C]`` (or ``[H, W, C]``, which gains the
+    batch axis) -> float ``[N, C, H, W]`` in ``[-1, 1]``."""
+    x = torch.as_tensor(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x[None]
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def depth_to_uint8(depth: torch.Tensor) -> np.ndarray:

@@ -41,8 +41,8 @@ import torch
 from portrait3d.methods.pie.face_model import FaceModel, FaceModelConfig, sh_basis, vertex_normals
 
 __all__ = ["EXPRESSION_NAMES", "build_face_model", "build_from_dataset", "collect_meshes", "expression_features",
-           "measured_render_yaw", "mesh_triangles", "model_card", "pixels_to_world", "preview_grid", "procrustes",
-           "symmetric_frame"]
+           "facing_camera", "fit_sh_light", "measured_render_yaw", "mesh_triangles", "model_card", "pixel_unit",
+           "pixels_to_world", "preview_grid", "procrustes", "symmetric_frame"]
 
 VERTICES = 468
 
@@ -118,11 +118,32 @@ def expression_features(shapes: np.ndarray) -> np.ndarray:
 EXPRESSION_NAMES = ("mouth_open", "smile", "eyes_open", "brows_up", "corners_up")
 
 
+def pixel_unit(image_size: int, fov_deg: float, distance: float) -> float:
+    """World units per pixel at the camera distance (the renderer's focal length spans pixel centres:
+    ``f = (S - 1) / (2 tan(fov / 2))``)."""
+    return 2 * distance * float(np.tan(np.radians(fov_deg) / 2)) / (image_size - 1)
+
+
+def facing_camera(normals: np.ndarray) -> np.ndarray:
+    """Vertices whose camera-frame normals ``[..., V, 3]`` face the camera (``z`` forward), ``[..., V]`` bool."""
+    return normals[..., 2] < -0.2
+
+
+def fit_sh_light(basis: np.ndarray, albedo: np.ndarray, colors: np.ndarray, visible: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares SH light of one photo, per colour channel: ``colors ~ albedo (.) (H gamma)`` on the
+    ``visible`` vertices (SH basis ``[V, 9]``, albedo and colours ``[V, 3]``). Returns the light ``[3, 9]`` and the
+    residuals of the visible vertices ``[M, 3]``."""
+    light = np.stack([np.linalg.lstsq(basis[visible] * albedo[visible, c, None], colors[visible, c], rcond=None)[0]
+                      for c in range(3)])
+    return light, colors[visible] - albedo[visible] * (basis[visible] @ light.T)
+
+
 def pixels_to_world(points: np.ndarray, image_size: int, fov_deg: float, distance: float) -> np.ndarray:
     """MediaPipe mesh points ``[..., 3]`` in pixels of a ``image_size`` crop -> camera-frame world units (``x``
     right, ``y`` down, ``z`` forward, centred on the crop; ``z`` relative). The inverse of the renderer's
     projection at the camera distance (its focal length spans pixel centres: ``f = (S - 1) / (2 tan(fov / 2))``)."""
-    unit = 2 * distance * np.tan(np.radians(fov_deg) / 2) / (image_size - 1)
+    unit = pixel_unit(image_size, fov_deg, distance)
     out = np.asarray(points, np.float64).copy()
     out[..., :2] -= (image_size - 1) / 2
     return out * unit
@@ -275,11 +296,10 @@ def build_face_model(points: np.ndarray, colors: np.ndarray, config: FaceModelCo
 def _albedo_and_light(shapes: np.ndarray, poses: list, colors: np.ndarray, faces: np.ndarray,
                       rounds: int) -> tuple[np.ndarray, float]:
     """Per-photo albedo ``[N, V, 3]`` with per-photo SH light, alternating least squares (step 4)."""
-    flip = np.diag([1.0, -1.0, -1.0])
     n = len(shapes)
     cam = np.stack([(s * rot @ x.T).T for (s, rot, _), x in zip(poses, shapes)])   # rotated, camera frame
     normals = vertex_normals(torch.from_numpy(cam).float(), torch.from_numpy(faces)).double().numpy()
-    visible = (normals @ flip)[..., 2] > 0.2                        # facing the camera (camera z forward)
+    visible = facing_camera(normals)
     basis = sh_basis(torch.from_numpy(normals)).numpy()             # [N, V, 9]
     albedo = np.repeat(np.median(colors, 0, keepdims=True), n, 0)
     light = np.zeros((n, 3, 9))
@@ -288,11 +308,8 @@ def _albedo_and_light(shapes: np.ndarray, poses: list, colors: np.ndarray, faces
         a_mean = albedo.mean(0)
         res = []
         for i in range(n):
-            m = visible[i]
-            for c in range(3):
-                design = basis[i, m] * a_mean[m, c, None]
-                light[i, c] = np.linalg.lstsq(design, colors[i, m, c], rcond=None)[0]
-                res.append(colors[i, m, c] - design @ light[i, c])
+            light[i], r = fit_sh_light(basis[i], a_mean, colors[i], visible[i])
+            res.append(r.reshape(-1))
         err = float(np.sqrt(np.mean(np.concatenate(res) ** 2)))
         shading = np.einsum("nvb,ncb->nvc", basis, light)
         albedo = np.where(visible[..., None] & (shading > 0.05), colors / np.maximum(shading, 0.05), a_mean)

@@ -98,17 +98,14 @@ class PieEmbedder:
         return self.estimator(images)
 
     def _five_points(self, p: RigParams, size: int) -> np.ndarray:
-        shape = self.rig.shape(p.identity, p.expression)
-        pts = self.rig.project(self.rig.to_camera(shape, p.angles, p.translation), size)
+        pts = self.rig.project(self.rig.vertices(p), size)
         return pts[:, list(MP_DLIB5)].detach().cpu().numpy().astype(np.float64)
 
     def _descriptor(self, images: torch.Tensor, five: np.ndarray) -> torch.Tensor:
-        from portrait3d.losses.identity import extract_chips, to_encoder_range
+        """dlib descriptors ``[N, 128]`` of ``images`` (``[-1, 1]``) on chips placed by ``five [N, 5, 2]``."""
+        from portrait3d.losses.identity import to_encoder_range
 
-        enc = self.identity_encoder
-        chips = extract_chips(to_encoder_range(images), enc.transforms(five), 150, antialias=enc.antialias,
-                              quantize=False)
-        return enc.embed_aligned(chips)
+        return self.identity_encoder(to_encoder_range(images), five)
 
     # ------------------------------------------------------------------ energies
     def energies(self, ws: torch.Tensor, target: torch.Tensor, target_desc: torch.Tensor | None, cfg: PieConfig,
@@ -122,13 +119,15 @@ class PieEmbedder:
             terms["syn_perceptual"] = self.perceptual(a, b).mean()
         th = self.theta(img)
         size = img.shape[-1]
-        five = self._five_points(th, size) if self.identity_encoder is not None else None
         desc = None
         if target_desc is not None and cfg.recog_weight > 0:
-            desc = self._descriptor(img, five)
+            desc = self._descriptor(img, self._five_points(th, size))
             terms["recog"] = (1 - F.cosine_similarity(desc, target_desc, dim=-1)).mean()
         if modify:
-            for mode, net in self.rignets.items():
+            with torch.no_grad():  # E_inv's face region, the same for every mode
+                mask = (self.rig(th.detach(), size)["mask"] > 0.5).float()
+            for mode in cfg.modes:
+                net = self.rignets[mode]
                 own = net(ws, mode_params(th, mode))
                 terms[f"id_{mode}"] = (self.render(own) - img).square().mean()
                 v = self._sample(mode, th.detach(), cfg, g)
@@ -138,8 +137,6 @@ class PieEmbedder:
                 terms[f"edit_{mode}"] = rig_distance(self.rig, with_mode(th.detach(), th_hat, mode),
                                                      with_mode(th.detach(), v, mode)).mean()
                 back = self.render(net(w_hat, mode_params(th, mode)))
-                with torch.no_grad():
-                    mask = (self.rig(th.detach(), size)["mask"] > 0.5).float()
                 inv_pix = ((back - img).square() * mask).sum() / (3 * mask.sum() + 1e-6)
                 terms[f"inv_{mode}"] = inv_pix + rig_distance(self.rig, self.theta(back), th).mean()
                 if desc is not None:
@@ -185,7 +182,7 @@ class PieEmbedder:
             with torch.no_grad():
                 target_desc = self._descriptor(image, np.asarray(landmarks5, np.float64)[None])
         g = torch.Generator().manual_seed(cfg.seed)
-        w = G.mapping.w_avg.detach().clone()[None, None].repeat(1, 1, 1)       # W: one code
+        w = G.mapping.w_avg.detach()[None, None].clone()                       # W: one code
         history: list[dict[str, float]] = []
         step = 0
         for stage, steps in (("W", cfg.steps_w), ("W+", cfg.steps_wplus)):
@@ -199,7 +196,7 @@ class PieEmbedder:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * (1 - (1 - cfg.lr_final) * k / max(steps - 1, 1))
                 ws = w.expand(-1, G.num_ws, -1) if stage == "W" else w
-                modify = bool(self.rignets) and cfg.modify_every > 0 and step % cfg.modify_every == 0
+                modify = bool(cfg.modes) and cfg.modify_every > 0 and step % cfg.modify_every == 0
                 terms = self.energies(ws, image, target_desc, cfg, g, modify)
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from portrait3d.config import ConfigMixin
-from portrait3d.methods.pie.build import pixels_to_world, procrustes
+from portrait3d.methods.pie.build import facing_camera, fit_sh_light, pixel_unit, pixels_to_world, procrustes
 from portrait3d.methods.pie.face_model import FaceModel, RigParams, ambient_light, sh_basis, vertex_normals
 from portrait3d.networks.resnet import ResNetBackbone
 
 __all__ = ["ESTIMATOR_FORMAT", "EstimatorConfig", "LossWeights", "ParamEstimator", "estimator_losses", "rig_targets",
-           "landmark_error_px"]
+           "landmark_error_px", "photometric_error"]
 
 ESTIMATOR_FORMAT = "portrait3d-pie-estimator"
 
@@ -135,14 +135,12 @@ def rig_targets(points: np.ndarray, colors: np.ndarray, rig: FaceModel, noise_px
     mean = rig.mean_shape.double().numpy()
     shape_b = torch.cat([rig.identity_basis, rig.expression_basis]).double().numpy().reshape(
         c.identity_components + c.expression_components, -1)
-    unit = pixels_to_world(np.array([1.0, 0.0, 0.0]), c.image_size, c.fov_deg, c.camera_distance)[0] - \
-        pixels_to_world(np.zeros(3), c.image_size, c.fov_deg, c.camera_distance)[0]
+    unit = pixel_unit(c.image_size, c.fov_deg, c.camera_distance)
     gram = shape_b @ shape_b.T + (noise_px * unit) ** 2 * np.eye(len(shape_b))
     alb_b = rig.albedo_basis.double().numpy().reshape(c.albedo_components, -1)
     alb_mean = rig.albedo_mean.double().numpy()
     faces = rig.faces
     out: dict[str, list[np.ndarray]] = {k: [] for k in RigParams.FIELDS}
-    flip = np.diag([1.0, -1.0, -1.0])
     for p, col in zip(cam, colors):
         coef = np.zeros(len(shape_b))
         for _ in range(rounds):
@@ -153,10 +151,9 @@ def rig_targets(points: np.ndarray, colors: np.ndarray, rig: FaceModel, noise_px
         fitted = mean + (coef @ shape_b).reshape(-1, 3)
         posed = torch.from_numpy(fitted @ rot.T)[None].float()
         normals = vertex_normals(posed, faces)[0].double().numpy()
-        visible = (normals @ flip)[:, 2] > 0.2
+        visible = facing_camera(normals)
         basis = sh_basis(torch.from_numpy(normals)).numpy()
-        light = np.stack([np.linalg.lstsq(basis[visible] * alb_mean[visible, k, None], col[visible, k], rcond=None)[0]
-                          for k in range(3)])                                        # [3, 9]
+        light, _ = fit_sh_light(basis, alb_mean, col, visible)                       # [3, 9]
         shading = basis @ light.T                                                    # [V, 3]
         design = (alb_b.reshape(len(alb_b), -1, 3) * shading[None])[:, visible].reshape(len(alb_b), -1)
         resid = (col - alb_mean * shading)[visible].reshape(-1)
@@ -186,9 +183,15 @@ class LossWeights(ConfigMixin):
 
 def landmark_error_px(rig: FaceModel, params: RigParams, points: torch.Tensor) -> torch.Tensor:
     """Mean distance ``[N]`` in pixels between the rig's projected vertices and the mesh points ``[N, 468, 2+]``."""
-    shape = rig.shape(params.identity, params.expression)
-    proj = rig.project(rig.to_camera(shape, params.angles, params.translation))
-    return (proj - points[..., :2]).norm(dim=-1).mean(1)
+    return (rig.project(rig.vertices(params)) - points[..., :2]).norm(dim=-1).mean(1)
+
+
+def photometric_error(rig: FaceModel, params: RigParams, images: torch.Tensor) -> torch.Tensor:
+    """MoFA's photometric term ``[N]``: the mean absolute colour difference between the rig rendered from ``params``
+    and ``images [N, 3, S, S]`` (``[-1, 1]``) over the pixels the rig covers (0-1 scale)."""
+    out = rig(params, images.shape[-1])
+    mask = (out["mask"] > 0.5).float().detach()
+    return ((out["image"] - (images + 1) / 2).abs() * mask).sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3)) + 1e-6)
 
 
 def estimator_losses(est: ParamEstimator, rig: FaceModel, batch: dict[str, torch.Tensor],
@@ -202,10 +205,7 @@ def estimator_losses(est: ParamEstimator, rig: FaceModel, batch: dict[str, torch
     terms["landmark_px"] = lm.mean()
     loss = w.landmark * (lm / size).mean()
     if w.photometric > 0:
-        out = rig(params, size)
-        mask = (out["mask"] > 0.5).float().detach()
-        photo = ((out["image"] - (batch["image"] + 1) / 2).abs() * mask).sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3))
-                                                                                            + 1e-6)
+        photo = photometric_error(rig, params, batch["image"])
         terms["photometric"] = photo.mean()
         loss = loss + w.photometric * photo.mean()
     reg = (params.identity.square().sum(1) + params.expression.square().sum(1) + params.albedo.square().sum(1))

@@ -192,6 +192,15 @@ class FaceModel(nn.Module):
         rot = head_rotation(angles)                                       # [N, 3, 3]
         return torch.einsum("nij,nvj->nvi", rot, shape) + translation[:, None]
 
+    def vertices(self, params: RigParams) -> torch.Tensor:
+        """Camera-frame vertices ``[N, V, 3]`` of ``theta``: ``R S(alpha, delta) + t``."""
+        return self.to_camera(self.shape(params.identity, params.expression), params.angles, params.translation)
+
+    def colors(self, params: RigParams, vertices: torch.Tensor) -> torch.Tensor:
+        """Shaded vertex colours ``[N, V, 3]``: the albedo of ``theta`` lit by its SH light at the normals of
+        ``vertices`` (camera frame, as :meth:`vertices` gives them)."""
+        return shade_sh(self.reflectance(params.albedo), vertex_normals(vertices, self.faces), params.light)
+
     def renderer_config(self, size: int | None = None) -> RendererConfig:
         c = self.config
         d = c.camera_distance
@@ -206,13 +215,19 @@ class FaceModel(nn.Module):
         """Render ``theta``: returns ``image [N, 3, S, S]`` (linear RGB in ``[0, 1]``, 0 off the face), ``mask
         [N, 1, S, S]``, ``depth [N, 1, S, S]``, the projected vertices ``points [N, V, 2]`` (pixels), the
         camera-frame ``vertices [N, V, 3]`` and their ``colors [N, V, 3]``."""
-        shape = self.shape(params.identity, params.expression)
-        cam = self.to_camera(shape, params.angles, params.translation)
-        normals = vertex_normals(cam, self.faces)
-        colors = shade_sh(self.reflectance(params.albedo), normals, params.light)
+        cam = self.vertices(params)
+        colors = self.colors(params, cam)
         out = rasterize(cam, self.faces, colors, self.renderer_config(size))
         return {"image": out.image, "mask": out.mask, "depth": out.depth, "points": self.project(cam, size),
                 "vertices": cam, "colors": colors}
+
+    def overlay(self, params: RigParams, images: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``images [N, 3, H, W]`` (``[-1, 1]``) with the rig rendered from ``params`` over the face: where the rig
+        covers a pixel, ``alpha`` x render + (1 - alpha) x photo. For looking at fits and edits."""
+        with torch.no_grad():
+            out = self(params, images.shape[-1])
+        render = out["image"].clamp(0, 1) * 2 - 1
+        return torch.where(out["mask"] > 0.5, alpha * render + (1 - alpha) * images, images)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str], overwrite: bool = False, half: bool = True) -> Path:

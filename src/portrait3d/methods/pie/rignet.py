@@ -105,15 +105,10 @@ def rig_distance(rig: FaceModel, a: RigParams, b: RigParams, size: int = 64,
                  photometric: float = 1.0) -> torch.Tensor:
     """How differently two parameter sets render, ``[N]``: the mean distance of the projected vertices (in units of
     the image size) plus ``photometric`` x the mean absolute colour difference of the vertices seen in both."""
-    ra = rig.to_camera(rig.shape(a.identity, a.expression), a.angles, a.translation)
-    rb = rig.to_camera(rig.shape(b.identity, b.expression), b.angles, b.translation)
+    ra, rb = rig.vertices(a), rig.vertices(b)
     d = (rig.project(ra, size) - rig.project(rb, size)).norm(dim=-1).mean(1) / size
     if photometric > 0:
-        from portrait3d.methods.pie.face_model import shade_sh, vertex_normals
-
-        ca = shade_sh(rig.reflectance(a.albedo), vertex_normals(ra, rig.faces), a.light)
-        cb = shade_sh(rig.reflectance(b.albedo), vertex_normals(rb, rig.faces), b.light)
-        d = d + photometric * (ca - cb).abs().mean((1, 2))
+        d = d + photometric * (rig.colors(a, ra) - rig.colors(b, rb)).abs().mean((1, 2))
     return d
 
 

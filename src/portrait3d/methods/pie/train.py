@@ -27,6 +27,7 @@ from portrait3d.methods.pie.estimator import (
     ParamEstimator,
     estimator_losses,
     landmark_error_px,
+    photometric_error,
     rig_targets,
 )
 from portrait3d.methods.pie.face_model import FaceModel, RigParams
@@ -35,8 +36,8 @@ from portrait3d.training.loop import due
 from portrait3d.training.progress import Progress
 from portrait3d.training.snapshots import load_module_snapshot, prune_snapshots, save_module_snapshot
 
-__all__ = ["EstimatorTrainConfig", "RigNetTrainConfig", "evaluate_estimator", "prepare_targets", "train_estimator",
-           "train_rignet"]
+__all__ = ["EstimatorTrainConfig", "RigNetTrainConfig", "evaluate_estimator", "fit_targets", "prepare_targets",
+           "train_estimator", "train_rignet"]
 
 TRAINER = "pie-estimator"
 EXPORT_NAME = "estimator.safetensors"
@@ -59,15 +60,10 @@ class EstimatorTrainConfig(ConfigMixin):
     seed: int = 0
 
 
-def prepare_targets(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, rig: FaceModel,
-                    progress: bool = False) -> dict[str, np.ndarray]:
-    """Meshes and closed-form rig fits of ``count`` evenly spaced photos of a built dataset, cached as
-    ``out_dir/targets.npz`` (recomputed when the count differs)."""
-    path = Path(out_dir) / "targets.npz"
-    if path.is_file():
-        with np.load(path) as d:
-            if int(d["count"]) == count:
-                return {k: d[k] for k in d.files}
+def fit_targets(data_root: str | os.PathLike[str], count: int, rig: FaceModel,
+                progress: bool = False) -> dict[str, np.ndarray]:
+    """MediaPipe meshes and closed-form rig fits of ``count`` evenly spaced photos of a built dataset:
+    ``photos`` (how many were tried), ``index`` (those with a face), ``points`` and ``target_<field>``."""
     images = np.load(Path(data_root) / "images.npy", mmap_mode="r")
     if images.shape[1] != rig.config.image_size:
         raise UsageError(f"the dataset's images are {images.shape[1]} px but the rig was fitted to "
@@ -77,8 +73,19 @@ def prepare_targets(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
     if len(pts) < 2:
         raise UsageError(f"{data_root}: MediaPipe found a face in {len(pts)} of {len(pick)} images")
     tg = rig_targets(pts, cols, rig)
-    out = {"count": np.array(count), "index": pick[ok], "points": pts.astype(np.float32),
-           **{f"target_{k}": v for k, v in tg.items()}}
+    return {"photos": np.array(len(pick)), "index": pick[ok], "points": pts.astype(np.float32),
+            **{f"target_{k}": v for k, v in tg.items()}}
+
+
+def prepare_targets(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, rig: FaceModel,
+                    progress: bool = False) -> dict[str, np.ndarray]:
+    """:func:`fit_targets`, cached as ``out_dir/targets.npz`` (recomputed when the count differs)."""
+    path = Path(out_dir) / "targets.npz"
+    if path.is_file():
+        with np.load(path) as d:
+            if int(d["count"]) == count:
+                return {k: d[k] for k in d.files}
+    out = {"count": np.array(count), **fit_targets(data_root, count, rig, progress)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("targets.tmp.npz")
     np.savez(tmp, **out)
@@ -87,8 +94,10 @@ def prepare_targets(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
 
 
 def _batch(images: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
-    img = torch.from_numpy(np.stack([np.asarray(images[data["index"][r]]) for r in rows])).permute(0, 3, 1, 2)
-    out = {"image": img.float() / 127.5 - 1, "points": torch.from_numpy(data["points"][rows])}
+    from portrait3d.utils.visualize import from_uint8
+
+    img = from_uint8(np.stack([np.asarray(images[data["index"][r]]) for r in rows]))
+    out = {"image": img, "points": torch.from_numpy(data["points"][rows])}
     out.update({k: torch.from_numpy(data[k][rows]) for k in data if k.startswith("target_")})
     return out
 
@@ -96,15 +105,12 @@ def _batch(images: np.ndarray, data: dict[str, np.ndarray], rows: np.ndarray) ->
 def _grid(path: Path, rig: FaceModel, est: ParamEstimator, batch: dict[str, torch.Tensor]) -> None:
     """``photo | rig render over the photo`` pairs."""
     from portrait3d.face.io import save_image
-    from portrait3d.utils.visualize import make_grid
+    from portrait3d.utils.visualize import make_grid, to_uint8
 
+    photo = batch["image"]
     with torch.no_grad():
-        out = rig(est(batch["image"]), batch["image"].shape[-1])
-    photo = (batch["image"] + 1) / 2
-    over = torch.where(out["mask"] > 0.5, out["image"].clamp(0, 1), photo)
-    pairs = torch.stack([photo, over], 1).flatten(0, 1)
-    arr = (pairs.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    save_image(path, make_grid(arr, 4), overwrite=True)
+        over = rig.overlay(est(photo), photo)
+    save_image(path, make_grid(to_uint8(torch.stack([photo, over], 1).flatten(0, 1)), 4), overwrite=True)
 
 
 def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str], cfg: EstimatorTrainConfig,
@@ -180,29 +186,25 @@ def _fit(net: torch.nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: s
 
 @torch.no_grad()
 def evaluate_estimator(est: ParamEstimator, rig: FaceModel, data_root: str | os.PathLike[str], count: int = 200,
-                       progress: bool = False) -> dict[str, float]:
+                       progress: bool = False, data: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Landmark error (pixels, all 468 mesh points) and photometric error (mean absolute, 0-255, on the rendered
     face) of the estimator on ``count`` photos of a dataset (held-out photos for the model card), beside the
-    closed-form fit to each photo's mesh."""
+    closed-form fit to each photo's mesh. ``data``: :func:`fit_targets` of those photos, when already computed."""
+    if data is None:
+        data = fit_targets(data_root, count, rig, progress)
     images = np.load(Path(data_root) / "images.npy", mmap_mode="r")
-    pick = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
-    pts, cols, ok = collect_meshes((np.asarray(images[i]) for i in pick), total=len(pick), progress=progress)
-    tg = rig_targets(pts, cols, rig)
-    data = {"index": pick[ok], "points": pts.astype(np.float32), **{f"target_{k}": v for k, v in tg.items()}}
+    n = len(data["index"])
     lm, photo, lm_fit, yaw_err = [], [], [], []
-    for start in range(0, len(pts), 16):
-        rows = np.arange(start, min(start + 16, len(pts)))
-        b = _batch(images, data, rows)
+    for start in range(0, n, 16):
+        b = _batch(images, data, np.arange(start, min(start + 16, n)))
         p = est.eval()(b["image"])
-        lm.append(landmark_error_px(rig, p, b["points"]))
         fit = RigParams(**{f: b[f"target_{f}"] for f in RigParams.FIELDS})
+        lm.append(landmark_error_px(rig, p, b["points"]))
         lm_fit.append(landmark_error_px(rig, fit, b["points"]))
-        out = rig(p, b["image"].shape[-1])
-        m = (out["mask"] > 0.5).float()
-        photo.append(((out["image"] - (b["image"] + 1) / 2).abs() * m).sum((1, 2, 3)) / (3 * m.sum((1, 2, 3)) + 1e-6))
+        photo.append(photometric_error(rig, p, b["image"]))
         yaw_err.append((p.angles[:, 0] - fit.angles[:, 0]).abs())
     cat = torch.cat
-    return {"photos": float(len(pick)), "faces": float(len(pts)),
+    return {"photos": float(data["photos"]), "faces": float(n),
             "landmark_px": float(cat(lm).mean()), "landmark_px_closed_form_fit": float(cat(lm_fit).mean()),
             "photometric_0_255": float(cat(photo).mean() * 255), "yaw_vs_fit_deg": float(cat(yaw_err).mean())}
 
