@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -145,17 +145,15 @@ def coverage(test: np.ndarray, real: LabelledDescriptors, holdout_share: float =
             "age_std": (float(pr["age"].std()), float(pt["age"].std())), "n": (len(real), len(test))}
 
 
-_CACHE_VERSION = 1
-
-
 def dataset_attributes(root: str | os.PathLike[str], n: int = 1000, cache: bool = True,
                        progress: bool = False) -> LabelledDescriptors:
-    """dlib descriptors and UTKFace labels of ``n`` evenly spaced images of a built dataset (``images.npy`` and
-    ``labels.json`` with the photos' file names), cached as ``<root>/attributes_n<N>.npz``.
+    """dlib descriptors (the face pipeline of :func:`~portrait3d.metrics.face_stats.measure_faces`) and UTKFace
+    labels of ``n`` evenly spaced labelled images of a built dataset (``images.npy`` and ``labels.json`` with the
+    photos' file names), cached as ``<root>/attributes_n<N>.npz``.
 
     Raises ValueError when the dataset's file names carry no UTKFace labels.
     """
-    from portrait3d.face.analyzer import FaceAnalyzer
+    from portrait3d.metrics.face_stats import measure_faces, read_npz_cache, write_npz_cache
 
     root = Path(root)
     names = [row[0] for row in json.loads((root / "labels.json").read_text())["labels"]]
@@ -165,41 +163,15 @@ def dataset_attributes(root: str | os.PathLike[str], n: int = 1000, cache: bool 
         raise ValueError(f"{root}: the file names carry no UTKFace age/gender/ethnicity labels")
     count = min(int(n), len(labelled))
     path = root / f"attributes_n{count}.npz"
-    if cache and path.is_file():
-        try:
-            with np.load(path) as d:
-                if int(d["version"]) == _CACHE_VERSION and int(d["n"]) == count:
-                    return LabelledDescriptors(d["descriptors"], d["ages"], d["genders"], d["ethnicities"])
-        except (OSError, KeyError, ValueError):
-            pass
+    d = read_npz_cache(path, count) if cache else None
+    if d is not None:
+        return LabelledDescriptors(d["descriptors"], d["ages"], d["genders"], d["ethnicities"])
     images = np.load(root / "images.npy", mmap_mode="r")
     pick = labelled[np.linspace(0, len(labelled) - 1, count).round().astype(int)]
-    desc: list[np.ndarray] = []
-    labels: list[tuple[int, int, int]] = []
-    it: Sequence[int] | Any = pick
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(pick, desc="attribute probes", unit="img")
-    fa = FaceAnalyzer("mediapipe", 256)
-    try:
-        for i in it:
-            img = np.ascontiguousarray(images[i])
-            lm = fa.landmarks(img)
-            if lm is None:
-                continue
-            desc.append(fa.descriptor(img, lm))
-            labels.append(parsed[i])  # type: ignore[arg-type]
-    finally:
-        fa.close()
-    lab = np.asarray(labels, np.int64).reshape(-1, 3)
-    out = LabelledDescriptors(np.asarray(desc, np.float64).reshape(-1, 128), lab[:, 0], lab[:, 1], lab[:, 2])
+    stats = measure_faces((np.asarray(images[i]) for i in pick), total=count, progress=progress)
+    lab = np.asarray([parsed[pick[k]] for k in stats.index], np.int64).reshape(-1, 3)
+    out = LabelledDescriptors(stats.descriptors, lab[:, 0], lab[:, 1], lab[:, 2])
     if cache:
-        try:
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, version=np.array(_CACHE_VERSION), n=np.array(count), descriptors=out.descriptors,
-                     ages=out.ages, genders=out.genders, ethnicities=out.ethnicities)
-            tmp.replace(path)
-        except OSError as e:
-            print(f"note: could not cache attribute descriptors in {root} ({e.strerror or e})")
+        write_npz_cache(path, count, {"descriptors": out.descriptors, "ages": out.ages, "genders": out.genders,
+                                      "ethnicities": out.ethnicities}, "attribute descriptors")
     return out

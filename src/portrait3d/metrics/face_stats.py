@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 __all__ = ["FaceSetStats", "measure_faces", "kid", "mean_pairwise_distance", "compare", "fd_dlib",
-           "dataset_face_stats", "generator_face_stats"]
+           "dataset_face_stats", "generator_face_stats", "read_npz_cache", "write_npz_cache"]
 
 
 @dataclass
@@ -46,6 +46,7 @@ class FaceSetStats:
     descriptors: np.ndarray
     yaw: np.ndarray
     pitch: np.ndarray
+    index: np.ndarray | None = None   # [M] positions in the measured sequence of those faces (not cached)
 
     @property
     def detection_rate(self) -> float:
@@ -77,7 +78,7 @@ def measure_faces(images: Iterable[np.ndarray], analyzer: Any = None, detector: 
     own = analyzer is None
     fa = FaceAnalyzer(detector, work_size) if own else analyzer
     n = detected = 0
-    desc, yaw, pitch = [], [], []
+    desc, yaw, pitch, index = [], [], [], []
     it: Iterable[np.ndarray] = images
     if progress:
         from tqdm import tqdm
@@ -99,11 +100,12 @@ def measure_faces(images: Iterable[np.ndarray], analyzer: Any = None, detector: 
             desc.append(fa.descriptor(img, lm))
             yaw.append(pose.yaw_deg)
             pitch.append(pose.pitch_deg)
+            index.append(n - 1)
     finally:
         if own:
             fa.close()
     return FaceSetStats(n, detected, np.asarray(desc, np.float64).reshape(-1, 128),
-                        np.asarray(yaw, np.float64), np.asarray(pitch, np.float64))
+                        np.asarray(yaw, np.float64), np.asarray(pitch, np.float64), np.asarray(index, np.int64))
 
 
 def fd_dlib(a: np.ndarray, b: np.ndarray) -> float:
@@ -182,6 +184,35 @@ def compare(test: FaceSetStats, ref: FaceSetStats) -> dict[str, float]:
 _CACHE_VERSION = 1
 
 
+def read_npz_cache(path: "os.PathLike[str] | str", n: int) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache written by :func:`write_npz_cache` for ``n`` items, or None when it is absent,
+    unreadable, or of another version or count (then the caller recomputes)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with np.load(path) as d:
+            if int(d["version"]) == _CACHE_VERSION and int(d["n"]) == n:
+                return {k: d[k] for k in d.files}
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
+def write_npz_cache(path: "os.PathLike[str] | str", n: int, arrays: dict[str, np.ndarray], what: str) -> None:
+    """Write measured arrays beside a dataset (atomically); a read-only dataset folder only prints a note."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **{**arrays, "version": np.array(_CACHE_VERSION), "n": np.array(n)})
+        tmp.replace(path)
+    except OSError as e:
+        print(f"note: could not cache {what} in {path.parent} ({e.strerror or e})")
+
+
 def dataset_face_stats(root: str | os.PathLike[str], n: int | None = 2000, cache: bool = True,
                        progress: bool = False) -> FaceSetStats:
     """Face statistics of ``n`` images of a built dataset (evenly spaced over it; None: all).
@@ -194,22 +225,13 @@ def dataset_face_stats(root: str | os.PathLike[str], n: int | None = 2000, cache
     images = np.load(root / "images.npy", mmap_mode="r")
     count = len(images) if n is None else min(int(n), len(images))
     path = root / f"face_stats_n{count}.npz"
-    if cache and path.is_file():
-        try:
-            with np.load(path) as d:
-                if int(d["version"]) == _CACHE_VERSION and int(d["n"]) == count:
-                    return FaceSetStats.from_npz(d)
-        except (OSError, KeyError, ValueError):
-            pass
+    cached = read_npz_cache(path, count) if cache else None
+    if cached is not None:
+        return FaceSetStats.from_npz(cached)
     idx = np.linspace(0, len(images) - 1, count).round().astype(int)
     stats = measure_faces((np.asarray(images[i]) for i in idx), total=count, progress=progress)
     if cache:
-        try:
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, version=np.array(_CACHE_VERSION), **stats.to_npz())
-            tmp.replace(path)
-        except OSError as e:
-            print(f"note: could not cache face statistics in {root} ({e.strerror or e})")
+        write_npz_cache(path, count, stats.to_npz(), "face statistics")
     return stats
 
 
