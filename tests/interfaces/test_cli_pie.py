@@ -46,7 +46,8 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
     assert "Traceback" not in res.output
 
 
-def test_pie_photo_and_edit_end_to_end(tmp_path, one_thread):
+def _stand_in_models(folder):
+    """An untrained estimator and pose RigNet for default-2d in ``folder``."""
     import torch
 
     from portrait3d.checkpoints import load_network
@@ -54,15 +55,19 @@ def test_pie_photo_and_edit_end_to_end(tmp_path, one_thread):
     from portrait3d.methods.pie.face_model import FaceModel
     from portrait3d.methods.pie.rignet import RigNet, RigNetConfig
 
-    photo = sorted(shared_path("data/utkface").iterdir())[5]
-    models = tmp_path / "models"
-    models.mkdir()
+    folder.mkdir()
     rig = FaceModel.load("face-rig")
     G = load_network("default-2d")
     torch.manual_seed(0)
-    ParamEstimator(EstimatorConfig.for_rig(rig, width=8, layers=(1, 1, 1, 1))).save(models / "estimator.safetensors")
+    ParamEstimator(EstimatorConfig.for_rig(rig, width=8, layers=(1, 1, 1, 1))).save(folder / "estimator.safetensors")
     RigNet(RigNetConfig(num_ws=G.num_ws, w_dim=G.w_dim, mode="pose", param_dim=3)).save(
-        models / "rignet-pose.safetensors")
+        folder / "rignet-pose.safetensors")
+    return folder
+
+
+def test_pie_photo_and_edit_end_to_end(tmp_path, one_thread):
+    photo = sorted(shared_path("data/utkface").iterdir())[5]
+    models = _stand_in_models(tmp_path / "models")
     out = tmp_path / "out"
     args = ["pie", str(photo), "--out", str(out), "--models", str(models), "--yaw", "15", "--steps-w", "2",
             "--steps-wplus", "1", "--threads", "1"]
@@ -80,3 +85,24 @@ def test_pie_photo_and_edit_end_to_end(tmp_path, one_thread):
     assert edit["edits"]["pose"]["target"][0] == -10
     res = CliRunner().invoke(main, ["pie", "edit", str(out), "--expr", "smile=1"])
     assert res.exit_code == 2 and "no RigNet for expression edits" in res.output
+
+
+def test_pie_batch_over_a_folder(tmp_path, one_thread):
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(shared_path("data/utkface").iterdir())[5:7]:
+        shutil.copy(p, photos / p.name)
+    (photos / "not_a_face.jpg").write_bytes(b"not an image")
+    models = _stand_in_models(tmp_path / "models")
+    out = tmp_path / "batch"
+    args = ["pie", str(photos), "--out", str(out), "--models", str(models), "--yaw", "10", "--steps-w", "1",
+            "--steps-wplus", "1", "--threads", "1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and "not_a_face.jpg" in res.output and "Traceback" not in res.output  # one bad input
+    items = {r["key"]: r for r in json.loads((out / "manifest.json").read_text())["items"]}
+    done = [r for r in items.values() if r["status"] == "done"]
+    assert len(done) == 2 and all("identity_distance" in r["result"] for r in done)
+    for r in done:
+        assert (out / r["key"] / "edited.png").is_file() and (out / r["key"] / "result.json").is_file()

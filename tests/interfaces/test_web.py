@@ -313,6 +313,62 @@ def test_lifted_adapter_rotates_relights_and_exports(tiny_2d, tmp_path):
     assert a.write_mesh(state, tmp_path).read_text().startswith("v ")
 
 
+@pytest.fixture(scope="module")
+def tiny_pie(tiny_2d, tmp_path_factory):
+    """tiny_2d with PIE models for its generator: a tiny random estimator and random RigNets for every mode."""
+    from dataclasses import replace
+
+    from portrait3d.checkpoints import load_network
+    from portrait3d.methods.pie.estimator import EstimatorConfig, ParamEstimator
+    from portrait3d.methods.pie.face_model import FaceModel
+    from portrait3d.methods.pie.rignet import RigNet, RigNetConfig
+
+    G = load_network(tiny_2d.network_2d)
+    rig = FaceModel.load("face-rig")
+    models = tmp_path_factory.mktemp("pie")
+    torch.manual_seed(0)
+    ParamEstimator(EstimatorConfig.for_rig(rig, width=8, layers=(1, 1, 1, 1))).save(models / "estimator.safetensors")
+    for mode, dim in (("pose", 3), ("expression", len(rig.config.expression_names)), ("light", 27)):
+        net = RigNet(RigNetConfig(num_ws=G.num_ws, w_dim=G.w_dim, mode=mode, param_dim=dim))
+        with torch.no_grad():
+            net.dec_weight.normal_(0, 0.3)  # an untrained RigNet (zero decoder) would change nothing
+        net.save(models / f"rignet-{mode}.safetensors")
+    return replace(tiny_2d, pie_models=models, pie_steps_w=2, pie_steps_wplus=1)
+
+
+def test_pie_adapter_sliders_follow_the_installed_rignets(tiny_pie):
+    from portrait3d.methods.pie.face_model import FaceModel
+
+    a = build_registry(tiny_pie)["pie"]
+    assert a.available().ok
+    names = FaceModel.load("face-rig").config.expression_names
+    assert [c.key for c in a.controls()] == ["yaw", "pitch", *(f"expr_{n}" for n in names), "light_x", "light_y"]
+    state = a.embed(4)
+    assert state.source == "seed 4" and set(state.values) == {c.key for c in a.controls()}
+    base = a.render(state, {})
+    assert base.shape == (32, 32, 3) and base.dtype == np.uint8
+    assert np.array_equal(base, a.render(state, dict(state.values)))  # its own values: no edit at all
+    for edit in ({"yaw": state.values["yaw"] + 20}, {f"expr_{names[0]}": 2.0}, {"light_x": 0.8}):
+        assert not np.array_equal(base, a.render(state, edit)), edit
+
+
+def test_pie_adapter_embeds_a_photo(tiny_pie):
+    a = build_registry(tiny_pie)["pie"]
+    seen = []
+    state = a.embed(np.asarray(Image.open(shared_path(PHOTO)).convert("RGB")), lambda f, d: seen.append(f))
+    assert state.source == "photo" and state.aligned.shape == (32, 32, 3) and seen[-1] == 1.0
+    assert "2 + 1 PIE steps" in state.note
+    assert a.render(state, {"yaw": 10.0}).shape == (32, 32, 3)
+
+
+def test_pie_adapter_without_models_says_why(tiny_2d, tmp_path):
+    from dataclasses import replace
+
+    a = build_registry(replace(tiny_2d, pie_models=tmp_path))["pie"]
+    ok = a.available()
+    assert not ok.ok and "no PIE estimator" in ok.reason
+
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_web_help_and_bad_model_path(tmp_path):
     res = run_cli("web", "--help")

@@ -28,7 +28,7 @@ from portrait3d.errors import UsageError
 from portrait3d.utils.io import check_outputs, save_image, write_json
 from portrait3d.utils.visualize import from_uint8, to_uint8
 
-__all__ = ["PIE_MODELS", "EditSpec", "load_embedder", "measure_pose_identity", "run_pie", "run_pie_edit"]
+__all__ = ["PIE_MODELS", "EditSpec", "load_embedder", "measure_pose_identity", "embed_photo", "run_pie", "run_pie_edit"]
 
 PIE_MODELS = Path(__file__).resolve().parents[1] / "models" / "pie"
 OUTPUTS = ("input_aligned.png", "reconstruction.png", "edited.png", "grid.png", "embedding.npz", "result.json")
@@ -173,32 +173,45 @@ def _edit_outputs(emb: Any, ws: torch.Tensor, spec: EditSpec, aligned: np.ndarra
     return _u8(edited), grid, {"edits": report, "edit_seconds": seconds}
 
 
+def embed_photo(emb: Any, photo: Path | np.ndarray, cfg: Any, face_index: int | None = None,
+                progress: Any = None) -> tuple[Any, Any, float, float]:
+    """Align the face of ``photo`` (a path, or ``uint8 [H, W, 3]``) in the generator's crop and embed it with PIE.
+
+    Returns ``(face, result, align_seconds, embed_seconds)``: the face pipeline's
+    :class:`~portrait3d.face.pipeline.FaceResult` (``face.aligned.image`` is what was embedded) and the
+    :class:`~portrait3d.methods.pie.embed.EmbedResult`. ``progress(step, energies)`` follows the optimisation.
+    Raises FaceError (one line) when the photo shows no usable face."""
+    from portrait3d.face.pipeline import FacePipeline
+
+    t0 = time.perf_counter()
+    with FacePipeline(style="default", output_size=int(emb.G.img_resolution)) as pipe:
+        face = pipe(photo, face_index=face_index)
+    target = from_uint8(face.aligned.image)
+    with torch.no_grad():  # the identity chip of E_recog, placed by the estimated rig's five points
+        five = emb._five_points(emb.theta(target), target.shape[-1])[0]
+    t1 = time.perf_counter()
+    res = emb.embed(target, cfg, landmarks5=five, progress=progress)
+    return face, res, t1 - t0, time.perf_counter() - t1
+
+
 def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d", models: Path | None = None,
             steps_w: int | None = None, steps_wplus: int | None = None, face_index: int | None = None,
-            force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Align ``photo``, embed it with PIE, apply ``spec`` and write the outputs of the module docstring."""
-    from portrait3d.face.pipeline import FacePipeline, several_faces_note
+            force: bool = False, progress: bool = True, embedder: Any = None) -> dict[str, Any]:
+    """Align ``photo``, embed it with PIE, apply ``spec`` and write the outputs of the module docstring.
+    ``embedder``: one already loaded by :func:`load_embedder` for ``network`` and ``models`` (a batch reuses it)."""
+    from portrait3d.face.pipeline import several_faces_note
     from portrait3d.methods.pie.embed import PieConfig
 
     check_outputs(out, OUTPUTS, force)
     if not Path(photo).is_file():
         raise FileNotFoundError(f"no photo at {photo}")
-    emb = load_embedder(network, models)
+    emb = embedder if embedder is not None else load_embedder(network, models)
     _check_modes(emb, spec)
     cfg = PieConfig(modes=sorted(emb.rignets))
     if steps_w is not None:
         cfg.steps_w = steps_w
     if steps_wplus is not None:
         cfg.steps_wplus = steps_wplus
-    t0 = time.perf_counter()
-    with FacePipeline(style="default", output_size=int(emb.G.img_resolution)) as pipe:
-        face = pipe(photo, face_index=face_index)
-    aligned = face.aligned.image
-    target = from_uint8(aligned)
-    with torch.no_grad():
-        five = emb._five_points(emb.theta(target), target.shape[-1])[0]
-    t_align = time.perf_counter() - t0
-
     bar = None
     if progress:
         from tqdm import tqdm
@@ -210,13 +223,12 @@ def run_pie(photo: Path, out: Path, spec: EditSpec, network: str = "default-2d",
             bar.update(1)
             bar.set_postfix(stage=rec["stage"], syn=f"{rec['syn_pixel']:.4f}")
 
-    t1 = time.perf_counter()
     try:
-        res = emb.embed(target, cfg, landmarks5=five, progress=tick)
+        face, res, t_align, t_embed = embed_photo(emb, photo, cfg, face_index, tick)
     finally:
         if bar is not None:
             bar.close()
-    t_embed = time.perf_counter() - t1
+    aligned = face.aligned.image
     with torch.no_grad():
         recon = _u8(emb.render(res.ws))
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,9 @@ The pieces it composes live beside it, one module per job:
 * :mod:`.optim`: EMA, lazy-regularisation Adam, one GAN phase;
 * :mod:`.snapshots`: bit-exact resumable checkpoints (safetensors + JSON, written atomically);
 * :mod:`.progress`: sample grids, progress bar and JSON-lines log.
+
+:func:`fit_module` is the smaller loop of the one-network trainers (PIE's estimator and RigNets, the W_tri
+encoder): a loss function per step, Adam, progress, samples and module snapshots.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from portrait3d.training.distributed import DistInfo, all_reduce_mean, average_b
 from portrait3d.training.optim import Counters, Networks, ema_beta, ema_update
 from portrait3d.training.progress import Progress, save_grid
 from portrait3d.training.run_config import RunConfig
-from portrait3d.training.snapshots import prune_snapshots, save_training_state
+from portrait3d.training.snapshots import prune_snapshots, save_module_snapshot, save_training_state
 
-__all__ = ["MetricsFn", "due", "StepFn", "run_loop"]
+__all__ = ["MetricsFn", "due", "StepFn", "fit_module", "run_loop"]
 
 MetricsFn = Callable[[nn.Module, int], dict[str, float]]
 """A metrics hook: ``fn(G_ema, step) -> {name: value}``; called on rank 0 only."""
@@ -129,3 +132,37 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
     finally:
         progress.close()
     return final
+
+
+def fit_module(net: nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: str, config: dict[str, Any],
+               export_name: str, step: int, images_seen: int, total: int, batch: int, snapshot_kimg: float,
+               keep: int, progress: bool, losses: Callable[[int], dict[str, torch.Tensor]],
+               samples: Callable[[int], None] | None = None, sample_kimg: float = 0.0) -> int:
+    """Train one network until ``total`` images: ``losses(step)`` -> terms with ``loss``, an optimiser step,
+    progress and ``log.jsonl``, ``samples(step)`` every ``sample_kimg``, and snapshots (``snapshot-<step>/``, the
+    network and optimiser, exported as ``export_name`` by ``net.save``) every ``snapshot_kimg`` and at the end.
+    Resumed runs pass the ``step`` / ``images_seen`` of their snapshot; batches must be drawn from ``(seed, step)``
+    for a resume to be bit-exact. Returns the images seen."""
+    bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
+    try:
+        while images_seen < total:
+            t0 = time.perf_counter()
+            terms = losses(step)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            prev, images_seen, step = images_seen, images_seen + batch, step + 1
+            bar.update(batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
+                               **{k: float(v.detach()) for k, v in terms.items()}})
+            done = images_seen >= total
+            if samples is not None and (due(prev, images_seen, sample_kimg) or done):
+                samples(step)
+            if due(prev, images_seen, snapshot_kimg) or done:
+                folder = out / f"snapshot-{step:08d}"
+                save_module_snapshot(folder, trainer, config, net, opt, step, images_seen,
+                                     {export_name: lambda p: net.save(p, overwrite=True)}, rng=False)
+                prune_snapshots(out, keep)
+                bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+    finally:
+        bar.close()
+    return images_seen

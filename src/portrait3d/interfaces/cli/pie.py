@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +11,14 @@ import click
 
 from portrait3d.errors import UsageError
 from portrait3d.interfaces.cli.base import FiniteFloat, fail_cleanly, main
-from portrait3d.interfaces.cli.options import threads_option
+from portrait3d.interfaces.cli.options import (
+    check_batch_files,
+    run_batch_command,
+    threads_option,
+    wants_batch,
+    workers_option,
+)
+from portrait3d.utils.batch import BatchItem, ItemTask, WorkerInfo
 from portrait3d.utils.compute import setup_compute
 
 
@@ -75,7 +83,7 @@ def pie() -> None:
 
 
 @pie.command("photo")
-@click.argument("photo", type=click.Path(path_type=Path))
+@click.argument("photo", type=str)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @_edit_options
 @click.option("--network", type=str, default="default-2d", show_default=True,
@@ -86,21 +94,71 @@ def pie() -> None:
 @click.option("--steps-wplus", type=click.IntRange(0), default=None, help="Steps in W+ [100].")
 @click.option("--face-index", type=click.IntRange(0), default=None, help="Which face when the photo has several.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT.")
+@workers_option
 @threads_option
 @fail_cleanly
-def pie_photo(photo: Path, out: Path, yaw: float | None, pitch: float | None, expr: tuple[str, ...],
+def pie_photo(photo: str, out: Path, yaw: float | None, pitch: float | None, expr: tuple[str, ...],
               light: str | None, network: str, models: Path | None, steps_w: int | None, steps_wplus: int | None,
-              face_index: int | None, force: bool, threads: int | None) -> None:
+              face_index: int | None, force: bool, workers: int, threads: int | None) -> None:
     """Embed the face in PHOTO with PIE and apply the asked edit; writes input_aligned.png, reconstruction.png,
-    edited.png, grid.png, embedding.npz and result.json to OUT."""
+    edited.png, grid.png, embedding.npz and result.json to OUT.
+
+    \b
+    PHOTO may be a folder or a glob of photos (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
+      portrait3d pie 'photos/*.jpg' --yaw 20 --out pie_batch --workers 2
+    """
     from portrait3d.interfaces.pie import EditSpec, run_pie
 
     setup_compute("cpu", threads)
     spec = EditSpec(yaw, pitch, _parse_expr(expr), _parse_light(light))
-    res = run_pie(photo, out, spec, network=network, models=models, steps_w=steps_w, steps_wplus=steps_wplus,
+    if wants_batch([photo]):
+        check_batch_files(network)
+        task = PieTask(yaw=yaw, pitch=pitch, expr=expr, light=light, network=network, models=models,
+                       steps_w=steps_w, steps_wplus=steps_wplus, face_index=face_index)
+        run_batch_command([photo], out, task, desc="PIE", workers=workers, force=force,
+                          config={"command": "pie", **{k: v for k, v in task.__dict__.items() if k[0] != "_"},
+                                  "models": None if models is None else str(models)})
+        return
+    res = run_pie(Path(photo), out, spec, network=network, models=models, steps_w=steps_w, steps_wplus=steps_wplus,
                   face_index=face_index, force=force)
     click.echo(json.dumps({k: res[k] for k in ("seconds", "measured") if k in res}, indent=1))
     click.echo(f"wrote {out}")
+
+
+@dataclass
+class PieTask(ItemTask):
+    """Batch ``pie``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT. Each worker
+    loads the generator, estimator, RigNets and the identity network once."""
+
+    yaw: float | None
+    pitch: float | None
+    expr: tuple[str, ...]
+    light: str | None
+    network: str
+    models: Path | None
+    steps_w: int | None
+    steps_wplus: int | None
+    face_index: int | None
+    _emb: Any = field(default=None, init=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_emb": None}  # workers load their own models
+
+    def setup(self, worker: WorkerInfo) -> None:
+        from portrait3d.interfaces.pie import load_embedder
+
+        self._emb = load_embedder(self.network, self.models)
+
+    def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
+        from portrait3d.interfaces.pie import EditSpec, run_pie
+
+        spec = EditSpec(self.yaw, self.pitch, _parse_expr(self.expr), _parse_light(self.light))
+        res = run_pie(item.path, out_dir, spec, network=self.network, models=self.models, steps_w=self.steps_w,
+                      steps_wplus=self.steps_wplus, face_index=self.face_index, progress=False, embedder=self._emb)
+        m = res["measured"]
+        last = "edited" if "edited" in m else "reconstruction"
+        return {"identity_distance": m[last].get("identity_distance"), "yaw_deg": m[last].get("yaw_deg"),
+                "embed_seconds": res["seconds"]["embed"]}
 
 
 @pie.command("edit")

@@ -416,6 +416,54 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
     click.echo(f"exported {train_rignet(cfg, out, resume=resume, progress=progress)}")
 
 
+@train.command("wtri")
+@click.option("--network", type=str, default="default-3d", show_default=True,
+              help="EG3D generator (checkpoint or built-in name) the encoder inverts into.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Built aligned dataset with cameras (portrait3d dataset build).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+@click.option("--space", type=click.Choice(["wtri", "wplus"]), default="wtri", show_default=True,
+              help="W_tri codes (the paper) or plain W+ rows (the ReStyle baseline of its tables).")
+@click.option("--kimg", type=FiniteFloat(min=0, min_open=True), default=20.0, show_default=True,
+              help="Training length in thousands of images (photos and pseudo pairs).")
+@click.option("--batch", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--pseudo", type=click.IntRange(0), default=1, show_default=True,
+              help="Generator pseudo pairs (image with its known code) per batch.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
+@click.option("--cyc", type=FiniteFloat(min=0), default=0.1, show_default=True,
+              help="lambda_cyc of the multi-view cycle loss (eq. 3; 0: off).")
+@click.option("--iterations", type=click.IntRange(1, 20), default=5, show_default=True,
+              help="ReStyle refinement steps.")
+@click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
+              help="Snapshot and sample-grid interval in kimg.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@fail_cleanly
+def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
+             cyc: float, iterations: int, snap: float, resume: Path | None, threads: int | None,
+             progress: bool) -> None:
+    """Train the W_tri encoder (Oh & Jo) of an EG3D generator on aligned photos with their cameras, plus
+    generator pseudo pairs: eqs. 1-4 (L2, EfficientNet-Lite0 perceptual, dlib identity, feature similarity,
+    code regularisation, multi-view cycle). Writes OUT/encoder.safetensors, snapshots, samples/ and log.jsonl.
+
+    \b
+    Example:
+      portrait3d train wtri --data ~/.cache/portrait3d/utkface128 --out runs/wtri
+    """
+    from portrait3d.methods.wtri.losses import WTriLossConfig
+    from portrait3d.methods.wtri.train import WTriTrainConfig, train_wtri
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = WTriTrainConfig(network=network, data=str(data), space=space, batch=batch, pseudo=pseudo,
+                          total_kimg=kimg, lr=lr, iterations=iterations, losses=WTriLossConfig(cyc=cyc),
+                          snapshot_kimg=snap, sample_kimg=snap)
+    cfg.validate()
+    click.echo(f"exported {train_wtri(cfg, out, resume=resume, progress=progress)}")
+
+
 @train.command("lift")
 @click.option("--network", type=str, default=None, show_default="default-2d, or the resumed run's",
               help="2D StyleGAN2 checkpoint or built-in name.")

@@ -25,6 +25,11 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--lifted", "lifted_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               show_default="models/<network-2d>/lifted.safetensors when shipped",
               help="Lifting model written by `python -m portrait3d.methods.lifting.train`; enables LiftedGAN.")
+@click.option("--pie-models", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              show_default="the shipped PIE estimator and RigNets",
+              help="Folder with PIE's estimator.safetensors and rignet-<mode>.safetensors for --network-2d.")
+@click.option("--pie-steps", type=(click.IntRange(0, 100000), click.IntRange(0, 100000)), default=(150, 100),
+              help="PIE embedding steps per photo: in W, then in W+.")
 @click.option("--steps", type=click.IntRange(0, 100000), default=40,
               help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 400).")
 @click.option("--pti/--no-pti", default=False, help="Pivotal tuning of the generator after each 3D inversion.")
@@ -39,13 +44,14 @@ from portrait3d.utils.compute import setup_compute
 @compute_options
 @fail_cleanly
 def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path | None, lifted_path: Path | None,
-        steps: int, pti: bool, project_steps: int, orbit_frames: int, mesh_resolution: int, max_upload_mb: float,
+        pie_models: Path | None, pie_steps: tuple[int, int], steps: int, pti: bool, project_steps: int, orbit_frames: int, mesh_resolution: int, max_upload_mb: float,
         max_megapixels: float, threads: int | None, device: str) -> None:
     """Start the browser portrait editor on http://HOST:PORT (offline; Ctrl-C stops it).
 
     Upload a photo (JPEG, PNG or WebP) or pick a seed, choose a method, and move the sliders: the image
     follows live. Methods: 3D inversion (EG3D; yaw / pitch), and, given their model files, NRSfM edits
-    (--nrsfm; yaw / pitch / expression) and LiftedGAN (--lifted; yaw / pitch / light). Buttons download
+    (--nrsfm; yaw / pitch / expression), LiftedGAN (--lifted; yaw / pitch / light) and PIE (yaw / pitch, and
+    expression and light where their RigNets are installed). Buttons download
     the image, an orbit video and the mesh.
 
     \b
@@ -53,7 +59,8 @@ def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path
         portrait3d web --port 7860        # then open http://127.0.0.1:7860
 
     On one CPU core with the built-in 128 px models: a seed shows in about 1 s, a photo's 3D inversion
-    takes about 30 s at --steps 40, each slider move renders in about 0.15 s, the orbit video (48 frames)
+    takes about 30 s at --steps 40 (PIE's embedding about 70 s at --pie-steps 150 100), each slider move renders
+    in about 0.15 s (PIE about 0.1 s), the orbit video (48 frames)
     about 7 s and the mesh a few seconds.
     """
     device = setup_compute(device, threads)
@@ -62,7 +69,8 @@ def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path
     from portrait3d.interfaces.web.upload import UploadLimits
 
     methods = MethodSettings(network_3d=network_3d, network_2d=network_2d, nrsfm_path=nrsfm_path,
-                             lifted_path=lifted_path, invert_steps=steps, pti=pti, project_steps=project_steps,
+                             lifted_path=lifted_path, pie_models=pie_models, pie_steps_w=pie_steps[0],
+                             pie_steps_wplus=pie_steps[1], invert_steps=steps, pti=pti, project_steps=project_steps,
                              orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, device=device)
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6))
     launch(WebConfig(host=host, port=port, methods=methods, limits=limits))  # threads: set by setup_compute

@@ -34,7 +34,7 @@ from torch import nn
 from portrait3d.errors import UsageError
 
 __all__ = ["ADAPTERS", "Availability", "Control", "Embedding", "Inversion3DAdapter", "LiftedGANAdapter",
-           "MethodAdapter", "MethodSettings", "NRSfMAdapter", "Progress", "Source", "build_registry"]
+           "MethodAdapter", "MethodSettings", "NRSfMAdapter", "PIEAdapter", "Progress", "Source", "build_registry"]
 
 Progress = Callable[[float, str], None]
 """``progress(fraction in [0, 1], description)``: how far the slow embedding is."""
@@ -114,6 +114,8 @@ class MethodSettings:
         network_2d: StyleGAN2 checkpoint or built-in name (NRSfM, LiftedGAN).
         nrsfm_path: NRSfM editor file (default: the one shipped with ``network_2d``, if any).
         lifted_path: LiftedGAN model file (default: the one shipped with ``network_2d``, if any).
+        pie_models: PIE's folder of estimator and RigNets for ``network_2d`` (default: the shipped ones).
+        pie_steps_w, pie_steps_wplus: PIE's embedding steps per photo in W, then in W+.
         invert_steps: 3D inversion optimiser steps per photo (few: the editor is interactive).
         pti: pivotal tuning after the 3D inversion; pti_steps: its steps (``None``: the configuration's).
         project_steps: 2D projector steps per photo (NRSfM, LiftedGAN).
@@ -126,6 +128,9 @@ class MethodSettings:
     network_2d: str = "default-2d"
     nrsfm_path: Path | None = None
     lifted_path: Path | None = None
+    pie_models: Path | None = None
+    pie_steps_w: int = 150
+    pie_steps_wplus: int = 100
     invert_steps: int = 40
     pti: bool = False
     pti_steps: int | None = None
@@ -140,6 +145,8 @@ class MethodSettings:
         """Raise :class:`UsageError` for settings no method can use."""
         if self.invert_steps < 0 or self.project_steps < 1:
             raise UsageError("inversion steps must be >= 0 and projector steps >= 1")
+        if self.pie_steps_w < 0 or self.pie_steps_wplus < 0 or self.pie_steps_w + self.pie_steps_wplus < 1:
+            raise UsageError("PIE needs >= 0 steps in W and in W+, and at least one step in all")
         if self.orbit_frames < 2 or self.fps < 1 or self.mesh_resolution < 16:
             raise UsageError("orbit frames must be >= 2, fps >= 1 and the mesh resolution >= 16")
         if not 0 <= self.truncation <= 1:
@@ -593,8 +600,113 @@ class LiftedGANAdapter(ModelFileAdapter):
         return atomic_write(path, lambda tmp: save_obj(tmp, verts, faces, colors))
 
 
+# ----------------------------------------------------------------------------- PIE
+class PIEAdapter(ModelFileAdapter):
+    """PIE (Tewari et al. 2020): a photo embedded hierarchically (W, then W+) with the rig energies, edited
+    through the face rig's RigNets -- head yaw / pitch, the rig's expression coefficients and the light direction.
+    Only the modes whose RigNet is installed get sliders. A slider left at the embedding's own value leaves its
+    mode untouched; each edit is RigNets plus one generator pass (well under a second on a CPU)."""
+
+    key = "pie"
+    title = "PIE edits on 2D (StyleGAN2 + face rig)"
+    summary = "Embed a portrait with PIE and edit head pose, expression and light through a 3D face rig."
+    EXPR_LIMIT = 3.0  # expression coefficients, in standard deviations of the rig's training faces
+
+    def _load(self) -> Any:
+        from portrait3d.interfaces.pie import load_embedder
+
+        emb = load_embedder(self.settings.network_2d, self.settings.pie_models)
+        if not emb.rignets:
+            raise UsageError(f"no RigNet in {self.settings.pie_models or 'the shipped PIE models'} "
+                             "(train one: portrait3d train rignet)")
+        return emb
+
+    def controls(self) -> tuple[Control, ...]:
+        if self._loaded is None:
+            self.available()  # the sliders depend on the installed RigNets: load them (or learn why not)
+        emb = self._loaded
+        modes = set(emb.rignets) if emb is not None else {"pose"}
+        out: list[Control] = []
+        if "pose" in modes:
+            out += [Control("yaw", "Head yaw (degrees)", -40.0, 40.0, 1.0, 0.0,
+                            "Absolute yaw of the rig (+: the head turns to its left)."),
+                    Control("pitch", "Head pitch (degrees)", -25.0, 25.0, 1.0, 0.0,
+                            "Absolute pitch of the rig (+: chin up).")]
+        if "expression" in modes and emb is not None:
+            out += [Control(f"expr_{n}", n.replace("_", " ").capitalize() + " (std. dev.)", -self.EXPR_LIMIT,
+                            self.EXPR_LIMIT, 0.1, 0.0, f"The rig's {n} coefficient.")
+                    for n in emb.rig.config.expression_names]
+        if "light" in modes:
+            out += [Control("light_x", "Light from the right", -1.0, 1.0, 0.05, 0.0,
+                            "Direction of a light half as strong as the ambient term; x = y = 0 keeps the "
+                            "photo's own light."),
+                    Control("light_y", "Light from above", -1.0, 1.0, 0.05, 0.0, "")]
+        return tuple(out)
+
+    def embed(self, source: Source, progress: Progress = _no_progress) -> Embedding:
+        from portrait3d.interfaces.pie import embed_photo
+        from portrait3d.methods.pie.embed import PieConfig
+
+        emb = self._models()
+        if not isinstance(source, np.ndarray):
+            seed = _check_seed(source)
+            g = torch.Generator().manual_seed(seed)
+            z = torch.randn(1, emb.G.z_dim, generator=g)
+            with torch.no_grad():
+                ws = emb.G.mapping(z, None, truncation_psi=self.settings.truncation)
+            return self._state(ws, f"seed {seed}", None, "")
+        s = self.settings
+        cfg = PieConfig(steps_w=s.pie_steps_w, steps_wplus=s.pie_steps_wplus, modes=sorted(emb.rignets))
+        total = cfg.steps_w + cfg.steps_wplus
+        progress(0.0, "finding the face")
+
+        def step(i: int, rec: dict[str, float]) -> None:
+            progress((i + 1) / total, f"PIE embedding ({rec['stage']}): step {i + 1}/{total}")
+
+        face, res, _, _ = embed_photo(emb, _check_photo(source), cfg, progress=step)
+        note = f"{face.num_faces} faces found: the largest was used. " if face.num_faces > 1 else ""
+        return self._state(res.ws, "photo", face.aligned.image,
+                           f"{note}{cfg.steps_w} + {cfg.steps_wplus} PIE steps (W, W+).")
+
+    def _state(self, ws: torch.Tensor, source: str, aligned: np.ndarray | None, note: str) -> Embedding:
+        emb = self._loaded
+        with torch.no_grad():
+            params = emb.theta(emb.render(ws))
+        values = {"yaw": float(params.angles[0, 0]), "pitch": float(params.angles[0, 1])}
+        values.update({f"expr_{n}": float(params.expression[0, k])
+                       for k, n in enumerate(emb.rig.config.expression_names)})
+        values.update({"light_x": 0.0, "light_y": 0.0})
+        own = {c.key: c.snap(values[c.key]) for c in self.controls()}  # what the sliders can show
+        return Embedding(self.key, source, {"ws": ws.detach(), "params": params}, values=own, aligned=aligned,
+                         note=note)
+
+    def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
+        from portrait3d.interfaces.pie import EditSpec
+        from portrait3d.utils.visualize import to_uint8
+
+        self._check_state(state)
+        emb = self._models()
+        v = self.values(state, values)
+        changed = {k for k, x in v.items() if abs(x - state.values.get(k, 0.0)) > 1e-6}
+        names = list(emb.rig.config.expression_names)
+        pose = bool(changed & {"yaw", "pitch"})
+        expr = {n: v[f"expr_{n}"] for n in names if f"expr_{n}" in v} if any(
+            k.startswith("expr_") for k in changed) else {}
+        light = None
+        if changed & {"light_x", "light_y"} and (v["light_x"] or v["light_y"]):
+            x, y = v["light_x"], v["light_y"]
+            light = (x, y, float(np.sqrt(max(0.0, 1.0 - x * x - y * y))))  # a unit direction toward the viewer
+        spec = EditSpec(yaw=v["yaw"] if pose else None, pitch=v["pitch"] if pose else None, expression=expr,
+                        light=light)
+        ws = state.data["ws"]
+        if not spec.empty:
+            ws, _ = emb.edit(ws, spec.targets(state.data["params"], names))
+        with torch.no_grad():
+            return to_uint8(emb.render(ws))[0]
+
+
 # ----------------------------------------------------------------------------- registry
-ADAPTERS: tuple[type[MethodAdapter], ...] = (Inversion3DAdapter, NRSfMAdapter, LiftedGANAdapter)
+ADAPTERS: tuple[type[MethodAdapter], ...] = (Inversion3DAdapter, NRSfMAdapter, LiftedGANAdapter, PIEAdapter)
 """Every method the editor offers, in menu order. A new method is one class appended here."""
 
 

@@ -56,7 +56,7 @@ class PieConfig(ConfigMixin):
     id_weight: float = 1.0             # lambda_id
     edit_weight: float = 1.0           # lambda_edit
     inv_weight: float = 1.0            # lambda_inv
-    recog_weight: float = 0.1          # lambda_recog
+    recog_weight: float = 10.0         # lambda_recog; 1 -> 3 -> 10: identity kept in 62 -> 75 -> 100% of 8 edits
     modify_every: int = 2              # E_id / E_edit / E_inv / the edits' E_recog every k steps (their cost)
     pose_range_deg: float = 30.0       # E_edit's sampled yaw / pitch targets: uniform within +- this
     light_std: float = 0.3             # and SH light: the current light plus this much noise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,8 @@ from portrait3d.methods.pie.estimator import (
     rig_targets,
 )
 from portrait3d.methods.pie.face_model import FaceModel, RigParams
-from portrait3d.training.distributed import DistInfo
-from portrait3d.training.loop import due
-from portrait3d.training.progress import Progress
-from portrait3d.training.snapshots import load_module_snapshot, prune_snapshots, save_module_snapshot
+from portrait3d.training.loop import fit_module
+from portrait3d.training.snapshots import load_module_snapshot
 
 __all__ = ["EstimatorTrainConfig", "RigNetTrainConfig", "evaluate_estimator", "fit_targets", "prepare_targets",
            "train_estimator", "train_rignet"]
@@ -147,41 +144,10 @@ def train_estimator(data_root: str | os.PathLike[str], out_dir: str | os.PathLik
 
     if step == 0 and cfg.sample_kimg > 0:
         samples(0)
-    seen = _fit(est, opt, out, TRAINER, cfg.to_dict(), EXPORT_NAME, step, images_seen, total, cfg.batch,
+    seen = fit_module(est, opt, out, TRAINER, cfg.to_dict(), EXPORT_NAME, step, images_seen, total, cfg.batch,
                 cfg.snapshot_kimg, cfg.keep_snapshots, progress, losses,
                 samples if cfg.sample_kimg > 0 else None, cfg.sample_kimg)
     return est.save(out / EXPORT_NAME, overwrite=True, meta={"images_seen": seen, "rig": cfg.rig})
-
-
-def _fit(net: torch.nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: str, config: dict[str, Any],
-         export_name: str, step: int, images_seen: int, total: int, batch: int, snapshot_kimg: float, keep: int,
-         progress: bool, losses: Any, samples: Any = None, sample_kimg: float = 0.0) -> int:
-    """The loop of PIE's one-network trainers: ``losses(step)`` -> terms with ``loss``, Adam step, progress and
-    ``log.jsonl``, ``samples(step)`` every ``sample_kimg``, snapshots every ``snapshot_kimg`` and at the end.
-    Returns the images seen."""
-    bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
-    try:
-        while images_seen < total:
-            t0 = time.perf_counter()
-            terms = losses(step)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            prev, images_seen, step = images_seen, images_seen + batch, step + 1
-            bar.update(batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
-                               **{k: float(v.detach()) for k, v in terms.items()}})
-            done = images_seen >= total
-            if samples is not None and (due(prev, images_seen, sample_kimg) or done):
-                samples(step)
-            if due(prev, images_seen, snapshot_kimg) or done:
-                folder = out / f"snapshot-{step:08d}"
-                save_module_snapshot(folder, trainer, config, net, opt, step, images_seen,
-                                     {export_name: lambda p: net.save(p, overwrite=True)}, rng=False)
-                prune_snapshots(out, keep)
-                bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
-    finally:
-        bar.close()
-    return images_seen
 
 
 @torch.no_grad()
@@ -290,6 +256,6 @@ def train_rignet(cfg: RigNetTrainConfig, out_dir: str | os.PathLike[str], resume
         return rignet_losses(net, render, est, rig, ws, vs, cfg.rec_weight, cfg.edit_weight, cfg.consist_weight,
                              target_fn=target_fn)
 
-    seen = _fit(net, opt, out, trainer, cfg.to_dict(), export, step, images_seen, total, cfg.batch,
+    seen = fit_module(net, opt, out, trainer, cfg.to_dict(), export, step, images_seen, total, cfg.batch,
                 cfg.snapshot_kimg, cfg.keep_snapshots, progress, losses)
     return net.save(out / export, overwrite=True, meta={"images_seen": seen, "network": cfg.network})

@@ -47,11 +47,13 @@ def code_distance(a: WTri, b: WTri, p: int = 1) -> torch.Tensor:
 def wtri_losses(enc: Any, G: Any, x: torch.Tensor, c: torch.Tensor, novel_cameras: torch.Tensor,
                 w: WTriLossConfig, perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 identity: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                keep_codes: bool = False) -> dict[str, Any]:
     """Eqs. 1-4 on photos ``x [N, 3, H, W]`` (``[-1, 1]``) with cameras ``c [N, 25]``; ``novel_cameras [N, 25]``
     are the ``p_hat`` of the cycle. ``identity(images) -> [N]`` is ``1 - cos`` to the photos' descriptors (an
     :class:`~portrait3d.losses.identity.IdentityLoss` built on ``x``); ``features(images) -> [N, D]`` the global
-    feature of the similarity term. Returns the terms and ``loss``."""
+    feature of the similarity term. Returns the terms and ``loss`` (and, with ``keep_codes``, the list of codes
+    of the iterations under ``codes``)."""
     codes, images = enc.invert(G, x, c)
     terms: dict[str, torch.Tensor] = {}
     rec = torch.zeros((), device=x.device)
@@ -77,4 +79,6 @@ def wtri_losses(enc: Any, G: Any, x: torch.Tensor, c: torch.Tensor, novel_camera
         terms["cyc"] = code_distance(final, again[-1], p=1).mean()
         loss = loss + w.cyc * terms["cyc"]
     terms["loss"] = loss
+    if keep_codes:
+        terms["codes"] = codes
     return terms
