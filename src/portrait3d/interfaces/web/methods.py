@@ -628,9 +628,9 @@ class PIEAdapter(ModelFileAdapter):
         modes = set(emb.rignets) if emb is not None else {"pose"}
         out: list[Control] = []
         if "pose" in modes:
-            out += [Control("yaw", "Head yaw (degrees)", -40.0, 40.0, 1.0, 0.0,
+            out += [Control("yaw", "Head yaw (degrees)", -30.0, 30.0, 1.0, 0.0,
                             "Absolute yaw of the rig (+: the head turns to its left)."),
-                    Control("pitch", "Head pitch (degrees)", -25.0, 25.0, 1.0, 0.0,
+                    Control("pitch", "Head pitch (degrees)", -20.0, 20.0, 1.0, 0.0,
                             "Absolute pitch of the rig (+: chin up).")]
         if "expression" in modes and emb is not None:
             out += [Control(f"expr_{n}", n.replace("_", " ").capitalize() + " (std. dev.)", -self.EXPR_LIMIT,
