@@ -120,7 +120,8 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
 
 
 def _load_folder(folder: Path, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict]:
-    """``(generator, ws [1, num_ws, w_dim], camera [1, 25], result.json)`` of an ``invert3d`` folder."""
+    """``(generator, latent, camera [1, 25], result.json)`` of an ``invert3d`` or ``encode3d`` folder; the latent is
+    ``ws [1, num_ws, w_dim]`` (``latent.npy``) or a W_tri code (``code.npz``, written by ``encode3d``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
@@ -135,6 +136,8 @@ def _load_folder(folder: Path, device: torch.device) -> tuple[nn.Module, torch.T
     if label.shape != (25,):
         raise UsageError(f"{rpath}: camera label has {label.numel()} values, not 25")
     lpath = folder / "latent.npy"
+    if not lpath.is_file() and (folder / "code.npz").is_file():
+        return _load_code_folder(folder, rec, label, device)
     if not lpath.is_file():
         raise FileNotFoundError(f"{folder} has no latent.npy")
     try:
@@ -151,6 +154,24 @@ def _load_folder(folder: Path, device: torch.device) -> tuple[nn.Module, torch.T
     if ws.ndim != 3 or ws.shape[0] != 1 or tuple(ws.shape[1:]) != (G.num_ws, G.w_dim):
         raise UsageError(f"{lpath} holds latents {list(ws.shape)}; the generator needs [1, {G.num_ws}, {G.w_dim}]")
     return G, ws.to(device), label[None], rec
+
+
+def _load_code_folder(folder: Path, rec: dict, label: torch.Tensor, device: torch.device
+                      ) -> tuple[nn.Module, Any, torch.Tensor, dict]:
+    from portrait3d.networks.eg3d.triplane import WTri
+
+    cpath = folder / "code.npz"
+    try:
+        with np.load(cpath, allow_pickle=False) as d:
+            code = WTri(*(torch.from_numpy(d[k]).float() for k in ("shared", "planes", "sr")))
+    except (ValueError, OSError, EOFError, KeyError):
+        raise UsageError(f"{cpath} is not a W_tri code written by portrait3d encode3d") from None
+    G, _ = load_generator(str(rec["network"]), device)
+    k = G.wtri_shared_rows
+    if (tuple(code.shared.shape), tuple(code.planes.shape), tuple(code.sr.shape)) != \
+            ((1, k, G.w_dim), (1, 3, 3, G.w_dim), (1, G.w_dim)):
+        raise UsageError(f"{cpath} does not fit the generator {rec['network']}")
+    return G, code.to(device), label[None], rec
 
 
 def run_render(folder: Path, yaws: Sequence[float] = (), pitch: float | None = None, orbit: bool = False,

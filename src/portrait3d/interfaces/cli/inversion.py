@@ -121,6 +121,80 @@ def render(folder: Path, yaws: tuple[float, ...], pitch: float | None, orbit: bo
         click.echo(f"wrote {p}")
 
 
+@main.command()
+@click.argument("photo", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--network", type=str, default="default-3d", help="EG3D checkpoint or built-in name.")
+@click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              show_default="models/wtri/<network>.safetensors when shipped",
+              help="W_tri encoder (portrait3d train wtri) for --network.")
+@click.option("--refine", is_flag=True,
+              help="Hand the code to the Ko et al. optimiser (latent and camera) as its starting point.")
+@click.option("--refine-steps", type=click.IntRange(0, 100000), default=None,
+              help="Optimiser steps with --refine [default: the configuration's].")
+@click.option("--pti/--no-pti", default=False, help="With --refine: pivotal tuning after the optimiser.")
+@click.option("--face-index", type=click.IntRange(0), default=None,
+              help="Which face when the photo has several (0 = largest) [required then].")
+@click.option("--align", type=click.Choice(["auto", "default", "eg3d", "ffhq"]), default="auto",
+              help="Crop the generator was trained on (auto: 'default' for built-in models, else 'eg3d').")
+@click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of orbit.mp4.")
+@click.option("--mesh-resolution", type=click.IntRange(16, 512), default=128,
+              help="Marching-cubes grid side of mesh.ply.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every photo).")
+@workers_option
+@compute_options
+@fail_cleanly
+def encode3d(photo: Path, out: Path, network: str, encoder_path: Path | None, refine: bool,
+             refine_steps: int | None, pti: bool, face_index: int | None, align: str, orbit_frames: int,
+             mesh_resolution: int, force: bool, workers: int, device: str, threads: int | None) -> None:
+    """Put the face in PHOTO into a 3D (EG3D) generator with the W_tri encoder (Oh & Jo): one encoder pass of
+    a few iterations instead of an optimisation, at the face pipeline's camera.
+
+    Writes the files of invert3d (input_aligned.png, reconstruction.png, view_yaw-30.png, view_yaw+30.png,
+    depth.png, mesh.ply, orbit.mp4, result.json) and code.npz (the W_tri code; with --refine, latent.npy) to OUT,
+    and prints the time of each stage.
+
+    \b
+    PHOTO may be a folder or a glob (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
+      portrait3d encode3d 'photos/*.jpg' --out results --workers 2
+    """
+    device = setup_compute(device, threads)
+    from portrait3d.interfaces.encode3d import run_encode3d
+
+    kwargs = dict(network=network, encoder_path=encoder_path, refine=refine, refine_steps=refine_steps, pti=pti,
+                  face_index=face_index, align=align, orbit_frames=orbit_frames, mesh_resolution=mesh_resolution)
+    if wants_batch([photo]):
+        check_batch_files(network, encoder=encoder_path)
+        run_batch_command([photo], out, Encode3DTask(kwargs, device), desc="encoding",
+                          config={"command": "encode3d", **kwargs}, workers=workers, force=force)
+        return
+    rec = run_encode3d(photo, out, force=force, device=device, **kwargs)
+    click.echo("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["timings_s"].items()))
+    click.echo(f"PSNR {rec['psnr_db'] if rec['psnr_db'] is not None else float('inf'):.2f} dB, "
+               f"identity (dlib cosine) {json.dumps(rec['identity_cosine_dlib'])}")
+    echo_notes(rec.get("notes", []), "warning")
+    click.echo(f"wrote {out}")
+
+
+@dataclass
+class Encode3DTask(ItemTask):
+    """Batch ``encode3d``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""
+
+    kwargs: dict[str, Any]  # run_encode3d's options, the same for every photo
+    device: str
+    _device: str = field(default="cpu", init=False, repr=False)
+
+    def setup(self, worker: WorkerInfo) -> None:
+        self._device = pick_device(self.device, worker)
+
+    def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
+        from portrait3d.interfaces.encode3d import run_encode3d
+
+        rec = run_encode3d(item.path, out_dir, force=False, device=self._device, progress=False, **self.kwargs)
+        return {"psnr_db": rec.get("psnr_db"), "identity_cosine_dlib": rec.get("identity_cosine_dlib"),
+                "encode_seconds": rec["timings_s"].get("encode")}
+
+
 @dataclass
 class Invert3DTask(ItemTask):
     """Batch ``invert3d``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""

@@ -125,6 +125,10 @@ class WTri:
       block runs once per plane and keeps that plane's channels. Planes follow the renderer's order: 0 ``(x, y)``,
       1 ``(x, z)``, 2 official EG3D's ``(z, x)`` (its quirk; the paper's third, "yz", plane);
     * ``sr [N, w_dim]``: the super-resolution module's code (EG3D feeds it the last W+ row).
+
+    The generator's ``synthesis``, ``planes``, ``sample_mixed`` and ``density_grid`` take a code wherever they take
+    ``ws``, so views, videos and meshes of a code use the same functions as those of a W+ latent; for them a code
+    slices along the batch (``code[:1]``) and reports its ``device`` like a tensor.
     """
 
     shared: torch.Tensor
@@ -133,6 +137,25 @@ class WTri:
 
     def detach(self) -> "WTri":
         return WTri(self.shared.detach(), self.planes.detach(), self.sr.detach())
+
+    def to(self, device: torch.device | str) -> "WTri":
+        return WTri(self.shared.to(device), self.planes.to(device), self.sr.to(device))
+
+    def __getitem__(self, index: Any) -> "WTri":
+        if not isinstance(index, slice):
+            raise TypeError("a W_tri code slices along its batch only (code[a:b])")
+        return WTri(self.shared[index], self.planes[index], self.sr[index])
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The three parts by name (for a ``.npz`` / safetensors file)."""
+        return {"shared": self.shared, "planes": self.planes, "sr": self.sr}
 
 
 class TriPlaneGenerator(nn.Module):
@@ -176,8 +199,13 @@ class TriPlaneGenerator(nn.Module):
         return self.backbone.mapping(z, c * self.rendering_kwargs.get("c_scale", 0), truncation_psi=truncation_psi,
                                      truncation_cutoff=truncation_cutoff, update_emas=update_emas)
 
-    def planes(self, ws: torch.Tensor, random: RandomSource | None = None, **synthesis_kwargs: Any) -> torch.Tensor:
-        """Tri-plane features ``[N, 3, C, H, W]`` for ``ws`` (backbone noise from ``random`` when given)."""
+    def planes(self, ws: torch.Tensor | WTri, random: RandomSource | None = None,
+               **synthesis_kwargs: Any) -> torch.Tensor:
+        """Tri-plane features ``[N, 3, C, H, W]`` for ``ws`` (backbone noise from ``random`` when given), or for a
+        W_tri code (:meth:`planes_wtri`)."""
+        if isinstance(ws, WTri):
+            synthesis_kwargs.pop("update_emas", None)
+            return self.planes_wtri(ws, **synthesis_kwargs)
         if random is not None and synthesis_kwargs.get("noise_mode", "random") == "random" \
                 and synthesis_kwargs.get("noise_inputs") is None:
             synthesis_kwargs["noise_inputs"] = [draw_randn(random, shape, ws.device)
@@ -242,19 +270,17 @@ class TriPlaneGenerator(nn.Module):
                        **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
         """Render a W_tri code from camera ``c`` (as :meth:`synthesis`; equal to it for
         ``wtri_from_ws(ws)``)."""
-        _check_camera(c)
-        planes = self.planes_wtri(w, **synthesis_kwargs)
-        return self._render_planes(planes, w.sr[:, None], c, neural_rendering_resolution, deterministic, random,
-                                   False, synthesis_kwargs)
+        return self.synthesis(w, c, neural_rendering_resolution=neural_rendering_resolution,
+                              deterministic=deterministic, random=random, **synthesis_kwargs)
 
-    def synthesis(self, ws: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: int | None = None,
+    def synthesis(self, ws: torch.Tensor | WTri, c: torch.Tensor, neural_rendering_resolution: int | None = None,
                   update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
                   deterministic: bool = False, random: RandomSource | None = None, depth_spread: bool = False,
                   **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
         """Render ``ws`` from camera ``c``.
 
         Args:
-            ws: ``[N, num_ws, w_dim]``; c: ``[N, 25]``.
+            ws: ``[N, num_ws, w_dim]``, or a :class:`WTri` code; c: ``[N, 25]``.
             neural_rendering_resolution: volume-rendering resolution (default: the model's).
             deterministic: mid-bin stratified depths and ``det=True`` importance sampling.
             random: source of the backbone noise (``noise_mode='random'``), ray jitter, importance samples and
@@ -276,7 +302,10 @@ class TriPlaneGenerator(nn.Module):
     def _render_planes(self, planes: torch.Tensor, ws: torch.Tensor, c: torch.Tensor,
                        neural_rendering_resolution: int | None, deterministic: bool, random: RandomSource | None,
                        depth_spread: bool, synthesis_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Volume-render tri-planes from camera ``c`` and super-resolve (the SR reads ``ws``'s last row)."""
+        """Volume-render tri-planes from camera ``c`` and super-resolve (the SR reads ``ws``'s last row, or a
+        W_tri code's ``sr``)."""
+        if isinstance(ws, WTri):
+            ws = ws.sr[:, None]
         cam2world = c[:, :16].view(-1, 4, 4)
         intrinsics = c[:, 16:25].view(-1, 3, 3)
         if neural_rendering_resolution is None:

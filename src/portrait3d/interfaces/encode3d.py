@@ -1,0 +1,210 @@
+"""``portrait3d encode3d``: a photo -> an EG3D code in one encoder pass (the W_tri encoder of Oh & Jo), with the
+views, depth, mesh and video of ``invert3d``.
+
+Writes into one folder the files of ``invert3d`` (:mod:`portrait3d.interfaces.invert3d`): ``input_aligned.png``,
+``reconstruction.png``, ``view_yaw-30.png``, ``view_yaw+30.png``, ``depth.png``, ``mesh.ply``, ``orbit.mp4`` and
+``result.json`` (stage timings, camera, PSNR, identity), and instead of ``latent.npy`` the code:
+
+* ``code.npz``: a W_tri code (``shared``, ``planes``, ``sr``; :class:`~portrait3d.networks.eg3d.triplane.WTri`),
+  or, with ``--refine``, ``latent.npy``: the W+ latent the Ko et al. optimiser refined from it (and, with
+  ``--pti``, ``generator.safetensors``).
+
+The camera is the face pipeline's (no camera search: the encoder is trained on those cameras). ``--refine``
+starts the optimiser at the encoder's code: its W+ rows, with the three planes' rows averaged (the optimiser
+searches W+, where the planes share their rows), and the face pipeline's camera.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from portrait3d.errors import UsageError
+from portrait3d.face.io import save_image
+from portrait3d.utils.io import atomic_write, jsonable, write_json, write_npy
+
+__all__ = ["OUTPUTS", "WTRI_MODELS", "default_encoder_path", "run_encode3d"]
+
+WTRI_MODELS = Path(__file__).resolve().parents[1] / "models" / "wtri"
+OUTPUTS = ("input_aligned.png", "reconstruction.png", "view_yaw-30.png", "view_yaw+30.png", "depth.png",
+           "mesh.ply", "orbit.mp4", "result.json")
+
+
+def default_encoder_path(network: str) -> Path:
+    """Where the shipped encoder of a built-in network lives (``models/wtri/<network>.safetensors``)."""
+    return WTRI_MODELS / f"{network}.safetensors"
+
+
+def _resolve_encoder(network: str, encoder_path: Path | None) -> Path:
+    if encoder_path is not None:
+        if not Path(encoder_path).is_file():
+            raise FileNotFoundError(f"{encoder_path}: no such encoder file")
+        return Path(encoder_path)
+    path = default_encoder_path(network)
+    if not path.is_file():
+        raise UsageError(f"no W_tri encoder ships for {network}; train one (portrait3d train wtri --network "
+                         f"{network} ...) and pass --encoder")
+    return path
+
+
+def code_to_ws(code: Any) -> torch.Tensor:
+    """W+ rows ``[N, num_ws, w_dim]`` of a W_tri code, the three planes' rows averaged (exact when they agree,
+    e.g. for the W+ baseline encoder)."""
+    last = code.planes.mean(1)                                  # [N, 3, w_dim]: conv0, conv1, ToRGB of the last block
+    return torch.cat([code.shared[:, :-1], last], dim=1)
+
+
+def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_path: Path | None = None,
+                 face_index: int | None = None, align: str = "auto", refine: bool = False,
+                 refine_steps: int | None = None, pti: bool = False, force: bool = False, orbit_frames: int = 48,
+                 mesh_resolution: int = 128, fps: int = 24, device: str = "cpu",
+                 progress: bool = True) -> dict[str, Any]:
+    """Encode the face in ``photo`` and write the outputs of the module docstring into ``out``; returns the
+    ``result.json`` record (with ``timings_s`` per stage).
+
+    Raises:
+        FileExistsError: outputs exist and ``force`` is False (checked before any work). FaceError: no face.
+        UsageError / CheckpointError: no encoder for ``network``, an encoder for another generator.
+    """
+    from portrait3d.face.errors import FaceError
+    from portrait3d.face.io import load_image
+    from portrait3d.face.pipeline import FacePipeline, several_faces_note
+    from portrait3d.interfaces.invert3d import PTI_GENERATOR, _check_outputs
+    from portrait3d.methods.inversion3d.pipeline import (
+        IDENTITY_COSINE_MIN,
+        NOVEL_YAWS,
+        IdentityMeter,
+        camera_record,
+        face_landmarks68,
+        fmt_deg,
+        load_generator,
+        make_inversion_config,
+        orbit_cameras_at,
+        render_views,
+        resolve_align,
+        to_tensor,
+        view_camera,
+    )
+    from portrait3d.methods.wtri.encoder import WTriEncoder
+    from portrait3d.metrics.psnr import psnr
+    from portrait3d.utils.mesh import extract_mesh, write_ply
+    from portrait3d.utils.video import write_mp4
+    from portrait3d.utils.visualize import colour_depth
+
+    t_start = time.perf_counter()
+    out, photo = Path(out), Path(photo)
+    code_files = ("latent.npy",) + ((PTI_GENERATOR,) if pti else ()) if refine else ("code.npz",)
+    if pti and not refine:
+        raise UsageError("--pti tunes the generator after the optimiser: it needs --refine")
+    _check_outputs(out, OUTPUTS + code_files, force, "encode3d")
+    enc_path = _resolve_encoder(network, encoder_path)
+    image = load_image(photo)
+    times: dict[str, float] = {}
+    dev = torch.device(device)
+
+    t = time.perf_counter()
+    G, network_ref = load_generator(network, dev)
+    enc = WTriEncoder.load(enc_path).eval().to(dev)
+    c = enc.config
+    if (c.w_dim, c.num_ws, c.shared_rows) != (G.w_dim, G.num_ws, G.wtri_shared_rows):
+        raise UsageError(f"{enc_path} was trained for another generator (W+ {c.num_ws} x {c.w_dim}), not "
+                         f"{network} ({G.num_ws} x {G.w_dim})")
+    times["load"] = time.perf_counter() - t
+    res_px = int(G.img_resolution)
+    align = resolve_align(align, network)
+    with FacePipeline(style=align, output_size=res_px) as pipe:
+        t = time.perf_counter()
+        try:
+            face = pipe(image, face_index=face_index)
+        except FaceError as e:
+            raise type(e)(f"{photo.name}: {e}") from None
+        aligned = face.aligned.image
+        lm = face_landmarks68(face)
+        camera = face.camera.reshape(1, 25).float().to(dev)
+        target = to_tensor(aligned, dev)
+        times["face"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with torch.no_grad():
+            codes, _ = enc.invert(G, target, camera, deterministic=True)
+        latent: Any = codes[-1]
+        times["encode"] = time.perf_counter() - t
+        G_out = G
+        refined: dict[str, Any] | None = None
+        if refine:
+            from portrait3d.methods.inversion3d.optimize import invert
+
+            t = time.perf_counter()
+            cfg = make_inversion_config(1, refine_steps, pti, None, None)
+            res = invert(G, target, code_to_ws(latent), camera, cfg, landmarks=lm, progress=progress)
+            G_out, latent = res.G.eval(), res.ws.detach()
+            camera = res.camera.detach().reshape(1, 25).to(dev)
+            refined = {"algorithm": res.algorithm, "steps": cfg.steps, "pti": pti,
+                       "loss_history_tail": res.history[-10:]}
+            times["refine"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        cams = torch.cat([camera.cpu()] + [view_camera(camera, y) for y in NOVEL_YAWS])
+        imgs, depth = render_views(G_out, latent, cams)
+        recon = imgs[0]
+        views = {f"view_yaw{fmt_deg(y)}.png": imgs[1 + i] for i, y in enumerate(NOVEL_YAWS)}
+        times["views"] = time.perf_counter() - t
+        t = time.perf_counter()
+        frames, _ = render_views(G_out, latent, orbit_cameras_at(camera, orbit_frames), progress=progress,
+                                 desc="orbit video")
+        times["orbit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        mesh = extract_mesh(G_out, latent, resolution=mesh_resolution)
+        times["mesh"] = time.perf_counter() - t
+        t = time.perf_counter()
+        meter = IdentityMeter(pipe, aligned, lm)
+        identity = {"reconstruction.png": meter(recon), **{n: meter(v) for n, v in views.items()}}
+        times["identity"] = time.perf_counter() - t
+
+    notes = several_faces_note(face, face_index, photo.name)
+    lost = [n for n, v in identity.items() if v is None or v < IDENTITY_COSINE_MIN]
+    if lost:
+        notes.append(f"identity not kept in {', '.join(lost)} (dlib cosine to the input below {IDENTITY_COSINE_MIN:g}, "
+                     "or no face found)")
+    t = time.perf_counter()
+    if force:  # result.json marks a complete run
+        (out / "result.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(out / "input_aligned.png", aligned, overwrite=force)
+    save_image(out / "reconstruction.png", recon, overwrite=force)
+    for name, img in views.items():
+        save_image(out / name, img, overwrite=force)
+    save_image(out / "depth.png", colour_depth(depth[:1], res_px)[0], overwrite=force)
+    write_ply(mesh, out / "mesh.ply", overwrite=force)
+    write_mp4(frames, out / "orbit.mp4", fps=fps, overwrite=force)
+    if refine:
+        write_npy(out / "latent.npy", latent.cpu().float().numpy(), overwrite=force)
+        if pti:
+            from portrait3d.checkpoints.native import save_network
+
+            save_network(G_out, out / PTI_GENERATOR, overwrite=force)
+    else:
+        parts = {k: v.cpu().float().numpy() for k, v in latent.tensors().items()}
+
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+                np.savez(f, **parts)
+
+        atomic_write(out / "code.npz", write_npz, overwrite=force)
+    times["write"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_start
+    record = {
+        "photo": str(photo.resolve()), "faces_found": face.num_faces, "face_index": face_index,
+        "network": network_ref, "encoder": str(enc_path.resolve()), "space": enc.config.space,
+        "iterations": enc.config.iterations, "alignment": align, "image_resolution": res_px,
+        "camera": camera_record(camera), "refined": refined, "generator": PTI_GENERATOR if pti else None,
+        "novel_views": {n: {"yaw_deg": y} for n, y in zip(views, NOVEL_YAWS)},
+        "psnr_db": psnr(recon, aligned), "identity_cosine_dlib": identity, "mesh": mesh.summary(),
+        "orbit": {"frames": int(len(frames)), "fps": fps}, "timings_s": times, "notes": notes,
+    }
+    write_json(out / "result.json", record, overwrite=force)
+    return jsonable(record)

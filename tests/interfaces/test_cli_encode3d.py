@@ -1,0 +1,109 @@
+"""``portrait3d encode3d`` end to end on a tiny random EG3D, a random W_tri encoder and a real photo: the files of
+invert3d plus the code, stage timings, --refine, batches, and clean failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
+
+from portrait3d import save_network
+from portrait3d.interfaces.encode3d import OUTPUTS, code_to_ws
+from portrait3d.methods.wtri.encoder import WTriEncoder, WTriEncoderConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PHOTO = "data/portraits/face_recognition/examples/knn_examples/train/obama/obama.jpg"
+FAST = ["--orbit-frames", "3", "--mesh-resolution", "24"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """``(network, encoder)``: a tiny EG3D and a W_tri encoder for it whose heads are not zero (it moves)."""
+    root = tmp_path_factory.mktemp("enc3d")
+    G = make_tiny_eg3d()
+    torch.manual_seed(0)
+    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, width=8, layers=(1, 1, 1, 1), head_channels=16,
+                                                      fpn_channels=8, input_size=64, iterations=2))
+    with torch.no_grad():
+        enc.mlp[-1].weight.normal_(0, 0.01)
+        enc.sr_head.weight.normal_(0, 0.01)
+    return save_network(G, root / "g.safetensors"), enc.save(root / "enc.safetensors")
+
+
+def test_encode3d_writes_invert3d_files_code_and_timings(files, tmp_path):
+    network, encoder = files
+    out = tmp_path / "out"
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", out, "--network", network, "--encoder", encoder, *FAST)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "seconds: " in res.output and "encode " in res.output
+    for name in OUTPUTS + ("code.npz",):
+        assert (out / name).is_file(), name
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["space"] == "wtri" and rec["iterations"] == 2 and rec["refined"] is None
+    assert set(rec["timings_s"]) >= {"face", "encode", "views", "orbit", "mesh", "total"}
+    with np.load(out / "code.npz") as d:
+        assert d["planes"].shape[1:3] == (3, 3) and not np.allclose(d["planes"][:, 0], d["planes"][:, 1])
+    assert_clean_failure(run_cli("encode3d", shared_path(PHOTO), "--out", out, "--network", network,
+                                 "--encoder", encoder, *FAST), "--force")  # no clobbering
+    res = run_cli("render", out, "--yaw", "-30")  # `render` re-renders the code: the same view
+    assert res.exit_code == 0, (res.output, res.exception)
+    again = [p for p in out.glob("render_yaw-30*.png")]
+    assert len(again) == 1
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(out / "view_yaw-30.png")))
+
+
+def test_encode3d_refine_writes_a_latent(files, tmp_path):
+    network, encoder = files
+    out = tmp_path / "out"
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", out, "--network", network, "--encoder", encoder,
+                  "--refine", "--refine-steps", "1", *FAST)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert (out / "latent.npy").is_file() and not (out / "code.npz").exists()
+    assert json.loads((out / "result.json").read_text())["refined"]["steps"] == 1
+
+
+def test_encode3d_batch(files, tmp_path):
+    network, encoder = files
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(shared_path("data/utkface").iterdir())[:2]:
+        shutil.copy(p, photos / p.name)
+    out = tmp_path / "batch"
+    res = run_cli("encode3d", photos, "--out", out, "--network", network, "--encoder", encoder, *FAST)
+    assert res.exit_code == 0, (res.output, res.exception)
+    items = json.loads((out / "manifest.json").read_text())["items"]
+    assert len(items) == 2 and all(r["status"] == "done" and r["result"]["encode_seconds"] > 0 for r in items)
+
+
+def test_code_to_ws_is_exact_for_tied_planes():
+    G = make_tiny_eg3d()
+    ws = G.mapping(torch.randn(2, G.z_dim), torch.zeros(2, 25))
+    torch.testing.assert_close(code_to_ws(G.wtri_from_ws(ws)), ws)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "no W_tri encoder ships for"),
+    (["--encoder", "missing.safetensors"], "no such encoder file"),
+    (["--pti"], "needs --refine"),
+])
+def test_encode3d_bad_input(files, tmp_path, monkeypatch, extra, message):
+    network, _ = files
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o", "--network", network, *extra)
+    assert_clean_failure(res, message)
+
+
+def test_encoder_for_another_generator_is_refused(files, tmp_path):
+    network, _ = files
+    other = WTriEncoder(WTriEncoderConfig(w_dim=64, num_ws=8, shared_rows=7, width=8, layers=(1, 1, 1, 1),
+                                          head_channels=16, fpn_channels=8, input_size=64))
+    path = other.save(tmp_path / "other.safetensors")
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o", "--network", network, "--encoder", path)
+    assert_clean_failure(res, "trained for another generator")
