@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.conftest import shared_path
 
+from portrait3d.errors import UsageError
 from portrait3d.face.pose import (
     EG3D_FOV_DEG,
     MEAN_FACE_PATH,
@@ -314,3 +315,52 @@ def test_real_photo_obama_is_frontal():
     print(f"\nobama.jpg: yaw {pose.yaw_deg:.1f}, pitch {pose.pitch_deg:.1f}, roll {pose.roll_deg:.1f} deg, "
           f"RMS {pose.reprojection_error:.1f} px")
     assert abs(pose.yaw_deg) < 15 and abs(pose.pitch_deg) < 20 and abs(pose.roll_deg) < 10
+
+
+# ----------------------------------------------------------------------------- the 468-point mesh fit
+@pytest.mark.parametrize("yaw", [-80.0, -60.0, -30.0, 0.0, 45.0, 75.0])
+def test_mesh_fit_recovers_profile_poses(yaw):
+    from portrait3d.face.pose import estimate_head_pose_mesh, mean_face_468
+
+    v, _ = mean_face_468()
+    size, focal = (256, 256), focal_from_fov(EG3D_FOV_DEG, (256, 256))
+    rot = rotation_from_angles(yaw, 8.0, -3.0)
+    pts = project_points(v, rot, np.array([0.0, 0.0, 5.4]), focal, size)
+    pts = pts + np.random.default_rng(0).normal(0, 0.5, pts.shape)
+    pose = estimate_head_pose_mesh(pts, size, fov_deg=EG3D_FOV_DEG)
+    assert abs(pose.yaw_deg - yaw) < 1 and abs(pose.pitch_deg - 8) < 1 and abs(pose.roll_deg + 3) < 1
+    assert pose.reprojection_error < 1.5
+
+
+def test_mesh_fit_ignores_hidden_points():
+    """At 70 deg the far cheek is hidden; a predictor's guesses for it (here: pulled toward a frontal face) must
+    not drag the yaw, and the visibility refit drops them."""
+    from portrait3d.face.pose import _vertex_normals, estimate_head_pose_mesh, mean_face_468
+
+    v, f = mean_face_468()
+    size, focal = (256, 256), focal_from_fov(EG3D_FOV_DEG, (256, 256))
+    rot, t = rotation_from_angles(70.0, 0.0, 0.0), np.array([0.0, 0.0, 5.4])
+    pts = project_points(v, rot, t, focal, size)
+    hidden = ((_vertex_normals(v, f) @ rot.T) * -(v @ rot.T + t)).sum(1) <= 0
+    assert 20 < hidden.sum() < 300
+    frontal = project_points(v, rotation_from_angles(0.0, 0.0, 0.0), t, focal, size)
+    pts[hidden] = 0.5 * (pts[hidden] + frontal[hidden])
+    assert abs(estimate_head_pose_mesh(pts, size, fov_deg=EG3D_FOV_DEG).yaw_deg - 70) < 3
+    assert abs(estimate_head_pose_mesh(pts, size, fov_deg=EG3D_FOV_DEG, visibility_rounds=0).yaw_deg - 70) > \
+        abs(estimate_head_pose_mesh(pts, size, fov_deg=EG3D_FOV_DEG).yaw_deg - 70)
+
+
+def test_mesh_fit_checks_and_confidence():
+    from portrait3d.face.pose import HeadPose, estimate_head_pose_mesh, pose_confidence
+
+    with pytest.raises(UsageError):
+        estimate_head_pose_mesh(np.zeros((68, 2)), (128, 128))
+    with pytest.raises(UsageError):
+        estimate_head_pose_mesh(np.full((468, 2), np.nan), (128, 128))
+    good = HeadPose(10.0, 0.0, 0.0, np.eye(3), np.zeros(3), reprojection_error=0.5)
+    assert pose_confidence(good, 100.0) == (True, [])
+    ok, why = pose_confidence(HeadPose(10.0, 0.0, 0.0, np.eye(3), np.zeros(3), reprojection_error=8.0), 100.0)
+    assert not ok and "fit a head pose poorly" in why[0]
+    ok, why = pose_confidence(HeadPose(50.0, 0.0, 0.0, np.eye(3), np.zeros(3), reprojection_error=0.5), 100.0)
+    assert ok and "trained on" in why[0]
+    assert not pose_confidence(HeadPose(85.0, 0.0, 0.0, np.eye(3), np.zeros(3), reprojection_error=0.5), 100.0)[0]

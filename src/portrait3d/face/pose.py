@@ -76,12 +76,19 @@ __all__ = [
     "focal_from_fov",
     "project_points",
     "estimate_head_pose",
+    "estimate_head_pose_mesh",
+    "mean_face_468",
+    "pose_confidence",
     "camera_from_pose",
     "pose_from_camera",
 ]
 
 EG3D_FOV_DEG = 18.837
 MEAN_FACE_PATH = Path(__file__).resolve().parent / "data" / "mean_face_68.npy"
+MEAN_MESH_PATH = Path(__file__).resolve().parent / "data" / "mean_face_468.npz"
+MESH_YAW_LIMIT_DEG = 75.0       # beyond this the 468-point fit was not validated (bench/eval_camera_recovery.py)
+TRAINING_YAW_DEG = 35.0         # the built-in generators' training faces hardly turn further (UTKFace)
+LOW_CONFIDENCE_ERROR = 0.03     # RMS reprojection error, as a share of the face's width, above which a fit is suspect
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,8 +213,6 @@ def estimate_head_pose(
     Raises:
         ValueError: malformed landmarks / size / focal, or no pose with the face toward the camera.
     """
-    import cv2
-
     pts = np.asarray(landmarks, dtype=np.float64)
     if pts.shape != (68, 2) or not np.isfinite(pts).all():
         raise UsageError(f"landmarks must be a finite array [68, 2], got shape {pts.shape}")
@@ -220,6 +225,19 @@ def estimate_head_pose(
     obj = mean_face_68() if shape is None else np.asarray(shape, dtype=np.float64)
     if obj.shape != (68, 3):
         raise UsageError(f"shape must be [68, 3], got {obj.shape}")
+
+    err, rot, t = _fit_pnp(obj, pts, focal, size)
+    yaw, pitch, roll = angles_from_rotation(rot)
+    return HeadPose(yaw, pitch, roll, rot, t.copy(), err, focal)
+
+
+def _fit_pnp(obj: np.ndarray, pts: np.ndarray, focal: float, size: Tuple[int, int],
+             starts_from: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(RMS reprojection error in px, rotation [3, 3], translation [3])`` of model points ``obj [K, 3]`` fitted to
+    image points ``pts [K, 2]``: SQPnP plus iterative PnP from a grid of yaw / pitch starts (and from the rotation
+    ``starts_from``, when given), each refined by Levenberg-Marquardt; fits with the head behind the camera or
+    facing away from it are discarded (:func:`estimate_head_pose`)."""
+    import cv2
 
     k = _camera_matrix(focal, size)
     obj_c = np.ascontiguousarray(obj)
@@ -235,15 +253,16 @@ def estimate_head_pose(
     ok, rvec, tvec = cv2.solvePnP(obj_c, img_c, k, None, flags=cv2.SOLVEPNP_SQPNP)
     if ok:
         starts.append((rvec, tvec))
-    for yaw0 in (-60.0, -30.0, 0.0, 30.0, 60.0):
-        for pitch0 in (-30.0, 0.0, 30.0):
-            r0 = rotation_from_angles(yaw0, pitch0, 0.0)
-            t0 = ray - r0 @ obj.mean(0)
-            ok, rvec, tvec = cv2.solvePnP(obj_c, img_c, k, None, cv2.Rodrigues(r0)[0].copy(),
-                                          t0.reshape(3, 1).copy(), useExtrinsicGuess=True,
-                                          flags=cv2.SOLVEPNP_ITERATIVE)
-            if ok:
-                starts.append((rvec, tvec))
+    guesses = [rotation_from_angles(y, p, 0.0) for y in (-60.0, -30.0, 0.0, 30.0, 60.0) for p in (-30.0, 0.0, 30.0)]
+    if starts_from is not None:
+        guesses.append(np.asarray(starts_from, np.float64))
+    for r0 in guesses:
+        t0 = ray - r0 @ obj.mean(0)
+        ok, rvec, tvec = cv2.solvePnP(obj_c, img_c, k, None, cv2.Rodrigues(r0)[0].copy(),
+                                      t0.reshape(3, 1).copy(), useExtrinsicGuess=True,
+                                      flags=cv2.SOLVEPNP_ITERATIVE)
+        if ok:
+            starts.append((rvec, tvec))
 
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_COUNT, 100, 1e-10)
     best = None
@@ -260,9 +279,99 @@ def estimate_head_pose(
             best = (err, rot, t)
     if best is None:
         raise UsageError("no head pose with the face toward the camera fits these landmarks")
-    err, rot, t = best
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def mean_face_468() -> tuple[np.ndarray, np.ndarray]:
+    """The face rig's mean shape on MediaPipe's 468-point mesh: ``(vertices float64 [468, 3], triangles int64
+    [F, 3])`` in the head frame (``data/MEAN_FACE.md``; the rig's units, about twice the 68-point face's: scale does
+    not change the angles), read-only."""
+    with np.load(MEAN_MESH_PATH, allow_pickle=False) as d:
+        v, f = d["vertices"].astype(np.float64), d["faces"].astype(np.int64)
+    if v.shape != (468, 3) or f.ndim != 2 or f.shape[1] != 3:
+        raise RuntimeError(f"{MEAN_MESH_PATH} holds vertices {v.shape} and faces {f.shape}")
+    v.setflags(write=False)
+    f.setflags(write=False)
+    return v, f
+
+
+def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    n = np.zeros_like(v)
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    for k in range(3):
+        np.add.at(n, f[:, k], fn)
+    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+
+
+def estimate_head_pose_mesh(
+    mesh: np.ndarray,
+    image_size: Tuple[int, int],
+    focal: float | None = None,
+    *,
+    fov_deg: float | None = None,
+    visibility_rounds: int = 2,
+    min_visible: int = 60,
+    grazing: float = 0.2,
+) -> HeadPose:
+    """Head pose from MediaPipe's 468-point face mesh, robust to profile views.
+
+    PnP (:func:`estimate_head_pose`'s multi-start solver with Levenberg-Marquardt refinement) fits the face rig's
+    mean mesh (:func:`mean_face_468`) to all 468 points, then refits ``visibility_rounds`` times on the points
+    whose mean-mesh normal faces the camera under the current pose: beyond about 45 degrees of yaw the far cheek is
+    hidden, and MediaPipe's guesses for it (and the 68-point predictor's) pull a fit of every point toward frontal.
+    ``HeadPose.reprojection_error`` is the RMS over the points used; :func:`pose_confidence` judges it.
+
+    Args:
+        mesh: ``[468, 2]`` or ``[468, 3]`` (``z`` ignored) pixel coordinates, as from
+            :meth:`~portrait3d.face.analyzer.FaceAnalyzer.landmarks_and_mesh`.
+        image_size, focal, fov_deg: the camera, as :func:`estimate_head_pose`.
+        min_visible: fewest points a visibility refit may use (else the previous fit stands).
+        grazing: a point counts as visible when the cosine between its normal and the direction to the camera
+            exceeds this: points near the silhouette are where mesh predictors err most.
+    """
+    pts = np.asarray(mesh, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[0] != 468 or pts.shape[1] not in (2, 3) or not np.isfinite(pts).all():
+        raise UsageError(f"mesh must be a finite array [468, 2 or 3], got shape {pts.shape}")
+    pts = pts[:, :2]
+    size = _check_size(image_size)
+    if focal is None:
+        focal = focal_from_fov(fov_deg, size) if fov_deg is not None else math.hypot(*size)
+    focal = float(focal)
+    if not (math.isfinite(focal) and focal > 0):
+        raise UsageError(f"focal must be a positive number of pixels, got {focal}")
+    obj, tri = mean_face_468()
+    normals = _vertex_normals(obj, tri)
+    err, rot, t = _fit_pnp(obj, pts, focal, size)
+    for _ in range(visibility_rounds):
+        cam = obj @ rot.T + t
+        to_camera = -cam / np.linalg.norm(cam, axis=1, keepdims=True)
+        facing = ((normals @ rot.T) * to_camera).sum(1) > grazing
+        if facing.sum() < min_visible or facing.all():
+            break
+        err, rot, t = _fit_pnp(obj[facing], pts[facing], focal, size, starts_from=rot)
     yaw, pitch, roll = angles_from_rotation(rot)
     return HeadPose(yaw, pitch, roll, rot, t.copy(), err, focal)
+
+
+def pose_confidence(pose: HeadPose, face_width_px: float) -> tuple[bool, list[str]]:
+    """``(confident, reasons)`` for a fitted pose: not confident when the RMS reprojection error exceeds
+    ``LOW_CONFIDENCE_ERROR`` of the face's width (the landmarks do not look like a face seen this way) or the yaw
+    lies beyond ``MESH_YAW_LIMIT_DEG``; a yaw beyond ``TRAINING_YAW_DEG`` is reported too (the built-in generators
+    were trained on faces that hardly turn further), without lowering the confidence."""
+    reasons = []
+    rel = pose.reprojection_error / max(float(face_width_px), 1e-9)
+    confident = True
+    if not math.isfinite(rel) or rel > LOW_CONFIDENCE_ERROR:
+        confident = False
+        reasons.append(f"the landmarks fit a head pose poorly (RMS error {rel:.1%} of the face width)")
+    if abs(pose.yaw_deg) > MESH_YAW_LIMIT_DEG:
+        confident = False
+        reasons.append(f"yaw {pose.yaw_deg:+.0f} deg is beyond the validated range (+-{MESH_YAW_LIMIT_DEG:.0f})")
+    elif abs(pose.yaw_deg) > TRAINING_YAW_DEG:
+        reasons.append(f"yaw {pose.yaw_deg:+.0f} deg is beyond what the built-in generators were trained on "
+                       f"(+-{TRAINING_YAW_DEG:.0f})")
+    return confident, reasons
 
 
 PoseLike = Union[HeadPose, Sequence[float]]
