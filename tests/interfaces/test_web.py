@@ -123,7 +123,7 @@ def test_upload_refuses_too_many_bytes_and_pixels():
 # ----------------------------------------------------------------------------- adapter registry
 def test_registry_offers_the_methods_with_sane_controls():
     reg = build_registry(MethodSettings())
-    assert list(reg) == ["inversion3d", "nrsfm", "lifted"]
+    assert list(reg) == ["inversion3d", "nrsfm", "lifted", "pie"]
     assert len({a.title for a in reg.values()}) == len(reg)
     for a in reg.values():
         controls = a.controls()
@@ -134,6 +134,7 @@ def test_registry_offers_the_methods_with_sane_controls():
     assert keys["inversion3d"] == ["yaw", "pitch"]
     assert keys["lifted"] == ["yaw", "pitch", "light_x", "light_y"]
     assert keys["nrsfm"][:2] == ["yaw", "pitch"]
+    assert keys["pie"][:2] == ["yaw", "pitch"]  # the shipped models: the pose RigNet at least
 
 
 def test_nrsfm_and_lifted_say_why_they_are_unavailable(tmp_path):

@@ -217,11 +217,7 @@ def estimate_head_pose(
     if pts.shape != (68, 2) or not np.isfinite(pts).all():
         raise UsageError(f"landmarks must be a finite array [68, 2], got shape {pts.shape}")
     size = _check_size(image_size)
-    if focal is None:
-        focal = focal_from_fov(fov_deg, size) if fov_deg is not None else math.hypot(*size)
-    focal = float(focal)
-    if not (math.isfinite(focal) and focal > 0):
-        raise UsageError(f"focal must be a positive number of pixels, got {focal}")
+    focal = _resolve_focal(focal, fov_deg, size)
     obj = mean_face_68() if shape is None else np.asarray(shape, dtype=np.float64)
     if obj.shape != (68, 3):
         raise UsageError(f"shape must be [68, 3], got {obj.shape}")
@@ -229,6 +225,16 @@ def estimate_head_pose(
     err, rot, t = _fit_pnp(obj, pts, focal, size)
     yaw, pitch, roll = angles_from_rotation(rot)
     return HeadPose(yaw, pitch, roll, rot, t.copy(), err, focal)
+
+
+def _resolve_focal(focal: float | None, fov_deg: float | None, size: Tuple[int, int]) -> float:
+    """``focal`` (pixels), else from ``fov_deg``, else the image diagonal; checked positive."""
+    if focal is None:
+        focal = focal_from_fov(fov_deg, size) if fov_deg is not None else math.hypot(*size)
+    focal = float(focal)
+    if not (math.isfinite(focal) and focal > 0):
+        raise UsageError(f"focal must be a positive number of pixels, got {focal}")
+    return focal
 
 
 def _fit_pnp(obj: np.ndarray, pts: np.ndarray, focal: float, size: Tuple[int, int],
@@ -335,11 +341,7 @@ def estimate_head_pose_mesh(
         raise UsageError(f"mesh must be a finite array [468, 2 or 3], got shape {pts.shape}")
     pts = pts[:, :2]
     size = _check_size(image_size)
-    if focal is None:
-        focal = focal_from_fov(fov_deg, size) if fov_deg is not None else math.hypot(*size)
-    focal = float(focal)
-    if not (math.isfinite(focal) and focal > 0):
-        raise UsageError(f"focal must be a positive number of pixels, got {focal}")
+    focal = _resolve_focal(focal, fov_deg, size)
     obj, tri = mean_face_468()
     normals = _vertex_normals(obj, tri)
     err, rot, t = _fit_pnp(obj, pts, focal, size)

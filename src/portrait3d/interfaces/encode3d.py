@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from portrait3d.errors import UsageError
-from portrait3d.face.io import save_image
 from portrait3d.utils.io import atomic_write, jsonable, write_json, write_npy
 
 __all__ = ["OUTPUTS", "WTRI_MODELS", "default_encoder_path", "run_encode3d"]
@@ -70,30 +69,22 @@ def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_pa
         FileExistsError: outputs exist and ``force`` is False (checked before any work). FaceError: no face.
         UsageError / CheckpointError: no encoder for ``network``, an encoder for another generator.
     """
-    from portrait3d.face.errors import FaceError
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline, several_faces_note
-    from portrait3d.interfaces.invert3d import PTI_GENERATOR, _check_outputs
+    from portrait3d.interfaces.invert3d import PTI_GENERATOR, _check_outputs, write_renders
     from portrait3d.methods.inversion3d.pipeline import (
-        IDENTITY_COSINE_MIN,
         NOVEL_YAWS,
-        IdentityMeter,
         camera_record,
-        face_landmarks68,
-        fmt_deg,
+        identity_notes,
         load_generator,
+        locate_face,
         make_inversion_config,
-        orbit_cameras_at,
-        render_views,
+        render_outputs,
         resolve_align,
         to_tensor,
-        view_camera,
     )
     from portrait3d.methods.wtri.encoder import WTriEncoder
     from portrait3d.metrics.psnr import psnr
-    from portrait3d.utils.mesh import extract_mesh, write_ply
-    from portrait3d.utils.video import write_mp4
-    from portrait3d.utils.visualize import colour_depth
 
     t_start = time.perf_counter()
     out, photo = Path(out), Path(photo)
@@ -118,12 +109,7 @@ def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_pa
     align = resolve_align(align, network)
     with FacePipeline(style=align, output_size=res_px) as pipe:
         t = time.perf_counter()
-        try:
-            face = pipe(image, face_index=face_index)
-        except FaceError as e:
-            raise type(e)(f"{photo.name}: {e}") from None
-        aligned = face.aligned.image
-        lm = face_landmarks68(face)
+        face, aligned, lm = locate_face(pipe, image, photo.name, face_index)
         camera = face.camera.reshape(1, 25).float().to(dev)
         target = to_tensor(aligned, dev)
         times["face"] = time.perf_counter() - t
@@ -147,40 +133,13 @@ def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_pa
                        "loss_history_tail": res.history[-10:]}
             times["refine"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        cams = torch.cat([camera.cpu()] + [view_camera(camera, y) for y in NOVEL_YAWS])
-        imgs, depth = render_views(G_out, latent, cams)
-        recon = imgs[0]
-        views = {f"view_yaw{fmt_deg(y)}.png": imgs[1 + i] for i, y in enumerate(NOVEL_YAWS)}
-        times["views"] = time.perf_counter() - t
-        t = time.perf_counter()
-        frames, _ = render_views(G_out, latent, orbit_cameras_at(camera, orbit_frames), progress=progress,
-                                 desc="orbit video")
-        times["orbit"] = time.perf_counter() - t
-        t = time.perf_counter()
-        mesh = extract_mesh(G_out, latent, resolution=mesh_resolution)
-        times["mesh"] = time.perf_counter() - t
-        t = time.perf_counter()
-        meter = IdentityMeter(pipe, aligned, lm)
-        identity = {"reconstruction.png": meter(recon), **{n: meter(v) for n, v in views.items()}}
-        times["identity"] = time.perf_counter() - t
-
-    notes = several_faces_note(face, face_index, photo.name)
-    lost = [n for n, v in identity.items() if v is None or v < IDENTITY_COSINE_MIN]
-    if lost:
-        notes.append(f"identity not kept in {', '.join(lost)} (dlib cosine to the input below {IDENTITY_COSINE_MIN:g}, "
-                     "or no face found)")
+        r = render_outputs(G_out, latent, camera, pipe, aligned, lm, orbit_frames, mesh_resolution, progress, times)
+    notes = several_faces_note(face, face_index, photo.name) + identity_notes(r.identity)
     t = time.perf_counter()
     if force:  # result.json marks a complete run
         (out / "result.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(out / "input_aligned.png", aligned, overwrite=force)
-    save_image(out / "reconstruction.png", recon, overwrite=force)
-    for name, img in views.items():
-        save_image(out / name, img, overwrite=force)
-    save_image(out / "depth.png", colour_depth(depth[:1], res_px)[0], overwrite=force)
-    write_ply(mesh, out / "mesh.ply", overwrite=force)
-    write_mp4(frames, out / "orbit.mp4", fps=fps, overwrite=force)
+    write_renders(out, aligned, r, fps, force)
     if refine:
         write_npy(out / "latent.npy", latent.cpu().float().numpy(), overwrite=force)
         if pti:
@@ -202,9 +161,9 @@ def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_pa
         "network": network_ref, "encoder": str(enc_path.resolve()), "space": enc.config.space,
         "iterations": enc.config.iterations, "alignment": align, "image_resolution": res_px,
         "camera": camera_record(camera), "refined": refined, "generator": PTI_GENERATOR if pti else None,
-        "novel_views": {n: {"yaw_deg": y} for n, y in zip(views, NOVEL_YAWS)},
-        "psnr_db": psnr(recon, aligned), "identity_cosine_dlib": identity, "mesh": mesh.summary(),
-        "orbit": {"frames": int(len(frames)), "fps": fps}, "timings_s": times, "notes": notes,
+        "novel_views": {n: {"yaw_deg": y} for n, y in zip(r.views, NOVEL_YAWS)},
+        "psnr_db": psnr(r.reconstruction, aligned), "identity_cosine_dlib": r.identity, "mesh": r.mesh.summary(),
+        "orbit": {"frames": int(len(r.orbit)), "fps": fps}, "timings_s": times, "notes": notes,
     }
     write_json(out / "result.json", record, overwrite=force)
     return jsonable(record)

@@ -67,6 +67,21 @@ def _check_outputs(out: Path, names: Sequence[str], force: bool, what: str) -> N
                               "pass --force to overwrite")
 
 
+def write_renders(out: Path, aligned: np.ndarray, r: Any, fps: int, force: bool) -> None:
+    """The image, mesh and video files that ``invert3d`` and ``encode3d`` share, from the aligned photo and a
+    :class:`~portrait3d.methods.inversion3d.pipeline.Renders` (each file written atomically)."""
+    from portrait3d.utils.mesh import write_ply
+    from portrait3d.utils.video import write_mp4
+
+    save_image(out / "input_aligned.png", aligned, overwrite=force)
+    save_image(out / "reconstruction.png", r.reconstruction, overwrite=force)
+    for name, img in r.views.items():
+        save_image(out / name, img, overwrite=force)
+    save_image(out / "depth.png", r.depth, overwrite=force)
+    write_ply(r.mesh, out / "mesh.ply", overwrite=force)
+    write_mp4(r.orbit, out / "orbit.mp4", fps=fps, overwrite=force)
+
+
 def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm: int = 1, steps: int | None = None,
                  pti: bool = False, pti_steps: int | None = None, encoder_path: Path | None = None,
                  pose_path: Path | None = None, face_index: int | None = None, align: str = "auto",
@@ -80,8 +95,6 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
         CheckpointError: as :func:`~portrait3d.methods.inversion3d.pipeline.invert_photo`.
     """
     from portrait3d.face.io import load_image
-    from portrait3d.utils.mesh import write_ply
-    from portrait3d.utils.video import write_mp4
 
     t_start = time.perf_counter()
     out, photo = Path(out), Path(photo)
@@ -98,13 +111,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     t = time.perf_counter()
     if force:  # result.json marks a complete run: never leave an old one beside half-replaced files
         (out / "result.json").unlink(missing_ok=True)
-    save_image(out / "input_aligned.png", rep.aligned, overwrite=force)
-    save_image(out / "reconstruction.png", rep.reconstruction, overwrite=force)
-    for name, img in rep.views.items():
-        save_image(out / name, img, overwrite=force)
-    save_image(out / "depth.png", rep.depth, overwrite=force)
-    write_ply(rep.mesh, out / "mesh.ply", overwrite=force)
-    write_mp4(rep.orbit, out / "orbit.mp4", fps=fps, overwrite=force)
+    write_renders(out, rep.aligned, rep.renders, fps, force)
     write_npy(out / "latent.npy", rep.ws.cpu().float().numpy(), overwrite=force)
     if pti:
         from portrait3d.checkpoints.native import save_network

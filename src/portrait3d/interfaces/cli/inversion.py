@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -20,6 +20,21 @@ from portrait3d.interfaces.cli.options import (
 )
 from portrait3d.utils.batch import BatchItem, ItemTask, WorkerInfo, pick_device
 from portrait3d.utils.compute import setup_compute
+
+
+def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--face-index``, ``--align``, ``--orbit-frames``, ``--mesh-resolution``: shared by invert3d and encode3d."""
+    for o in reversed([
+        click.option("--face-index", type=click.IntRange(0), default=None,
+                     help="Which face when the photo has several (0 = largest) [required then]."),
+        click.option("--align", type=click.Choice(["auto", "default", "eg3d", "ffhq"]), default="auto",
+                     help="Crop the generator was trained on (auto: 'default' for built-in models, else 'eg3d')."),
+        click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of orbit.mp4."),
+        click.option("--mesh-resolution", type=click.IntRange(16, 512), default=128,
+                     help="Marching-cubes grid side of mesh.ply."),
+    ]):
+        fn = o(fn)
+    return fn
 
 
 @main.command()
@@ -38,13 +53,7 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--pose", "pose_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Pose estimator (portrait3d PoseEstimator file) for the initial camera "
                    "[default: the face pipeline's head pose].")
-@click.option("--face-index", type=click.IntRange(0), default=None,
-              help="Which face when the photo has several (0 = largest) [required then].")
-@click.option("--align", type=click.Choice(["auto", "default", "eg3d", "ffhq"]), default="auto",
-              help="Crop the generator was trained on (auto: 'default' for built-in models, else 'eg3d').")
-@click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of orbit.mp4.")
-@click.option("--mesh-resolution", type=click.IntRange(16, 512), default=128,
-              help="Marching-cubes grid side of mesh.ply.")
+@_photo_3d_options
 @click.option("--seed", type=int, default=None, help="Optimiser seed [default: the configuration's].")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every photo).")
 @workers_option
@@ -133,13 +142,7 @@ def render(folder: Path, yaws: tuple[float, ...], pitch: float | None, orbit: bo
 @click.option("--refine-steps", type=click.IntRange(0, 100000), default=None,
               help="Optimiser steps with --refine [default: the configuration's].")
 @click.option("--pti/--no-pti", default=False, help="With --refine: pivotal tuning after the optimiser.")
-@click.option("--face-index", type=click.IntRange(0), default=None,
-              help="Which face when the photo has several (0 = largest) [required then].")
-@click.option("--align", type=click.Choice(["auto", "default", "eg3d", "ffhq"]), default="auto",
-              help="Crop the generator was trained on (auto: 'default' for built-in models, else 'eg3d').")
-@click.option("--orbit-frames", type=click.IntRange(2, 600), default=48, help="Frames of orbit.mp4.")
-@click.option("--mesh-resolution", type=click.IntRange(16, 512), default=128,
-              help="Marching-cubes grid side of mesh.ply.")
+@_photo_3d_options
 @click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every photo).")
 @workers_option
 @compute_options
@@ -177,15 +180,19 @@ def encode3d(photo: Path, out: Path, network: str, encoder_path: Path | None, re
 
 
 @dataclass
-class Encode3DTask(ItemTask):
-    """Batch ``encode3d``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""
+class _PhotoTask(ItemTask):
+    """A batch of a one-photo command: one photo -> OUT/<key>/ holding what the command writes to OUT."""
 
-    kwargs: dict[str, Any]  # run_encode3d's options, the same for every photo
+    kwargs: dict[str, Any]  # the command's options, the same for every photo
     device: str
     _device: str = field(default="cpu", init=False, repr=False)
 
     def setup(self, worker: WorkerInfo) -> None:
-        self._device = pick_device(self.device, worker)
+        self._device = pick_device(self.device, worker)  # 'cuda' -> this rank's / worker's GPU
+
+
+class Encode3DTask(_PhotoTask):
+    """Batch ``encode3d``."""
 
     def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
         from portrait3d.interfaces.encode3d import run_encode3d
@@ -195,16 +202,8 @@ class Encode3DTask(ItemTask):
                 "encode_seconds": rec["timings_s"].get("encode")}
 
 
-@dataclass
-class Invert3DTask(ItemTask):
-    """Batch ``invert3d``: one photo -> OUT/<key>/ holding what the single-photo command writes to OUT."""
-
-    kwargs: dict[str, Any]  # run_invert3d's options, the same for every photo
-    device: str
-    _device: str = field(default="cpu", init=False, repr=False)
-
-    def setup(self, worker: WorkerInfo) -> None:
-        self._device = pick_device(self.device, worker)  # 'cuda' -> this rank's / worker's GPU
+class Invert3DTask(_PhotoTask):
+    """Batch ``invert3d``."""
 
     def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
         from portrait3d.interfaces.invert3d import run_invert3d

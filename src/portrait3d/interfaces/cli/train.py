@@ -323,6 +323,26 @@ def face_rig_cmd(data: Path, out: Path, count: int, identity: int, albedo: int, 
                f"{ev['identity']:.1%} of the shape variance; albedo components keep {ev['albedo']:.1%}")
 
 
+def _module_run_options(snap: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--snap``, ``--resume``, ``--threads`` and ``--progress`` of the one-network trainers (PIE's estimator and
+    RigNets, the W_tri encoder)."""
+    opts = [
+        click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=snap, show_default=True,
+                     help="Snapshot (and sample-grid) interval in kimg."),
+        click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly."),
+        click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default]."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+
+    return wrap
+
+
 @train.command("pie-estimator")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Built aligned dataset of real photos (images.npy), e.g. UTKFace's training split.")
@@ -339,14 +359,9 @@ def face_rig_cmd(data: Path, out: Path, count: int, identity: int, albedo: int, 
               help="Weight of the loss towards the closed-form rig fits (0: self-supervised only).")
 @click.option("--photometric-weight", type=FiniteFloat(0), default=1.0, show_default=True)
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="Backbone in bf16 autocast (AMX).")
-@click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=4.0, show_default=True,
-              help="Snapshot interval in kimg.")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Continue from a snapshot or run folder.")
 @click.option("--holdout", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Built dataset of held-out photos: landmark and photometric error at the end (eval.json).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_module_run_options(snap=4.0)
 @fail_cleanly
 def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, batch: int, lr: float, width: int,
                       param_weight: float, photometric_weight: float, bf16: bool, snap: float, resume: Path | None,
@@ -392,11 +407,7 @@ def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, 
               help="Training length in thousands of source latents.")
 @click.option("--batch", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=2.0, show_default=True,
-              help="Snapshot interval in kimg.")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_module_run_options(snap=2.0)
 @fail_cleanly
 def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, kimg: float, batch: int, lr: float,
                snap: float, resume: Path | None, threads: int | None, progress: bool) -> None:
@@ -434,12 +445,7 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
               help="lambda_cyc of the multi-view cycle loss (eq. 3; 0: off).")
 @click.option("--iterations", type=click.IntRange(1, 20), default=5, show_default=True,
               help="ReStyle refinement steps.")
-@click.option("--snap", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
-              help="Snapshot and sample-grid interval in kimg.")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly.")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default].")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_module_run_options(snap=1.0)
 @fail_cleanly
 def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
              cyc: float, iterations: int, snap: float, resume: Path | None, threads: int | None,

@@ -151,6 +151,21 @@ def face_landmarks68(face: Any) -> np.ndarray:
     return lm
 
 
+def locate_face(pipe: Any, image: np.ndarray, name: str, face_index: int | None
+                ) -> tuple[Any, np.ndarray, np.ndarray]:
+    """``(FaceResult, aligned crop uint8 [R, R, 3], its 68 landmarks [68, 2])`` of the face in ``image``.
+
+    Raises:
+        FaceError: no face, or ``face_index`` out of range (the message names the photo)."""
+    from portrait3d.face.errors import FaceError
+
+    try:
+        face = pipe(image, face_index=face_index)
+    except FaceError as e:
+        raise type(e)(f"{name}: {e}") from None
+    return face, face.aligned.image, face_landmarks68(face)
+
+
 def to_tensor(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """``uint8 [H, W, 3]`` -> float ``[1, 3, H, W]`` in ``[-1, 1]``."""
     return (torch.as_tensor(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1).to(device)
@@ -247,6 +262,54 @@ class IdentityMeter:
         return float(cosine_similarity(self._ref, dlib_descriptor(image, lm)))
 
 
+@dataclass
+class Renders:
+    """What ``invert3d`` / ``encode3d`` show of a latent (images ``uint8 [R, R, 3]``)."""
+
+    reconstruction: np.ndarray
+    views: dict[str, np.ndarray]               # file name -> image, at NOVEL_YAWS
+    depth: np.ndarray                          # colour-mapped depth of the reconstruction
+    orbit: np.ndarray                          # [F, R, R, 3]
+    mesh: Any                                  # portrait3d.utils.mesh.Mesh
+    identity: dict[str, float | None]          # dlib cosine to the aligned input, per image
+
+
+def render_outputs(G: nn.Module, latent: Any, camera: torch.Tensor, pipe: Any, aligned: np.ndarray,
+                   landmarks: np.ndarray, orbit_frames: int, mesh_resolution: int, progress: bool,
+                   times: dict[str, float]) -> Renders:
+    """Reconstruction and novel views (:data:`NOVEL_YAWS`), depth, orbit, mesh and identity of ``latent`` (W+ rows or
+    a W_tri code) seen from ``camera [1, 25]``; each stage's seconds go into ``times``."""
+    from portrait3d.utils.mesh import extract_mesh
+
+    t = time.perf_counter()
+    cams = torch.cat([camera.cpu()] + [view_camera(camera, y) for y in NOVEL_YAWS])
+    imgs, depth = render_views(G, latent, cams)
+    views = {f"view_yaw{fmt_deg(y)}.png": imgs[1 + i] for i, y in enumerate(NOVEL_YAWS)}
+    depth_img = colour_depth(depth[:1], int(G.img_resolution))[0]
+    times["views"] = time.perf_counter() - t
+    t = time.perf_counter()
+    frames, _ = render_views(G, latent, orbit_cameras_at(camera, orbit_frames), progress=progress,
+                             desc="orbit video")
+    times["orbit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mesh = extract_mesh(G, latent, resolution=mesh_resolution)
+    times["mesh"] = time.perf_counter() - t
+    t = time.perf_counter()
+    meter = IdentityMeter(pipe, aligned, landmarks)
+    identity = {"reconstruction.png": meter(imgs[0]), **{n: meter(v) for n, v in views.items()}}
+    times["identity"] = time.perf_counter() - t
+    return Renders(imgs[0], views, depth_img, frames, mesh, identity)
+
+
+def identity_notes(identity: dict[str, float | None]) -> list[str]:
+    """A warning naming the images whose identity was not kept (cosine below :data:`IDENTITY_COSINE_MIN`)."""
+    lost = [n for n, v in identity.items() if v is None or v < IDENTITY_COSINE_MIN]
+    if not lost:
+        return []
+    return [f"identity not kept in {', '.join(lost)} (dlib cosine to the input below {IDENTITY_COSINE_MIN:g}, "
+            "or no face found)"]
+
+
 def load_networks(network: str, encoder_path: Path | None, pose_path: Path | None, device: str | torch.device,
                   ) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
     """``(G, encoder or None, pose estimator or None)`` (:func:`load_generator`, :func:`load_init_modules`)."""
@@ -272,12 +335,7 @@ class InversionReport:
     initialisation: dict[str, str]
     result: Any                                # InversionResult
     aligned: np.ndarray
-    reconstruction: np.ndarray
-    views: dict[str, np.ndarray]               # file name -> image, at NOVEL_YAWS
-    depth: np.ndarray                          # colour-mapped depth of the reconstruction
-    orbit: np.ndarray                          # [F, R, R, 3]
-    mesh: Any                                  # portrait3d.utils.mesh.Mesh
-    identity: dict[str, float | None]          # dlib cosine to the aligned input, per image
+    renders: Renders                           # reconstruction, views, depth, orbit, mesh, identity
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # what the user should know (several faces, identity lost)
 
@@ -301,11 +359,12 @@ class InversionReport:
             "face_pipeline_pose": {"yaw_deg": face.pose.yaw_deg, "pitch_deg": face.pose.pitch_deg,
                                    "roll_deg": face.pose.roll_deg,
                                    "reprojection_error_px": face.pose.reprojection_error},
-            "novel_views": {n: {"yaw_deg": y, "pitch_deg": cam["pitch_deg"]} for n, y in zip(self.views, NOVEL_YAWS)},
-            "psnr_db": psnr(self.reconstruction, self.aligned),
-            "identity_cosine_dlib": self.identity,
-            "mesh": self.mesh.summary(),
-            "orbit": {"frames": int(len(self.orbit)), "fps": orbit_fps},
+            "novel_views": {n: {"yaw_deg": y, "pitch_deg": cam["pitch_deg"]}
+                            for n, y in zip(self.renders.views, NOVEL_YAWS)},
+            "psnr_db": psnr(self.renders.reconstruction, self.aligned),
+            "identity_cosine_dlib": self.renders.identity,
+            "mesh": self.renders.mesh.summary(),
+            "orbit": {"frames": int(len(self.renders.orbit)), "fps": orbit_fps},
             "loss_history_tail": res.history[-HISTORY_TAIL:],
             "optimiser_timings_s": res.timings,
             "optimiser_camera_state": res.camera_state,
@@ -337,10 +396,8 @@ def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "defa
         FaceError: no face, ``face_index`` out of range. UsageError: a bad network / encoder / pose estimator.
         CheckpointError: unreadable network. Several faces without ``face_index``: the largest, with a note.
     """
-    from portrait3d.face.errors import FaceError
     from portrait3d.face.pipeline import FacePipeline
     from portrait3d.methods.inversion3d.optimize import invert
-    from portrait3d.utils.mesh import extract_mesh
 
     for p, what in ((encoder_path, "encoder"), (pose_path, "pose estimator")):
         if p is not None and not Path(p).is_file():
@@ -355,12 +412,7 @@ def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "defa
     align = resolve_align(align, network)
     with FacePipeline(style=align, output_size=res_px) as pipe:
         t = time.perf_counter()
-        try:
-            face = pipe(image, face_index=face_index)
-        except FaceError as e:
-            raise type(e)(f"{name}: {e}") from None
-        aligned = face.aligned.image
-        lm = face_landmarks68(face)
+        face, aligned, lm = locate_face(pipe, image, name, face_index)
         times["face"] = time.perf_counter() - t
         target = to_tensor(aligned, dev)
 
@@ -379,33 +431,9 @@ def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "defa
         ws = res.ws.detach().to(dev)
         camera = res.camera.detach().reshape(1, 25).to(dev)
 
-        t = time.perf_counter()
-        cams = torch.cat([camera.cpu()] + [view_camera(camera, y) for y in NOVEL_YAWS])
-        imgs, depth = render_views(G_out, ws, cams)
-        recon = imgs[0]
-        views = {f"view_yaw{fmt_deg(y)}.png": imgs[1 + i] for i, y in enumerate(NOVEL_YAWS)}
-        depth_img = colour_depth(depth[:1], res_px)[0]
-        times["views"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        frames, _ = render_views(G_out, ws, orbit_cameras_at(camera, orbit_frames), progress=progress,
-                                 desc="orbit video")
-        times["orbit"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        mesh = extract_mesh(G_out, ws, resolution=mesh_resolution)
-        times["mesh"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        meter = IdentityMeter(pipe, aligned, lm)
-        identity = {"reconstruction.png": meter(recon), **{n: meter(v) for n, v in views.items()}}
-        times["identity"] = time.perf_counter() - t
-    notes = several_faces_note(face, face_index, name)
-    lost = [n for n, v in identity.items() if v is None or v < IDENTITY_COSINE_MIN]
-    if lost:
-        notes.append(f"identity not kept in {', '.join(lost)} (dlib cosine to the input below {IDENTITY_COSINE_MIN:g}, "
-                     "or no face found)")
-    return InversionReport(notes=notes, photo=name, face=face, face_index=face_index, alignment=align, network_ref=network_ref, config=cfg, G=G_out,
-                           ws=ws, camera=camera, initial_camera=init_camera, initialisation=init_how, result=res,
-                           aligned=aligned, reconstruction=recon, views=views, depth=depth_img, orbit=frames,
-                           mesh=mesh, identity=identity, timings_s=times)
+        r = render_outputs(G_out, ws, camera, pipe, aligned, lm, orbit_frames, mesh_resolution, progress, times)
+    notes = several_faces_note(face, face_index, name) + identity_notes(r.identity)
+    return InversionReport(notes=notes, photo=name, face=face, face_index=face_index, alignment=align,
+                           network_ref=network_ref, config=cfg, G=G_out, ws=ws, camera=camera,
+                           initial_camera=init_camera, initialisation=init_how, result=res, aligned=aligned,
+                           renders=r, timings_s=times)
