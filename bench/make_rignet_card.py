@@ -61,6 +61,11 @@ in training). Identity: dlib distance of the edit to the unedited sample (< 0.6:
 
 Measured with `PYTHONPATH=src python bench/eval_rignet.py --models MODELS --mode {mode} --n {ev['n']}`.
 """
+    reached = [v["reached"] for v in ev["summary"].values()]
+    if reached and max(reached) < 0.5:
+        text += (f"\nThe edits are weak: the estimator finds {min(reached):.0%}-{max(reached):.0%} of the asked "
+                 "change on the edited images (training targets are other samples' parameters, mostly within one "
+                 "standard deviation; StyleRig trains far longer).\n")
     return text, eval_dir / "grid.png", "per row a sample, then its edits in the order of the table."
 
 
@@ -118,8 +123,8 @@ This card by `PYTHONPATH=src python bench/make_rignet_card.py {shlex.join(sys.ar
 
 ## Limitations
 
-- A few minutes of CPU training: StyleRig trains for days. Identity drifts under edits (see the table) and the
-  edited faces inherit `{cfg['network']}`'s blur and demographic gaps (its card).
+- A few minutes of CPU training: StyleRig trains for days. See the table for how much of an edit arrives and how
+  often identity is kept; the edited faces inherit `{cfg['network']}`'s blur and demographic gaps (its card).
 - UTKFace-derived (the rig and the estimator): **non-commercial research use only**.
 
 Generated {time.strftime('%Y-%m-%d')}.
