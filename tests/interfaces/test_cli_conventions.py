@@ -9,8 +9,8 @@ from tests.conftest import assert_clean_failure, run_cli
 
 from portrait3d.interfaces.cli import main
 
-COMMANDS = ("align", "convert", "dataset", "demo", "edit", "identity", "info", "invert3d", "lift", "nrsfm", "render",
-            "train", "transfer", "web")
+COMMANDS = ("align", "convert", "dataset", "demo", "edit", "encode3d", "identity", "info", "invert3d", "lift", "nrsfm",
+            "pie", "render", "train", "transfer", "web")
 
 
 def test_help_lists_every_command():
@@ -19,7 +19,7 @@ def test_help_lists_every_command():
     listed = {line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()}
     assert set(COMMANDS) <= listed
     train = CliRunner().invoke(main, ["train", "--help"]).output
-    assert all(t in train for t in ("stylegan2", "eg3d", "lift", "encoder", "pose", "teacher-set"))
+    assert all(t in train for t in ("stylegan2", "eg3d", "lift", "encoder", "pose", "teacher-set", "wtri", "rignet"))
     eg3d = CliRunner().invoke(main, ["train", "eg3d", "--help"]).output
     assert "None" not in eg3d  # unbounded float options print no "x<=None" range
 

@@ -47,6 +47,17 @@ def _debug_requested() -> bool:
     return bool(ctx is not None and (ctx.find_root().obj or {}).get("debug"))
 
 
+def _message(e: BaseException) -> str:
+    """The user's one line: an operating-system error as ``PATH: what went wrong`` (a full disk, a read-only file
+    system, a path through a file ...), without Python's ``[Errno N]``; anything else as its own message."""
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = e.filename if e.filename is not None else ""
+        if e.filename2 is not None:
+            where = f"{where} -> {e.filename2}"
+        return f"{where}: {e.strerror.lower()}" if where != "" else e.strerror.lower()
+    return str(e)
+
+
 def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the user's errors (:data:`EXPECTED_ERRORS`) into ``error: ...`` on stderr and exit code 2."""
 
@@ -57,8 +68,7 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except EXPECTED_ERRORS as e:
             if _debug_requested():
                 raise
-            msg = str(e) if not isinstance(e, OSError) or e.filename is None or str(e.filename) in str(e) \
-                else f"{e.filename}: {e.strerror or e}"
+            msg = _message(e)
             click.echo(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", err=True)
             sys.exit(2)
 
@@ -73,6 +83,10 @@ class Portrait3dGroup(click.Group):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if sys.stdout is None:  # started with its standard output closed: every answer printed would be lost
+            if sys.stderr is not None:
+                sys.stderr.write("error: standard output is closed; nothing could be reported\n")
+            sys.exit(2)
         try:
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:

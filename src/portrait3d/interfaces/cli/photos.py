@@ -76,7 +76,9 @@ def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, fac
             try:
                 results.append(pipe(photo, face_index=face_index))
             except (FaceError, ValueError) as e:
-                raise type(e)(f"{photo}: {e}") from None
+                msg = str(e)  # image-reading errors already name the file
+                raise type(e)(msg if msg.startswith(f"{photo.name}:") or msg.startswith(f"{photo}:")
+                              else f"{photo}: {msg}") from None
     from portrait3d.face.pipeline import several_faces_note
 
     for photo, r in zip(photos, results):
