@@ -216,6 +216,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError("pickle uses persistent ids; this is not a network pickle portrait3d can read")
 
 
+def _check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes without building anything (``pickletools.genops``): an unknown opcode, or one that
+    declares more bytes than the file holds, is refused before the unpickler runs. (CPython's unpickler allocates a
+    protocol-5 ``BYTEARRAY8`` at its declared size before reading it: a 25 kB file could ask for gigabytes; the
+    fuzzer of tests/reliability found it.)"""
+    import pickletools
+
+    try:
+        for op, _, _ in pickletools.genops(data):
+            if op.name == "STOP":
+                return
+    except (ValueError, EOFError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"not a readable pickle ({str(e)[:120]})") from None
+    raise CheckpointError("not a readable pickle (no STOP opcode)")
+
+
 def safe_load_pickle(f: BinaryIO | bytes) -> Any:
     """Unpickle ``f`` with the restricted allow-list; return the (stub-filled) object tree.
 
@@ -223,8 +239,10 @@ def safe_load_pickle(f: BinaryIO | bytes) -> Any:
         UnsafeCheckpointError: a global outside the allow-list is referenced.
         CheckpointError: the data is not a readable pickle.
     """
-    if isinstance(f, (bytes, bytearray)):
-        f = io.BytesIO(f)
+    if not isinstance(f, (bytes, bytearray)):
+        f = f.read()
+    _check_opcodes(bytes(f))
+    f = io.BytesIO(f)
     try:
         return _RestrictedUnpickler(f).load()
     except CheckpointError:
