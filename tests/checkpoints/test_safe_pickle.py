@@ -111,3 +111,22 @@ def test_unsupported_network_class_is_a_clear_error(tmp_path):
     ckpt.write_bytes(_nvidia_style_pickle("raise RuntimeError", class_name="Discriminator"))
     with pytest.raises(CheckpointError, match="network class 'Discriminator' is not supported"):
         load_network(ckpt)
+
+
+def test_a_huge_declared_size_is_refused_before_allocating():
+    """A protocol-5 BYTEARRAY8 declaring 8 GiB in a tiny file (found by the fuzzer): refused, nothing allocated."""
+    import resource
+    import struct
+
+    from portrait3d.checkpoints.safe_pickle import CheckpointError, safe_load_pickle
+
+    data = b"\x80\x05" + b"\x96" + struct.pack("<Q", 8 << 30) + b"abc" + b"."
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (min(hard, 6 << 30) if hard > 0 else 6 << 30, hard))
+    try:
+        with pytest.raises(CheckpointError, match="bytearray8, but only 4 remain"):  # the scan, not a MemoryError
+            safe_load_pickle(data)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    with pytest.raises(CheckpointError, match="STOP"):
+        safe_load_pickle(b"\x80\x04N")
