@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ def _architecture(net: nn.Module) -> tuple[str, dict[str, Any]]:
     raise TypeError(f"cannot save a {type(net).__name__}: only StyleGAN2 and EG3D generators are supported")
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of ``path`` left by a writer that was killed (``.NAME.PID.XXXX.tmp`` whose process no
+    longer runs), so a rerun leaves a clean folder."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any, overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` then move the file into place, so ``path`` is never half-written.
 
@@ -49,7 +65,8 @@ def atomic_write(path: str | os.PathLike[str], write: Any, overwrite: bool = Fal
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

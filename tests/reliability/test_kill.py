@@ -1,0 +1,72 @@
+"""Crash safety (issue 18): commands that write are killed (SIGKILL) at random points; every output file that
+exists afterwards must be complete (it decodes), and a rerun must succeed and leave no temporary file behind.
+(Batch mode has its own kill test in tests/interfaces/test_cli_batch.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+PHOTO = "data/portraits/deepface/img1.jpg"
+
+
+def _command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "portrait3d.interfaces.cli", *args, "--threads", "1"]
+
+
+def _check_complete(folder: Path) -> list[str]:
+    """Names of the visible files, each checked to decode completely."""
+    names = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        names.append(str(p.relative_to(folder)))
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                im.load()
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".npy":
+            np.load(p, allow_pickle=False)
+        elif p.suffix == ".mp4":
+            head = p.read_bytes()[:12]
+            assert head[4:8] == b"ftyp", p
+        elif p.suffix == ".txt":
+            p.read_text(encoding="utf-8")
+    return names
+
+
+@pytest.mark.parametrize("command", ["demo", "align"])
+def test_killed_command_leaves_only_complete_files(tmp_path, command):
+    out = tmp_path / "out"
+    args = {"demo": ["demo", "--out", str(out), "--samples", "2", "--orbit-frames", "8", "--force"],
+            "align": ["align", str(shared_path(PHOTO)), "--out", str(out), "--force"]}[command]
+    t0 = time.monotonic()
+    full = subprocess.run(_command(args), env=ENV, capture_output=True, text=True, timeout=600)
+    duration = time.monotonic() - t0
+    assert full.returncode == 0, full.stderr
+    expected = _check_complete(out)
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = subprocess.Popen(_command(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 0.95) * duration)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert set(_check_complete(out)) <= set(expected)  # whatever is there is whole
+    again = subprocess.run(_command(args), env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert _check_complete(out) == expected
+    assert not [p.name for p in out.rglob(".*.tmp")]  # the killed runs' temporaries are gone
