@@ -248,5 +248,5 @@ def safe_load_pickle(f: BinaryIO | bytes) -> Any:
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as e:
+            MemoryError, OverflowError, RecursionError, UnicodeDecodeError, RuntimeError) as e:
         raise CheckpointError(f"not a readable pickle ({type(e).__name__}: {str(e)[:120]})") from None
