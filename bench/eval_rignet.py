@@ -52,6 +52,17 @@ def mesh_measures(mesh: np.ndarray) -> dict[str, float]:
             "eyes_open": float(lid) / w, "brows_up": float(eye_y - mesh[list(BROWS), 1].mean()) / w}
 
 
+def _side_balance(img: np.ndarray, mesh: np.ndarray) -> float:
+    """Mean brightness (0-255) of the face's image-right half minus its left half, inside the mesh's box."""
+    grey = img.astype(np.float64).mean(2)
+    h, w = grey.shape
+    x0, x1 = (int(np.clip(round(v), 0, w)) for v in (mesh[:, 0].min(), mesh[:, 0].max()))
+    y0, y1 = (int(np.clip(round(v), 0, h)) for v in (mesh[:, 1].min(), mesh[:, 1].max()))
+    mid = int(np.clip(round(float(np.median(mesh[:, 0]))), x0 + 1, max(x0 + 1, x1 - 1)))
+    box = grey[y0:y1]
+    return float(box[:, mid:x1].mean() - box[:, x0:mid].mean())
+
+
 CHECK = {"mouth_open": "mouth_open", "smile": "mouth_width", "corners_up": "mouth_width", "eyes_open": "eyes_open",
          "brows_up": "brows_up"}
 LIGHTS = {"left": (-1.0, 0.0, 0.6), "right": (1.0, 0.0, 0.6), "above": (0.0, 1.0, 0.6), "below": (0.0, -1.0, 0.6)}
@@ -112,12 +123,7 @@ def main(models: Path, network: str, mode: str, n: int, value: float, out: Path)
                         if key is not None:
                             rec["check"] = mesh_measures(m[1])[key] - mesh_measures(found[1])[key]
                     else:
-                        face = img.astype(np.float64).mean(2)
-                        xs = m[1][:, 0]
-                        mid = int(round(np.median(xs)))
-                        lo, hi = int(xs.min()), int(xs.max())
-                        rec["check"] = float(face[:, mid:hi].mean() - face[:, lo:mid].mean()) - float(
-                            base.astype(np.float64).mean(2)[:, mid:hi].mean() - base.astype(np.float64).mean(2)[:, lo:mid].mean())
+                        rec["check"] = _side_balance(img, m[1]) - _side_balance(base, found[1])
                 rows[name].append(rec)
             if len(grid) < 6:
                 grid.append(np.concatenate(row_imgs, 1))
