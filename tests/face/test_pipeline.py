@@ -128,3 +128,14 @@ def test_identity_cli(tmp_path):
 
 def test_face_errors_are_value_errors():
     assert issubclass(FaceError, ValueError)
+
+
+def test_pose_notes_flag_a_turned_face_the_68_point_fit_misses():
+    """selfie-many-people.jpg's largest face is turned about 30 deg (looked at); the 68-point fit says about 0:
+    the mesh check warns. A frontal portrait gets no note."""
+    with FacePipeline(style="default", output_size=128) as pipe:
+        turned = pipe(shared_path("data/portraits/deepface/selfie-many-people.jpg"))
+        notes = pipe.pose_notes(turned, "selfie")
+        assert any("disagree" in n for n in notes), notes
+        frontal = pipe(shared_path("data/portraits/deepface/img1.jpg"))
+        assert pipe.pose_notes(frontal, "img1") == []

@@ -30,7 +30,13 @@ from portrait3d.face.detect import Detection, FaceDetector, select_face
 from portrait3d.face.io import load_image
 from portrait3d.face.landmarks import LandmarkDetector
 from portrait3d.face.models import ReleasesOnExit
-from portrait3d.face.pose import HeadPose, camera_from_pose, estimate_head_pose
+from portrait3d.face.pose import (
+    HeadPose,
+    camera_from_pose,
+    estimate_head_pose,
+    estimate_head_pose_mesh,
+    pose_confidence,
+)
 
 __all__ = ["FaceResult", "FacePipeline", "EG3D_FOV_DEG", "DEFAULT_SIZES"]
 
@@ -93,9 +99,41 @@ class FacePipeline(ReleasesOnExit):
         return FaceResult(image=image, detection=face, num_faces=len(detections), landmarks=lm68, aligned=aligned,
                           pose=pose, camera=camera_from_pose(pose))
 
+    def pose_notes(self, face: FaceResult, name: str, disagree_deg: float = 15.0) -> list[str]:
+        """Warnings about the head pose behind ``face.camera`` (``[]`` when there is nothing to say): MediaPipe's
+        468-point mesh is fitted too (:func:`~portrait3d.face.pose.estimate_head_pose_mesh`, robust to profile
+        views where the 68-point fit breaks down); a low-confidence mesh fit, a yaw beyond what the built-in
+        generators were trained on, or a disagreement of more than ``disagree_deg`` with the 68-point yaw is
+        reported. The camera itself stays the 68-point one (the shipped generators were trained on it)."""
+        from portrait3d.face.errors import FaceError
+
+        if getattr(self, "_mesh", None) is None:
+            self._mesh = LandmarkDetector("mediapipe", refine_landmarks=False)
+        try:
+            mesh = np.asarray(self._mesh.detect(face.image, face.detection).points[:468, :2], np.float64)
+        except FaceError:
+            return [f"{name}: MediaPipe's face mesh found no face to check the head pose against"]
+        mesh = apply_transform(face.aligned.transform, mesh)
+        size = face.aligned.image.shape[1], face.aligned.image.shape[0]
+        try:
+            check = estimate_head_pose_mesh(mesh, size, fov_deg=EG3D_FOV_DEG)
+        except UsageError:
+            return [f"{name}: the head pose could not be checked against MediaPipe's face mesh"]
+        ok, reasons = pose_confidence(check, float(np.ptp(mesh[:, 0])))
+        notes = [f"{name}: head pose {r}" for r in reasons]
+        if abs(check.yaw_deg - face.pose.yaw_deg) > disagree_deg:
+            notes.append(f"{name}: the 68-point head yaw ({face.pose.yaw_deg:+.0f} deg) and the face mesh's "
+                         f"({check.yaw_deg:+.0f} deg) disagree: the camera may be off (profile views break the "
+                         "68-point fit)")
+        if not ok and not notes:
+            notes.append(f"{name}: low-confidence head pose")
+        return notes
+
     def close(self) -> None:
         self.detector.close()
         self.landmarker.close()
+        if getattr(self, "_mesh", None) is not None:
+            self._mesh.close()
 
 
 

@@ -134,7 +134,8 @@ def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_pa
             times["refine"] = time.perf_counter() - t
 
         r = render_outputs(G_out, latent, camera, pipe, aligned, lm, orbit_frames, mesh_resolution, progress, times)
-    notes = several_faces_note(face, face_index, photo.name) + identity_notes(r.identity)
+        notes = (several_faces_note(face, face_index, photo.name) + pipe.pose_notes(face, photo.name)
+                 + identity_notes(r.identity))
     t = time.perf_counter()
     if force:  # result.json marks a complete run
         (out / "result.json").unlink(missing_ok=True)

@@ -79,10 +79,12 @@ def align(photos: tuple[Path, ...], style: str, out: Path, size: int | None, fac
                 msg = str(e)  # image-reading errors already name the file
                 raise type(e)(msg if msg.startswith(f"{photo.name}:") or msg.startswith(f"{photo}:")
                               else f"{photo}: {msg}") from None
+        pose_notes = [n for photo, r in zip(photos, results) for n in pipe.pose_notes(r, photo.name)]
     from portrait3d.face.pipeline import several_faces_note
 
     for photo, r in zip(photos, results):
         echo_notes(several_faces_note(r, face_index, photo.name))
+    echo_notes(pose_notes, "warning")
     labels, poses = [], {}
     for name, r in zip(names, results):
         save_image(out / name, r.aligned.image, overwrite=force)

@@ -432,7 +432,7 @@ def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "defa
         camera = res.camera.detach().reshape(1, 25).to(dev)
 
         r = render_outputs(G_out, ws, camera, pipe, aligned, lm, orbit_frames, mesh_resolution, progress, times)
-    notes = several_faces_note(face, face_index, name) + identity_notes(r.identity)
+        notes = several_faces_note(face, face_index, name) + pipe.pose_notes(face, name) + identity_notes(r.identity)
     return InversionReport(notes=notes, photo=name, face=face, face_index=face_index, alignment=align,
                            network_ref=network_ref, config=cfg, G=G_out, ws=ws, camera=camera,
                            initial_camera=init_camera, initialisation=init_how, result=res, aligned=aligned,
