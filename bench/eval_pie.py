@@ -47,6 +47,11 @@ VARIANTS = {
 }
 
 
+def _slug(variant: str) -> str:
+    """A file-name part per variant: 'full', 'no_e_recog', 'no_modification_terms', 'wplus_only', ..."""
+    return "".join(c if c.isalnum() else "_" for c in variant.lower().replace("+", "plus").split(" (")[0]).strip("_")
+
+
 def _config(base: PieConfig, change: dict) -> PieConfig:
     cfg = PieConfig.from_dict(base.to_dict())
     for k, v in change.items():
@@ -132,8 +137,7 @@ def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_
                       "identity_distance_mean": stat(ids, np.mean),
                       "identity_kept": stat([d < 0.6 for d in ids if d is not None], np.mean),
                       "seconds_per_photo": stat([row["seconds"] for row in r], np.mean)}
-        save_image(out / f"grid_{v.split()[0].lower().replace('+', 'plus')}.png", np.concatenate(grids[v], 0),
-                   overwrite=True)
+        save_image(out / f"grid_{_slug(v)}.png", np.concatenate(grids[v], 0), overwrite=True)
     lines = ["| variant | PSNR | SSIM | median yaw-edit error (deg) | identity distance | kept (< 0.6) | s / photo |",
              "|---|---|---|---|---|---|---|"]
     fmt = (lambda x, f: "n/a" if x is None else f.format(x))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from portrait3d.methods.pie.rignet import RigNet  # noqa: E402
 from portrait3d.utils.io import write_text  # noqa: E402
+
+
+def _copy_grid(src: Path, dst: Path, max_rows: int = 8) -> None:
+    """The evaluation grid, cut to its first ``max_rows`` rows (128 px each at the built-in models' size) so the
+    shipped picture stays small."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        row = im.width // max(1, round(im.width / 128))  # square tiles: a row is one tile high
+        if im.height > max_rows * row:
+            im = im.crop((0, 0, im.width, max_rows * row))
+        im.save(dst)
 
 
 def _pose_evaluation(eval_dir: Path) -> tuple[str, Path, str]:
@@ -97,7 +108,7 @@ def main(run: Path, eval_dir: Path, out: Path, hardware: str, force: bool) -> No
         raise click.ClickException(f"{out / clash[0]} exists (pass --force)")
     out.mkdir(parents=True, exist_ok=True)
     net.save(out / names[0], overwrite=True, half=True, meta={"images_seen": seen, "network": cfg["network"]})
-    shutil.copyfile(grid, out / names[2])
+    _copy_grid(grid, out / names[2])
     card = f"""# Model card: PIE RigNet for {mode} (`{names[0]}`)
 
 StyleRig's RigNet (Tewari et al. 2020) for the `{mode}` parameters of the shipped face rig, editing the W+ space of
