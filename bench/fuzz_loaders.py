@@ -24,6 +24,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO)]
 import click  # noqa: E402
 from tests.reliability.fuzz_targets import TARGETS, Fuzzer, Hang, mutate  # noqa: E402
 
+MAX_LEN = 1 << 20
 NVIDIA_PICKLE = REPO.parent / "shared" / "fixtures" / "parity" / "stylegan2_64.pkl"
 
 
@@ -33,7 +34,8 @@ def _with_atheris(fuzzer: Fuzzer, target: str, seconds: int, out: Path) -> dict:
     corpus = out / f"corpus-{target}"
     corpus.mkdir(parents=True, exist_ok=True)
     for i, seed in enumerate(fuzzer.seeds[target]):
-        (corpus / f"seed{i}").write_bytes(seed)
+        if len(seed) <= MAX_LEN:  # libFuzzer mutates at most MAX_LEN bytes; a 16 MB seed only grew its memory
+            (corpus / f"seed{i}").write_bytes(seed)
     stats = {"inputs": 0}
 
     def one(data: bytes) -> None:
@@ -45,6 +47,7 @@ def _with_atheris(fuzzer: Fuzzer, target: str, seconds: int, out: Path) -> dict:
             raise
 
     atheris.Setup([sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-timeout=20", "-rss_limit_mb=8192",
+                   f"-max_len={MAX_LEN}",
                    f"-artifact_prefix={out}/"], one)
     atheris.Fuzz()  # exits the process: libFuzzer prints its own summary
     return stats
