@@ -46,3 +46,26 @@ def test_mutated_inputs_keep_the_invariant(fuzzer, name):
         fuzzer.run(name, mutate(fuzzer.seeds[name][seed], flips, cut, insert))
 
     check()
+
+
+# inputs the fuzzer found (bench/fuzz_loaders.py, atheris), each once outside portrait3d's error types
+REGRESSIONS = {
+    # a 48-byte GIF whose header made Pillow raise struct.error
+    "image": __import__("base64").b64decode("R0lGODdhAQAAAAAA//8AWwAoAAAsAAD/ADEAKAAALAAA/wAxACgAACwAAAEgGwCi"),
+    # a config whose channel_base is below the resolution: a block with 0 channels divided by zero
+    "config": '{"z_dim": 8, "synthesis": {"channel_base": 64, "channel_max": 8, "num_fp16_res": 4, "conv_clamp": 256, "architecture": "skip", "resample_filter": [1, 3, 3, 1], "use_noise": true, "fp16_channels_last": false, "fused_modconv_default": "inferenc"}}'.encode(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_inputs_the_fuzzer_found(fuzzer, name):
+    fuzzer.run(name, REGRESSIONS[name])
+
+
+def test_a_mangled_torch_zip_is_refused_cleanly(fuzzer):
+    """The rosinality seed (a torch zip) with its first entry's metadata corrupted: torch's weights-only unpickler
+    raised an AssertionError (found by the fuzzer)."""
+    seed = bytearray(fuzzer.seeds["rosinality"][0])
+    for at in range(30, min(len(seed), 4000), 97):
+        seed[at] ^= 0x5A
+        fuzzer.run("rosinality", bytes(seed))

@@ -126,7 +126,8 @@ def load_image(
             raise ImageReadError(f"{name}: not an image file (or an unsupported format)") from None
         except PermissionError:
             raise ImageReadError(f"{name}: permission denied") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many types on malformed files (struct.error,
+            # SyntaxError, ...): at this boundary every one of them means an unreadable file (found by the fuzzer)
             raise ImageReadError(f"{name}: cannot read image header ({_short(e)})") from None
 
         with im:
@@ -150,7 +151,7 @@ def load_image(
                 im.load()
             except _BOMB:
                 raise ImageSizeError(f"{name}: image too large (decompression-bomb guard)") from None
-            except (OSError, SyntaxError, ValueError, EOFError, MemoryError, IndexError) as e:
+            except Exception as e:  # noqa: BLE001 - as above: any decoder failure is a corrupt file
                 raise ImageReadError(f"{name}: corrupt or truncated image ({_short(e)})") from None
             finally:
                 if load_truncated:

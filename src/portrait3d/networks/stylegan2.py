@@ -472,6 +472,9 @@ class StyleGAN2Config(ConfigMixin):
                     num_fp16_res=("nonneg", y.num_fp16_res))
         if self.z_dim == 0 and self.c_dim == 0:
             raise ValueError("StyleGAN2Config needs z_dim > 0 or c_dim > 0")
+        if y.channel_base < self.img_resolution:  # channels = channel_base // resolution: a block would have none
+            raise ValueError(f"StyleGAN2Config.synthesis.channel_base ({y.channel_base}) must be at least "
+                             f"img_resolution ({self.img_resolution}): every block needs a channel")
 
 
 def _check_dims(where: str, **dims: Any) -> None:
