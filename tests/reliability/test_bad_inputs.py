@@ -126,9 +126,9 @@ CATALOGUE = [
     # checkpoints
     ("info", "@bad/garbage.safetensors"), "not a checkpoint portrait3d can read",
     ("info", "@bad/truncated.safetensors"), "corrupt safetensors file",
-    ("info", "@bad/neg_zdim.safetensors"), "z_dim must be an integer >= 0",
+    ("info", "@bad/neg_zdim.safetensors"), "z_dim must be an integer from 0 to",
     ("info", "@bad/huge_res.safetensors"), "img_resolution must be a power of two",
-    ("info", "@bad/str_wdim.safetensors"), "w_dim must be a positive integer",
+    ("info", "@bad/str_wdim.safetensors"), "w_dim must be an integer from 1 to",
     ("info", "@bad/bad_json.safetensors"), "unreadable config",
     ("info", "@bad/bad_arch.safetensors"), "unknown architecture",
     ("info", "@bad/missing_tensor.safetensors"), "do not match its architecture",
@@ -136,7 +136,7 @@ CATALOGUE = [
     ("info", "@bad/truncated.pkl"), "not a readable pickle",
     ("info", "@bad/folder"), "is a directory",
     ("info", "@bad/nothing.pkl"), "no such checkpoint",
-    ("demo", "--network-2d", "@bad/neg_zdim.safetensors", "--out", "@out"), "z_dim must be an integer >= 0",
+    ("demo", "--network-2d", "@bad/neg_zdim.safetensors", "--out", "@out"), "z_dim must be an integer from 0 to",
     ("pie", F, "--out", "@out", "--models", "@bad/folder"), "no PIE estimator",
     # values
     ("render", "@bad/folder", "--yaw", "nan"), "not a finite number",

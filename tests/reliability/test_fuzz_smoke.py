@@ -55,6 +55,12 @@ REGRESSIONS = {
     # a config whose channel_base is below the resolution: a block with 0 channels divided by zero
     "config": '{"z_dim": 8, "synthesis": {"channel_base": 64, "channel_max": 8, "num_fp16_res": 4, "conv_clamp": 256, "architecture": "skip", "resample_filter": [1, 3, 3, 1], "use_noise": true, "fp16_channels_last": false, "fused_modconv_default": "inferenc"}}'.encode(),
 }
+# a config asking for 10^17 image channels: the allocator failed (RuntimeError) instead of the validation
+HUGE_CONFIG = '{"z_dim": 8, "c_dim": 0, "w_dim": 8, "img_resolution": 4, "img_channels": 111111111111111113, "mapping": {"num_layers": 1, "embed_features": null, "layer_features": null, "activation": "lrelu", "lr_multiplier": 0.01, "w_avg_beta": 0.995}, "synthesis": {"channel_base": 64, "channel_max": 8, "num_fp16_res": 4, "conv_clamp": 256, "architecture": "skip", "resample_filter": [1, 3, 3, 1], "use_noise": true, "fp16_channels_last": false, "fused_modconv_default": ""}}'.encode()
+
+
+def test_a_config_asking_for_absurd_sizes_is_refused(fuzzer):
+    fuzzer.run("config", HUGE_CONFIG)
 
 
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))

@@ -472,9 +472,20 @@ class StyleGAN2Config(ConfigMixin):
                     num_fp16_res=("nonneg", y.num_fp16_res))
         if self.z_dim == 0 and self.c_dim == 0:
             raise ValueError("StyleGAN2Config needs z_dim > 0 or c_dim > 0")
+        for name, value in (("z_dim", self.z_dim), ("c_dim", self.c_dim), ("w_dim", self.w_dim),
+                            ("img_channels", self.img_channels), ("synthesis.channel_max", y.channel_max)):
+            if value > MAX_WIDTH:  # a width squared is a weight: beyond this the allocation alone would fail
+                raise ValueError(f"StyleGAN2Config.{name} must be at most {MAX_WIDTH}, not {value}")
         if y.channel_base < self.img_resolution:  # channels = channel_base // resolution: a block would have none
             raise ValueError(f"StyleGAN2Config.synthesis.channel_base ({y.channel_base}) must be at least "
                              f"img_resolution ({self.img_resolution}): every block needs a channel")
+
+
+MAX_WIDTH = 8192
+"""The largest width (latent, channel, conditioning) a StyleGAN2 config may ask for: published ones use 512."""
+MAX_DIM = 1 << 17
+"""The largest size a config may give any dimension or count: published generators stay below 2^16 (channel_base
+32768, w_dim 512); a tampered config asking for more would only make the allocator fail (found by the fuzzer)."""
 
 
 def _check_dims(where: str, **dims: Any) -> None:
@@ -483,13 +494,13 @@ def _check_dims(where: str, **dims: Any) -> None:
         kind, value = v
         ok = isinstance(value, int) and not isinstance(value, bool)
         if ok and kind == "pos":
-            ok = value > 0
+            ok = 0 < value <= MAX_DIM
         elif ok and kind == "nonneg":
-            ok = value >= 0
+            ok = 0 <= value <= MAX_DIM
         elif ok and kind == "pow2":
             ok = 4 <= value <= 8192 and value & (value - 1) == 0
         if not ok:
-            need = {"pos": "a positive integer", "nonneg": "an integer >= 0",
+            need = {"pos": f"an integer from 1 to {MAX_DIM}", "nonneg": f"an integer from 0 to {MAX_DIM}",
                     "pow2": "a power of two from 4 to 8192"}[kind]
             raise ValueError(f"{where}.{name} must be {need}, not {value!r}")
 
