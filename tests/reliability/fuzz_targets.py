@@ -30,7 +30,7 @@ class Hang(Exception):
     """A target call ran past :data:`HANG_SECONDS`."""
 
 
-class _Tripwire:
+class Tripwire:
     """Unpickling this would run ``touch PATH``."""
 
     def __init__(self, path: str) -> None:
@@ -69,7 +69,7 @@ class Fuzzer:
 
         buf = io.BytesIO()
         torch.save({"g_ema": rosinality_state_from_generator(G), "latent_avg": G.mapping.w_avg.clone()}, buf)
-        evil = pickle.dumps({"G_ema": _Tripwire(str(self.tripwire))})
+        evil = pickle.dumps({"G_ema": Tripwire(str(self.tripwire))})
         plain = pickle.dumps({"G_ema": None, "training_set_kwargs": {"resolution": 8}}, protocol=2)
         imgs = []
         for fmt in ("PNG", "JPEG", "GIF", "BMP"):
@@ -82,7 +82,6 @@ class Fuzzer:
         pickles = [plain, evil] + ([Path(nvidia_pickle).read_bytes()] if nvidia_pickle is not None else [])
         self.seeds = {"safetensors": [st], "pickle": pickles, "rosinality": [buf.getvalue()],
                       "image": imgs, "config": [meta["config"].encode()]}
-        self._safetensors_parts = (st, header_len)
 
     # ------------------------------------------------------------------ the targets
     def _load_network(self, data: bytes, suffix: str) -> None:
@@ -101,7 +100,8 @@ class Fuzzer:
 
     def _config(self, data: bytes) -> None:
         """The fuzzed bytes as the ``config`` JSON of an otherwise valid portrait3d safetensors file."""
-        st, header_len = self._safetensors_parts
+        st = self.seeds["safetensors"][0]
+        header_len = struct.unpack("<Q", st[:8])[0]
         header = json.loads(st[8:8 + header_len])
         header["__metadata__"]["config"] = data.decode("utf-8", errors="replace")
         raw = json.dumps(header).encode()

@@ -23,21 +23,12 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli, shared_path
+from tests.reliability.fuzz_targets import Tripwire
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FACE = "data/portraits/deepface/img1.jpg"
 OTHER = "data/portraits/deepface/img2.jpg"
-
-
-class _Evil:
-    """Unpickling this would run ``touch TRIPWIRE``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -96,7 +87,7 @@ def bad(tmp_path_factory):
     fewer = dict(tensors)
     fewer.pop(next(iter(fewer)))
     save_file(fewer, str(d / "missing_tensor.safetensors"), metadata=meta)
-    (d / "evil.pkl").write_bytes(pickle.dumps({"G_ema": _Evil(str(d / "TRIPWIRE"))}))
+    (d / "evil.pkl").write_bytes(pickle.dumps({"G_ema": Tripwire(str(d / "TRIPWIRE"))}))
     (d / "truncated.pkl").write_bytes(pickle.dumps({"a": 1})[:5])
     buf = io.BytesIO()
     np.save(buf, np.zeros((0,), np.float32))
