@@ -3,6 +3,8 @@ term, the identity chip comes from real photos' landmarks, and bad settings are 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +46,27 @@ def test_resume_is_bit_exact(tmp_path):
                                           progress=False, G=G))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_warmup_trains_on_codes_alone_then_switches_to_the_image_losses(tmp_path):
+    data = make_dataset(tmp_path / "data", 6, 128)
+    G = make_tiny_eg3d()
+    train_wtri(_cfg(data, total_kimg=0.008, warmup_kimg=0.004, sample_kimg=0.008, snapshot_kimg=0.008),
+               tmp_path / "run", progress=False, G=G)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    warm, full = [r for r in log if "latent_first" in r], [r for r in log if "cyc" in r]
+    assert len(warm) == 2 and len(full) == 2  # 4 images of warm-up at batch 2, then the full losses
+    assert all("rec" not in r for r in warm) and all("latent" in r for r in full)
+
+
+def test_warmup_gradient_never_enters_the_generator(tmp_path):
+    data = make_dataset(tmp_path / "data", 4, 128)
+    G = make_tiny_eg3d().requires_grad_(True)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    enc = WTriEncoder.load(train_wtri(_cfg(data, warmup_kimg=1.0, lr=1e-2), tmp_path / "run", progress=False, G=G))
+    assert all(p.grad is None for p in G.parameters())
+    assert all(torch.equal(before[k], v) for k, v in G.state_dict().items())
+    assert any(p.abs().sum() > 0 for p in enc.mlp[-1].parameters())  # the zero-initialised head has moved
 
 
 def test_wplus_baseline_trains_too(tmp_path):

@@ -8,6 +8,11 @@ Each step draws, from ``(seed, step)`` (so a resume is bit-exact without data-or
   anchors the encoder to codes the generator can render well;
 * the cycle's novel cameras ``p_hat`` (eq. 3), also cameras of the training set.
 
+An optional supervised warm-up (``warmup_kimg``, pSp's synthetic-pair pretraining) comes first: every batch is
+pseudo pairs and the loss is the latent term after every iteration, with the renders the encoder reads made
+outside autograd. No gradient goes back through the generator, which makes a warm-up image about 4x cheaper
+than a full one on a CPU, so the encoder learns the code space before the image losses refine it.
+
 The identity term puts every image's dlib chip at one fixed place: the mean 68 landmarks of the first training
 photos (the aligned crops share one face placement), measured once and kept in ``chip.json``.
 
@@ -52,6 +57,7 @@ class WTriTrainConfig(ConfigMixin):
     lr: float = 1e-4                   # ReStyle: 1e-4
     truncation: float = 0.7            # pseudo pairs' latents
     latent_weight: float = 1.0         # lambda_latent of the pseudo pairs
+    warmup_kimg: float = 0.0           # first images: pseudo pairs only, latent term only, no backward through G
     losses: WTriLossConfig = field(default_factory=WTriLossConfig)
     iterations: int = 5
     width: int = 32
@@ -70,6 +76,8 @@ class WTriTrainConfig(ConfigMixin):
             raise UsageError(f"need batch >= 1 and 0 <= pseudo <= batch, not {self.batch} / {self.pseudo}")
         if self.total_kimg <= 0 or self.lr <= 0 or self.iterations < 1:
             raise UsageError("kimg and lr must be > 0 and iterations >= 1")
+        if not 0 <= self.warmup_kimg < float("inf"):
+            raise UsageError(f"warmup_kimg must be a finite number >= 0, not {self.warmup_kimg}")
 
 
 def fixed_chip_transform(images: np.ndarray, count: int) -> np.ndarray:
@@ -161,6 +169,13 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
 
     fast = _Fast()
 
+    class _Frozen(_Fast):  # renders as inputs only: the warm-up's gradient never enters the generator
+        def synthesis_wtri(self, code: WTri, c: torch.Tensor, **kw: Any) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return render(code, c, **kw)
+
+    frozen = _Frozen()
+
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, WTri | None]:
         g = _draw(cfg.seed, step, 0)
         n_real = cfg.batch - cfg.pseudo
@@ -169,18 +184,35 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
         cs = [cameras[i] for i in rows]
         target = None
         if cfg.pseudo:
-            c = cameras[torch.randint(len(cameras), (cfg.pseudo,), generator=g)]
-            z = torch.randn(cfg.pseudo, G.z_dim, generator=g)
-            with torch.no_grad():
-                ws = G.mapping(z, c, truncation_psi=cfg.truncation)
-                target = G.wtri_from_ws(ws)
-                y = render(target, c, noise_mode="const")["image"].clamp(-1, 1)
+            y, c, target = pseudo_pairs(g, cfg.pseudo)
             xs += list(y)
             cs += list(c)
         novel = cameras[torch.randint(len(cameras), (cfg.batch,), generator=g)]
         return torch.stack(xs), torch.stack(cs), novel, target
 
+    def pseudo_pairs(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, WTri]:
+        c = cameras[torch.randint(len(cameras), (n,), generator=g)]
+        z = torch.randn(n, G.z_dim, generator=g)
+        with torch.no_grad():
+            target = G.wtri_from_ws(G.mapping(z, c, truncation_psi=cfg.truncation))
+            y = render(target, c, noise_mode="const")["image"].clamp(-1, 1)
+        return y, c, target
+
+    def warmup_losses(step: int) -> dict[str, torch.Tensor]:
+        x, c, target = pseudo_pairs(_draw(cfg.seed, step, 1), cfg.batch)
+        enc.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            codes, _ = enc.invert(frozen, x, c)
+        per_step = [code_distance(code, target, p=2).mean() for code in codes]
+        latent = torch.stack(per_step).mean()
+        return {"loss": cfg.latent_weight * latent, "latent": per_step[-1].detach(),
+                "latent_first": per_step[0].detach()}
+
+    warmup_steps = int(round(cfg.warmup_kimg * 1000)) // cfg.batch
+
     def losses(step: int) -> dict[str, torch.Tensor]:
+        if step < warmup_steps:
+            return warmup_losses(step)
         x, c, novel, target = batch(step)
         identity = None
         if transform is not None:
