@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli, shared_path
+from tests.conftest import make_dataset, run_cli, shared_path
 from tests.reliability.fuzz_targets import Tripwire
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +92,7 @@ def bad(tmp_path_factory):
     buf = io.BytesIO()
     np.save(buf, np.zeros((0,), np.float32))
     (d / "empty.npy").write_bytes(buf.getvalue())
+    make_dataset(d / "faces", 8, 32)
     return d
 
 
@@ -146,6 +147,10 @@ CATALOGUE = [
     ("demo", "--device", "banana", "--out", "@out"), "--device must be",
     ("web", "--port", "0"), "not in the range",
     ("train", "wtri", "--data", "@bad/folder", "--out", "@out", "--kimg", "-1"), "not in the range",
+    # resources
+    ("train", "stylegan2", "--data", "@bad/faces", "--out", "@out", "--config", "tiny", "--batch", str(2**28)),
+    "needs about",
+    ("dataset", "build", "@bad/folder", "@out", "--resolution", "100000"), "not in the range",
     # outputs
     ("align", F, "--out", "@bad/afile/sub"), "not a directory",
     ("demo", "--out", "@bad/afile"), "is a file",
@@ -164,7 +169,7 @@ def _args(args: tuple[str, ...], bad: Path, out: Path) -> list[str]:
 def test_the_catalogue_is_large_enough():
     assert len(CASES) >= 40
     assert {a[0] for a, _ in CASES} >= {"align", "identity", "invert3d", "encode3d", "pie", "info", "demo", "render",
-                                       "edit", "web", "train"}
+                                       "edit", "web", "train", "dataset"}
 
 
 @pytest.mark.parametrize("args, message", CASES, ids=[f"{i:02d}-{a[0]}" for i, (a, _) in enumerate(CASES)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,14 @@ def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector
     from portrait3d.face.errors import FaceError
     from portrait3d.face.pipeline import FacePipeline
 
+    if not 16 <= resolution <= 2048:
+        raise UsageError(f"resolution must be between 16 and 2048 px, not {resolution}")
     out.mkdir(parents=True, exist_ok=True)
+    need = len(photos) * resolution * resolution * 3
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UsageError(f"{out}: {len(photos)} faces at {resolution} px need {need / 2**30:.1f} GiB of disk, "
+                         f"{free / 2**30:.1f} GiB are free")
     p = _Paths(out)
     tmp_images = out / "images.partial.npy"
     arr = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(photos), resolution, resolution, 3))

@@ -59,6 +59,7 @@ from portrait3d.training import augment
 from portrait3d.training.batches import make_loader
 from portrait3d.training.distributed import DistInfo, broadcast_module, init_distributed, shutdown_distributed
 from portrait3d.training.loop import MetricsFn, StepFn, run_loop
+from portrait3d.training.memory import activation_bytes, check_batch_memory
 from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
 from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
@@ -469,6 +470,24 @@ def build_discriminator(cfg: EG3DTrainConfig) -> torch.nn.Module:
     return proj if cfg.discriminator == "projected" else VisionAidedDiscriminator(DualDiscriminator(cfg.D), proj)
 
 
+def _check_memory(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo) -> None:
+    """Refuse a micro-batch that cannot fit in memory (:mod:`portrait3d.training.memory`) before training starts."""
+    from portrait3d.networks.eg3d.camera import camera_from_angles
+
+    c = camera_from_angles([0.0], [0.0]).reshape(1, 25).to(info.device)
+
+    def forward() -> None:  # draws inside the probe, whose random streams are put back
+        out = nets.G(torch.randn([1, cfg.G.z_dim], device=info.device, requires_grad=True), c)
+        if cfg.adversarial:
+            nets.D({"image": out["image"], "image_raw": out["image_raw"]}, c)
+
+    per = activation_bytes(forward, [nets.G, nets.D])
+    micro = cfg.run.batch_gpu or cfg.run.batch // info.world
+    check_batch_memory(per, micro, info.device,
+                       what=f"a batch of {micro} at {cfg.G.neural_rendering_resolution} px neural rendering",
+                       hint="lower --batch, or set --batch-gpu to accumulate gradients over smaller batches")
+
+
 def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:
     """G, D, G_ema and optimisers, initialised from ``cfg.run.seed`` (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
@@ -543,6 +562,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
                 raise UsageError("the snapshot was trained with other network settings than the given config")
         for m in (nets.G, nets.D, nets.G_ema):
             broadcast_module(m, info)
+        _check_memory(cfg, nets, info)
         sampler, loader = make_loader(ds, run, info, counters.step)
         out = Path(out_dir)
         g = torch.Generator().manual_seed(run.seed + 1)

@@ -46,6 +46,7 @@ from portrait3d.training.distributed import (
     shutdown_distributed,
 )
 from portrait3d.training.loop import MetricsFn, StepFn, run_loop
+from portrait3d.training.memory import activation_bytes, check_batch_memory
 from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
 from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
@@ -336,6 +337,17 @@ def build_discriminator(cfg: StyleGAN2TrainConfig) -> torch.nn.Module:
     return proj if cfg.discriminator == "projected" else VisionAidedDiscriminator(Discriminator(cfg.D), proj)
 
 
+def _check_memory(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> None:
+    """Refuse a micro-batch that cannot fit in memory (:mod:`portrait3d.training.memory`) before training starts."""
+    def forward() -> None:  # draws inside the probe, whose random streams are put back
+        nets.D(nets.G(torch.randn([1, cfg.G.z_dim], device=info.device, requires_grad=True), None), None)
+
+    per = activation_bytes(forward, [nets.G, nets.D])
+    micro = cfg.run.batch_gpu or cfg.run.batch // info.world
+    check_batch_memory(per, micro, info.device, what=f"a batch of {micro} at {cfg.G.img_resolution} px",
+                       hint="lower --batch, or set --batch-gpu to accumulate gradients over smaller batches")
+
+
 def build_networks(cfg: StyleGAN2TrainConfig, device: torch.device) -> Networks:
     """G, D, G_ema and optimisers, initialised from ``cfg.run.seed`` (identical on every rank)."""
     torch.manual_seed(cfg.run.seed)
@@ -437,6 +449,7 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
             _check_resume_config(cfg, meta)
         for m in (nets.G, nets.D, nets.G_ema):
             broadcast_module(m, info)
+        _check_memory(cfg, nets, info)
         sampler, loader = make_loader(ds, run, info, counters.step)
         out = Path(out_dir)
         grid_z = torch.randn([run.grid_samples, cfg.G.z_dim], generator=torch.Generator().manual_seed(run.seed + 1))

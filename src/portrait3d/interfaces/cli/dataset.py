@@ -20,7 +20,8 @@ def dataset() -> None:
 @dataset.command("build")
 @click.argument("photos_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--resolution", type=int, default=128, show_default=True)
+@click.option("--resolution", type=click.IntRange(16, 2048), default=128, show_default=True,
+              help="Side of the aligned faces in pixels.")
 @click.option("--limit", type=int, default=None, help="Only the first N photos (sorted by name).")
 @click.option("--holdout", type=int, default=0, show_default=True,
               help="Leave out every N-th photo (by sorted name) for evaluation; 0 keeps all.")
