@@ -93,6 +93,8 @@ def bad(tmp_path_factory):
     np.save(buf, np.zeros((0,), np.float32))
     (d / "empty.npy").write_bytes(buf.getvalue())
     make_dataset(d / "faces", 8, 32)
+    (d / "run" / "snapshot-00000004").mkdir(parents=True)
+    (d / "run" / "log.jsonl").write_text("{}\n")
     return d
 
 
@@ -154,6 +156,8 @@ CATALOGUE = [
     # outputs
     ("align", F, "--out", "@bad/afile/sub"), "not a directory",
     ("demo", "--out", "@bad/afile"), "is a file",
+    ("dataset", "build", "@bad/folder", "@bad/faces"), "already exists (pass --force",
+    ("train", "wtri", "--data", "@bad/faces", "--out", "@bad/run"), "already exists: pass --resume",
     ("pie", "edit", "@bad/folder", "--yaw", "3"), "holds no PIE embedding",
     ("encode3d", F, "--out", "@out"), "no W_tri encoder ships",
     ("encode3d", F, "--out", "@out", "--encoder", "@bad/garbage.safetensors", "--pti"), "needs --refine",

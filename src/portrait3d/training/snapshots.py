@@ -18,7 +18,7 @@ import torch
 from portrait3d.errors import UsageError
 from portrait3d.training.optim import Counters, Networks
 
-__all__ = ["save_module_snapshot", "load_module_snapshot", "optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state",
+__all__ = ["claim_run_folder", "save_module_snapshot", "load_module_snapshot", "optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state",
            "init_generators"]
 
 STATE_FORMAT = "portrait3d-train-state"
@@ -156,6 +156,36 @@ def prune_snapshots(run_dir: Path, keep: int) -> None:
     if keep > 0:
         for old in sorted(run_dir.glob("snapshot-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def claim_run_folder(out: str | os.PathLike[str], resume: str | os.PathLike[str] | None, force: bool,
+                     exports: tuple[str, ...] = ()) -> None:
+    """Refuse to start a run in a folder that already holds one, unless ``force`` (then clear it first).
+
+    A folder holds a run when it has snapshots, a log, a config or one of the run's ``exports``. Resuming from a
+    snapshot of ``out`` itself continues that run in place; resuming from another run into an occupied ``out``
+    is refused like a fresh start. Raises :class:`FileExistsError` with a one-line message."""
+    out = Path(out)
+    if resume is not None and Path(resume).exists():
+        p = Path(resume).resolve()
+        if out.resolve() in (p, p.parent):
+            return
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    old = [name for name in (*exports, "log.jsonl", "config.json") if (out / name).exists()]
+    snaps = sorted(out.glob("snapshot-*"))
+    if (old or snaps) and not force:
+        what = out / (old[0] if old else snaps[0].name)
+        raise FileExistsError(f"{what} already exists: pass --resume {out} to continue that run, "
+                              f"or --force to start over")
+    if force:
+        for folder in snaps:
+            shutil.rmtree(folder, ignore_errors=True)
+        for name in old:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "samples", ignore_errors=True)
 
 
 def find_snapshot(path: str | os.PathLike[str]) -> Path:

@@ -30,6 +30,7 @@ from portrait3d.training import stylegan2 as sg2
 from portrait3d.training import transfer
 from portrait3d.training.loop import MetricsFn
 from portrait3d.training.run_config import apply_cli_options
+from portrait3d.training.snapshots import claim_run_folder
 
 
 @main.group(context_settings=CONTEXT_SETTINGS)
@@ -84,6 +85,8 @@ def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
                      help="torch.compile the discriminator too (faster for the pixel D, slower for the projected D "
                           "here) [preset]."),
         click.option("--progress/--no-progress", default=None, help="Progress bar [on]."),
+        click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run (its snapshots, "
+                                                    "samples and log are deleted)."),
     ]
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,12 +99,14 @@ def run_options(presets: Iterable[str], *, data_help: str, lr_d_default: float,
 
 
 def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resume: Path | None, fid: int,
-            make_fid_hook: Callable[[torch.device], MetricsFn]) -> None:
-    """The end of a trainer's command: optional metrics hook, training, the exported path.
+            make_fid_hook: Callable[[torch.device], MetricsFn], force: bool = False) -> None:
+    """The end of a trainer's command: the run folder claimed, optional metrics hook, training, the exported path.
 
     ``make_fid_hook(device)`` is called only when ``fid > 0``; the metrics interval then defaults to the
     snapshot interval.
     """
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_run_folder(out, resume, force, exports=("G_ema.safetensors",))
     hook = None
     if fid > 0:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if (
@@ -149,6 +154,7 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
       portrait3d train stylegan2 --data DATA --out RUN128 --config cpu-proj --grow-from RUN64
     """
     cfg = sg2.preset(preset_name)
+    force = overrides.pop("force")
     apply_cli_options(cfg, **overrides)
     for name, v in (("augment", policy), ("style_mixing_prob", mixing), ("pl_weight", pl_weight),
                     ("discriminator", discriminator)):
@@ -162,7 +168,7 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
     train = functools.partial(sg2.train_stylegan2, grow_from=grow_from, init_from=init_from)
     run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: sg2._hooks(
         sg2.fid_hook(data, fid, dev) if fid > 0 else None,
-        sg2.face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None))
+        sg2.face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None), force=force)
 
 
 @train.command("eg3d")
@@ -213,6 +219,7 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
           --distill-spread-weight 5 --distill-depth-weight 30 --no-adversarial --threads 1
     """
     cfg = e3d.preset(preset_name)
+    force = overrides.pop("force")
     apply_cli_options(cfg, **overrides)
     if neural_res is not None:
         cfg.G.neural_rendering_resolution = int(neural_res)
@@ -233,7 +240,7 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
         return sg2.fid_hook(data, fid, dev, cameras=cams)
 
     train = functools.partial(e3d.train_eg3d, init_2d=init_2d, init_from=init_from)
-    run_cli(train, cfg, data, out, resume, fid, make_fid_hook)
+    run_cli(train, cfg, data, out, resume, fid, make_fid_hook, force=force)
 
 
 # ----------------------------------------------------------------------------- method networks
@@ -339,6 +346,8 @@ def _module_run_options(snap: float) -> Callable[[Callable[..., Any]], Callable[
                      help="Snapshot folder (or run folder: newest snapshot) to continue from, bit-exactly."),
         click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads [torch default]."),
         click.option("--progress/--no-progress", default=True, show_default=True),
+        click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run (its snapshots, "
+                                                    "samples and log are deleted)."),
     ]
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -371,7 +380,7 @@ def _module_run_options(snap: float) -> Callable[[Callable[..., Any]], Callable[
 @fail_cleanly
 def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, batch: int, lr: float, width: int,
                       param_weight: float, photometric_weight: float, bf16: bool, snap: float, resume: Path | None,
-                      holdout: Path | None, threads: int | None, progress: bool) -> None:
+                      holdout: Path | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train PIE's parameter estimator theta(I) (a MoFA-style CNN into the face rig) on real photos.
 
     \b
@@ -387,6 +396,7 @@ def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, 
         torch.set_num_threads(threads)
     if not (data / "images.npy").is_file():
         raise UsageError(f"{data} holds no images.npy (build it with `portrait3d dataset build`)")
+    claim_run_folder(out, resume, force, exports=("estimator.safetensors",))
     cfg = EstimatorTrainConfig(rig=rig, count=count, batch=batch, total_kimg=kimg, lr=lr, bf16=bf16,
                                snapshot_kimg=snap, sample_kimg=snap / 2,
                                net=EstimatorConfig(width=width),
@@ -416,7 +426,7 @@ def pie_estimator_cmd(data: Path, out: Path, rig: str, count: int, kimg: float, 
 @_module_run_options(snap=2.0)
 @fail_cleanly
 def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, kimg: float, batch: int, lr: float,
-               snap: float, resume: Path | None, threads: int | None, progress: bool) -> None:
+               snap: float, resume: Path | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train a StyleRig RigNet for one mode of the face rig on a generator's samples (self-supervised through
     the parameter estimator and the rig renderer).
 
@@ -426,6 +436,7 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
     """
     from portrait3d.methods.pie.train import RigNetTrainConfig, train_rignet
 
+    claim_run_folder(out, resume, force, exports=(f"rignet-{mode}.safetensors",))
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = RigNetTrainConfig(network=network, estimator=str(estimator), rig=rig, mode=mode, batch=batch,
@@ -460,7 +471,7 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
 @fail_cleanly
 def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
              cyc: float, iterations: int, warmup_kimg: float, truncation: float, snap: float, resume: Path | None,
-             threads: int | None, progress: bool) -> None:
+             threads: int | None, progress: bool, force: bool) -> None:
     """Train the W_tri encoder (Oh & Jo) of an EG3D generator on aligned photos with their cameras, plus
     generator pseudo pairs: eqs. 1-4 (L2, EfficientNet-Lite0 perceptual, dlib identity, feature similarity,
     code regularisation, multi-view cycle). Writes OUT/encoder.safetensors, snapshots, samples/ and log.jsonl.
@@ -470,8 +481,9 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
       portrait3d train wtri --data ~/.cache/portrait3d/utkface128 --out runs/wtri
     """
     from portrait3d.methods.wtri.losses import WTriLossConfig
-    from portrait3d.methods.wtri.train import WTriTrainConfig, train_wtri
+    from portrait3d.methods.wtri.train import EXPORT_NAME, WTriTrainConfig, train_wtri
 
+    claim_run_folder(out, resume, force, exports=(EXPORT_NAME,))
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = WTriTrainConfig(network=network, data=str(data), space=space, batch=batch, pseudo=pseudo,
@@ -582,13 +594,16 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."),
         click.option("--threads", type=int, default=None, help="CPU threads [torch default]."),
         click.option("--progress/--no-progress", default=True, help="Progress bar."),
+        click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run (its snapshots, "
+                                                    "samples and log are deleted)."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
     return fn
 
 
-def _apply_common(cfg: Any, kw: dict[str, Any]) -> None:
+def _apply_common(cfg: Any, kw: dict[str, Any], kind: str) -> None:
+    claim_run_folder(kw["out"], kw["resume"], kw["force"], exports=(inv.EXPORT_NAMES[kind],))
     if kw["batch"] is not None:
         cfg.batch = kw["batch"]
     cfg.total_kimg, cfg.lr, cfg.seed = kw["kimg"], kw["lr"], kw["seed"]
@@ -631,7 +646,7 @@ def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv
     arch = inv.EncoderConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"])
     cfg = inv.EncoderTrainConfig(encoder=arch, lambda_perceptual=lambda_perceptual, lambda_adv=lambda_adv,
                              lambda_reg=lambda_reg, lambda_latent=lambda_latent)
-    _apply_common(cfg, kw)
+    _apply_common(cfg, kw, "encoder")
     G = _load_generator(kw["network"], cfg.device)
     D = inv.load_eg3d_discriminator(discriminator) if discriminator is not None else None
     path = inv.train_encoder(G, cfg, kw["out"], resume=kw["resume"], progress=kw["progress"], D=D)
@@ -660,7 +675,7 @@ def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_transla
     cfg = inv.PoseTrainConfig(pose=inv.PoseConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"],
                                               roll=roll),
                           lambda_translation=lambda_translation, lambda_reproj=lambda_reproj)
-    _apply_common(cfg, kw)
+    _apply_common(cfg, kw, "pose")
     cfg.pseudo = dataclasses.replace(cfg.pseudo, translation_std=translation_std,
                                      roll_range=(-roll_max, roll_max) if roll else (0.0, 0.0))
     G = _load_generator(kw["network"], cfg.device)

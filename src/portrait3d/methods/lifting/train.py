@@ -45,7 +45,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,7 @@ from portrait3d.methods.lifting.losses import (
     w_statistics,
 )
 from portrait3d.methods.lifting.networks import LiftConfig, LiftedGenerator, LiftOutput
+from portrait3d.training.snapshots import claim_run_folder
 from portrait3d.utils.visualize import normal_to_uint8, shading_to_uint8
 
 __all__ = ["ABLATIONS", "GRID_ROWS", "LiftTrainConfig", "TRAINER", "generator_matches", "grid_rows",
@@ -338,24 +338,6 @@ def load_lift_state(folder: Path, meta: dict[str, Any], model: LiftedGenerator,
 # ----------------------------------------------------------------------------- training
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    """Refuse to start a fresh run over an existing one unless ``force`` (then clear it)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    old = [p for p in ("lifted.safetensors", "log.jsonl", "config.json") if (out / p).exists()]
-    snaps = sorted(out.glob("snapshot-*")) if out.is_dir() else []
-    if (old or snaps) and not force:
-        what = out / (old[0] if old else snaps[0].name)
-        raise FileExistsError(f"{what} already exists: pass --resume {out} to continue that run "
-                              f"or --force to start over")
-    if force:
-        for s in snaps:
-            shutil.rmtree(s, ignore_errors=True)
-        for p in old:
-            (out / p).unlink(missing_ok=True)
-        shutil.rmtree(out / "samples", ignore_errors=True)
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the records of steps after ``step`` (a run stopped after its last snapshot), atomically."""
     from portrait3d.checkpoints.native import atomic_write
@@ -428,8 +410,7 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
     if snap is not None:
         _check_resume(cfg, snap[1], snap[0])
     same_run = snap is not None and snap[0].resolve().parent == out.resolve()
-    if out.exists() and not same_run:
-        _check_out_dir(out, force)
+    claim_run_folder(out, snap[0] if snap is not None else None, force, exports=("lifted.safetensors",))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = cfg.resolved_device()
