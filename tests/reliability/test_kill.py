@@ -46,14 +46,27 @@ def _check_complete(folder: Path) -> list[str]:
             assert head[4:8] == b"ftyp", p
         elif p.suffix == ".txt":
             p.read_text(encoding="utf-8")
+        elif p.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            load_file(str(p))
+        elif p.suffix == ".ply":
+            assert p.read_bytes().startswith(b"ply"), p
     return names
 
 
-@pytest.mark.parametrize("command", ["demo", "align"])
+@pytest.mark.parametrize("command", ["demo", "align", "invert3d", "dataset"])
 def test_killed_command_leaves_only_complete_files(tmp_path, command):
     out = tmp_path / "out"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("img1.jpg", "img2.jpg", "img3.jpg"):
+        (photos / name).write_bytes(shared_path(f"data/portraits/deepface/{name}").read_bytes())
     args = {"demo": ["demo", "--out", str(out), "--samples", "2", "--orbit-frames", "8", "--force"],
-            "align": ["align", str(shared_path(PHOTO)), "--out", str(out), "--force"]}[command]
+            "align": ["align", str(shared_path(PHOTO)), "--out", str(out), "--force"],
+            "invert3d": ["invert3d", str(shared_path(PHOTO)), "--out", str(out), "--steps", "4",
+                         "--orbit-frames", "8", "--mesh-resolution", "32", "--force"],
+            "dataset": ["dataset", "build", str(photos), str(out), "--resolution", "64", "--force"]}[command]
     t0 = time.monotonic()
     full = subprocess.run(_command(args), env=ENV, capture_output=True, text=True, timeout=600)
     duration = time.monotonic() - t0
@@ -70,3 +83,33 @@ def test_killed_command_leaves_only_complete_files(tmp_path, command):
     assert again.returncode == 0, again.stderr
     assert _check_complete(out) == expected
     assert not [p.name for p in out.rglob(".*.tmp")]  # the killed runs' temporaries are gone
+
+
+def test_killed_training_resumes_from_its_last_complete_snapshot(tmp_path):
+    """A trainer killed at random points leaves only whole snapshots; ``--resume`` then finishes the run."""
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "data", 8, 32)
+    out = tmp_path / "run"
+    base = ["train", "stylegan2", "--data", str(data), "--out", str(out), "--config", "tiny", "--kimg", "0.064",
+            "--snap", "0.008", "--no-progress"]
+    t0 = time.monotonic()
+    first = subprocess.run(_command([*base, "--force"]), env=ENV, capture_output=True, text=True, timeout=600)
+    duration = time.monotonic() - t0
+    assert first.returncode == 0, first.stderr
+    rng = random.Random(1)
+    for _ in range(3):
+        proc = subprocess.Popen(_command([*base, "--force"]), env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 0.95) * duration)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        _check_complete(out)  # every file there decodes
+        for snap in out.glob("snapshot-*"):
+            json.loads((snap / "state.json").read_text())
+    resumed = subprocess.run(_command([*base, "--resume", str(out)]), env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    _check_complete(out)
+    assert (out / "G_ema.safetensors").is_file()
+    assert not [p.name for p in out.rglob(".*.tmp")]

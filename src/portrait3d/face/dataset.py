@@ -116,7 +116,9 @@ def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector
         raise UsageError(f"{out}: {len(photos)} faces at {resolution} px need {need / 2**30:.1f} GiB of disk, "
                          f"{free / 2**30:.1f} GiB are free")
     p = _Paths(out)
-    tmp_images = out / "images.partial.npy"
+    # hidden while it fills, and gone after a kill on the next build: no half-built file is ever visible
+    tmp_images = out / ".images.partial.npy"
+    (out / "images.partial.npy").unlink(missing_ok=True)  # left by builds before the name was hidden
     arr = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(len(photos), resolution, resolution, 3))
     labels, poses, failures = [], {}, {}
     n = 0
@@ -133,9 +135,16 @@ def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector
             n += 1
     arr.flush()
     del arr
-    # Keep only the filled rows, then publish atomically.
+    # Keep only the filled rows, then publish atomically. The old labels go first: a kill between the two writes
+    # leaves new images without labels (refused as "not a built dataset"), never a mismatched pair.
     full = np.load(tmp_images, mmap_mode="r")
-    atomic_write(p.images, lambda tmp: np.save(open(tmp, "wb"), np.asarray(full[:n])), overwrite=True)
+
+    def write_images(tmp: str | os.PathLike[str]) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(full[:n]))
+
+    p.labels.unlink(missing_ok=True)
+    atomic_write(p.images, write_images, overwrite=True)
     del full
     tmp_images.unlink()
     summary = {"photos": len(photos), "aligned": n, "failed": len(failures), "resolution": resolution,
