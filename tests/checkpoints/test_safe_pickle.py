@@ -130,3 +130,45 @@ def test_a_huge_declared_size_is_refused_before_allocating():
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     with pytest.raises(CheckpointError, match="STOP"):
         safe_load_pickle(b"\x80\x04N")
+
+
+def test_memo_indices_past_the_pickle_are_refused():
+    """``LONG_BINPUT 1349612391`` in a 52-byte pickle made CPython zero a 10 GB memo (found by atheris)."""
+    import struct
+
+    from portrait3d.checkpoints.safe_pickle import CheckpointError, safe_load_pickle
+
+    honest = pickle.dumps({"a": [1, 2], "b": [1, 2]}, protocol=2)
+    assert safe_load_pickle(honest) == {"a": [1, 2], "b": [1, 2]}
+    hostile = b"\x80\x02N" + b"r" + struct.pack("<I", 1349612391) + b"."
+    with pytest.raises(CheckpointError, match="memo index 1349612391"):
+        safe_load_pickle(hostile)
+
+
+def test_nested_storages_cannot_declare_more_than_they_hold():
+    """A legacy ``torch.save`` storage whose persistent id declares 8 GB in a few hundred bytes is refused before
+    torch allocates it; a genuine one loads."""
+    import io
+
+    import torch
+
+    from portrait3d.checkpoints.safe_pickle import CheckpointError, _load_storage_from_bytes
+
+    buf = io.BytesIO()
+    torch.save(torch.arange(10, dtype=torch.float32).storage(), buf, _use_new_zipfile_serialization=False)
+    assert _load_storage_from_bytes(buf.getvalue()).size() == 10
+
+    marker = object()
+
+    class Declares(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 2 * 10**9, None) if obj is marker else None
+
+    f = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(header, f, protocol=2)
+    Declares(f, protocol=2).dump(marker)
+    pickle.dump(["0"], f, protocol=2)
+    f.write((10).to_bytes(8, "little") + bytes(40))
+    with pytest.raises(CheckpointError, match="declares 8000000000 bytes"):
+        _load_storage_from_bytes(f.getvalue())

@@ -63,6 +63,18 @@ def test_a_config_asking_for_absurd_sizes_is_refused(fuzzer):
     fuzzer.run("config", HUGE_CONFIG)
 
 
+# a 52-byte pickle whose LONG_BINPUT 1349612391 made CPython size its memo to 10 GB (atheris: out of memory; 26 s)
+HUGE_MEMO = __import__("base64").b64decode("gAJ9cQAoWAUAAABHX0VtYSlxAU5yZ3NxUEsCfXEDWAoAAAByZXNvbHV0aW9ucQRLCHN1Lg==")
+
+
+def test_a_pickle_with_a_huge_memo_index_is_refused_before_unpickling(fuzzer):
+    import time
+
+    t0 = time.monotonic()
+    fuzzer.run("pickle", HUGE_MEMO)
+    assert time.monotonic() - t0 < 2
+
+
 @pytest.mark.parametrize("name", sorted(REGRESSIONS))
 def test_inputs_the_fuzzer_found(fuzzer, name):
     fuzzer.run(name, REGRESSIONS[name])

@@ -115,11 +115,60 @@ def _plain_stub_class(qualified_name: str) -> type[PlainStub]:
     return cls
 
 
+_ELEMENT_SIZES = {"DoubleStorage": 8, "LongStorage": 8, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+                  "FloatStorage": 4, "IntStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "ShortStorage": 2}
+
+
+class _StorageSizeScan(pickle.Unpickler):
+    """Reads a legacy ``torch.save`` stream's pickles without building a storage: only the declared sizes."""
+
+    declared = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch", "torch.storage") and name.endswith("Storage"):
+            return name
+        if module == "torch" and name in _TORCH_DTYPES:
+            return name
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise CheckpointError(f"malformed tensor storage in the pickle (it names {module}.{name})")
+
+    def persistent_load(self, pid: Any) -> Any:
+        # ('storage', storage_type, key, location, numel[, view_metadata]): torch allocates numel elements up front
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            size = _ELEMENT_SIZES.get(pid[1], 1) if isinstance(pid[1], str) else 1
+            self.declared += max(pid[4], 0) * size
+        return None
+
+
+def _check_storage_sizes(b: bytes) -> None:
+    """A nested storage cannot declare more bytes than it holds: torch's legacy loader allocates every storage at
+    its declared size before reading it (and only then finds the data short), so a few kilobytes could ask the
+    allocator for gigabytes. Zip-format storages read their sizes from the records themselves."""
+    if b[:2] == b"PK":
+        return
+    f = io.BytesIO(b)
+    scan = _StorageSizeScan(f)
+    try:
+        for _ in range(4):  # magic number, protocol version, system info, the object
+            scan.load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch would refuse it too; say so in our words
+        raise CheckpointError(f"unreadable tensor storage in the pickle ({type(e).__name__})") from None
+    if scan.declared > len(b):
+        raise CheckpointError(f"corrupt tensor storage in the pickle: it declares {scan.declared} bytes and holds "
+                              f"{len(b)}")
+
+
 def _load_storage_from_bytes(b: bytes) -> Any:
     """Tensor storages are pickled as nested ``torch.save`` bytes: read them with torch's own
-    weights-only unpickler, which allows no code either."""
+    weights-only unpickler, which allows no code either, after checking their declared sizes."""
     if not isinstance(b, (bytes, bytearray)):
         raise CheckpointError("malformed tensor storage in the pickle")
+    if bytes(b[:2]) != b"PK":
+        _check_opcodes(bytes(b), count=4)  # the legacy stream's four pickles
+    _check_storage_sizes(bytes(b))
     try:
         return torch.load(io.BytesIO(bytes(b)), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure here means a corrupt or hostile storage
@@ -216,20 +265,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError("pickle uses persistent ids; this is not a network pickle portrait3d can read")
 
 
-def _check_opcodes(data: bytes) -> None:
-    """Walk the pickle's opcodes without building anything (``pickletools.genops``): an unknown opcode, or one that
-    declares more bytes than the file holds, is refused before the unpickler runs. (CPython's unpickler allocates a
-    protocol-5 ``BYTEARRAY8`` at its declared size before reading it: a 25 kB file could ask for gigabytes; the
-    fuzzer of tests/reliability found it.)"""
+def _check_opcodes(data: bytes, count: int = 1) -> None:
+    """Walk the opcodes of the first ``count`` pickles of ``data`` without building anything
+    (``pickletools.genops``): an unknown opcode, or one that declares more bytes than the file holds, is refused
+    before the unpickler runs. (CPython's unpickler allocates a protocol-5 ``BYTEARRAY8`` at its declared size
+    before reading it: a 25 kB file could ask for gigabytes; the fuzzer of tests/reliability found it.)"""
     import pickletools
 
-    try:
-        for op, _, _ in pickletools.genops(data):
-            if op.name == "STOP":
-                return
-    except (ValueError, EOFError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"not a readable pickle ({str(e)[:120]})") from None
-    raise CheckpointError("not a readable pickle (no STOP opcode)")
+    f = io.BytesIO(data)
+    for _ in range(count):
+        try:
+            for n, (op, arg, _) in enumerate(pickletools.genops(f)):
+                # memo slots are numbered as they are filled, so no honest pickle puts past its own length; CPython
+                # sizes the memo to the index given (LONG_BINPUT 1349612391 made it zero 10 GB: atheris's OOM)
+                if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= n):
+                    raise CheckpointError(f"not a readable pickle (memo index {arg} at opcode {n})")
+                if op.name == "STOP":
+                    break
+            else:
+                raise CheckpointError("not a readable pickle (no STOP opcode)")
+        except (ValueError, EOFError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"not a readable pickle ({str(e)[:120]})") from None
 
 
 def safe_load_pickle(f: BinaryIO | bytes) -> Any:
