@@ -13,7 +13,9 @@ networks:
 * **Alg. 1**: ``E(x)`` / ``P(x)`` where given + :func:`~portrait3d.methods.inversion3d.optimize.invert`
   (Algorithm 1, ``--steps``, no PTI; without an encoder ``invert`` computes ``w_avg`` itself, in its
   ``setup`` phase, so the init is counted once);
-* **Alg. 1 + PTI**: the same with pivotal tuning (``--pti-steps``).
+* **Alg. 1 + PTI**: the same with pivotal tuning (``--pti-steps``);
+* **Alg. 1, exact renders**: Algorithm 1 with every optimisation render as the model was trained (fp32, its own
+  samples per ray); the rows above use ``invert3d``'s default fast renders (bf16, 12+12 samples per ray).
 
 Per-phase medians of ``invert``'s own timings (setup, latent, camera, pti, render) are printed too.
 
@@ -126,10 +128,11 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     lm = face_landmarks68(face)
     target = to_tensor(face.aligned.image, dev)
 
-    def make_cfg(pti: bool, n_steps: int | None = steps, n_pti: int | None = pti_steps) -> InversionConfig:
-        return make_inversion_config(1, n_steps, pti, n_pti, seed)
+    def make_cfg(pti: bool, n_steps: int | None = steps, n_pti: int | None = pti_steps,
+                 fast: bool = True) -> InversionConfig:
+        return make_inversion_config(1, n_steps, pti, n_pti, seed, fast=fast)
 
-    cfg_plain, cfg_pti = make_cfg(False), make_cfg(True)
+    cfg_plain, cfg_pti, cfg_exact = make_cfg(False), make_cfg(True), make_cfg(False, fast=False)
 
     def prepare() -> tuple[torch.Tensor | None, torch.Tensor]:
         """Initial ``(ws or None, camera)`` as handed to ``invert`` (which computes w_avg itself for None)."""
@@ -150,7 +153,8 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
 
     init_name = ("encoder E(x)" if enc is not None else "w_avg init") + (" + P(x)" if P is not None else "")
     names = (init_name, f"Alg. 1 ({cfg_plain.steps} steps)",
-             f"Alg. 1 ({cfg_pti.steps} steps) + PTI ({cfg_pti.pti_config.steps} steps)")
+             f"Alg. 1 ({cfg_pti.steps} steps) + PTI ({cfg_pti.pti_config.steps} steps)",
+             f"Alg. 1 ({cfg_exact.steps} steps), exact renders")
     loss_desc = ""
     if warmup:
         warm = make_cfg(True, 2, 1)
@@ -159,12 +163,12 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
 
     times: dict[str, list[float]] = {n: [] for n in names}
     breakdown: dict[str, list[dict[str, float]]] = {n: [] for n in names[1:]}
-    bar = tqdm(total=3 * repeats, desc="timing", unit="run", disable=not progress)
+    bar = tqdm(total=4 * repeats, desc="timing", unit="run", disable=not progress)
     for _ in range(repeats):  # interleaved, so slow drifts in the machine's load hit all three alike
         t, _ = timed(init_row, dev)
         times[names[0]].append(t)
         bar.update(1)
-        for name, cfg in ((names[1], cfg_plain), (names[2], cfg_pti)):
+        for name, cfg in ((names[1], cfg_plain), (names[2], cfg_pti), (names[3], cfg_exact)):
             t, tim = timed(lambda: run(cfg), dev)
             times[name].append(t)
             breakdown[name].append(tim)
@@ -175,7 +179,7 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     rows = []
     for i, n in enumerate(names):
         per_step = None
-        if i == 1:
+        if i in (1, 3):
             per_step = med[n] / cfg_plain.steps
         elif i == 2:
             per_step = med[n] / (cfg_pti.steps + cfg_pti.pti_config.steps)
@@ -198,7 +202,8 @@ def main(network: str, photo: Path | None, align: str, encoder: Path | None, pos
     a1, a1p = med[names[1]], med[names[2]]
     click.echo("")
     click.echo(f"ratios (this run): Alg. 1 / init = {a1 / med[names[0]]:.1f}x; Alg. 1 + PTI / Alg. 1 = "
-               f"{a1p / a1:.2f}x; Alg. 1 + PTI / init = {a1p / med[names[0]]:.1f}x")
+               f"{a1p / a1:.2f}x; Alg. 1 + PTI / init = {a1p / med[names[0]]:.1f}x; exact / fast renders = "
+               f"{med[names[3]] / a1:.2f}x")
     for n, ph in phase_medians.items():
         click.echo(f"{n} phases (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items() if v > 0))
     if json_path is not None:

@@ -125,7 +125,7 @@ def run_encode3d(photo: Path, out: Path, network: str = "default-3d", encoder_pa
             from portrait3d.methods.inversion3d.optimize import invert
 
             t = time.perf_counter()
-            cfg = make_inversion_config(1, refine_steps, pti, None, None)
+            cfg = make_inversion_config(1, refine_steps, pti, None, None, fast=True)
             res = invert(G, target, code_to_ws(latent), camera, cfg, landmarks=lm, progress=progress)
             G_out, latent = res.G.eval(), res.ws.detach()
             camera = res.camera.detach().reshape(1, 25).to(dev)

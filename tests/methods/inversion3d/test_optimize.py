@@ -106,7 +106,8 @@ def test_phase_schedule_and_validation():
     assert phase_schedule(_cfg(algorithm=2, steps=3)) == ["latent"] * 3
     assert phase_schedule(_cfg(algorithm=3, steps=3)) == ["joint"] * 3
     for bad in (dict(algorithm=4), dict(space="z"), dict(lr_cam=-1.0), dict(warp_norm="l3"),
-                dict(camera_steps_per_round=0), dict(canonical_pitch=90.0)):
+                dict(camera_steps_per_round=0), dict(canonical_pitch=90.0), dict(precision="fp16"),
+                dict(optimization_samples=(0, 4)), dict(optimization_samples=(4,))):
         with pytest.raises(ValueError):
             _cfg(**bad).validate()
 
@@ -203,6 +204,24 @@ def test_algorithms_lower_the_loss_on_tiny_eg3d(tiny_eg3d, algorithm):
     after = _snapshot(G)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in G.parameters()) and not G.training
+
+
+def test_fast_optimisation_renders_lower_the_loss_and_leave_the_model_alone(tiny_eg3d):
+    """bf16 renders with fewer samples per ray while optimising; the result is rendered with the model's own
+    settings, which stay untouched."""
+    G = tiny_eg3d
+    _, _, target = _eg3d_problem(G)
+    settings = dict(G.rendering_kwargs)
+    c0 = camera_from_angles([TRUE_YAW + 10], [TRUE_PITCH])
+    res = invert(G, target, None, c0, _cfg(algorithm=1, steps=12, lr_w=0.005, precision="bf16",
+                                           optimization_samples=(4, 4)), progress=False)
+    assert G.rendering_kwargs == settings
+    losses = [r["loss"] for r in res.history if r["phase"] == "latent"]
+    assert all(np.isfinite(losses)) and min(losses) < 0.7 * losses[0]
+    with torch.no_grad():
+        full = render(G, res.ws, res.camera)["image"]
+        cheap = render(G, res.ws, res.camera, rendering={"depth_resolution": 4, "depth_resolution_importance": 4})
+    assert torch.equal(res.image, full) and not torch.equal(cheap["image"], full)
 
 
 def test_w_plus_space_and_callback_stop(tiny_eg3d):

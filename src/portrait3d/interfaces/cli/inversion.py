@@ -54,6 +54,9 @@ def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Pose estimator (portrait3d PoseEstimator file) for the initial camera "
                    "[default: the face pipeline's head pose].")
 @_photo_3d_options
+@click.option("--fast/--exact", default=True, show_default=True,
+              help="Optimise with bf16 renders and 12+12 samples per ray (the results are rendered in full), or "
+                   "render every step as the model was trained.")
 @click.option("--seed", type=int, default=None, help="Optimiser seed [default: the configuration's].")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs in OUT (batch mode: redo every photo).")
 @workers_option
@@ -61,8 +64,8 @@ def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @fail_cleanly
 def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | None, pti: bool,
              pti_steps: int | None, encoder_path: Path | None, pose_path: Path | None, face_index: int | None,
-             align: str, orbit_frames: int, mesh_resolution: int, seed: int | None, device: str, force: bool,
-             workers: int, threads: int | None) -> None:
+             align: str, orbit_frames: int, mesh_resolution: int, fast: bool, seed: int | None, device: str,
+             force: bool, workers: int, threads: int | None) -> None:
     """Invert the face in PHOTO into a 3D (EG3D) generator, optimising latent and camera (Ko et al.).
 
     Writes input_aligned.png, reconstruction.png, view_yaw-30.png, view_yaw+30.png, depth.png, mesh.ply,
@@ -85,14 +88,14 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
         check_batch_files(network, encoder=encoder_path, pose=pose_path)
         kwargs = dict(network=network, algorithm=int(algorithm), steps=steps, pti=pti, pti_steps=pti_steps,
                       encoder_path=encoder_path, pose_path=pose_path, face_index=face_index, align=align,
-                      orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed)
+                      orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed, fast=fast)
         run_batch_command([photo], out, Invert3DTask(kwargs, device), desc="inverting",
                           config={"command": "invert3d", **kwargs}, workers=workers, force=force)
         return
     rec = run_invert3d(photo, out, network=network, algorithm=int(algorithm), steps=steps, pti=pti,
                        pti_steps=pti_steps, encoder_path=encoder_path, pose_path=pose_path, face_index=face_index,
                        align=align, force=force, orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed,
-                       device=device)
+                       device=device, fast=fast)
     cam = rec["camera"]
     click.echo(f"PSNR {rec['psnr_db'] if rec['psnr_db'] is not None else float('inf'):.2f} dB, camera yaw "
                f"{cam['yaw_deg']:+.1f} pitch {cam['pitch_deg']:+.1f} roll {cam['roll_deg']:+.1f} deg, "

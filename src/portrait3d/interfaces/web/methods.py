@@ -349,7 +349,7 @@ class Inversion3DAdapter(MethodAdapter):
         face, note = _align(photo, resolve_align("auto", s.network_3d), int(G.img_resolution))
         aligned = face.aligned.image
         target = to_tensor(aligned, dev)
-        cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None)
+        cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None, fast=True)
         init_ws, init_camera, _ = initialise(G, target, face.camera, None, None)
         steps = max(cfg.steps, 1)
 

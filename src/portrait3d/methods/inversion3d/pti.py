@@ -114,8 +114,10 @@ def _supports_deterministic(G: nn.Module) -> bool:
         return False
 
 
-def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool = True) -> dict[str, torch.Tensor]:
-    """``G.synthesis(ws, c, noise_mode='const')`` with deterministic ray sampling when supported.
+def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool = True,
+           rendering: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """``G.synthesis(ws, c, noise_mode='const')`` with deterministic ray sampling when supported (``rendering``:
+    rendering settings overridden for this call, e.g. fewer samples per ray).
 
     EG3D's synthesis takes the camera once: it places the rays (and the mapping network, which
     we do not run here, would take it as conditioning); ``ws [N, num_ws, w_dim]``, ``c [N, 25]`` ->
@@ -124,6 +126,8 @@ def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool 
     kw: dict[str, Any] = {"noise_mode": "const"}
     if deterministic and _supports_deterministic(G):
         kw["deterministic"] = True
+    if rendering:
+        kw["rendering"] = rendering
     return G.synthesis(ws, c, **kw)
 
 

@@ -276,13 +276,15 @@ class TriPlaneGenerator(nn.Module):
     def synthesis(self, ws: torch.Tensor | WTri, c: torch.Tensor, neural_rendering_resolution: int | None = None,
                   update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
                   deterministic: bool = False, random: RandomSource | None = None, depth_spread: bool = False,
-                  **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+                  rendering: dict[str, Any] | None = None, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
         """Render ``ws`` from camera ``c``.
 
         Args:
             ws: ``[N, num_ws, w_dim]``, or a :class:`WTri` code; c: ``[N, 25]``.
             neural_rendering_resolution: volume-rendering resolution (default: the model's).
             deterministic: mid-bin stratified depths and ``det=True`` importance sampling.
+            rendering: ``rendering_kwargs`` to override for this call only (e.g. ``depth_resolution`` /
+                ``depth_resolution_importance``, the samples per ray).
             random: source of the backbone noise (``noise_mode='random'``), ray jitter, importance samples and
                 density noise (:class:`~portrait3d.networks.ops.RandomSource`; the global RNG when None).
         Returns:
@@ -297,11 +299,12 @@ class TriPlaneGenerator(nn.Module):
         if cache_backbone:
             self._last_planes = planes
         return self._render_planes(planes, ws, c, neural_rendering_resolution, deterministic, random, depth_spread,
-                                   synthesis_kwargs)
+                                   synthesis_kwargs, rendering)
 
     def _render_planes(self, planes: torch.Tensor, ws: torch.Tensor, c: torch.Tensor,
                        neural_rendering_resolution: int | None, deterministic: bool, random: RandomSource | None,
-                       depth_spread: bool, synthesis_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+                       depth_spread: bool, synthesis_kwargs: dict[str, Any],
+                       rendering: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
         """Volume-render tri-planes from camera ``c`` and super-resolve (the SR reads ``ws``'s last row, or a
         W_tri code's ``sr``)."""
         if isinstance(ws, WTri):
@@ -314,7 +317,8 @@ class TriPlaneGenerator(nn.Module):
             self.neural_rendering_resolution = neural_rendering_resolution
         ray_origins, ray_directions = self.ray_sampler(cam2world, intrinsics, neural_rendering_resolution)
         n = ray_origins.shape[0]
-        rendered = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
+        kwargs = {**self.rendering_kwargs, **rendering} if rendering else self.rendering_kwargs
+        rendered = self.renderer(planes, self.decoder, ray_origins, ray_directions, kwargs,
                                  deterministic=deterministic, random=random, with_spread=depth_spread)
         features, depth = rendered[:2]
         h = w = neural_rendering_resolution
