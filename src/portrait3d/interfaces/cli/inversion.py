@@ -72,9 +72,10 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     orbit.mp4, latent.npy, result.json (and generator.safetensors with --pti) to OUT; `portrait3d render OUT`
     re-renders them from other angles.
 
-    CPU time with the built-in 128 px default-3d on one core: about 3 minutes (190 s measured: 180 s for the 400
-    default steps, then views, orbit, mesh and identity in 7 s); --steps scales the optimisation, --pti adds about
-    as much again. A progress bar shows the steps.
+    CPU time with the built-in 128 px default-3d: the 400 default steps take about 67 s on an idle 2-core CPU
+    (77 s with --exact; bench/bench_inversion3d.py) and about 126 s on one core while the other is busy, then views,
+    orbit, mesh and identity take about 7 s; --steps scales the optimisation, --pti adds about as much again.
+    A progress bar shows the steps.
 
     \b
     PHOTO may be a folder or a glob (batch mode, resumable; OUT/<key>/ per photo, OUT/manifest.json):
