@@ -55,18 +55,37 @@ def _check_complete(folder: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("command", ["demo", "align", "invert3d", "dataset"])
+def _setup(command: str, tmp_path: Path, out: Path) -> list[str]:
+    """The arguments of a command that writes into ``out`` (and what it needs first)."""
+    photo = str(shared_path(PHOTO))
+    invert = ["invert3d", photo, "--out", str(out), "--steps", "4", "--orbit-frames", "8", "--mesh-resolution", "32",
+              "--force"]
+    if command == "dataset":
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for name in ("img1.jpg", "img2.jpg", "img3.jpg"):
+            (photos / name).write_bytes(shared_path(f"data/portraits/deepface/{name}").read_bytes())
+        return ["dataset", "build", str(photos), str(out), "--resolution", "64", "--force"]
+    if command == "render":  # re-renders a folder that invert3d wrote
+        done = subprocess.run(_command(invert), env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return ["render", str(out), "--yaw", "-20", "--yaw", "20", "--orbit", "--orbit-frames", "8", "--force"]
+    if command == "encode3d":  # an encoder of the shipped architecture; its weights do not matter here
+        from portrait3d.checkpoints import load_network
+        from portrait3d.methods.wtri.encoder import WTriEncoder, WTriEncoderConfig
+
+        encoder = WTriEncoder(WTriEncoderConfig.for_generator(load_network("default-3d"), iterations=2))
+        encoder.save(tmp_path / "encoder.safetensors")
+        return ["encode3d", photo, "--out", str(out), "--encoder", str(tmp_path / "encoder.safetensors"),
+                "--orbit-frames", "8", "--mesh-resolution", "32", "--force"]
+    return {"demo": ["demo", "--out", str(out), "--samples", "2", "--orbit-frames", "8", "--force"],
+            "align": ["align", photo, "--out", str(out), "--force"], "invert3d": invert}[command]
+
+
+@pytest.mark.parametrize("command", ["demo", "align", "invert3d", "render", "encode3d", "dataset"])
 def test_killed_command_leaves_only_complete_files(tmp_path, command):
     out = tmp_path / "out"
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("img1.jpg", "img2.jpg", "img3.jpg"):
-        (photos / name).write_bytes(shared_path(f"data/portraits/deepface/{name}").read_bytes())
-    args = {"demo": ["demo", "--out", str(out), "--samples", "2", "--orbit-frames", "8", "--force"],
-            "align": ["align", str(shared_path(PHOTO)), "--out", str(out), "--force"],
-            "invert3d": ["invert3d", str(shared_path(PHOTO)), "--out", str(out), "--steps", "4",
-                         "--orbit-frames", "8", "--mesh-resolution", "32", "--force"],
-            "dataset": ["dataset", "build", str(photos), str(out), "--resolution", "64", "--force"]}[command]
+    args = _setup(command, tmp_path, out)
     t0 = time.monotonic()
     full = subprocess.run(_command(args), env=ENV, capture_output=True, text=True, timeout=600)
     duration = time.monotonic() - t0
