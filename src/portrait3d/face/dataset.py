@@ -11,6 +11,7 @@ default models are trained on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -99,6 +100,11 @@ def mirror_camera(c: torch.Tensor) -> torch.Tensor:
     return torch.cat([m.reshape(16), c[16:]])
 
 
+def _save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.asarray(array))
+
+
 def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector: str = "mediapipe") -> dict:
     """Align ``photos`` into ``out`` (see module docstring). Returns a summary dict."""
     from tqdm import tqdm
@@ -138,13 +144,8 @@ def build_dataset(photos: list[Path], out: Path, resolution: int = 128, detector
     # Keep only the filled rows, then publish atomically. The old labels go first: a kill between the two writes
     # leaves new images without labels (refused as "not a built dataset"), never a mismatched pair.
     full = np.load(tmp_images, mmap_mode="r")
-
-    def write_images(tmp: str | os.PathLike[str]) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(full[:n]))
-
     p.labels.unlink(missing_ok=True)
-    atomic_write(p.images, write_images, overwrite=True)
+    atomic_write(p.images, functools.partial(_save_npy, array=full[:n]), overwrite=True)
     del full
     tmp_images.unlink()
     summary = {"photos": len(photos), "aligned": n, "failed": len(failures), "resolution": resolution,
