@@ -59,7 +59,7 @@ from portrait3d.training import augment
 from portrait3d.training.batches import make_loader
 from portrait3d.training.distributed import DistInfo, broadcast_module, init_distributed, shutdown_distributed
 from portrait3d.training.loop import MetricsFn, StepFn, run_loop
-from portrait3d.training.memory import activation_bytes, check_batch_memory
+from portrait3d.training.memory import check_training_memory
 from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
 from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
@@ -481,11 +481,8 @@ def _check_memory(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo) -> None:
         if cfg.adversarial:
             nets.D({"image": out["image"], "image_raw": out["image_raw"]}, c)
 
-    per = activation_bytes(forward, [nets.G, nets.D])
-    micro = cfg.run.batch_gpu or cfg.run.batch // info.world
-    check_batch_memory(per, micro, info.device,
-                       what=f"a batch of {micro} at {cfg.G.neural_rendering_resolution} px neural rendering",
-                       hint="lower --batch, or set --batch-gpu to accumulate gradients over smaller batches")
+    check_training_memory(forward, [nets.G, nets.D], cfg.run.batch, cfg.run.batch_gpu, info.world, info.device,
+                          f"{cfg.G.neural_rendering_resolution} px neural rendering")
 
 
 def build_networks(cfg: EG3DTrainConfig, device: torch.device) -> Networks:

@@ -21,7 +21,7 @@ from torch import nn
 
 from portrait3d.errors import UsageError
 
-__all__ = ["STEP_FACTOR", "activation_bytes", "available_bytes", "check_batch_memory"]
+__all__ = ["STEP_FACTOR", "activation_bytes", "available_bytes", "check_batch_memory", "check_training_memory"]
 
 STEP_FACTOR = 0.5
 """Peak memory growth of a training step per image, over :func:`activation_bytes` of one fp32 forward of G and D.
@@ -98,3 +98,13 @@ def check_batch_memory(per_image: int, micro_batch: int, device: torch.device | 
     if avail is not None and need > avail:
         raise UsageError(f"{what} needs about {need / 2**30:.1f} GiB of memory per step, and "
                          f"{max(avail, 0) / 2**30:.1f} GiB are free: {hint}")
+
+
+def check_training_memory(forward: Callable[[], Any], modules: Iterable[nn.Module], batch: int, batch_gpu: int | None,
+                          world: int, device: torch.device | str, where: str) -> None:
+    """The GAN trainers' guard before their first step: :func:`activation_bytes` of ``forward`` (one image through
+    G and D) scaled to the micro-batch (``batch_gpu``, else ``batch / world``) by :func:`check_batch_memory`;
+    ``where`` completes "a batch of N at ..." in the message."""
+    micro = batch_gpu or batch // world
+    check_batch_memory(activation_bytes(forward, modules), micro, device, what=f"a batch of {micro} at {where}",
+                       hint="lower --batch, or set --batch-gpu to accumulate gradients over smaller batches")

@@ -46,7 +46,7 @@ from portrait3d.training.distributed import (
     shutdown_distributed,
 )
 from portrait3d.training.loop import MetricsFn, StepFn, run_loop
-from portrait3d.training.memory import activation_bytes, check_batch_memory
+from portrait3d.training.memory import check_training_memory
 from portrait3d.training.optim import Counters, Networks, gan_step, lazy_adam
 from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
@@ -342,10 +342,8 @@ def _check_memory(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> 
     def forward() -> None:  # draws inside the probe, whose random streams are put back
         nets.D(nets.G(torch.randn([1, cfg.G.z_dim], device=info.device, requires_grad=True), None), None)
 
-    per = activation_bytes(forward, [nets.G, nets.D])
-    micro = cfg.run.batch_gpu or cfg.run.batch // info.world
-    check_batch_memory(per, micro, info.device, what=f"a batch of {micro} at {cfg.G.img_resolution} px",
-                       hint="lower --batch, or set --batch-gpu to accumulate gradients over smaller batches")
+    check_training_memory(forward, [nets.G, nets.D], cfg.run.batch, cfg.run.batch_gpu, info.world, info.device,
+                          f"{cfg.G.img_resolution} px")
 
 
 def build_networks(cfg: StyleGAN2TrainConfig, device: torch.device) -> Networks:
