@@ -147,6 +147,7 @@ def _check_storage_sizes(b: bytes) -> None:
     allocator for gigabytes. Zip-format storages read their sizes from the records themselves."""
     if b[:2] == b"PK":
         return
+    _check_opcodes(b, count=4)  # the scan below unpickles the legacy stream's four pickles
     f = io.BytesIO(b)
     scan = _StorageSizeScan(f)
     try:
@@ -166,8 +167,6 @@ def _load_storage_from_bytes(b: bytes) -> Any:
     weights-only unpickler, which allows no code either, after checking their declared sizes."""
     if not isinstance(b, (bytes, bytearray)):
         raise CheckpointError("malformed tensor storage in the pickle")
-    if bytes(b[:2]) != b"PK":
-        _check_opcodes(bytes(b), count=4)  # the legacy stream's four pickles
     _check_storage_sizes(bytes(b))
     try:
         return torch.load(io.BytesIO(bytes(b)), weights_only=True, map_location="cpu")
