@@ -9,6 +9,10 @@ random edits L_L(w_edit) and L_ID for linear (eq. 14) and gradient (eq. 15) edit
 latents (see portrait3d.methods.nrsfm.evaluate). For W it also runs the acceptance checks: a +20°
 yaw edit measured by the face pipeline's pose estimator on --pose-latents latents (linear and
 gradient), and a mouth-component edit. Point errors are pixels at the generator's resolution.
+
+Edits run in each metric of --metrics: ``prior`` (ours: the smallest step in the latents' own
+covariance, holding the asked components; ``NRSfMEditor.edit``'s default) and ``euclidean`` with
+every component held (eq. 14 / 15 as printed).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import torch
 @click.option("--eval-gradient", type=int, default=100, help="Of those, latents also edited by eq. 15 (50 steps).")
 @click.option("--pose-latents", type=int, default=100, help="Latents for the +20° yaw check.")
 @click.option("--detector", type=click.Choice(["template", "mediapipe", "dlib", "dlib-hog"]), default="mediapipe")
+@click.option("--metrics", default="prior,euclidean", help="Edit metrics to evaluate (prior: ours; euclidean: the paper).")
 @click.option("--threads", type=int, default=2)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(network: str, spaces: str, samples: int, basis: int, n_eval: int, eval_gradient: int, pose_latents: int,
-         detector: str, threads: int, json_out: Path | None) -> None:
+         detector: str, metrics: str, threads: int, json_out: Path | None) -> None:
     from portrait3d.checkpoints import load_network
     from portrait3d.methods.nrsfm.data import LandmarkDataConfig
     from portrait3d.methods.nrsfm.editor import BuildConfig, build_editor
@@ -47,34 +52,44 @@ def main(network: str, spaces: str, samples: int, basis: int, n_eval: int, eval_
         t0 = time.time()
         cfg = BuildConfig(data=LandmarkDataConfig(num_samples=samples, space=space, detector=detector), num_basis=basis)
         editor, report = build_editor(G, cfg, cache_dir=cache)
-        row = {"build": report, "build_seconds": time.time() - t0}
-        row["linear"] = evaluate_table1(G, editor, EvalConfig(num_latents=n_eval, modes=("linear",)), detector)
-        if eval_gradient:
-            row["linear+gradient"] = evaluate_table1(G, editor, EvalConfig(num_latents=eval_gradient), detector)
-        if space == "w":
-            row["yaw+20"] = {m: pose_edit_check(G, editor, 20.0, n=pose_latents, mode=m, detector=detector)
-                             for m in ("linear", "gradient")}
-            row["expression"] = expression_edit_check(G, editor, n=min(pose_latents, 50), detector=detector)
+        row: dict = {"build": report, "build_seconds": time.time() - t0}
+        for metric in metrics.split(","):
+            hold = "auto" if metric == "prior" else "all"
+            kw = dict(metric=metric, hold=hold)
+            r: dict = {"linear": evaluate_table1(G, editor, EvalConfig(num_latents=n_eval, modes=("linear",), **kw),
+                                                 detector)}
+            if eval_gradient:
+                r["linear+gradient"] = evaluate_table1(G, editor, EvalConfig(num_latents=eval_gradient, **kw), detector)
+            if space == "w":
+                r["yaw+20"] = {m: pose_edit_check(G, editor, 20.0, n=pose_latents, mode=m, detector=detector,
+                                                  edit_kwargs=kw) for m in ("linear", "gradient")}
+                r["expression"] = expression_edit_check(G, editor, n=min(pose_latents, 50), detector=detector,
+                                                        edit_kwargs=kw)
+            row[metric] = r
         results["spaces"][space] = row
+        if json_out:
+            json_out.write_text(json.dumps(results, indent=1))
 
-    print("\n| space | faces | L_R | L_L(w) | L_φ | L_L(w_edit) lin | L_ID lin | L_L(w_edit) grad | L_ID grad |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| space | edit metric | faces | L_R | L_L(w) | L_φ | L_L(w_edit) lin | L_ID lin | L_L(w_edit) grad "
+          "| L_ID grad |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for space, row in results["spaces"].items():
-        lin, both = row["linear"], row.get("linear+gradient", {})
-        print(f"| {space} | {lin['faces_found']}/{lin['latents']} | {lin['L_R']:.2f} | {lin['L_L(w)']:.2f} | "
-              f"{lin['L_phi']:.3f} | {lin['L_L(w_edit) linear']:.2f} | {lin['L_ID linear']:.3f} | "
-              f"{both.get('L_L(w_edit) gradient', float('nan')):.2f} | {both.get('L_ID gradient', float('nan')):.3f} |")
+        for metric in metrics.split(","):
+            lin, both = row[metric]["linear"], row[metric].get("linear+gradient", {})
+            print(f"| {space} | {metric} | {lin['faces_found']}/{lin['latents']} | {lin['L_R']:.2f} | "
+                  f"{lin['L_L(w)']:.2f} | {lin['L_phi']:.3f} | {lin['L_L(w_edit) linear']:.2f} | "
+                  f"{lin['L_ID linear']:.3f} | {both.get('L_L(w_edit) gradient', float('nan')):.2f} | "
+                  f"{both.get('L_ID gradient', float('nan')):.3f} |")
     w = results["spaces"].get("w")
-    if w:
-        for m, r in w["yaw+20"].items():
-            print(f"yaw +20 ({m}): pass rate {r['pass_rate']:.2f} (|Δyaw-20|<=5 and dlib cos>=0.85), "
-                  f"median Δyaw {r['yaw_change_median']:.1f}, identity {r['identity_mean']:.3f}, measured {r['measured']}/{r['latents']}")
-        e = w["expression"]
-        print(f"mouth component {e['component']} +{e['sigmas']}σ: mouth {e['mouth_motion_px']:.2f} px vs rest "
-              f"{e['other_motion_px']:.2f} px, pose drift median {e['pose_drift_deg_median']:.2f}°, "
+    for metric in metrics.split(",") if w else []:
+        for m, r in w[metric]["yaw+20"].items():
+            print(f"yaw +20 ({metric}, {m}): pass rate {r['pass_rate']:.2f} (|Δyaw-20|<=5 and dlib cos>=0.85), "
+                  f"median Δyaw {r['yaw_change_median']:.1f}, pitch drift {r['pitch_drift_median']:.1f}, identity "
+                  f"{r['identity_mean']:.3f}, measured {r['measured']}/{r['latents']}")
+        e = w[metric]["expression"]
+        print(f"mouth component {e['component']} +{e['sigmas']}σ ({metric}): mouth {e['mouth_motion_px']:.2f} px vs "
+              f"rest {e['other_motion_px']:.2f} px, pose drift median {e['pose_drift_deg_median']:.2f}°, "
               f"within 3°: {e['pose_within_3deg']:.2f}")
-    if json_out:
-        json_out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def test_build_writes_editor_report_and_figure(built):
     assert report["with_landmarks"] == 80 and report["num_basis"] == 2
     assert np.isfinite(report["factorization_rmse_px"])
     assert report["depth_prior_factor"] > 0 and report["config"]["depth_prior"]
+    cal = report["pose_calibration"]  # random faces: calibrated to the PnP yaw, or left alone with the reason
+    assert "skipped" in cal or abs(cal["slope_after"] - 1) <= 0.1
+    from portrait3d.methods.nrsfm.editor import NRSfMEditor
+
+    loaded = NRSfMEditor.load(editor)
+    assert loaded.latent_factor is not None and loaded.latent_factor.shape[0] == loaded.phi.in_dim
     assert (root / "editor_basis.png").is_file()
     again = run_cli("nrsfm", "build", "--network", str(built[1]), "--out", str(editor), "--samples", "80")
     assert_clean_failure(again, "already exists")

@@ -109,7 +109,7 @@ def _save_edit(out: Path, rep: EditReport, grid: np.ndarray, extra: dict[str, An
 
 def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mode: str, steps: int, lambda_id: float,
              out: Path, force: bool, detector: str = "template", project_steps: int = 300,
-             face_index: int | None = None, device: str = "cpu") -> dict[str, Any]:
+             face_index: int | None = None, device: str = "cpu", metric: str = "prior") -> dict[str, Any]:
     """``portrait3d edit``: see the module docstring for what lands in ``out``."""
     from portrait3d.checkpoints import load_network
 
@@ -120,9 +120,9 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
     editor.phi.to(device)
     latent0, extra = source_latent(G, editor, source, project_steps, face_index, out, force)
     q_target = editor.target(latent0, spec)
-    rep = edit_and_measure(G, editor, latent0, q_target, mode, steps, lambda_id, detector)
+    rep = edit_and_measure(G, editor, latent0, q_target, mode, steps, lambda_id, detector, metric)
     rep.check_pose(spec)
-    extra = {"network": network, "space": editor.space,
+    extra = {"network": network, "space": editor.space, "metric": metric,
              "edit": {"yaw": spec.yaw, "pitch": spec.pitch, "roll": spec.roll, "expr": spec.expr,
                       "angles": "absolute" if spec.absolute else "change"}, **extra}
     return _save_edit(out, rep, rep.grid, extra, force)
@@ -130,7 +130,7 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
 
 def run_transfer(source: str, target: str, network: str, editor_path: Path | None, part: str, mode: str, steps: int,
                  lambda_id: float, out: Path, force: bool, detector: str = "template",
-                 project_steps: int = 300, device: str = "cpu") -> dict[str, Any]:
+                 project_steps: int = 300, device: str = "cpu", metric: str = "prior") -> dict[str, Any]:
     """``portrait3d transfer SOURCE TARGET``: TARGET's face with SOURCE's pose and/or expression (Sec. 4.4)."""
     from portrait3d.checkpoints import load_network
     from portrait3d.methods.nrsfm.data import synthesize
@@ -145,8 +145,8 @@ def run_transfer(source: str, target: str, network: str, editor_path: Path | Non
     with torch.no_grad():
         q = transfer_target(editor.params(w_tgt), editor.params(w_src), editor.layout, part)
         src_img = to_uint8(synthesize(G, w_src, editor.space))[0]
-    rep = edit_and_measure(G, editor, w_tgt, q, mode, steps, lambda_id, detector)
+    rep = edit_and_measure(G, editor, w_tgt, q, mode, steps, lambda_id, detector, metric)
     out.mkdir(parents=True, exist_ok=True)
     save_image(out / "source.png", src_img, overwrite=force)
-    extra = {"network": network, "space": editor.space, "part": part, "source": src_info, "target": tgt_info}
+    extra = {"network": network, "space": editor.space, "metric": metric, "part": part, "source": src_info, "target": tgt_info}
     return _save_edit(out, rep, make_grid(np.stack([src_img, *rep.panels]), cols=3), extra, force)

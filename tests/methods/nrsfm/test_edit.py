@@ -116,3 +116,71 @@ def test_parse_expr():
     for bad in (["x=1"], ["1"], ["1=a"], ["1=1", "1=2"]):
         with pytest.raises(ValueError):
             parse_expr(bad)
+
+
+def test_prior_factor_reproduces_the_covariance():
+    from portrait3d.methods.nrsfm.edit import prior_factor
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=gen)
+    x = torch.randn(5000, 6, generator=gen) @ a.T + 3.0
+    L = prior_factor(x)
+    assert L.shape == (6, 6)
+    assert torch.allclose(L @ L.T, torch.cov(x.T).float(), atol=1e-3)
+    assert prior_factor(x, max_rank=2).shape == (6, 2)
+    with pytest.raises(ValueError):
+        prior_factor(x[:1])
+
+
+def test_linear_edit_in_the_prior_metric_is_the_conditional_mean_step():
+    """For an affine φ the prior-metric step is Σ Jᵀ (J Σ Jᵀ)⁻¹ r: the Gaussian conditional mean shift, which
+    follows the latents' own direction of variation instead of the shortest Euclidean one."""
+    phi = ParamRegressor(12, 8, hidden=8, layers=0)
+    gen = torch.Generator().manual_seed(1)
+    L = torch.randn(12, 5, generator=gen)                  # a low-rank prior: latents live in a 5-D subspace
+    w = torch.randn(3, 12)
+    q_star = phi(w).detach()
+    q_star[:, 1] += 7.0
+    rows = [1]
+    w1 = linear_edit(phi, w, q_star, metric=L, rows=rows)
+    assert torch.allclose(phi(w1)[:, 1], q_star[:, 1], atol=1e-3)
+    J = (phi.net[0].weight * phi.q_std[:, None] / phi.latent_std)[rows]   # d q / d w, [1, 12]
+    sigma = L @ L.T
+    r = (q_star - phi(w).detach())[:, rows]
+    expected = (sigma @ J.T @ torch.linalg.solve(J @ sigma @ J.T, r.T)).T
+    assert torch.allclose(w1 - w, expected, atol=1e-3)
+    # The step stays in the prior's subspace, unlike the Euclidean one.
+    proj = L @ torch.linalg.pinv(L)
+    assert torch.allclose((w1 - w) @ proj.T, w1 - w, atol=1e-4)
+    w_e = linear_edit(phi, w, q_star, rows=rows)
+    assert ((w_e - w) - (w_e - w) @ proj.T).norm() > 1e-2
+
+
+def test_constrained_rows_policies():
+    from portrait3d.methods.nrsfm.edit import constrained_rows
+
+    q0 = torch.zeros(2, 8)
+    yaw = q0.clone()
+    yaw[:, 1] = 20.0
+    expr = q0.clone()
+    expr[0, 4] = 1.0
+    assert constrained_rows(q0, yaw, _Layout, "all") == list(range(8))
+    assert constrained_rows(q0, yaw, _Layout, "asked") == [1]
+    assert constrained_rows(q0, yaw, _Layout, "auto") == [1]            # an angle is asked: only it is held
+    assert constrained_rows(q0, expr, _Layout, "auto") == [1, 2, 3, 4]  # expression only: the head is held too
+    assert constrained_rows(q0, expr, _Layout, "pose") == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="hold"):
+        constrained_rows(q0, yaw, _Layout, "some")
+
+
+def test_gradient_edit_in_the_prior_metric_stays_in_the_prior_subspace():
+    phi = _phi(3)
+    gen = torch.Generator().manual_seed(2)
+    L = torch.randn(12, 4, generator=gen)
+    w = torch.randn(2, 12)
+    q_star = phi(w).detach()
+    q_star[:, 1] += 5.0
+    w1, hist = gradient_edit(phi, w, q_star, steps=200, lr=0.1, metric=L, rows=[1])
+    assert hist[-1]["q"] < 0.1 * hist[0]["q"]
+    proj = L @ torch.linalg.pinv(L)
+    assert torch.allclose((w1 - w) @ proj.T, w1 - w, atol=1e-4)

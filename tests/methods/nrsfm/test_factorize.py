@@ -277,3 +277,22 @@ def test_depth_prior_restores_the_reference_relief_of_a_flattened_face():
     deep = scale_depth(model, factor)
     assert torch.allclose(deep.B0[2], 2 * flat[2]) and torch.equal(deep.B0[:2], flat[:2])
     assert torch.allclose(deep.B[:, 2], 2 * basis[:, 2]) and torch.equal(deep.B[:, :2], basis[:, :2])
+
+
+def test_depth_scale_to_pose_recovers_the_true_relief_from_reference_yaws():
+    """A model whose face is 0.8x too shallow over-states yaw; calibrating against the true yaws finds 1.25."""
+    from portrait3d.methods.nrsfm.editor import depth_scale_to_pose
+    from portrait3d.methods.nrsfm.factorize import scale_depth
+
+    true = synthetic_model(2)
+    q = synthetic_params(true, 300, yaw=25.0, pitch=10.0, roll=5.0)
+    lm = synthetic_landmarks(true, q, 1e-3).float()
+    shallow = scale_depth(true, 0.8)
+    factor, info = depth_scale_to_pose(shallow, lm.numpy(), q[:, 1].numpy())
+    assert "skipped" not in info and info["correlation"] > 0.95
+    assert info["slope_before"] < 0.9 and abs(info["slope_after"] - 1) < 0.01
+    assert factor == pytest.approx(1.25, rel=0.03)
+    # Reference yaws unrelated to the faces: nothing to calibrate against.
+    noise = np.random.default_rng(0).uniform(-25, 25, len(q))
+    factor, info = depth_scale_to_pose(shallow, lm.numpy(), noise)
+    assert factor == 1.0 and "correlate" in info["skipped"]

@@ -78,6 +78,9 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="NRSfM editor file [the network's shipped editor]."),
         click.option("--mode", type=click.Choice(["linear", "gradient"]), default="gradient",
                      help="Eq. 14 (Jacobian pseudo-inverse) or eq. 15 (gradient with identity term)."),
+        click.option("--metric", type=click.Choice(["prior", "euclidean"]), default="prior",
+                     help="Latent metric of the edit step: prior (the smallest step in the latents' own covariance, "
+                          "holding only what is asked) or euclidean (eqs. 14-15 as printed, everything else held)."),
         click.option("--steps", type=click.IntRange(1, 10000), default=50, help="Gradient-edit steps."),
         click.option("--lambda-id", type=FiniteFloat(0), default=0.01, help="Identity weight λ_ID of eq. 15."),
         click.option("--sample-detector", "detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog", "template"]),
@@ -114,7 +117,8 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @fail_cleanly
 def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll: float | None, relative: bool,
          expr: tuple[str, ...],
-         face_index: int | None, network: str, editor_path: Path | None, mode: str, steps: int, lambda_id: float,
+         face_index: int | None, network: str, editor_path: Path | None, mode: str, metric: str, steps: int,
+         lambda_id: float,
          detector: str, project_steps: int, out: Path, force: bool, workers: int, device: str,
          threads: int | None) -> None:
     """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first).
@@ -137,13 +141,14 @@ def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll:
         check_batch_files(network, nrsfm=editor_path)
         task = EditTask(yaw=yaw, pitch=pitch, roll=roll, relative=relative, expr=tuple(expr), face_index=face_index,
                         network=network,
-                        editor_path=editor_path, mode=mode, steps=steps, lambda_id=lambda_id, detector=detector,
+                        editor_path=editor_path, mode=mode, metric=metric, steps=steps, lambda_id=lambda_id,
+                        detector=detector,
                         project_steps=project_steps, device=device)
         run_batch_command([source], out, task, desc="editing", config={"command": "edit", **task.__dict__},
                           workers=workers, force=force)
         return
     rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
-                   face_index, device=device)
+                   face_index, device=device, metric=metric)
     _echo_edit_summary(rec, out)
 
 
@@ -160,6 +165,7 @@ class EditTask(ItemTask):
     network: str
     editor_path: Path | None
     mode: str
+    metric: str
     steps: int
     lambda_id: float
     detector: str
@@ -173,7 +179,8 @@ class EditTask(ItemTask):
         spec = EditSpec(yaw=self.yaw, pitch=self.pitch, roll=self.roll, expr=parse_expr(self.expr),
                         absolute=not self.relative)
         rec = run_edit(str(item.path), self.network, self.editor_path, spec, self.mode, self.steps, self.lambda_id,
-                       out_dir, False, self.detector, self.project_steps, self.face_index, device=self.device)
+                       out_dir, False, self.detector, self.project_steps, self.face_index, device=self.device,
+                       metric=self.metric)
         return {k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds") if k in rec}
 
 
@@ -202,8 +209,8 @@ def _echo_edit_summary(rec: dict, out: Path) -> None:
 @_edit_options
 @compute_options
 @fail_cleanly
-def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, steps: int,
-             lambda_id: float, detector: str, project_steps: int, out: Path, force: bool, device: str,
+def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, metric: str,
+             steps: int, lambda_id: float, detector: str, project_steps: int, out: Path, force: bool, device: str,
              threads: int | None) -> None:
     """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo).
 
@@ -216,5 +223,5 @@ def transfer(source: str, target: str, part: str, network: str, editor_path: Pat
     from portrait3d.interfaces.nrsfm import run_transfer
 
     rec = run_transfer(source, target, network, editor_path, part, mode, steps, lambda_id, out, force, detector,
-                       project_steps, device=device)
+                       project_steps, device=device, metric=metric)
     _echo_edit_summary(rec, out)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from portrait3d.methods.nrsfm.data import ImageLandmarker, sample_latents, synthesize
-from portrait3d.methods.nrsfm.edit import EditSpec, edit_target
+from portrait3d.methods.nrsfm.edit import EditSpec
 from portrait3d.methods.nrsfm.editor import NRSfMEditor
 
 __all__ = ["EvalConfig", "evaluate_table1", "mouth_component", "identity_similarity", "pose_edit_check",
@@ -43,6 +43,8 @@ class EvalConfig:
     grad_lr: float = 0.01
     lambda_id: float = 0.01
     batch: int = 8
+    metric: str = "prior"          # NRSfMEditor.edit's metric: 'prior' (ours) or 'euclidean' (eq. 14 as printed)
+    hold: str = "auto"             # NRSfMEditor.edit's hold policy (edit.HOLD_POLICIES)
 
 
 def point_rmse(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -155,7 +157,8 @@ def evaluate_table1(G: torch.nn.Module, editor: NRSfMEditor, cfg: EvalConfig | N
                         ref = torch.as_tensor(imgs0).permute(0, 3, 1, 2).float() / 127.5 - 1
                         id_loss = make_identity_loss(ref, to_pixels(id_lm0, res))
                     w1, _ = editor.edit(G, w, q_star, m, steps=cfg.grad_steps, lr=cfg.grad_lr,
-                                        lambda_id=cfg.lambda_id, identity_loss=id_loss)
+                                        lambda_id=cfg.lambda_id, identity_loss=id_loss, metric=cfg.metric,
+                                        hold=cfg.hold)
                     imgs1 = faces.images(w1)
                     lm1, ok1 = faces.landmarks(imgs1)
                     with torch.no_grad():
@@ -199,7 +202,7 @@ def head_pose_deg(lm: np.ndarray, res: int) -> tuple[float, float, float] | None
 
 
 def _edit_batches(G, editor, spec: EditSpec, n: int, seed: int, mode: str, detector: str, batch: int,
-                  grad_steps: int, lambda_id: float, progress: bool, desc: str):
+                  grad_steps: int, lambda_id: float, progress: bool, desc: str, edit_kwargs: dict | None = None):
     """Yield ``(imgs0, lm0, imgs1, lm1)`` per batch of latents that had a face before the edit."""
     from tqdm import tqdm
 
@@ -220,7 +223,7 @@ def _edit_batches(G, editor, spec: EditSpec, n: int, seed: int, mode: str, detec
                 ref = torch.as_tensor(imgs0).permute(0, 3, 1, 2).float() / 127.5 - 1
                 id_loss = make_identity_loss(ref, to_pixels(id_lm0, res))
             w1, _ = editor.edit(G, w, editor.target(w, spec), mode, steps=grad_steps, lambda_id=lambda_id,
-                                identity_loss=id_loss)
+                                identity_loss=id_loss, **(edit_kwargs or {}))
             imgs1 = faces.images(w1)
             lm1, _ = faces.landmarks(imgs1)
             id_lm1, _ = faces.id_landmarks(imgs1, lm1)
@@ -232,16 +235,19 @@ def _edit_batches(G, editor, spec: EditSpec, n: int, seed: int, mode: str, detec
 def pose_edit_check(G, editor: NRSfMEditor, yaw: float = 20.0, n: int = 100, seed: int = 2_000_003,
                     mode: str = "linear", tolerance: float = 5.0, min_identity: float = 0.85,
                     detector: str = "mediapipe", batch: int = 8, grad_steps: int = 50, lambda_id: float = 0.01,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, edit_kwargs: dict | None = None) -> dict[str, Any]:
     """Yaw edit of ``yaw`` degrees on ``n`` latents, measured by the face pipeline's pose estimator.
 
     A latent passes when the measured yaw change is within ``tolerance`` of ``yaw`` and the dlib
     cosine of before/after is ``>= min_identity``; latents without a face before or after fail.
+    ``edit_kwargs`` go to :meth:`NRSfMEditor.edit` (e.g. ``metric``, ``hold``). Also reported: the
+    median absolute pitch drift.
     """
     res = int(G.img_resolution)
-    dyaw, sims, passed, total = [], [], 0, 0
+    dyaw, dpitch, sims, passed, total = [], [], [], 0, 0
     for imgs0, lm0, id0, imgs1, lm1, id1 in _edit_batches(G, editor, EditSpec(yaw=yaw), n, seed, mode, detector,
-                                                          batch, grad_steps, lambda_id, progress, f"yaw {yaw:+g} ({mode})"):
+                                                          batch, grad_steps, lambda_id, progress, f"yaw {yaw:+g} ({mode})",
+                                                          edit_kwargs):
         for i in range(len(imgs0)):
             total += 1
             p0, p1 = head_pose_deg(lm0[i], res), head_pose_deg(lm1[i], res) if np.isfinite(lm1[i]).all() else None
@@ -250,17 +256,19 @@ def pose_edit_check(G, editor: NRSfMEditor, yaw: float = 20.0, n: int = 100, see
             d = p1[0] - p0[0]
             sim = identity_similarity(imgs0[i], imgs1[i], id0[i], id1[i])
             dyaw.append(d)
+            dpitch.append(abs(p1[1] - p0[1]))
             sims.append(sim)
             passed += int(abs(d - yaw) <= tolerance and sim >= min_identity)
     return {"target_yaw": yaw, "mode": mode, "latents": n, "with_face": total, "measured": len(dyaw),
             "pass_rate": passed / n, "yaw_change_mean": float(np.mean(dyaw)) if dyaw else float("nan"),
             "yaw_change_median": float(np.median(dyaw)) if dyaw else float("nan"),
+            "pitch_drift_median": float(np.median(dpitch)) if dpitch else float("nan"),
             "identity_mean": float(np.mean(sims)) if sims else float("nan")}
 
 
 def expression_edit_check(G, editor: NRSfMEditor, sigmas: float = 2.0, n: int = 50, seed: int = 3_000_003,
                           component: int | None = None, mode: str = "linear", detector: str = "mediapipe",
-                          batch: int = 8, progress: bool = True) -> dict[str, Any]:
+                          batch: int = 8, progress: bool = True, edit_kwargs: dict | None = None) -> dict[str, Any]:
     """Edit the mouth component by ``sigmas``: mouth landmark motion vs the rest, and head-pose drift."""
     from portrait3d.methods.nrsfm.model import get_scheme
 
@@ -270,7 +278,8 @@ def expression_edit_check(G, editor: NRSfMEditor, sigmas: float = 2.0, n: int = 
     rest = np.setdiff1d(np.arange(editor.model.num_points), mouth)
     mouth_px, rest_px, drift = [], [], []
     for imgs0, lm0, _, imgs1, lm1, _ in _edit_batches(G, editor, EditSpec(expr={k: sigmas}), n, seed, mode, detector,
-                                                      batch, 50, 0.01, progress, f"expression {k} ({mode})"):
+                                                      batch, 50, 0.01, progress, f"expression {k} ({mode})",
+                                                      edit_kwargs):
         for i in range(len(imgs0)):
             if not np.isfinite(lm1[i]).all():
                 continue

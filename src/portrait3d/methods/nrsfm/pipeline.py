@@ -156,9 +156,10 @@ class EditReport:
 
 
 def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: torch.Tensor, mode: str, steps: int,
-                     lambda_id: float, detector: str) -> EditReport:
+                     lambda_id: float, detector: str, metric: str = "prior") -> EditReport:
     """Edit ``latent`` towards the rank-one parameters ``q_target`` (eq. 14 ``'linear'`` or eq. 15 ``'gradient'``
-    with identity weight ``lambda_id``) and measure the result on the rendered images."""
+    with identity weight ``lambda_id``, in the latent ``metric`` of :meth:`NRSfMEditor.edit`) and measure the
+    result on the rendered images."""
     from portrait3d.methods.nrsfm.data import ImageLandmarker, synthesize
     from portrait3d.methods.nrsfm.editor import fitted_params
     from portrait3d.methods.nrsfm.evaluate import head_pose_deg, identity_similarity, make_identity_loss, to_pixels
@@ -178,7 +179,7 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
                                          - 1, to_pixels(id0, res))
         t0 = time.time()
         w1, hist = editor.edit(G, latent, q_target, mode, steps=steps, lambda_id=lambda_id, identity_loss=id_loss,
-                               progress=mode == "gradient")
+                               metric=metric, progress=mode == "gradient")
         seconds = time.time() - t0
         with torch.no_grad():
             img1 = to_uint8(synthesize(G, w1, editor.space))
