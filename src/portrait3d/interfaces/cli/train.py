@@ -592,6 +592,9 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ema", "ema_kimg", type=FiniteFloat(), default=1.0,
                      help="EMA half-life in kimg (0: export the last weights)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="Device."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="bf16",
+                     help="Arithmetic of the pseudo-pair renders and the training step: fp32, or bf16 autocast "
+                          "(AMX on CPU) with fp32 weights and losses."),
         click.option("--threads", type=int, default=None, help="CPU threads [torch default]."),
         click.option("--progress/--no-progress", default=True, help="Progress bar."),
         click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run (its snapshots, "
@@ -609,6 +612,7 @@ def _apply_common(cfg: Any, kw: dict[str, Any], kind: str) -> None:
     cfg.total_kimg, cfg.lr, cfg.seed = kw["kimg"], kw["lr"], kw["seed"]
     cfg.snapshot_kimg, cfg.sample_kimg, cfg.ema_kimg, cfg.device = kw["snap"], kw["sample_every"], kw["ema_kimg"], \
         kw["device"]
+    cfg.precision = kw["precision"]
     cfg.pseudo = dataclasses.replace(cfg.pseudo, yaw_range=(-kw["yaw_max"], kw["yaw_max"]),
                                      pitch_range=(-kw["pitch_max"], kw["pitch_max"]), distribution=kw["pose_dist"],
                                      truncation_psi=kw["psi"], seed=kw["seed"])

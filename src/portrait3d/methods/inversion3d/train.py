@@ -81,6 +81,7 @@ from portrait3d.methods.inversion3d.networks import (
 )
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
 from portrait3d.training.distributed import DistInfo
+from portrait3d.training.fast import PRECISIONS, FastPath
 from portrait3d.training.loop import due
 from portrait3d.training.optim import ema_beta, ema_update
 from portrait3d.training.progress import Progress
@@ -118,6 +119,7 @@ class _TrainCommon(ConfigMixin):
     keep_snapshots: int = 0          # keep only the newest N snapshot folders; 0: keep all
     seed: int = 0                    # network initialisation (pseudo.seed seeds the data)
     device: str = "auto"             # 'auto' | 'cpu' | 'cuda'
+    precision: str = "fp32"          # 'fp32' | 'bf16': pseudo-pair renders and the step in bf16 autocast
 
     def _validate_common(self) -> None:
         if self.batch < 1:
@@ -126,6 +128,8 @@ class _TrainCommon(ConfigMixin):
             raise UsageError("total_kimg and ema_kimg must be >= 0 and lr > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         self.pseudo.validate()  # type: ignore[attr-defined]
 
 
@@ -210,22 +214,22 @@ def encoder_losses(E: LatentEncoder, G: nn.Module, batch: dict[str, torch.Tensor
         ``l2``, ``reg`` and, when active, ``perceptual``, ``adv``, ``latent``; plus ``recon``
         (``x_hat [N, 3, R, R]``, detached) for grids.
     """
-    x, cam = batch["image"], batch["camera"]
-    delta = E.delta(x)                                   # [N, w_dim]
+    x, cam = batch["image"].float(), batch["camera"]
+    delta = E.delta(x).float()                           # [N, w_dim]; fp32 reductions under bf16 autocast
     w_hat = E.w_avg + delta
     ws = w_hat.unsqueeze(1).repeat(1, G.num_ws, 1)       # [N, num_ws, w_dim]
     out = _render(G, ws, cam)
-    x_hat = out["image"]
+    x_hat = out["image"].float()
     terms: dict[str, torch.Tensor] = {"l2": (x_hat - x).square().mean(), "reg": delta.square().sum(1).mean()}
     loss = cfg.lambda_l2 * terms["l2"] + cfg.lambda_reg * terms["reg"]
     if cfg.lambda_perceptual > 0:
         if perceptual is None:
             raise UsageError("lambda_perceptual > 0 needs a perceptual loss module")
-        terms["perceptual"] = perceptual(x_hat, x).mean()
+        terms["perceptual"] = perceptual(x_hat, x).float().mean()
         loss = loss + cfg.lambda_perceptual * terms["perceptual"]
     if D is not None and cfg.lambda_adv > 0:
         logits = D({"image": x_hat, "image_raw": out["image_raw"]}, cam)
-        terms["adv"] = F.softplus(-logits).mean()
+        terms["adv"] = F.softplus(-logits.float()).mean()
         loss = loss + cfg.lambda_adv * terms["adv"]
     if cfg.lambda_latent > 0:
         terms["latent"] = (ws - batch["ws"]).square().sum(2).mean()
@@ -250,6 +254,8 @@ def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Te
         errors in degrees, detached) for the progress bar.
     """
     pred = P(batch["image"])
+    pred = pred._replace(angles=pred.angles.float(), rotation=pred.rotation.float(),
+                         translation=pred.translation.float())  # fp32 reductions under bf16 autocast
     gt = batch["angles"]
     k = 3 if P.config.roll else 2
     diff = torch.deg2rad(pred.angles - gt)[:, :k]
@@ -264,8 +270,8 @@ def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Te
     if cfg.lambda_reproj > 0:
         if G is None:
             raise UsageError("lambda_reproj > 0 needs the generator")
-        img = _render(G, batch["ws"], P.camera_from_output(pred))["image"]
-        terms["reproj"] = (img - batch["image"]).square().mean()
+        img = _render(G, batch["ws"], P.camera_from_output(pred))["image"].float()
+        terms["reproj"] = (img - batch["image"].float()).square().mean()
         loss = loss + cfg.lambda_reproj * terms["reproj"]
     terms["loss"] = loss
     err = (pred.angles - gt).detach().abs().mean(0)
@@ -300,6 +306,11 @@ def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([a, b], dim=1).flatten(0, 1)
 
 
+def _fp32(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pseudo pairs rendered under bf16 autocast, as float32 (the losses compare in float32)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+
+
 def _save_pairs_grid(path: Path, inputs: torch.Tensor, outputs: torch.Tensor) -> Path:
     """PNG grid of ``input | output`` pairs (``[N, 3, H, W]`` in ``[-1, 1]``), about square."""
     from portrait3d.face.io import save_image
@@ -325,11 +336,13 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
     (out_dir / "samples").mkdir(exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({"trainer": trainer, "config": config,
                                                      "network": net.config.to_dict()}, indent=1))
+    fast = FastPath(cfg.precision)
     stream = PseudoPairStream(G, cfg.batch, cfg.pseudo, start=step)  # type: ignore[attr-defined]
     grid_batch = None
     if cfg.sample_kimg > 0 and cfg.grid_samples > 0:
         grid_stream = PseudoPairStream(G, cfg.grid_samples, cfg.pseudo, key=_GRID_KEY)  # type: ignore[attr-defined]
-        grid_batch = grid_stream.batch_at(0)
+        with fast.autocast(device):
+            grid_batch = _fp32(grid_stream.batch_at(0))
 
     def grid() -> None:
         if grid_batch is None:
@@ -337,8 +350,8 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
         shown = ema if ema is not None else net
         was_training = shown.training
         shown.eval()
-        with torch.no_grad():
-            recon = grid_fn(shown, grid_batch)
+        with torch.no_grad(), fast.autocast(device):
+            recon = grid_fn(shown, grid_batch).float()
         shown.train(was_training)
         _save_pairs_grid(out_dir / "samples" / f"{kind}-{step:08d}.png", grid_batch["image"], recon)
 
@@ -354,9 +367,10 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
             grid()
         while images_seen < total:
             t0 = time.perf_counter()
-            batch = next(stream)
             net.train()
-            terms = loss_fn(net, batch)
+            with fast.autocast(device):
+                batch = _fp32(next(stream))
+                terms = loss_fn(net, batch)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
