@@ -38,6 +38,12 @@ def test_build_writes_editor_report_and_figure(built):
 
     loaded = NRSfMEditor.load(editor)
     assert loaded.latent_factor is not None and loaded.latent_factor.shape[0] == loaded.phi.in_dim
+    half = loaded.save(root / "half.safetensors", half=True)  # shipped editors: float16 weights, float32 on load
+    assert half.stat().st_size < 0.7 * editor.stat().st_size
+    again = NRSfMEditor.load(half)
+    assert again.latent_factor.dtype == torch.float32
+    w = torch.randn(3, loaded.phi.in_dim)
+    assert torch.allclose(again.params(w), loaded.params(w), rtol=1e-2, atol=1e-2 * float(loaded.phi.q_std.max()))
     assert (root / "editor_basis.png").is_file()
     again = run_cli("nrsfm", "build", "--network", str(built[1]), "--out", str(editor), "--samples", "80")
     assert_clean_failure(again, "already exists")

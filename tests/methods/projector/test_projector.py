@@ -148,3 +148,21 @@ def test_perceptual_and_identity_terms(tiny_stylegan2):
     # without landmarks the identity term is skipped
     res2 = project(G, big, cfg, progress=False)
     assert all("identity" not in r for r in res2.losses)
+
+
+def test_latent_prior_keeps_the_projection_near_the_samples(tiny_stylegan2):
+    """The latent-prior term pulls the projection towards the sampled latents (Mahalanobis norm), and its whitening
+    matrix whitens the samples it was computed from."""
+    G = tiny_stylegan2
+    w_avg, _, whiten = compute_w_stats(G, 1000, 123, whitening=True)
+    z = torch.randn(1000, G.z_dim, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        u = (G.mapping(z, None)[:, 0] - w_avg) @ whiten
+    torch.testing.assert_close(torch.cov(u.T), torch.eye(G.w_dim), atol=0.05, rtol=0)
+    target = torch.rand(1, 3, G.img_resolution, G.img_resolution) * 2 - 1   # no latent makes noise
+    norms = {}
+    for weight in (0.0, 1.0):
+        res = project(G, target, _cfg(steps=60, latent_prior_weight=weight), progress=False)
+        norms[weight] = float(((res.ws[0, 0] - w_avg[0]) @ whiten).norm())
+        assert ("latent_prior" in res.losses[-1]) == (weight > 0)
+    assert norms[1.0] < 0.8 * norms[0.0], norms

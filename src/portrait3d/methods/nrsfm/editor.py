@@ -136,14 +136,20 @@ class NRSfMEditor:
         return out.reshape(latents.shape), hist
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False, half: bool = False) -> Path:
+        """Write the editor; ``half`` stores φ's weights and the latent factor in float16 (shipped editors), the
+        rank-one model and the normalisations in float32 (loading casts everything back to float32)."""
         from safetensors.torch import save_file
 
+        def store(v: torch.Tensor) -> torch.Tensor:
+            return (v.half() if half else v).detach().cpu().contiguous()
+
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_tensors().items()}
-        tensors.update({f"phi.{k}": v.detach().cpu().contiguous() for k, v in self.phi.state_dict().items()})
+        tensors.update({f"phi.{k}": store(v) if k.startswith("net.") else v.detach().cpu().contiguous()
+                        for k, v in self.phi.state_dict().items()})
         tensors["alpha_std"] = self.alpha_std.cpu().contiguous()
         if self.latent_factor is not None:
-            tensors["latent_factor"] = self.latent_factor.cpu().contiguous()
+            tensors["latent_factor"] = store(self.latent_factor)
         meta = {"format": EDITOR_FORMAT, "format_version": "1", "space": self.space,
                 "scheme": self.model.scheme, "phi": json.dumps(self.phi.config()), "meta": json.dumps(self.meta)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
