@@ -11,8 +11,9 @@ yaw edit measured by the face pipeline's pose estimator on --pose-latents latent
 gradient), and a mouth-component edit. Point errors are pixels at the generator's resolution.
 
 Edits run in each metric of --metrics: ``prior`` (ours: the smallest step in the latents' own
-covariance, holding the asked components; ``NRSfMEditor.edit``'s default) and ``euclidean`` with
-every component held (eq. 14 / 15 as printed).
+covariance, holding the asked components, gradient edits started from the linear one;
+``NRSfMEditor.edit``'s defaults) and ``euclidean`` with every component held and gradient edits
+started from the latent itself (eq. 14 / 15 as printed).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(network: str, spaces: str, samples: int, basis: int, n_eval: int, eval_
         row: dict = {"build": report, "build_seconds": time.time() - t0}
         for metric in metrics.split(","):
             hold = "auto" if metric == "prior" else "all"
-            kw = dict(metric=metric, hold=hold)
+            kw = dict(metric=metric, hold=hold, linear_start=metric == "prior")
             r: dict = {"linear": evaluate_table1(G, editor, EvalConfig(num_latents=n_eval, modes=("linear",), **kw),
                                                  detector)}
             if eval_gradient:

@@ -45,6 +45,7 @@ class EvalConfig:
     batch: int = 8
     metric: str = "prior"          # NRSfMEditor.edit's metric: 'prior' (ours) or 'euclidean' (eq. 14 as printed)
     hold: str = "auto"             # NRSfMEditor.edit's hold policy (edit.HOLD_POLICIES)
+    linear_start: bool = True      # NRSfMEditor.edit's: gradient edits start from the linear edit
 
 
 def point_rmse(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -158,7 +159,7 @@ def evaluate_table1(G: torch.nn.Module, editor: NRSfMEditor, cfg: EvalConfig | N
                         id_loss = make_identity_loss(ref, to_pixels(id_lm0, res))
                     w1, _ = editor.edit(G, w, q_star, m, steps=cfg.grad_steps, lr=cfg.grad_lr,
                                         lambda_id=cfg.lambda_id, identity_loss=id_loss, metric=cfg.metric,
-                                        hold=cfg.hold)
+                                        hold=cfg.hold, linear_start=cfg.linear_start)
                     imgs1 = faces.images(w1)
                     lm1, ok1 = faces.landmarks(imgs1)
                     with torch.no_grad():
