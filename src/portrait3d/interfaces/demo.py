@@ -5,6 +5,8 @@ Writes into one folder:
 * ``samples_2d.png``  grid of StyleGAN2 samples;
 * ``lifted_2d.png``   the first 2D samples lifted to 3D by LiftedGAN (rotated, relit, depth), when the
   2D generator has a shipped lifted model (``default-2d`` has none at present);
+* ``edits_2d.png``    the first 2D samples turned by the shipped NRSfM editor (Haas et al., linear edits of
+  :data:`EDIT_YAWS` degrees of yaw), when the 2D generator has one;
 * ``samples_3d.png``  grid of EG3D samples seen from the front;
 * ``views_3d.png``    the same EG3D faces, one row each, at yaw -30, -15, 0, +15, +30 degrees;
 * ``depth_3d.png``    the rendered depth of every view of ``views_3d.png`` (colour-mapped);
@@ -31,12 +33,15 @@ from portrait3d.networks.eg3d.camera import camera_from_angles
 from portrait3d.utils.compute import auto_threads
 from portrait3d.utils.visualize import colour_depth, make_grid, to_uint8
 
-__all__ = ["LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "run_demo"]
+__all__ = ["EDITS_OUTPUT", "EDIT_YAWS", "LIFTED_OUTPUT", "LIFT_YAWS", "OUTPUTS", "YAWS", "run_demo"]
 
 YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
 LIFT_YAWS = (-45.0, -20.0, 0.0, 20.0, 45.0)
 LIFTED_OUTPUT = "lifted_2d.png"  # written only when the 2D generator has a shipped lifted model
 LIFTED_FACES = 4
+EDITS_OUTPUT = "edits_2d.png"   # written only when the 2D generator has a shipped NRSfM editor
+EDIT_YAWS = (-20.0, 0.0, 20.0)  # yaw changes (degrees) of the edits panel; 0 = the face itself
+EDIT_FACES = 4
 OUTPUTS = ("samples_2d.png", "samples_3d.png", "views_3d.png", "depth_3d.png", "orbit.mp4", "README.txt")
 _FALLBACK_SEED = 0  # the random fallback networks are the same whatever --seed is
 
@@ -121,6 +126,33 @@ def _lifted_grid(g2: nn.Module, network_2d: str, z: torch.Tensor, truncation: fl
     return tiles.reshape(-1, *tiles.shape[2:]).numpy(), str(path)
 
 
+def _edits_grid(g2: nn.Module, network_2d: str, z: torch.Tensor, truncation: float,
+                dev: torch.device) -> tuple[np.ndarray | None, str]:
+    """NRSfM yaw edits of the 2D faces ``z`` (one row a face, one column per :data:`EDIT_YAWS` change), or ``None``
+    and the reason when ``network_2d`` ships no editor."""
+    from portrait3d.methods.nrsfm.data import synthesize
+    from portrait3d.methods.nrsfm.edit import EditSpec
+    from portrait3d.methods.nrsfm.editor import NRSfMEditor
+    from portrait3d.methods.nrsfm.pipeline import builtin_editor_path
+
+    path = builtin_editor_path(network_2d)
+    if path is None or not path.is_file():
+        return None, f"no shipped NRSfM editor for the 2D generator {network_2d!r}"
+    editor = NRSfMEditor.load(path)
+    with torch.no_grad():
+        w = g2.mapping(z, torch.zeros(len(z), g2.c_dim, device=dev), truncation_psi=truncation)[:, 0].cpu()
+    cols = []
+    for dy in EDIT_YAWS:
+        if dy == 0:
+            w1 = w
+        else:
+            with torch.enable_grad():  # the Jacobian of phi needs autograd
+                w1, _ = editor.edit(g2, w, editor.target(w, EditSpec(yaw=dy)), "linear")
+        with torch.no_grad():
+            cols.append(to_uint8(synthesize(g2, w1.to(dev), "w")))
+    return np.stack(cols, 1).reshape(-1, *cols[0].shape[1:]), str(path)
+
+
 def _uint8_tiles(images: torch.Tensor) -> torch.Tensor:
     """``[N, K, 3, S, S]`` in ``[-1, 1]`` -> ``uint8 [N, K, S, S, 3]``."""
     n, k = images.shape[:2]
@@ -160,7 +192,7 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    existing = [n for n in (*OUTPUTS, LIFTED_OUTPUT) if (out / n).exists()]
+    existing = [n for n in (*OUTPUTS, LIFTED_OUTPUT, EDITS_OUTPUT) if (out / n).exists()]
     if existing and not force:
         raise FileExistsError(f"{out} already holds demo outputs ({', '.join(existing)}); pass --force to overwrite")
     dev = torch.device(device)
@@ -198,6 +230,15 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
         if lifted is not None:
             save_image(out / LIFTED_OUTPUT, make_grid(lifted, cols=len(lifted) // lifted_faces), overwrite=force)
         times["lifted_2d"] = time.perf_counter() - t
+
+        # ---------------------------------------------------------------- the 2D faces turned (NRSfM)
+        t = time.perf_counter()
+        edit_faces = min(samples, EDIT_FACES)
+        edits, edits_src = (None, "the 2D model is a random placeholder") if random2 else \
+            _edits_grid(g2, network_2d, z2[:edit_faces], truncation, dev)
+        if edits is not None:
+            save_image(out / EDITS_OUTPUT, make_grid(edits, cols=len(EDIT_YAWS)), overwrite=force)
+        times["edits_2d"] = time.perf_counter() - t
 
         # ---------------------------------------------------------------- 3D yaw sweep
         t = time.perf_counter()
@@ -254,6 +295,12 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
                        f"                lifted depth (near = bright).")
     else:
         lifted_line = f"{LIFTED_OUTPUT}   not written: {lifted_src}."
+    if edits is not None:
+        edits_line = (f"{EDITS_OUTPUT}    the first {edit_faces} faces of samples_2d.png, one row each, turned by the NRSfM\n"
+                      f"                editor ({edits_src}; linear edits, eq. 14 in the latents' own metric):\n"
+                      f"                yaw change {', '.join(f'{y:+.0f}' for y in EDIT_YAWS)} degrees.")
+    else:
+        edits_line = f"{EDITS_OUTPUT}    not written: {edits_src}."
     readme = f"""portrait3d demo output
 {'=' * 22}
 
@@ -269,6 +316,7 @@ Files
 -----
 samples_2d.png  {samples} faces from the 2D generator, {grid_cols} per row ({n_rows} rows).
 {lifted_line}
+{edits_line}
 samples_3d.png  {samples} faces from the 3D generator, seen from the front (yaw 0, pitch 0); the same
                 faces as views_3d.png, in the same order.
 views_3d.png    one row per 3D face (the faces of samples_3d.png, left to right, top to bottom); the
@@ -302,7 +350,7 @@ Made by `portrait3d demo` in {time.perf_counter() - t_start:.1f} s on {where}.
 """
     atomic_write(out / "README.txt", lambda tmp: Path(tmp).write_text(readme), overwrite=force)
     times["total"] = time.perf_counter() - t_start
-    written = (*OUTPUTS, LIFTED_OUTPUT) if lifted is not None else OUTPUTS
+    written = (*OUTPUTS, *([LIFTED_OUTPUT] if lifted is not None else []), *([EDITS_OUTPUT] if edits is not None else []))
     print(f"wrote {out}/ ({', '.join(written)}) in {times['total']:.1f} s")
     if random2 or random3:
         print("note: random-weight placeholder model(s) were used; see README.txt")
