@@ -137,8 +137,12 @@ def test_registry_offers_the_methods_with_sane_controls():
     assert keys["pie"][:2] == ["yaw", "pitch"]  # the shipped models: the pose RigNet at least
 
 
-def test_nrsfm_and_lifted_say_why_they_are_unavailable(tmp_path):
-    reg = build_registry(MethodSettings(network_2d="default-2d"))
+def test_nrsfm_and_lifted_say_why_they_are_unavailable(tmp_path, tiny_stylegan2):
+    from portrait3d import save_network
+
+    assert build_registry(MethodSettings(network_2d="default-2d"))["nrsfm"].available().ok  # default-2d ships one
+    net = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")  # a generator without a shipped editor
+    reg = build_registry(MethodSettings(network_2d=str(net)))
     nrsfm, lifted = reg["nrsfm"].available(), reg["lifted"].available()
     assert not nrsfm.ok and "--nrsfm" in nrsfm.reason and "\n" not in nrsfm.reason
     assert not lifted.ok and "--lifted" in lifted.reason and "\n" not in lifted.reason
