@@ -35,7 +35,8 @@ import torch
 @click.option("--eval-gradient", type=int, default=100, help="Of those, latents also edited by eq. 15 (50 steps).")
 @click.option("--pose-latents", type=int, default=100, help="Latents for the +20° yaw check.")
 @click.option("--detector", type=click.Choice(["template", "mediapipe", "dlib", "dlib-hog"]), default="mediapipe")
-@click.option("--metrics", default="prior,euclidean", help="Edit metrics to evaluate (prior: ours; euclidean: the paper).")
+@click.option("--metrics", default="prior,euclidean",
+              help="Edit metrics to evaluate (prior: ours; euclidean: the paper).")
 @click.option("--threads", type=int, default=2)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(network: str, spaces: str, samples: int, basis: int, n_eval: int, eval_gradient: int, pose_latents: int,
@@ -55,8 +56,7 @@ def main(network: str, spaces: str, samples: int, basis: int, n_eval: int, eval_
         editor, report = build_editor(G, cfg, cache_dir=cache)
         row: dict = {"build": report, "build_seconds": time.time() - t0}
         for metric in metrics.split(","):
-            hold = "auto" if metric == "prior" else "all"
-            kw = dict(metric=metric, hold=hold, linear_start=metric == "prior")
+            kw = dict(metric=metric)  # each metric with its own hold policy and gradient start (NRSfMEditor.edit)
             r: dict = {"linear": evaluate_table1(G, editor, EvalConfig(num_latents=n_eval, modes=("linear",), **kw),
                                                  detector)}
             if eval_gradient:

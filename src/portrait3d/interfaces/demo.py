@@ -296,7 +296,8 @@ def _run_demo(out: Path, network_2d: str, network_3d: str, samples: int, seed: i
     else:
         lifted_line = f"{LIFTED_OUTPUT}   not written: {lifted_src}."
     if edits is not None:
-        edits_line = (f"{EDITS_OUTPUT}    the first {edit_faces} faces of samples_2d.png, one row each, turned by the NRSfM\n"
+        edits_line = (f"{EDITS_OUTPUT}    the first {edit_faces} faces of samples_2d.png, one row each, turned by "
+                      f"the NRSfM\n"
                       f"                editor ({edits_src}; linear edits, eq. 14 in the latents' own metric):\n"
                       f"                yaw change {', '.join(f'{y:+.0f}' for y in EDIT_YAWS)} degrees.")
     else:
@@ -350,7 +351,7 @@ Made by `portrait3d demo` in {time.perf_counter() - t_start:.1f} s on {where}.
 """
     atomic_write(out / "README.txt", lambda tmp: Path(tmp).write_text(readme), overwrite=force)
     times["total"] = time.perf_counter() - t_start
-    written = (*OUTPUTS, *([LIFTED_OUTPUT] if lifted is not None else []), *([EDITS_OUTPUT] if edits is not None else []))
+    written = [*OUTPUTS] + [name for name, made in ((LIFTED_OUTPUT, lifted), (EDITS_OUTPUT, edits)) if made is not None]
     print(f"wrote {out}/ ({', '.join(written)}) in {times['total']:.1f} s")
     if random2 or random3:
         print("note: random-weight placeholder model(s) were used; see README.txt")

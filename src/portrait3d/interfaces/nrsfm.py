@@ -148,5 +148,6 @@ def run_transfer(source: str, target: str, network: str, editor_path: Path | Non
     rep = edit_and_measure(G, editor, w_tgt, q, mode, steps, lambda_id, detector, metric)
     out.mkdir(parents=True, exist_ok=True)
     save_image(out / "source.png", src_img, overwrite=force)
-    extra = {"network": network, "space": editor.space, "metric": metric, "part": part, "source": src_info, "target": tgt_info}
+    extra = {"network": network, "space": editor.space, "metric": metric, "part": part, "source": src_info,
+             "target": tgt_info}
     return _save_edit(out, rep, make_grid(np.stack([src_img, *rep.panels]), cols=3), extra, force)

@@ -184,3 +184,28 @@ def test_gradient_edit_in_the_prior_metric_stays_in_the_prior_subspace():
     assert hist[-1]["q"] < 0.1 * hist[0]["q"]
     proj = L @ torch.linalg.pinv(L)
     assert torch.allclose((w1 - w) @ proj.T, w1 - w, atol=1e-4)
+
+
+def test_editor_metric_presets():
+    """``metric='euclidean'`` is the paper's eq. 14 (every parameter held); ``'prior'`` steps in the latents'
+    covariance and holds only what is asked."""
+    from portrait3d.face.pose import mean_face_68
+    from portrait3d.methods.nrsfm.edit import constrained_rows, prior_factor
+    from portrait3d.methods.nrsfm.editor import NRSfMEditor
+    from portrait3d.methods.nrsfm.model import RankOneModel
+
+    mf = torch.tensor(mean_face_68(), dtype=torch.float32)
+    model = RankOneModel((mf - mf.mean(0)).T.contiguous(), torch.randn(2, 3, 68) * 0.01)
+    torch.manual_seed(0)
+    phi = ParamRegressor(12, model.layout.size, hidden=16, layers=2).eval()
+    L = prior_factor(torch.randn(300, 12) @ torch.randn(12, 12))
+    editor = NRSfMEditor(model, phi, "w", torch.ones(2), latent_factor=L)
+    w = torch.randn(3, 12)
+    q = editor.target(w, EditSpec(yaw=10.0))
+    paper, _ = editor.edit(None, w, q, "linear", metric="euclidean")
+    assert torch.equal(paper, linear_edit(phi, w, q))
+    ours, _ = editor.edit(None, w, q, "linear")
+    with torch.no_grad():
+        rows = constrained_rows(phi(w), q, model.layout, "auto")
+    assert rows == [model.layout.theta.start]
+    assert torch.equal(ours, linear_edit(phi, w, q, metric=L, rows=rows))

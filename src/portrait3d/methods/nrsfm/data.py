@@ -33,6 +33,8 @@ from portrait3d.face.analyzer import TEMPLATE_BOX
 
 __all__ = [
     "SPACES",
+    "to_pixels",
+    "head_pose_deg",
     "BACKEND_SCHEMES",
     "TEMPLATE_BOX",
     "LandmarkDataConfig",
@@ -292,3 +294,21 @@ def build_landmark_set(G: torch.nn.Module, cfg: LandmarkDataConfig, cache_dir: s
     if path is not None:
         out.save(path)
     return out
+
+
+# ----------------------------------------------------------------------------- landmark units and head pose
+
+
+def to_pixels(lm: np.ndarray, res: int) -> np.ndarray:
+    """Normalised ``[0, 1]`` landmarks -> pixel-centre coordinates of a ``res`` x ``res`` image."""
+    return lm * res - 0.5
+
+
+def head_pose_deg(lm: np.ndarray, res: int) -> tuple[float, float, float] | None:
+    """Face-pipeline head pose ``(yaw, pitch, roll)`` of normalised 68 landmarks, or ``None`` if PnP fails."""
+    from portrait3d.face.pose import estimate_head_pose
+
+    try:
+        return estimate_head_pose(to_pixels(lm, res), (res, res)).angles
+    except ValueError:
+        return None

@@ -48,9 +48,10 @@ HOLD_POLICIES = ("auto", "all", "pose", "asked")
 (the asked ones and the head angles), ``asked`` (only the asked ones; the rest follows the latent prior), ``auto``
 (``asked`` when a head angle is asked, else ``pose``: expression edits keep the head still).
 
-Measured on default-2d (W, prior metric, 50 latents, ``bench/nrsfm_table1.py``'s checks): +20 deg yaw edits pass
-60% with ``asked``, 42% with ``pose`` (14 faces lost), 0-12% with ``all``; 2-sigma mouth edits drift the head by a
-median 3.0 deg with ``pose`` against 4.2 with ``asked``."""
+Measured on default-2d (W, prior metric, linear edits, ``evaluate.pose_edit_check`` / ``expression_edit_check`` on
+50 latents, MediaPipe box): +20 deg yaw edits pass 60% with ``asked``, 42% with ``pose`` (14 faces lost); with
+``all``, 3 of 24 passed (before the depth calibration); 2-sigma mouth edits drift the head by a median 3.0 deg with
+``pose`` against 4.2 with ``asked``."""
 
 ANGLE_LIMITS = {"yaw": 60.0, "pitch": 40.0, "roll": 45.0}
 """Largest accepted change (degrees): beyond these a 2D generator's faces leave its training poses."""
@@ -237,7 +238,8 @@ def gradient_edit(phi: torch.nn.Module, latents: torch.Tensor, q_target: torch.T
                   identity_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, lambda_id: float = 0.01,
                   perceptual_loss: Callable[[torch.Tensor], torch.Tensor] | None = None, lambda_p: float = 0.0,
                   init: torch.Tensor | None = None, metric: torch.Tensor | None = None,
-                  rows: Sequence[int] | None = None, progress: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
+                  rows: Sequence[int] | None = None,
+                  progress: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Eq. 15: minimise ``||S⁻¹(φ(w) − q*)||² + λ_ID L_ID(G(w)) + λ_P L_P(G(w))`` over ``w`` by Adam.
 
     Args:

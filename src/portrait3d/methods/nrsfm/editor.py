@@ -25,7 +25,13 @@ import torch
 
 from portrait3d.checkpoints.native import atomic_write
 from portrait3d.errors import UsageError
-from portrait3d.methods.nrsfm.data import LandmarkDataConfig, LandmarkSet, build_landmark_set, latents_to_ws
+from portrait3d.methods.nrsfm.data import (
+    LandmarkDataConfig,
+    LandmarkSet,
+    build_landmark_set,
+    head_pose_deg,
+    latents_to_ws,
+)
 from portrait3d.methods.nrsfm.edit import (
     EditSpec,
     constrained_rows,
@@ -109,20 +115,23 @@ class NRSfMEditor:
     def edit(self, G: torch.nn.Module, latents: torch.Tensor, q_target: torch.Tensor, mode: str = "linear", *,
              steps: int = 50, lr: float = 0.01, lambda_id: float = 0.01, identity_loss=None,
              perceptual_loss=None, lambda_p: float = 0.0, iterations: int = 1, metric: str = "prior",
-             hold: str = "auto", linear_start: bool = True,
+             hold: str | None = None, linear_start: bool | None = None,
              progress: bool = False) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """Latents reaching ``q_target``: eq. 14 (``mode='linear'``) or eq. 15 (``'gradient'``).
 
-        Linear edits take ``metric`` ``'prior'`` (the latents' covariance, when the editor has it) or
-        ``'euclidean'`` (the paper), and hold the parameters of ``hold`` (:data:`.edit.HOLD_POLICIES`).
-        ``linear_start`` (ours): gradient edits start from the linear edit's latent instead of ``latents`` (the
-        paper); measured on default-2d (24 latents, +20 deg yaw, prior metric): 67% pass against 33% from
-        ``latents`` and 50% for the linear edit alone.
+        ``metric='prior'`` (ours): steps in the latents' covariance (when the editor has it), holding the
+        parameters of ``hold`` (default ``'auto'``, :data:`.edit.HOLD_POLICIES`), gradient edits started from the
+        linear edit (``linear_start``, default on; measured on default-2d, 24 latents, +20 deg yaw: 67% pass
+        against 33% from ``latents`` and 50% for the linear edit alone). ``metric='euclidean'``: the paper's
+        eqs. 14-15, by default holding every parameter and starting from ``latents``.
         """
         flat = latents.reshape(len(latents), -1)
         if metric not in ("prior", "euclidean"):
             raise UsageError(f"unknown edit metric {metric!r} (choose prior or euclidean)")
-        factor = self.latent_factor if metric == "prior" else None
+        paper = metric == "euclidean"
+        hold = hold if hold is not None else ("all" if paper else "auto")
+        linear_start = (not paper) if linear_start is None else linear_start
+        factor = None if paper else self.latent_factor
         with torch.no_grad():
             rows = constrained_rows(self.phi(flat), q_target, self.layout, hold)
         if mode == "linear":
@@ -219,7 +228,7 @@ def build_editor(G: torch.nn.Module, cfg: BuildConfig, cache_dir: str | os.PathL
     fit_rmse = reprojection_error(model, q, lm)
     phi, hist = train_regressor(good.latents, q.detach().cpu().numpy(), cfg.regressor, progress=progress)
     alpha_std = q[:, model.layout.alpha].std(0).clamp_min(1e-8) if model.num_basis else torch.zeros(0)
-    factor = prior_factor(good.latents) if good.space != "z" else None  # z's prior is N(0, I): Euclidean
+    latent_factor = prior_factor(good.latents) if good.space != "z" else None  # z's prior is N(0, I): Euclidean
     res = good.resolution
     report = {
         "samples": len(data), "with_landmarks": len(good), "detection_rate": data.detection_rate,
@@ -240,21 +249,15 @@ def build_editor(G: torch.nn.Module, cfg: BuildConfig, cache_dir: str | os.PathL
                    "regressor": asdict(cfg.regressor)},
     }
     editor = NRSfMEditor(model, phi, good.space, alpha_std, meta={"build": report, "resolution": res},
-                         latent_factor=factor)
+                         latent_factor=latent_factor)
     return editor, report
 
 
 def pnp_yaw(landmarks: np.ndarray, resolution: int) -> np.ndarray:
-    """The face pipeline's PnP yaw (degrees, NaN where PnP fails) of normalised 68 landmarks ``[N, 68, 2]``."""
-    from portrait3d.face.pose import estimate_head_pose
-
-    out = np.full(len(landmarks), np.nan)
-    for i, lm in enumerate(landmarks):
-        try:
-            out[i] = estimate_head_pose(np.asarray(lm, np.float64) * resolution, (resolution, resolution)).angles[0]
-        except ValueError:
-            pass
-    return out
+    """The face pipeline's PnP yaw (degrees, NaN where PnP fails) of normalised 68 landmarks ``[N, 68, 2]``: the
+    :func:`.data.head_pose_deg` that edits are judged by."""
+    poses = (head_pose_deg(np.asarray(lm, np.float64), resolution) for lm in landmarks)
+    return np.array([np.nan if p is None else p[0] for p in poses], dtype=np.float64)
 
 
 def depth_scale_to_pose(model: Any, landmarks: np.ndarray, yaw_ref: np.ndarray, rounds: int = 3,

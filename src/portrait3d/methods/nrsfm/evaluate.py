@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from portrait3d.methods.nrsfm.data import ImageLandmarker, sample_latents, synthesize
+from portrait3d.methods.nrsfm.data import ImageLandmarker, head_pose_deg, sample_latents, synthesize, to_pixels
 from portrait3d.methods.nrsfm.edit import EditSpec
 from portrait3d.methods.nrsfm.editor import NRSfMEditor
 
@@ -44,8 +44,9 @@ class EvalConfig:
     lambda_id: float = 0.01
     batch: int = 8
     metric: str = "prior"          # NRSfMEditor.edit's metric: 'prior' (ours) or 'euclidean' (eq. 14 as printed)
-    hold: str = "auto"             # NRSfMEditor.edit's hold policy (edit.HOLD_POLICIES)
-    linear_start: bool = True      # NRSfMEditor.edit's: gradient edits start from the linear edit
+    # NRSfMEditor.edit's hold policy (edit.HOLD_POLICIES) and gradient start; None: the metric's own
+    hold: str | None = None
+    linear_start: bool | None = None
 
 
 def point_rmse(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -53,11 +54,6 @@ def point_rmse(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np
     a = np.asarray(torch.as_tensor(a).detach().cpu(), dtype=np.float64)
     b = np.asarray(torch.as_tensor(b).detach().cpu(), dtype=np.float64)
     return np.sqrt(((a - b) ** 2).sum(-1).mean(-1))
-
-
-def to_pixels(lm: np.ndarray, res: int) -> np.ndarray:
-    """Normalised ``[0, 1]`` landmarks -> pixel-centre coordinates of a ``res`` x ``res`` image."""
-    return lm * res - 0.5
 
 
 class _Faces:
@@ -192,16 +188,6 @@ def mouth_component(editor: NRSfMEditor) -> int:
     return int(torch.argmax(ratio)) + 1
 
 
-def head_pose_deg(lm: np.ndarray, res: int) -> tuple[float, float, float] | None:
-    """Face-pipeline head pose ``(yaw, pitch, roll)`` of normalised 68 landmarks, or ``None`` if PnP fails."""
-    from portrait3d.face.pose import estimate_head_pose
-
-    try:
-        return estimate_head_pose(to_pixels(lm, res), (res, res)).angles
-    except ValueError:
-        return None
-
-
 def _edit_batches(G, editor, spec: EditSpec, n: int, seed: int, mode: str, detector: str, batch: int,
                   grad_steps: int, lambda_id: float, progress: bool, desc: str, edit_kwargs: dict | None = None):
     """Yield ``(imgs0, lm0, imgs1, lm1)`` per batch of latents that had a face before the edit."""
@@ -246,9 +232,9 @@ def pose_edit_check(G, editor: NRSfMEditor, yaw: float = 20.0, n: int = 100, see
     """
     res = int(G.img_resolution)
     dyaw, dpitch, sims, passed, total = [], [], [], 0, 0
-    for imgs0, lm0, id0, imgs1, lm1, id1 in _edit_batches(G, editor, EditSpec(yaw=yaw), n, seed, mode, detector,
-                                                          batch, grad_steps, lambda_id, progress, f"yaw {yaw:+g} ({mode})",
-                                                          edit_kwargs):
+    batches = _edit_batches(G, editor, EditSpec(yaw=yaw), n, seed, mode, detector, batch, grad_steps, lambda_id,
+                            progress, f"yaw {yaw:+g} ({mode})", edit_kwargs)
+    for imgs0, lm0, id0, imgs1, lm1, id1 in batches:
         for i in range(len(imgs0)):
             total += 1
             p0, p1 = head_pose_deg(lm0[i], res), head_pose_deg(lm1[i], res) if np.isfinite(lm1[i]).all() else None
