@@ -3,7 +3,8 @@
 * :func:`reconstruction_loss`: the render of the teacher's latent from the teacher sample's camera against the
   sample, at the output resolution and at the neural-rendering resolution (EG3D's ``image_raw``);
 * :func:`mesh_depth_loss`: the rendered depth at the face-mesh points against the mesh's own relative depth, up to
-  a per-sample shift (the mesh fixes the shape of the face, not its distance).
+  a per-sample shift (the mesh fixes the shape of the face, not its distance); :func:`relief_loss` is the same
+  for any depth map whose pixel size is known (LiftedGAN's canonical depth).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mesh_depth_loss", "reconstruction_loss", "world_units_per_pixel"]
+__all__ = ["mesh_depth_loss", "reconstruction_loss", "relief_loss", "world_units_per_pixel"]
 
 
 def reconstruction_loss(image: torch.Tensor, image_raw: torch.Tensor, target: torch.Tensor,
@@ -46,10 +47,9 @@ def mesh_depth_loss(depth: torch.Tensor, mesh: torch.Tensor, cameras: torch.Tens
                     scale: float = 1.0) -> torch.Tensor:
     """Shift-invariant L1 between rendered depth and the face mesh's relative depth, per sample ``[N]``.
 
-    With ``d_i`` the rendered depth bilinearly sampled at mesh point ``i`` and ``t_i = s * z_i * u`` the mesh's
-    depth in world units (``z_i`` in pixels, ``u`` = :func:`world_units_per_pixel`, ``s`` = ``scale``), the loss is
-    ``mean_i |d_i - t_i - b|`` with ``b = median_i (d_i - t_i)`` (held fixed): only the relief counts, so a flat
-    billboard pays the whole depth range of the face and a head at any distance pays nothing.
+    :func:`relief_loss` with the pixel size of EG3D cameras, ``u`` = :func:`world_units_per_pixel`: only the
+    relief counts, so a flat billboard pays the whole depth range of the face and a head at any distance pays
+    nothing.
 
     Args:
         depth: rendered depth ``[N, 1, h, w]`` (ray distance, world units) over the same field of view as the
@@ -58,9 +58,27 @@ def mesh_depth_loss(depth: torch.Tensor, mesh: torch.Tensor, cameras: torch.Tens
         cameras: ``[N, 25]`` EG3D cameras of the images.
         scale: ``s``, how far to trust the mesh's depth scale (MediaPipe's ``z`` is only roughly metric).
     """
+    return relief_loss(depth, mesh, scale * world_units_per_pixel(cameras, resolution), resolution)
+
+
+def relief_loss(depth: torch.Tensor, mesh: torch.Tensor, units: torch.Tensor | float, resolution: int) -> torch.Tensor:
+    """Shift-invariant L1 between a depth map and a face mesh's relative depth, per sample ``[N]``.
+
+    With ``d_i`` the depth bilinearly sampled at mesh point ``i`` and ``t_i = z_i u`` the mesh's depth in world
+    units (``z_i`` in pixels, ``u`` the world size of one pixel), the loss is ``mean_i |d_i - t_i - b|`` with
+    ``b = median_i (d_i - t_i)`` (held fixed), over the points inside the image.
+
+    Args:
+        depth: ``[N, 1, h, w]`` over the same field of view as the ``resolution`` x ``resolution`` image the mesh
+            was measured on.
+        mesh: ``[N, P, 3]`` points ``(x, y, z)`` in that image's pixels (pixel centres at integers), ``z``
+            larger = farther, as ``depth``.
+        units: ``u``, world units per pixel, a scalar or ``[N]``.
+    """
     grid = ((mesh[..., :2] + 0.5) / resolution * 2 - 1).to(depth.dtype)
     d = F.grid_sample(depth, grid[:, None], mode="bilinear", padding_mode="border", align_corners=False)[:, 0, 0]
-    t = (mesh[..., 2] * (scale * world_units_per_pixel(cameras, resolution))[:, None]).to(d.dtype)
+    u = torch.as_tensor(units, dtype=d.dtype, device=d.device).reshape(-1, 1)
+    t = mesh[..., 2].to(d.dtype) * u
     r = d - t
     inside = (grid.abs() <= 1).all(-1).to(d.dtype)
     b = r.detach().median(dim=1, keepdim=True).values

@@ -221,7 +221,21 @@ def test_no_face_found_gives_nan_and_counts(tiny_stylegan2):
     i = E.identity_vs_yaw(model, (15, 30), n=2, nrsfm_editor=FakeEditor(), faces=none, progress=False)
     for m in i["methods"].values():
         assert m["frontal_faces"] == 0 and m["pairs"] == [0, 0] and all(is_nan(c) for c in m["cosine"])
+        assert m["within_tolerance"] == [0.0, 0.0]  # a missing face is a rotation that did not turn
     assert none.calls > 0
+
+
+def test_identity_vs_yaw_counts_rotations_within_tolerance(tiny_stylegan2):
+    """Every image measures yaw +30: the +30 render turned as asked, -30 and +-15 did not."""
+    model = tiny_model(tiny_stylegan2)
+    res = E.identity_vs_yaw(model, (15, 30), n=2, faces=FakeFaces(pose=(30.0, 0.0, 0.0)), progress=False)
+    m = res["methods"]["lifted_render"]
+    assert res["tolerance_deg"] == 8.0
+    assert m["within_tolerance"] == [0.0, 0.5]
+    assert m["median_measured_yaw"][1] == pytest.approx(0.0, abs=1.0)  # +30 and -30 pooled
+    loose = E.identity_vs_yaw(model, (15,), n=1, faces=FakeFaces(pose=(30.0, 0.0, 0.0)), tolerance_deg=20,
+                              both_directions=False, progress=False)
+    assert loose["methods"]["lifted_render"]["within_tolerance"] == [1.0]
 
 
 def test_identity_vs_yaw_keys_and_nrsfm_targets(tiny_stylegan2):

@@ -13,6 +13,7 @@ import torch
 
 from portrait3d.methods.lifting import losses as L
 from portrait3d.methods.lifting.losses import (
+    FaceMeshTargets,
     LiftLossConfig,
     LiftLossWeights,
     WStats,
@@ -29,8 +30,9 @@ from tests.methods.lifting.test_networks import make_model, randomize_manipulato
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TERMS = ("rec", "flip", "perturb_image", "perturb_generator", "perturb_param", "latent_prior", "identity",
-         "albedo_rank")
+PAPER_TERMS = ("rec", "flip", "perturb_image", "perturb_generator", "perturb_param", "latent_prior", "identity",
+               "albedo_rank")
+TERMS = PAPER_TERMS + ("mesh_depth",)  # ours, off by default
 NETS = ("view", "light", "manipulator", "depth", "transform")
 
 # Which lifting networks each term must train (with the stub renderer).
@@ -43,7 +45,23 @@ EXPECTED = {
     "latent_prior": {"manipulator"},
     "identity": {"view", "light", "manipulator", "depth", "transform"},
     "albedo_rank": {"light", "manipulator", "depth"},
+    "mesh_depth": {"depth"},
 }
+
+
+class FakeMesh:
+    """Mesh-target stand-in: a 5 x 5 grid of points over the image with a bump in z (pixels); the first face
+    has no mesh."""
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s = images.shape[0], images.shape[-1]
+        g = torch.linspace(2, s - 3, 5).round()  # pixel centres: bilinear sampling there is exact
+        y, x = torch.meshgrid(g, g, indexing="ij")
+        z = -4.0 * torch.exp(-((x - s / 2) ** 2 + (y - s / 2) ** 2) / (s / 4) ** 2)
+        mesh = torch.stack([x, y, z], -1).reshape(1, -1, 3).expand(n, -1, -1).clone()
+        found = torch.ones(n, dtype=torch.bool)
+        found[0] = False
+        return mesh, found
 
 
 class TinyPerceptual(torch.nn.Module):
@@ -86,7 +104,7 @@ def test_each_term_finite_with_gradients_to_lifting_nets_only(tiny_stylegan2, id
     cfg = LiftLossConfig(perturb_yaw_deg=20.0)  # every sample inside the identity yaw window
     out = lift_losses(model, tiny_stylegan2, batch_w, only(term, perc=0.5), config=cfg,
                       perceptual=TinyPerceptual(), identity=identity_net, w_stats=stats,
-                      generator=torch.Generator().manual_seed(1))
+                      generator=torch.Generator().manual_seed(1), face_mesh=FakeMesh())
     assert set(out) == {term, "total"}
     assert torch.isfinite(out[term]) and out[term].ndim == 0
     assert out[term].item() > 0
@@ -110,9 +128,9 @@ def test_all_terms_with_real_perceptual_loss(tiny_stylegan2, identity_net):
     out = lift_losses(model, tiny_stylegan2, batch_w, LiftLossWeights(), config=LiftLossConfig(perturb_yaw_deg=20.0),
                       perceptual=perceptual, identity=identity_net, w_stats=stats,
                       generator=torch.Generator().manual_seed(1))
-    assert set(out) == set(TERMS) | {"total"}
+    assert set(out) == set(PAPER_TERMS) | {"total"}  # the defaults are the paper's: no mesh prior
     assert all(torch.isfinite(v) for v in out.values())
-    torch.testing.assert_close(out["total"], sum(out[t] for t in TERMS))
+    torch.testing.assert_close(out["total"], sum(out[t] for t in PAPER_TERMS))
     out["total"].backward()
     for name in NETS:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.nets[name].parameters()), name
@@ -236,9 +254,50 @@ def test_all_terms_with_real_renderer(tiny_stylegan2, identity_net):
                       perceptual=TinyPerceptual(), identity=identity_net,
                       w_stats=L.w_statistics(tiny_stylegan2, num_samples=256),
                       generator=torch.Generator().manual_seed(1))
-    assert set(out) == set(TERMS) | {"total"}
+    assert set(out) == set(PAPER_TERMS) | {"total"}  # the defaults are the paper's: no mesh prior
     assert all(torch.isfinite(v) for v in out.values())
     out["total"].backward()
     for name in NETS:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.nets[name].parameters()), name
     assert all(p.grad is None for p in tiny_stylegan2.parameters())
+
+
+def test_mesh_relief_loss_is_zero_for_the_mesh_relief_at_any_distance_and_large_for_a_billboard():
+    from portrait3d.geometry.render import RendererConfig
+
+    cfg = RendererConfig(image_size=16)
+    mesh, found = FakeMesh()(torch.zeros(3, 3, 16, 16))
+    unit = cfg.camera_distance / cfg.focal(16)
+    # a depth map whose value at every mesh point is the mesh's relief in world units, at two distances
+    z = torch.zeros(3, 16, 16)
+    cols = mesh[0, :, 0].round().long()
+    rows = mesh[0, :, 1].round().long()
+    z[:, rows, cols] = mesh[0, :, 2] * unit
+    exact = L.mesh_relief_loss(torch.tensor([[1.0], [0.95], [1.05]])[:, :, None] + z, mesh, found, cfg)
+    flat = L.mesh_relief_loss(torch.ones(3, 16, 16), mesh, found, cfg)
+    inverted = L.mesh_relief_loss(1.0 - z, mesh, found, cfg)
+    assert exact.item() < 1e-7 and flat.item() > 1e-4 and inverted.item() > flat.item()
+    none = L.mesh_relief_loss(torch.ones(3, 16, 16, requires_grad=True), mesh, torch.zeros(3, dtype=torch.bool), cfg)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_face_mesh_targets_on_a_generated_face():
+    """The real MediaPipe mesh: on a face image from the shipped generator it finds a face whose nose is nearer
+    than its cheeks (z smaller); on noise it reports no face."""
+    pytest.importorskip("mediapipe")
+    from portrait3d.checkpoints import load_network
+
+    try:
+        g = load_network("default-2d")
+    except (FileNotFoundError, ValueError) as e:
+        pytest.skip(str(e))
+    with torch.no_grad():
+        w = g.mapping(torch.randn(4, g.z_dim, generator=torch.Generator().manual_seed(3)), None, truncation_psi=0.5)
+        img = torch.nn.functional.interpolate(g.synthesis(w, noise_mode="const"), size=64, mode="area")
+    targets = FaceMeshTargets()
+    mesh, found = targets(torch.cat([img, torch.rand(1, 3, 64, 64) * 2 - 1]))
+    assert found[:4].sum() >= 3 and mesh.shape == (5, 468, 3)
+    for i in torch.nonzero(found[:4])[:, 0]:
+        nose, cheeks = mesh[i, 1, 2], mesh[i, [234, 454], 2].mean()  # MediaPipe: 1 nose tip, 234/454 cheeks
+        assert nose < cheeks
+        assert (mesh[i, :, :2] > -1).all() and (mesh[i, :, :2] < 65).all()

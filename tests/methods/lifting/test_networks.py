@@ -261,6 +261,20 @@ def test_save_load_round_trip(tiny_stylegan2, tmp_path):
     model.save(path, overwrite=True)
 
 
+def test_half_save_stores_float16_and_loads_as_float32(tiny_stylegan2, tmp_path):
+    from safetensors import safe_open
+
+    model = make_model(tiny_stylegan2)
+    path = model.save(tmp_path / "half.safetensors", half=True)
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.int64}
+    loaded = LiftedGenerator.load(path, g2d=tiny_stylegan2, renderer=StubRenderer())
+    for k, v in model.nets.state_dict().items():
+        got = loaded.nets.state_dict()[k]
+        assert got.dtype == v.dtype, k
+        torch.testing.assert_close(got, v.half().to(v.dtype)), k
+
+
 def test_load_rejects_bad_files_with_one_line_error(tiny_stylegan2, tmp_path):
     model = make_model(tiny_stylegan2)
     good = model.save(tmp_path / "good.safetensors")

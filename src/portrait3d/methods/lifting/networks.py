@@ -689,8 +689,10 @@ class LiftedGenerator(nn.Module):
         return self.render_from(depth, albedo, out.transform, view, light, renderer_cfg)
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    def save(self, path: str | os.PathLike[str], overwrite: bool = False, half: bool = False) -> Path:
         """Write the lifting networks as one ``.safetensors`` file, atomically.
+
+        ``half`` stores floating-point weights in float16 (shipped models); :meth:`load` casts them back.
 
         ``__metadata__``: ``{"format": "portrait3d-lifting", "format_version": "1", "config":
         <LiftConfig JSON>, "generator": <generator_ref or "">, "generator_w_dim", "generator_num_ws",
@@ -702,6 +704,8 @@ class LiftedGenerator(nn.Module):
         from portrait3d.checkpoints.native import atomic_write
 
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.nets.state_dict().items()}
+        if half:
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         meta = {"format": LIFT_FORMAT, "format_version": LIFT_FORMAT_VERSION,
                 "config": json.dumps(self.cfg.to_dict()), "generator": self.generator_ref or "",
                 "generator_w_dim": str(self.cfg.w_dim), "generator_num_ws": str(self.num_ws),

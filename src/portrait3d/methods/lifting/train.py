@@ -59,6 +59,7 @@ from portrait3d.errors import UsageError
 from portrait3d.geometry.render import RendererConfig
 from portrait3d.methods.lifting.losses import (
     ABLATIONS,
+    FaceMeshTargets,
     LiftLossConfig,
     LiftLossWeights,
     WStats,
@@ -373,7 +374,8 @@ def _build_losses(cfg: LiftTrainConfig, weights: LiftLossWeights, dev: torch.dev
     image_terms = weights.rec > 0 or weights.flip > 0 or weights.perturb_image > 0 or weights.perturb_generator > 0
     perceptual = PerceptualLoss(resize=cfg.perceptual_resize).to(dev) if weights.perc > 0 and image_terms else None
     identity = make_identity_loss(cfg.lift.image_size).to(dev) if weights.identity > 0 else None
-    return {"perceptual": perceptual, "identity": identity}
+    face_mesh = FaceMeshTargets() if weights.mesh_depth > 0 else None
+    return {"perceptual": perceptual, "identity": identity, "face_mesh": face_mesh}
 
 
 def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLike[str],
@@ -464,7 +466,7 @@ def train_lifting(g2d: nn.Module, cfg: LiftTrainConfig, out_dir: str | os.PathLi
             w = sample_w(g2d, cfg.batch, cfg.truncation,
                          torch.Generator().manual_seed(derive_seed(cfg.seed, step, _LATENTS)))
             terms = lift_losses(model, g2d, w, weights, rcfg, config=cfg.losses, perceptual=nets["perceptual"],
-                                identity=nets["identity"], w_stats=stats,
+                                identity=nets["identity"], w_stats=stats, face_mesh=nets["face_mesh"],
                                 generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, _PERTURB)))
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
