@@ -277,6 +277,8 @@ def test_mesh_relief_loss_is_zero_for_the_mesh_relief_at_any_distance_and_large_
     flat = L.mesh_relief_loss(torch.ones(3, 16, 16), mesh, found, cfg)
     inverted = L.mesh_relief_loss(1.0 - z, mesh, found, cfg)
     assert exact.item() < 1e-7 and flat.item() > 1e-4 and inverted.item() > flat.item()
+    deeper = L.mesh_relief_loss(1.0 + 2 * z, mesh, found, cfg, scale=2.0)
+    assert deeper.item() < 1e-7 and L.mesh_relief_loss(1.0 + z, mesh, found, cfg, scale=2.0).item() > 1e-4
     none = L.mesh_relief_loss(torch.ones(3, 16, 16, requires_grad=True), mesh, torch.zeros(3, dtype=torch.bool), cfg)
     assert none.item() == 0.0 and none.requires_grad
 

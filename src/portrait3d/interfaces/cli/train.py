@@ -511,6 +511,8 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
 @click.option("--mesh-depth", type=FiniteFloat(0), default=None, show_default="0 (off, as the paper)",
               help="Weight of our face-mesh relief prior: the canonical depth follows MediaPipe's mesh of the "
                    "canonical image, up to a shift (not in the paper).")
+@click.option("--mesh-depth-scale", type=FiniteFloat(min=0, min_open=True), default=None, show_default="1",
+              help="How far to trust the mesh's depth scale (> 1: a deeper relief).")
 @click.option("--ablate", type=click.Choice(sorted(lifting.ABLATIONS)), multiple=True,
               help="Switch a loss off (repeatable): flip (eq. 3), perturb (eqs. 4-7), identity (eq. 8), "
                    "albedo (rank, eq. 9).")
@@ -526,7 +528,8 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
 @click.option("--force", is_flag=True, help="Start over in an OUT that already holds a run.")
 @fail_cleanly
 def lift_cmd(network: str | None, out: Path, kimg: float | None, batch: int | None, size: str | None, lr: float | None,
-         decoder_channels: int | None, resume: Path | None, mesh_depth: float | None, ablate: tuple[str, ...],
+         decoder_channels: int | None, resume: Path | None, mesh_depth: float | None,
+         mesh_depth_scale: float | None, ablate: tuple[str, ...],
          seed: int | None, snap: float | None,
          sample_every: float | None, device: str | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train the LiftedGAN lifting networks (D_V, D_L, M, D_S, D_T) of a frozen 2D StyleGAN2.
@@ -569,6 +572,8 @@ def lift_cmd(network: str | None, out: Path, kimg: float | None, batch: int | No
             setattr(cfg, name, v)
     if mesh_depth is not None:
         cfg.weights = dataclasses.replace(cfg.weights, mesh_depth=mesh_depth)
+    if mesh_depth_scale is not None:
+        cfg.losses = dataclasses.replace(cfg.losses, mesh_depth_scale=mesh_depth_scale)
     if ablate:
         cfg.ablate = tuple(dict.fromkeys(ablate))
     path = lifting.train_lifting(G, cfg, out, resume=resume, progress=progress, force=force)

@@ -144,6 +144,8 @@ class LiftLossConfig:
             across faces); ``"image"`` -- each image's ``[h, w]`` residual is its own matrix and the
             nuclear norms are averaged.
         image_clamp: clamp ``G2D`` targets to ``[-1, 1]``.
+        mesh_depth_scale: how far to trust the depth scale of MediaPipe's mesh in :func:`mesh_relief_loss`
+            (its ``z`` is only roughly metric; > 1 asks for a deeper relief).
     """
 
     perturb_yaw_deg: float = 45.0
@@ -154,6 +156,7 @@ class LiftLossConfig:
     rank_downsample: int | None = None
     rank_mode: Literal["batch", "image"] = "batch"
     image_clamp: bool = True
+    mesh_depth_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.rank_mode not in ("batch", "image"):
@@ -439,12 +442,13 @@ class FaceMeshTargets:
 
 
 def mesh_relief_loss(depth: torch.Tensor, mesh: torch.Tensor, found: torch.Tensor,
-                     renderer_cfg: Any = None) -> torch.Tensor:
+                     renderer_cfg: Any = None, scale: float = 1.0) -> torch.Tensor:
     """Shift-invariant L1 between the canonical depth and the face mesh's relief (ours, not in the paper).
 
     ``mean over faces with a mesh of mean_i |d_i - z_i u - b|`` (:func:`portrait3d.losses.distillation.relief_loss`)
-    with ``u = camera_distance / f`` the world size of a pixel at the rotation centre (``f`` the renderer's focal
-    length in pixels) and ``b`` the median offset: the mesh fixes the relief, not the distance.
+    with ``u = scale * camera_distance / f``, ``camera_distance / f`` the world size of a pixel at the rotation
+    centre (``f`` the renderer's focal length in pixels) and ``b`` the median offset: the mesh fixes the relief,
+    not the distance.
 
     Args:
         depth: canonical depth ``[N, S, S]``; mesh: ``[N, 468, 3]`` in pixels of the ``S x S`` canonical image;
@@ -457,7 +461,7 @@ def mesh_relief_loss(depth: torch.Tensor, mesh: torch.Tensor, found: torch.Tenso
         return depth.sum() * 0.0
     cfg = renderer_cfg or RendererConfig(image_size=int(depth.shape[-1]))
     size = int(depth.shape[-1])
-    per_face = relief_loss(depth[found][:, None], mesh[found], cfg.camera_distance / cfg.focal(size), size)
+    per_face = relief_loss(depth[found][:, None], mesh[found], scale * cfg.camera_distance / cfg.focal(size), size)
     return per_face.sum() / depth.shape[0]
 
 
@@ -554,7 +558,8 @@ def lift_losses(model: LiftedGenerator, g2d: nn.Module | None, batch_w: torch.Te
         face_mesh = face_mesh or FaceMeshTargets()
         mesh, found = face_mesh(out.canonical_image)
         terms["mesh_depth"] = wt.mesh_depth * mesh_relief_loss(out.depth, mesh, found,
-                                                               model.resolved_renderer_cfg(renderer_cfg))
+                                                               model.resolved_renderer_cfg(renderer_cfg),
+                                                               cfg.mesh_depth_scale)
 
     total = sum(terms.values()) if terms else out.image.sum() * 0.0
     terms["total"] = total  # type: ignore[assignment]
