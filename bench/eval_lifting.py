@@ -130,6 +130,9 @@ def _label(name: str) -> str:
               help="NRSfM edit: eq. 14 (linear) or eq. 15 (gradient).")
 @click.option("--nrsfm-steps", type=int, default=50, help="Steps of the gradient edit.")
 @click.option("--with-manipulator", is_flag=True, help="Figure 7: also LiftedGAN's G2D(M(w, L0, V)).")
+@click.option("--pose-fit", type=click.Choice(["68", "mesh", "both"]), default="both",
+              help="Figure 7's measured yaw: PnP of the 68 landmarks (the pipeline's cameras), of MediaPipe's 468-point "
+                   "mesh (more accurate beyond about 20 degrees on renders of known pose), or both tables.")
 @click.option("--ablation-dirs", multiple=True, type=str,
               help="Trained ablation model: NAME=PATH or PATH (file or folder; repeatable). "
                    "NAME in flip/perturb/identity/albedo prints as 'w/o NAME'.")
@@ -151,6 +154,7 @@ def main(lifted: Path | None, network: str | None, nrsfm: Path | None, n_fid: in
          yaws: str,
          one_direction: bool, real: Path, real_limit: int, detector: str, work_size: int, truncation: float,
          fid_truncation: float, seed: int, batch: int, nrsfm_mode: str, nrsfm_steps: int, with_manipulator: bool,
+         pose_fit: str,
          ablation_dirs: tuple[str, ...], train_ablations: bool, ablations: str, kimg: float, retrain: bool,
          ablation_out: Path,
          plot: Path, json_out: Path | None, threads: int, device: str) -> None:
@@ -203,7 +207,8 @@ def main(lifted: Path | None, network: str | None, nrsfm: Path | None, n_fid: in
 
     faces = E.FaceAnalyzer(detector, work_size)
     rows: list[dict[str, Any]] = []
-    fig7: dict[str, Any] | None = None
+    fig7: dict[str, Any] = {}  # per pose fit
+    fits = ["68", "mesh"] if pose_fit == "both" else [pose_fit]
     try:
         for name, path in models:
             model = main_model if name == "ours" and main_model is not None else gens.lifted(path)
@@ -215,16 +220,18 @@ def main(lifted: Path | None, network: str | None, nrsfm: Path | None, n_fid: in
             row["depth"] = E.depth_error(model, n_eval, truncation=truncation, seed=seed + 1, batch=batch, faces=faces)
             row["pose"] = E.pose_error(model, n_eval, truncation=truncation, seed=seed + 1, batch=batch, faces=faces)
             rows.append(row)
-            if fig7 is None and lifted is not None and name == "ours":
+            if not fig7 and lifted is not None and name == "ours":
                 editor = None
                 if nrsfm is not None:
                     from portrait3d.methods.nrsfm.editor import NRSfMEditor
 
                     editor = NRSfMEditor.load(nrsfm)
-                fig7 = E.identity_vs_yaw(model, [float(y) for y in yaws.split(",") if y.strip()], n_eval, editor,
-                                         truncation=truncation, seed=seed + 2, batch=max(1, batch // 2),
-                                         both_directions=not one_direction, nrsfm_mode=nrsfm_mode,
-                                         nrsfm_steps=nrsfm_steps, with_manipulator=with_manipulator, faces=faces)
+                for fit in fits:
+                    fig7[fit] = E.identity_vs_yaw(model, [float(y) for y in yaws.split(",") if y.strip()], n_eval,
+                                                  editor, truncation=truncation, seed=seed + 2,
+                                                  batch=max(1, batch // 2), both_directions=not one_direction,
+                                                  nrsfm_mode=nrsfm_mode, nrsfm_steps=nrsfm_steps,
+                                                  with_manipulator=with_manipulator, faces=faces, pose_fit=fit)
     finally:
         faces.close()
 
@@ -240,27 +247,30 @@ def main(lifted: Path | None, network: str | None, nrsfm: Path | None, n_fid: in
     print(f"Pose: |face-pipeline pose of G2D(w) − D_V(w)| in degrees (D_V mapped to the face pipeline's "
           f"convention: +yaw = head turned to its left), over faces found; {n_eval} latents (ψ={truncation:g}), "
           f"detector {detector}.")
-    if fig7 is not None:
-        print(f"\n### Figure 7: identity (dlib cosine) frontal vs rotated, n = {fig7['n']} latents"
-              f"{', ±yaw pooled' if fig7['both_directions'] else ''}\n")
-        print(E.markdown_fig7(fig7))
-        for m in fig7["methods"].values():
-            print(f"{m['label']}: frontal faces found {m['frontal_faces']}/{fig7['n']}, "
+    for fit, f7 in fig7.items():
+        how = "PnP of dlib's 68 landmarks" if fit == "68" else "PnP of MediaPipe's 468-point mesh"
+        print(f"\n### Figure 7: identity (dlib cosine) frontal vs rotated, n = {f7['n']} latents"
+              f"{', ±yaw pooled' if f7['both_directions'] else ''}; measured yaw: {how}\n")
+        print(E.markdown_fig7(f7))
+        for m in f7["methods"].values():
+            print(f"{m['label']}: frontal faces found {m['frontal_faces']}/{f7['n']}, "
                   f"measured frontal yaw {m['frontal_measured_yaw']:.1f}°")
         if nrsfm is None:
             print("(no --nrsfm editor: LiftedGAN only)")
-        png = E.plot_identity_vs_yaw(fig7, plot)
+    if fig7:
+        png = E.plot_identity_vs_yaw(next(iter(fig7.values())), plot)
         print(f"plot: {png}")
     for note in notes:
         print(f"note: {note}")
     print(f"total {time.time() - t_start:.0f} s")
     if json_out:
-        result = {"models": [{"name": n, "path": str(p)} for n, p in models], "table2": rows, "fig7": fig7,
+        result = {"models": [{"name": n, "path": str(p)} for n, p in models], "table2": rows, "fig7": fig7 or None,
                   "pseudo_gt": E.PSEUDO_GT, "inception": INCEPTION_NAME, "notes": notes,
                   "settings": {"n_fid": n_fid, "n": n_eval, "real": str(real), "real_limit": real_limit,
                                "real_n": stats.n if stats else None, "detector": detector, "work_size": work_size,
                                "truncation": truncation, "fid_truncation": fid_truncation, "seed": seed,
-                               "nrsfm": str(nrsfm) if nrsfm else None, "nrsfm_mode": nrsfm_mode}}
+                               "nrsfm": str(nrsfm) if nrsfm else None, "nrsfm_mode": nrsfm_mode,
+                               "pose_fits": fits}}
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(_jsonable(result), indent=1))
         print(f"json: {json_out}")

@@ -236,6 +236,8 @@ def test_identity_vs_yaw_counts_rotations_within_tolerance(tiny_stylegan2):
     loose = E.identity_vs_yaw(model, (15,), n=1, faces=FakeFaces(pose=(30.0, 0.0, 0.0)), tolerance_deg=20,
                               both_directions=False, progress=False)
     assert loose["methods"]["lifted_render"]["within_tolerance"] == [1.0]
+    with pytest.raises(ValueError, match="pose_fit"):
+        E.identity_vs_yaw(model, (15,), n=1, faces=FakeFaces(), pose_fit="5-point", progress=False)
 
 
 def test_identity_vs_yaw_keys_and_nrsfm_targets(tiny_stylegan2):

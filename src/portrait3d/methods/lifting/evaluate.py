@@ -195,15 +195,31 @@ def _wrap_deg(d: np.ndarray) -> np.ndarray:
 # Face pipeline on generated images
 # ----------------------------------------------------------------------------------------------
 
-def _measure_face(tools: FaceTools, image: np.ndarray, focal: float | None) -> tuple[np.ndarray, Any] | None:
+def _measure_face(tools: FaceTools, image: np.ndarray, focal: float | None,
+                  pose_fit: str = "68") -> tuple[np.ndarray, Any] | None:
     """The 68 pixel landmarks of the face in a square ``uint8 [S, S, 3]`` image and its
-    :class:`~portrait3d.face.pose.HeadPose` (None when PnP fails), or None when no face is found."""
-    from portrait3d.face.pose import estimate_head_pose
+    :class:`~portrait3d.face.pose.HeadPose` (None when PnP fails), or None when no face is found.
 
+    ``pose_fit``: ``'68'`` -- PnP of the 68 landmarks against the mean face (the pipeline's cameras);
+    ``'mesh'`` -- :func:`~portrait3d.face.pose.estimate_head_pose_mesh` on MediaPipe's 468 points (more accurate
+    beyond about 20 degrees on renders of known pose: README "Head pose")."""
+    from portrait3d.face.pose import estimate_head_pose, estimate_head_pose_mesh
+
+    size = int(image.shape[0])
+    if pose_fit == "mesh":
+        found = tools.landmarks_and_mesh(image)  # type: ignore[attr-defined]
+        if found is None:
+            return None
+        lm, mesh = found
+        try:
+            return lm, estimate_head_pose_mesh(mesh, (size, size), focal=focal)
+        except ValueError:
+            return lm, None
+    if pose_fit != "68":
+        raise UsageError(f"pose_fit must be '68' or 'mesh', not {pose_fit!r}")
     lm = tools.landmarks(image)
     if lm is None:
         return None
-    size = int(image.shape[0])
     try:
         return lm, estimate_head_pose(lm, (size, size), focal=focal)
     except ValueError:
@@ -566,7 +582,8 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
                     nrsfm_editor: Any = None, *, truncation: float = 0.7, seed: int = 2, batch: int = 4,
                     both_directions: bool = True, nrsfm_mode: str = "linear", nrsfm_steps: int = 50,
                     with_manipulator: bool = False, faces: FaceTools | None = None, detector: str = "mediapipe",
-                    work_size: int = 256, tolerance_deg: float = 8.0, progress: bool = True) -> dict[str, Any]:
+                    work_size: int = 256, tolerance_deg: float = 8.0, pose_fit: str = "68",
+                    progress: bool = True) -> dict[str, Any]:
     """Figure 7: dlib identity cosine between frontal and rotated images of the same latents, and how far the
     rotated images really turn.
 
@@ -583,9 +600,10 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
         faces: face tools (default: a :class:`FaceAnalyzer`).
         tolerance_deg: a rotated image "turns as asked" when the face pipeline measures its yaw within
             ``asked +- tolerance_deg`` (issue 17: 30 +- 8 degrees).
+        pose_fit: how the face pipeline measures the yaw (see :func:`_measure_face`): ``'68'`` or ``'mesh'``.
 
     Returns:
-        ``{"yaws", "n", "both_directions", "tolerance_deg", "methods": {key: {"label", "cosine" [per yaw],
+        ``{"yaws", "n", "both_directions", "tolerance_deg", "pose_fit", "methods": {key: {"label", "cosine" [per yaw],
         "cosine_std", "pairs" [per yaw], "measured_yaw" [per yaw: mean of sign * face-pipeline yaw of the rotated
         images], "median_measured_yaw" [per yaw], "within_tolerance" [per yaw: share of all asked rotations,
         frontal or rotated face missing counted as a miss], "frontal_faces", "frontal_measured_yaw"}}}``; keys ``"lifted_render"``,
@@ -596,6 +614,8 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
 
     from portrait3d.face.identity import cosine_similarity
 
+    if pose_fit not in ("68", "mesh"):
+        raise UsageError(f"pose_fit must be '68' or 'mesh', not {pose_fit!r}")
     yaws = [float(y) for y in yaws]
     signed = _signed_yaws(yaws, both_directions)
     angles = [0.0] + signed
@@ -626,7 +646,7 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
                 imgs = make(sl)
                 focal = renderer_focal(model, imgs[0.0].shape[1])
                 for i in range(len(imgs[0.0])):
-                    front = _measure_face(tools, imgs[0.0][i], focal)
+                    front = _measure_face(tools, imgs[0.0][i], focal, pose_fit)
                     if front is None:
                         for a in signed:
                             within[abs(a)].append(False)
@@ -637,7 +657,7 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
                         frontal_yaw.append(p0.yaw_deg)
                     d0 = tools.descriptor(imgs[0.0][i], lm0)
                     for a in signed:
-                        face = _measure_face(tools, imgs[a][i], focal)
+                        face = _measure_face(tools, imgs[a][i], focal, pose_fit)
                         y = abs(a)
                         if face is None:
                             within[y].append(False)
@@ -657,7 +677,7 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
                             "frontal_faces": frontal_found,
                             "frontal_measured_yaw": _mean(frontal_yaw)}
     return {"yaws": yaws, "n": n, "both_directions": bool(both_directions), "tolerance_deg": float(tolerance_deg),
-            "methods": methods}
+            "pose_fit": pose_fit, "methods": methods}
 
 
 # ----------------------------------------------------------------------------------------------
