@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAPER_TERMS = ("rec", "flip", "perturb_image", "perturb_generator", "perturb_param", "latent_prior", "identity",
                "albedo_rank")
-TERMS = PAPER_TERMS + ("mesh_depth",)  # ours, off by default
+TERMS = PAPER_TERMS + ("mesh_depth", "view_pose")  # ours, off by default
 NETS = ("view", "light", "manipulator", "depth", "transform")
 
 # Which lifting networks each term must train (with the stub renderer).
@@ -46,6 +46,7 @@ EXPECTED = {
     "identity": {"view", "light", "manipulator", "depth", "transform"},
     "albedo_rank": {"light", "manipulator", "depth"},
     "mesh_depth": {"depth"},
+    "view_pose": {"view"},
 }
 
 
@@ -97,8 +98,16 @@ def _setup(g2d):
     return model, batch_w, stats
 
 
+def fixed_head_views(mesh, found, renderer_cfg):
+    """head_views stand-in (FakeMesh has no 468 points to fit): every face yawed by 0.3 rad, the first unmeasured."""
+    views = torch.zeros(mesh.shape[0], 3)
+    views[:, 1] = 0.3
+    return views, found.clone()
+
+
 @pytest.mark.parametrize("term", TERMS)
-def test_each_term_finite_with_gradients_to_lifting_nets_only(tiny_stylegan2, identity_net, term):
+def test_each_term_finite_with_gradients_to_lifting_nets_only(tiny_stylegan2, identity_net, term, monkeypatch):
+    monkeypatch.setattr(L, "head_views", fixed_head_views)
     model, batch_w, stats = _setup(tiny_stylegan2)
     before = {k: v.clone() for k, v in tiny_stylegan2.state_dict().items()}
     cfg = LiftLossConfig(perturb_yaw_deg=20.0)  # every sample inside the identity yaw window
@@ -303,3 +312,35 @@ def test_face_mesh_targets_on_a_generated_face():
         nose, cheeks = mesh[i, 1, 2], mesh[i, [234, 454], 2].mean()  # MediaPipe: 1 nose tip, 234/454 cheeks
         assert nose < cheeks
         assert (mesh[i, :, :2] > -1).all() and (mesh[i, :, :2] < 65).all()
+
+
+def test_view_pose_loss_is_zero_at_the_measured_view_and_skips_unmeasured_faces():
+    view = torch.zeros(3, 6, requires_grad=True)
+    target = torch.tensor([[0.0, 0.2, 0.0], [0.0, -0.1, 0.05], [9.0, 9.0, 9.0]])
+    ok = torch.tensor([True, True, False])
+    loss = L.view_pose_loss(view, target, ok)
+    assert loss.item() == pytest.approx((0.04 + 0.01 + 0.0025) / 3)
+    loss.backward()
+    assert view.grad[2].abs().sum() == 0 and view.grad[:, 3:].abs().sum() == 0
+    at_target = torch.cat([target, torch.ones(3, 3)], 1)  # translations are not supervised
+    assert L.view_pose_loss(at_target, target, ok).item() == 0.0
+    assert L.view_pose_loss(view, target, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_head_views_of_a_turned_mean_mesh_recover_the_pose():
+    """The mean face mesh projected at yaw 20 deg with the renderer's camera: head_views gives the view that
+    head_pose_from_view maps back to yaw 20."""
+    from portrait3d.face.pose import mean_face_468, project_points, rotation_from_angles
+    from portrait3d.geometry.render import RendererConfig
+    from portrait3d.methods.lifting.evaluate import head_pose_from_view
+
+    cfg = RendererConfig(image_size=64)
+    v, _ = mean_face_468()
+    f = cfg.focal(64)
+    distance = f * np.ptp(v[:, 0]) / 40  # the face about 40 px wide
+    uv = project_points(v, rotation_from_angles(20.0, 0.0, 0.0), np.array([0.0, 0.0, distance]), f, (64, 64))
+    mesh = torch.from_numpy(np.concatenate([uv, np.zeros((468, 1))], 1)).float()[None]
+    views, ok = L.head_views(mesh, torch.tensor([True]), cfg)
+    assert ok.all()
+    yaw, pitch, roll = head_pose_from_view(views[0])
+    assert yaw == pytest.approx(20.0, abs=1.0) and abs(pitch) < 1.0 and abs(roll) < 1.0

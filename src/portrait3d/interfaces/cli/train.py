@@ -513,6 +513,9 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
                    "canonical image, up to a shift (not in the paper).")
 @click.option("--mesh-depth-scale", type=FiniteFloat(min=0, min_open=True), default=None, show_default="1",
               help="How far to trust the mesh's depth scale (> 1: a deeper relief).")
+@click.option("--view-pose", type=FiniteFloat(0), default=None, show_default="0 (off, as the paper)",
+              help="Weight of our view supervision: D_V follows the head pose the face pipeline measures on G2D(w) "
+                   "(not in the paper).")
 @click.option("--ablate", type=click.Choice(sorted(lifting.ABLATIONS)), multiple=True,
               help="Switch a loss off (repeatable): flip (eq. 3), perturb (eqs. 4-7), identity (eq. 8), "
                    "albedo (rank, eq. 9).")
@@ -529,7 +532,7 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
 @fail_cleanly
 def lift_cmd(network: str | None, out: Path, kimg: float | None, batch: int | None, size: str | None, lr: float | None,
          decoder_channels: int | None, resume: Path | None, mesh_depth: float | None,
-         mesh_depth_scale: float | None, ablate: tuple[str, ...],
+         mesh_depth_scale: float | None, view_pose: float | None, ablate: tuple[str, ...],
          seed: int | None, snap: float | None,
          sample_every: float | None, device: str | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train the LiftedGAN lifting networks (D_V, D_L, M, D_S, D_T) of a frozen 2D StyleGAN2.
@@ -572,6 +575,8 @@ def lift_cmd(network: str | None, out: Path, kimg: float | None, batch: int | No
             setattr(cfg, name, v)
     if mesh_depth is not None:
         cfg.weights = dataclasses.replace(cfg.weights, mesh_depth=mesh_depth)
+    if view_pose is not None:
+        cfg.weights = dataclasses.replace(cfg.weights, view_pose=view_pose)
     if mesh_depth_scale is not None:
         cfg.losses = dataclasses.replace(cfg.losses, mesh_depth_scale=mesh_depth_scale)
     if ablate:

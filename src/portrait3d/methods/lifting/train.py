@@ -374,7 +374,7 @@ def _build_losses(cfg: LiftTrainConfig, weights: LiftLossWeights, dev: torch.dev
     image_terms = weights.rec > 0 or weights.flip > 0 or weights.perturb_image > 0 or weights.perturb_generator > 0
     perceptual = PerceptualLoss(resize=cfg.perceptual_resize).to(dev) if weights.perc > 0 and image_terms else None
     identity = make_identity_loss(cfg.lift.image_size).to(dev) if weights.identity > 0 else None
-    face_mesh = FaceMeshTargets() if weights.mesh_depth > 0 else None
+    face_mesh = FaceMeshTargets() if weights.mesh_depth > 0 or weights.view_pose > 0 else None
     return {"perceptual": perceptual, "identity": identity, "face_mesh": face_mesh}
 
 
