@@ -203,16 +203,18 @@ def test_lift_photo_with_two_faces_uses_the_largest_and_says_so(trained, tmp_pat
                                  "--face-index", "4", "--out", str(tmp_path / "p")), "out of range")
 
 
-# ------------------------------------------------------------------ default-2d ships no lifted model at present
+# ------------------------------------------------------------------ the shipped lifting of default-2d
 
 
-def test_default_2d_without_a_lifted_model_says_how_to_train_one(tmp_path):
-    """The lifting of the previous default-2d was removed with it (it lifted other weights); until one is
-    retrained on the current generator, ``lift`` refuses with one line that says how to make one."""
+def test_lift_uses_the_shipped_default_2d_lifting(tmp_path):
+    """``portrait3d lift SEED`` needs no model option: default-2d ships its LiftedGAN lifting."""
     from portrait3d.methods.lifting.pipeline import builtin_lifted_path
 
-    if builtin_lifted_path("default-2d").is_file():
-        pytest.skip("a lifted default-2d ships again")
+    shipped = builtin_lifted_path("default-2d")
+    if not shipped.is_file():
+        pytest.skip("no lifted default-2d ships")
     res = run_cli("lift", "11", "--out", str(tmp_path / "o"))
-    assert_clean_failure(res, "portrait3d train lift --network default-2d")
-    assert not (tmp_path / "o").exists()
+    assert res.exit_code == 0, res.output
+    assert all((tmp_path / "o" / name).is_file() for name in OUTPUTS)
+    rec = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert rec["lifted"] == str(shipped) and rec["lifted_generator_ref"] == "default-2d"

@@ -140,7 +140,8 @@ def test_registry_offers_the_methods_with_sane_controls():
 def test_nrsfm_and_lifted_say_why_they_are_unavailable(tmp_path, tiny_stylegan2):
     from portrait3d import save_network
 
-    assert build_registry(MethodSettings(network_2d="default-2d"))["nrsfm"].available().ok  # default-2d ships one
+    shipped = build_registry(MethodSettings(network_2d="default-2d"))
+    assert shipped["nrsfm"].available().ok and shipped["lifted"].available().ok  # default-2d ships both
     net = save_network(tiny_stylegan2, tmp_path / "g2.safetensors")  # a generator without a shipped editor
     reg = build_registry(MethodSettings(network_2d=str(net)))
     nrsfm, lifted = reg["nrsfm"].available(), reg["lifted"].available()
