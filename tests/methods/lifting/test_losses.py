@@ -332,7 +332,7 @@ def test_head_views_of_a_turned_mean_mesh_recover_the_pose():
     head_pose_from_view maps back to yaw 20."""
     from portrait3d.face.pose import mean_face_468, project_points, rotation_from_angles
     from portrait3d.geometry.render import RendererConfig
-    from portrait3d.methods.lifting.evaluate import head_pose_from_view
+    from portrait3d.methods.lifting.views import head_pose_from_view
 
     cfg = RendererConfig(image_size=64)
     v, _ = mean_face_468()

@@ -474,13 +474,13 @@ def mesh_relief_loss(depth: torch.Tensor, mesh: torch.Tensor, found: torch.Tenso
 
 def head_views(mesh: torch.Tensor, found: torch.Tensor, renderer_cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """D_V viewpoints of faces from their MediaPipe meshes: :func:`portrait3d.face.pose.estimate_head_pose_mesh`
-    (PnP with the renderer's camera), converted with :func:`portrait3d.methods.lifting.evaluate.view_from_head_pose`.
+    (PnP with the renderer's camera), converted with :func:`portrait3d.methods.lifting.views.view_from_head_pose`.
 
     Returns:
         ``(views [N, 3]`` rotation ``(r_x, r_y, r_z)`` in radians, ``ok [N]`` bool: mesh found and PnP solved).
     """
     from portrait3d.face.pose import estimate_head_pose_mesh
-    from portrait3d.methods.lifting.evaluate import view_from_head_pose
+    from portrait3d.methods.lifting.views import view_from_head_pose
 
     size = int(renderer_cfg.image_size)
     views = torch.zeros(mesh.shape[0], 3)

@@ -122,7 +122,7 @@ def load_latent_file(path: Path, w_dim: int, num_ws: int) -> torch.Tensor:
 def view_light_record(view: torch.Tensor, light: torch.Tensor) -> dict[str, Any]:
     """D_V's view of the first face as a head pose (degrees, the face pipeline's convention, as every command reports
     poses) with its translation, and D_L's light, for ``result.json``."""
-    from portrait3d.methods.lifting.evaluate import head_pose_from_view
+    from portrait3d.methods.lifting.views import head_pose_from_view
 
     v, li = view[0].tolist(), light[0].tolist()
     yaw, pitch, roll = (float(a) for a in head_pose_from_view(view[0, :3].detach().cpu()))
