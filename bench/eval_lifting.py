@@ -131,8 +131,8 @@ def _label(name: str) -> str:
 @click.option("--nrsfm-steps", type=int, default=50, help="Steps of the gradient edit.")
 @click.option("--with-manipulator", is_flag=True, help="Figure 7: also LiftedGAN's G2D(M(w, L0, V)).")
 @click.option("--pose-fit", type=click.Choice(["68", "mesh", "both"]), default="both",
-              help="Figure 7's measured yaw: PnP of the 68 landmarks (the pipeline's cameras), of MediaPipe's 468-point "
-                   "mesh (more accurate beyond about 20 degrees on renders of known pose), or both tables.")
+              help="Figure 7's measured yaw: PnP of the 68 landmarks (the pipeline's cameras), of MediaPipe's "
+                   "468-point mesh (more accurate beyond about 20 degrees on renders of known pose), or both tables.")
 @click.option("--ablation-dirs", multiple=True, type=str,
               help="Trained ablation model: NAME=PATH or PATH (file or folder; repeatable). "
                    "NAME in flip/perturb/identity/albedo prints as 'w/o NAME'.")

@@ -156,7 +156,7 @@ def _measure_face(tools: FaceTools, image: np.ndarray, focal: float | None,
 
     ``pose_fit``: ``'68'`` -- PnP of the 68 landmarks against the mean face (the pipeline's cameras);
     ``'mesh'`` -- :func:`~portrait3d.face.pose.estimate_head_pose_mesh` on MediaPipe's 468 points (more accurate
-    beyond about 20 degrees on renders of known pose: README "Head pose")."""
+    beyond about 20 degrees on renders of known pose: README "Head pose"). Callers validate ``pose_fit``."""
     from portrait3d.face.pose import estimate_head_pose, estimate_head_pose_mesh
 
     size = int(image.shape[0])
@@ -169,8 +169,6 @@ def _measure_face(tools: FaceTools, image: np.ndarray, focal: float | None,
             return lm, estimate_head_pose_mesh(mesh, (size, size), focal=focal)
         except ValueError:
             return lm, None
-    if pose_fit != "68":
-        raise UsageError(f"pose_fit must be '68' or 'mesh', not {pose_fit!r}")
     lm = tools.landmarks(image)
     if lm is None:
         return None
@@ -560,8 +558,8 @@ def identity_vs_yaw(model: LiftedGenerator, yaws: Sequence[float] = (15, 30, 45,
         ``{"yaws", "n", "both_directions", "tolerance_deg", "pose_fit", "methods": {key: {"label", "cosine" [per yaw],
         "cosine_std", "pairs" [per yaw], "measured_yaw" [per yaw: mean of sign * face-pipeline yaw of the rotated
         images], "median_measured_yaw" [per yaw], "within_tolerance" [per yaw: share of all asked rotations,
-        frontal or rotated face missing counted as a miss], "frontal_faces", "frontal_measured_yaw"}}}``; keys ``"lifted_render"``,
-        ``"lifted_manipulator"`` (optional), ``"nrsfm_<mode>"`` (with an editor). NaN where no pair
+        frontal or rotated face missing counted as a miss], "frontal_faces", "frontal_measured_yaw"}}}``; keys
+        ``"lifted_render"``, ``"lifted_manipulator"`` (optional), ``"nrsfm_<mode>"`` (with an editor). NaN where no pair
         had faces on both sides.
     """
     from tqdm import tqdm
@@ -670,14 +668,13 @@ def markdown_fig7(result: dict[str, Any]) -> str:
     """Figure 7 as a markdown table: per yaw, each method's mean cosine ± std, pairs, median measured yaw and the
     share of asked rotations measured within the tolerance."""
     methods = result["methods"]
-    tol = result.get("tolerance_deg", 8.0)
+    tol = result["tolerance_deg"]
     head = "| yaw ° | " + " | ".join(f"{m['label']} cos (pairs) | measured yaw ° (median) | within ±{tol:g}°"
                                      for m in methods.values()) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for j, y in enumerate(result["yaws"]):
         cells = [f"{_f(m['cosine'][j], 3)} ± {_f(m['cosine_std'][j], 3)} ({m['pairs'][j]}) | "
-                 f"{_f(m.get('median_measured_yaw', m['measured_yaw'])[j], 1)} | "
-                 f"{_f(m['within_tolerance'][j], 2) if 'within_tolerance' in m else '-'}" for m in methods.values()]
+                 f"{_f(m['median_measured_yaw'][j], 1)} | {_f(m['within_tolerance'][j], 2)}" for m in methods.values()]
         lines.append(f"| {y:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
