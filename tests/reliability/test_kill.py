@@ -31,7 +31,8 @@ def _check_complete(folder: Path) -> list[str]:
     """Names of the visible files, each checked to decode completely."""
     names = []
     for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
+        # hidden names are temporaries, and so is everything inside a hidden (temporary) folder
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
             continue
         names.append(str(p.relative_to(folder)))
         if p.suffix == ".png":

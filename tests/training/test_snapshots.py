@@ -65,3 +65,31 @@ def test_cli_second_run_is_refused_then_forced(tmp_path):
     forced = runner.invoke(main, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / "run" / "log.jsonl").read_text().count("\n") == first.count("\n")  # a new log, not appended
+
+
+def test_snapshot_temporaries_of_a_killed_writer_are_swept(tmp_path):
+    """A trainer killed while writing a snapshot leaves ``.snapshot-N.tmp-PID`` (with a half-written export inside);
+    the next snapshot written into that run deletes it, but never the folders of a live writer."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from portrait3d.training.snapshots import write_snapshot_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = dead.stdout.strip()
+    stale = tmp_path / f".snapshot-00000004.tmp-{pid}"
+    stale.mkdir()
+    (stale / f".G_ema.safetensors.{pid}.abcd.tmp").write_bytes(b"half")
+    replaced = tmp_path / f".snapshot-00000002.old-{pid}"
+    replaced.mkdir()
+    live = tmp_path / ".snapshot-00000004.tmp-1"  # PID 1 always runs
+    live.mkdir()
+    mine = tmp_path / f".snapshot-00000003.tmp-{os.getpid()}-x"  # not a PID suffix: left alone
+    mine.mkdir()
+    write_snapshot_folder(tmp_path / "snapshot-00000008", {"x": torch.zeros(2)}, {"step": 8})
+    assert not stale.exists() and not replaced.exists()
+    assert live.exists() and mine.exists()
+    assert (tmp_path / "snapshot-00000008" / "state.json").is_file()

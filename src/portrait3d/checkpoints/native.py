@@ -22,7 +22,8 @@ from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
 
-__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write", "read_safetensors_with_metadata",
+__all__ = ["FORMAT", "save_network", "load_native", "is_native_file", "atomic_write", "writer_is_gone",
+           "read_safetensors_with_metadata",
            "save_config_module", "load_config_module"]
 
 FORMAT = "portrait3d-network"
@@ -40,19 +41,27 @@ def _architecture(net: nn.Module) -> tuple[str, dict[str, Any]]:
     raise TypeError(f"cannot save a {type(net).__name__}: only StyleGAN2 and EG3D generators are supported")
 
 
+def writer_is_gone(pid: str) -> bool:
+    """True when ``pid`` (the digits a temporary name carries) names no running process other than this one, so
+    what that writer left behind can be deleted; a name that is not a PID, or another user's live process, is
+    never judged gone."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files of ``path`` left by a writer that was killed (``.NAME.PID.XXXX.tmp`` whose process no
     longer runs), so a rerun leaves a clean folder."""
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if writer_is_gone(tmp.name[len(path.name) + 2:].split(".", 1)[0]):
             tmp.unlink(missing_ok=True)
-        except PermissionError:  # another user's live process
-            pass
 
 
 def atomic_write(path: str | os.PathLike[str], write: Any, overwrite: bool = False) -> Path:

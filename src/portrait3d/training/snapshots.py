@@ -18,8 +18,10 @@ import torch
 from portrait3d.errors import UsageError
 from portrait3d.training.optim import Counters, Networks
 
-__all__ = ["claim_run_folder", "save_module_snapshot", "load_module_snapshot", "optimizer_tensors", "load_optimizer", "rng_tensors", "restore_rng", "write_snapshot_folder", "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix", "load_training_state",
-           "init_generators"]
+__all__ = ["claim_run_folder", "save_module_snapshot", "load_module_snapshot", "optimizer_tensors", "load_optimizer",
+           "rng_tensors", "restore_rng", "write_snapshot_folder", "remove_stale_snapshot_temporaries",
+           "save_training_state", "prune_snapshots", "find_snapshot", "read_snapshot", "state_with_prefix",
+           "load_training_state", "init_generators"]
 
 STATE_FORMAT = "portrait3d-train-state"
 STATE_VERSION = 1
@@ -90,6 +92,17 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(states)
 
 
+def remove_stale_snapshot_temporaries(run_dir: Path) -> None:
+    """Delete the temporary (``.NAME.tmp-PID``) and replaced (``.NAME.old-PID``) snapshot folders in ``run_dir``
+    whose writer no longer runs (killed mid-write), so a resumed run leaves a clean folder."""
+    from portrait3d.checkpoints.native import writer_is_gone
+
+    for p in run_dir.glob(".*"):
+        name, sep, pid = p.name.rpartition("-")
+        if p.is_dir() and sep and name.endswith((".tmp", ".old")) and writer_is_gone(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def write_snapshot_folder(folder: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                           extra_files: dict[str, Callable[[Path], Any]] | None = None) -> Path:
     """Write a snapshot folder atomically (a temporary sibling renamed into place).
@@ -103,6 +116,7 @@ def write_snapshot_folder(folder: str | os.PathLike[str], tensors: dict[str, tor
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_snapshot_temporaries(folder.parent)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -109,3 +109,18 @@ def test_config_validation():
             PseudoPairConfig(**bad).validate()
     cfg = PseudoPairConfig(roll_range=(-3.0, 4.0))
     assert PseudoPairConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_photometric_jitter_keeps_shape_range_and_is_reproducible():
+    from portrait3d.methods.inversion3d.pseudo import photometric_jitter
+
+    x = torch.rand(4, 3, 16, 16, generator=_gen(0)) * 2 - 1
+    assert photometric_jitter(x, 0.0, _gen(1)) is x
+    a, b = photometric_jitter(x, 1.0, _gen(1)), photometric_jitter(x, 1.0, _gen(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert a.min() >= -1 and a.max() <= 1
+    change = (a - x).abs().mean((1, 2, 3))
+    assert (change > 0.01).all()  # every image is changed
+    assert not torch.equal(a, photometric_jitter(x, 1.0, _gen(2)))
+    weak = (photometric_jitter(x, 0.1, _gen(1)) - x).abs().mean()
+    assert weak < change.mean()  # strength scales the change

@@ -260,3 +260,17 @@ def test_cli(tiny_eg3d, tmp_path):
     assert (tmp_path / "p" / "pose.safetensors").exists() and "yaw_mean" in res.output
     res = runner.invoke(cli, ["encoder", "--network", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
     assert res.exit_code != 0 and "no such checkpoint" in res.output
+
+
+def test_train_pose_augment_changes_training_and_resumes_bit_exactly(tiny_eg3d, tmp_path):
+    G = tiny_eg3d
+    full = train_pose(G, _pose_cfg(total_kimg=0.008, augment=1.0), tmp_path / "full", progress=False)
+    train_pose(G, _pose_cfg(augment=1.0), tmp_path / "part", progress=False)
+    resumed = train_pose(G, _pose_cfg(total_kimg=0.008, augment=1.0), tmp_path / "part2",
+                         resume=tmp_path / "part", progress=False)
+    pa, pb = load_module(full), load_module(resumed)
+    assert all(torch.equal(pa.state_dict()[k], pb.state_dict()[k]) for k in pa.state_dict())
+    plain = load_module(train_pose(G, _pose_cfg(total_kimg=0.008), tmp_path / "plain", progress=False))
+    assert not all(torch.equal(pa.state_dict()[k], plain.state_dict()[k]) for k in pa.state_dict())
+    with pytest.raises(ValueError):
+        _pose_cfg(augment=-1.0).validate()

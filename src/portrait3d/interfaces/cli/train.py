@@ -680,10 +680,13 @@ def encoder_cmd(discriminator: Path | None, lambda_perceptual: float, lambda_adv
 @click.option("--translation-std", type=FiniteFloat(), default=0.02, help="Pseudo-pair camera offset std (world units).")
 @click.option("--lambda-translation", type=FiniteFloat(), default=10.0, help="Camera-offset loss weight.")
 @click.option("--lambda-reproj", type=FiniteFloat(), default=0.0, help="Re-rendering loss ||G(w, P(x)) - x||^2 weight.")
+@click.option("--augment", type=FiniteFloat(0), default=0.0, show_default=True,
+              help="Strength of the photometric jitter of P's input (brightness, contrast, saturation, blur / "
+                   "sharpen, noise; 1: the documented ranges; 0: off), for real photos unlike the renders.")
 @click.option("--eval-n", type=int, default=64, help="Fresh pseudo pairs for the final pose-error report (0: none).")
 @fail_cleanly
 def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_translation: float, lambda_reproj: float,
-             eval_n: int, **kw: Any) -> None:
+             augment: float, eval_n: int, **kw: Any) -> None:
     """Train the pose estimator P and export pose.safetensors.
 
     \b
@@ -694,7 +697,7 @@ def pose_cmd(roll: bool, roll_max: float, translation_std: float, lambda_transla
         torch.set_num_threads(kw["threads"])
     cfg = inv.PoseTrainConfig(pose=inv.PoseConfig(input_size=kw["input_size"], depth=int(kw["depth"]), width=kw["width"],
                                               roll=roll),
-                          lambda_translation=lambda_translation, lambda_reproj=lambda_reproj)
+                          lambda_translation=lambda_translation, lambda_reproj=lambda_reproj, augment=augment)
     _apply_common(cfg, kw, "pose")
     cfg.pseudo = dataclasses.replace(cfg.pseudo, translation_std=translation_std,
                                      roll_range=(-roll_max, roll_max) if roll else (0.0, 0.0))

@@ -38,7 +38,8 @@ from portrait3d.config import ConfigMixin
 from portrait3d.methods.inversion3d.networks import camera_from_pose
 from portrait3d.training.randomness import derive_seed
 
-__all__ = ["DISTRIBUTIONS", "PseudoPairConfig", "sample_poses", "sample_pseudo_pairs", "PseudoPairStream"]
+__all__ = ["DISTRIBUTIONS", "PseudoPairConfig", "sample_poses", "sample_pseudo_pairs", "PseudoPairStream",
+           "photometric_jitter"]
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 _STREAM_KEY = 0x1E3D  # seed key of PseudoPairStream batches
@@ -170,3 +171,45 @@ class PseudoPairStream:
         out = self.batch_at(self.index)
         self.index += 1
         return out
+
+
+def photometric_jitter(image: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random per-image photometric changes that leave the camera untouched (ours, for the pose estimator).
+
+    Renders of a CPU-trained generator are smoother and more uniformly lit than the real photos P meets,
+    so P trained on them alone learns cues that do not transfer. Each image gets, scaled by ``strength``
+    (1: the ranges below):
+
+    * brightness ``x + b``, ``b ~ U(-0.2, 0.2)``; contrast ``m + c (x - m)`` around the image mean,
+      ``log c ~ U(-0.35, 0.35)``; saturation ``g + s (x - g)`` around the grey value, ``log s ~ U(-0.6, 0.6)``;
+    * blur or sharpen ``x + a (x - blur_1(x))`` with a Gaussian of sigma 1 px, ``a ~ U(-1, 1.5)``
+      (``a = -1``: blurred, ``a > 0``: unsharp-masked);
+    * pixel noise ``N(0, n^2)``, ``n ~ U(0, 0.04)``; the result is clipped to ``[-1, 1]``.
+
+    Args:
+        image: ``[N, 3, H, W]`` in ``[-1, 1]``.
+        strength: 0 returns ``image`` unchanged.
+        generator: CPU generator for every draw (draw order fixed), so a run stays reproducible.
+    """
+    if strength <= 0:
+        return image
+    n, device, dtype = image.shape[0], image.device, image.dtype
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=generator)).to(device, dtype)
+
+    b, c, s = strength * u(-0.2, 0.2), torch.exp(strength * u(-0.35, 0.35)), torch.exp(strength * u(-0.6, 0.6))
+    a, noise_std = strength * u(-1.0, 1.5), strength * u(0.0, 0.04)
+    noise = torch.randn(image.shape, generator=generator).to(device, dtype)
+    x = image + b
+    x = x.mean((1, 2, 3), keepdim=True) + c * (x - x.mean((1, 2, 3), keepdim=True))
+    grey = x.mean(1, keepdim=True)
+    x = grey + s * (x - grey)
+    taps = torch.exp(-0.5 * torch.arange(-2.0, 3.0) ** 2)
+    taps = (taps / taps.sum()).to(device, dtype)
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 2, 0, 0), mode="reflect"),
+                                         taps.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(blurred, (0, 0, 2, 2), mode="reflect"),
+                                         taps.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+    x = x + a.clamp(min=-1.0) * (x - blurred) + noise_std * noise
+    return x.clamp(-1.0, 1.0)

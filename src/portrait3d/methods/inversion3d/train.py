@@ -79,7 +79,7 @@ from portrait3d.methods.inversion3d.networks import (
     rotation_from_angles,
     save_module,
 )
-from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
+from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, photometric_jitter
 from portrait3d.training.distributed import DistInfo
 from portrait3d.training.fast import PRECISIONS, FastPath
 from portrait3d.training.loop import due
@@ -98,6 +98,7 @@ EXPORT_NAMES = {"encoder": "encoder.safetensors", "pose": "pose.safetensors"}
 _INIT_KEY = 0x1A17     # network initialisation seed key
 _GRID_KEY = 0x6A1D     # PseudoPairStream key of the fixed sample-grid pairs
 _EVAL_KEY = 0xE7A1     # PseudoPairStream key of pose_error_deg's pairs (never the training stream)
+_AUGMENT_KEY = 0xA06E  # seed key of the per-step photometric jitter
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -168,10 +169,11 @@ class PoseTrainConfig(_TrainCommon, ConfigMixin):
     lambda_rotation: float = 1.0     # used only when pose.roll
     lambda_translation: float = 10.0
     lambda_reproj: float = 0.0
+    augment: float = 0.0             # photometric jitter of P's input (pseudo.photometric_jitter); 0: off
 
     def validate(self) -> None:
         self._validate_common()
-        for k in ("lambda_angle", "lambda_rotation", "lambda_translation", "lambda_reproj"):
+        for k in ("lambda_angle", "lambda_rotation", "lambda_translation", "lambda_reproj", "augment"):
             if getattr(self, k) < 0:
                 raise UsageError(f"{k} must be >= 0")
         p, q = self.pose, self.pseudo
@@ -322,7 +324,10 @@ def _save_pairs_grid(path: Path, inputs: torch.Tensor, outputs: torch.Tensor) ->
 
 def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: Path, resume: Any, progress: bool,
            loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-           grid_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], device: torch.device) -> Path:
+           grid_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], device: torch.device,
+           augment: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None) -> Path:
+    """The loop both trainers share; ``augment(batch, step)`` (optional) changes a training batch as a function of
+    its step, so a resumed run stays bit-exact."""
     trainer, export_name = TRAINERS[kind], EXPORT_NAMES[kind]
     out_dir = Path(out_dir)
     config = cfg.to_dict()
@@ -370,6 +375,8 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
             net.train()
             with fast.autocast(device):
                 batch = _fp32(next(stream))
+                if augment is not None:
+                    batch = augment(batch, step)
                 terms = loss_fn(net, batch)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -459,7 +466,12 @@ def train_pose(G: nn.Module, cfg: PoseTrainConfig, out_dir: str | os.PathLike[st
     def grid_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _render(G, batch["ws"], net.camera(batch["image"]))["image"]  # type: ignore[operator]
 
-    return _train("pose", P, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device)
+    def augment(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(derive_seed(cfg.pseudo.seed, _AUGMENT_KEY, step))
+        return {**batch, "image": photometric_jitter(batch["image"], cfg.augment, g)}
+
+    return _train("pose", P, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device,
+                  augment if cfg.augment > 0 else None)
 
 
 # ----------------------------------------------------------------------------- evaluation and helpers
