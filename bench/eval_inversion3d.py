@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from portrait3d.face.identity import SAME_PERSON_THRESHOLD
 from portrait3d.methods.inversion3d.pipeline import (
     FAST_SAMPLES,
     NOVEL_YAWS,
@@ -110,7 +111,8 @@ def portrait_photos(folder: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- measures
 class IdentityScorer:
-    """dlib identity cosine of images against one reference face (``None`` where no face is found).
+    """dlib identity of images against one reference face: ``{"cosine", "distance"}`` (the Euclidean distance of
+    the 128-D descriptors, dlib's same-person rule is < 0.6), ``None`` where no face is found.
 
     Args:
         detector: a :class:`~portrait3d.face.detect.FaceDetector`; landmarker: a
@@ -124,7 +126,7 @@ class IdentityScorer:
         self.detector, self.landmarker = detector, landmarker
         self.ref = dlib_descriptor(reference, reference_landmarks)
 
-    def __call__(self, image: np.ndarray) -> float | None:
+    def __call__(self, image: np.ndarray) -> dict[str, float] | None:
         from portrait3d.face.detect import select_face
         from portrait3d.face.errors import FaceError
         from portrait3d.face.identity import cosine_similarity, dlib_descriptor
@@ -136,7 +138,8 @@ class IdentityScorer:
             lm = self.landmarker.landmarks68(image, select_face(dets))
         except FaceError:
             return None
-        return float(cosine_similarity(self.ref, dlib_descriptor(image, lm)))
+        d = dlib_descriptor(image, lm)
+        return {"cosine": float(cosine_similarity(self.ref, d)), "distance": float(np.linalg.norm(self.ref - d))}
 
 
 def view_direction(yaw_deg: float, pitch_deg: float) -> np.ndarray:
@@ -168,8 +171,16 @@ def image_metrics(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, aligned:
     recon = imgs[0]
     with torch.no_grad():
         mss = float(ms_ssim(to_tensor(recon), to_tensor(aligned), data_range=2.0)[0])
-    return {"psnr_db": psnr(recon, aligned), "ms_ssim": mss, "identity_reconstruction": scorer(recon),
-            "identity_views": {f"{y:+g}": scorer(imgs[1 + i]) for i, y in enumerate(NOVEL_YAWS)}}
+    ids = [scorer(im) for im in imgs]
+    views = {f"{y:+g}": ids[1 + i] for i, y in enumerate(NOVEL_YAWS)}
+    # the issue's criterion: reconstruction and every novel view found and within dlib's same-person distance
+    kept = all(v is not None and v["distance"] < SAME_PERSON_THRESHOLD for v in ids)
+    return {"psnr_db": psnr(recon, aligned), "ms_ssim": mss,
+            "identity_reconstruction": None if ids[0] is None else ids[0]["cosine"],
+            "identity_views": {k: None if v is None else v["cosine"] for k, v in views.items()},
+            "distance_reconstruction": None if ids[0] is None else ids[0]["distance"],
+            "distance_views": {k: None if v is None else v["distance"] for k, v in views.items()},
+            "identity_kept": kept}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -186,9 +197,10 @@ def _fmt(v: float, digits: int = 3) -> str:
 # ----------------------------------------------------------------------------- one photo
 def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int], steps: int | None,
                    pti_steps: int, seed: int, enc: nn.Module | None, P: nn.Module | None,
-                   device: torch.device, loss_descriptions: set[str], fast: bool = True) -> list[dict[str, Any]]:
+                   device: torch.device, loss_descriptions: set[str], fast: bool = True,
+                   perceptual_size: int | None = None) -> list[dict[str, Any]]:
     """All (algorithm, PTI) records for one aligned face (``fast``: invert3d's default bf16 renders with fewer
-    samples per ray while optimising)."""
+    samples per ray while optimising; ``perceptual_size``: the perceptual loss's input size, None: its default)."""
     from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
     from portrait3d.methods.inversion3d.pti import pivotal_tuning
 
@@ -209,6 +221,8 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
             cfg.precision, cfg.optimization_samples = "bf16", FAST_SAMPLES
         if steps is not None:
             cfg.steps = int(steps)
+        if perceptual_size is not None:
+            cfg.perceptual_kwargs = {**cfg.perceptual_kwargs, "resize": int(perceptual_size)}
         t0 = time.perf_counter()
         res = invert(G, target, init_ws, init_cam, cfg, landmarks=lm, progress=False)
         t_inv = time.perf_counter() - t0
@@ -241,6 +255,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(records), "psnr_db": psnr_m, "ms_ssim": ms_m, "identity_reconstruction": id_m,
             "identity_reconstruction_found": id_n, "identity_views": nv_m, "identity_views_found": nv_n,
             "identity_views_total": sum(len(r["identity_views"]) for r in records),
+            "identity_kept_share": sum(bool(r["identity_kept"]) for r in records) / max(1, len(records)),
             "pose_error_deg": pose_m, "seconds_per_image": sec_m}
 
 
@@ -270,12 +285,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
 @click.option("--fast/--exact", default=True, help="Optimisation renders as invert3d's default (bf16, fewer samples "
                                                    "per ray), or every step in full.")
+@click.option("--perceptual-size", type=click.IntRange(min=16), default=None,
+              show_default="the perceptual loss's default (224)", help="Input size of the optimisation's perceptual loss.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary rows and per-photo records as JSON.")
 def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, holdout_list: Path,
          portraits_dir: Path, encoder: Path | None, pose: Path | None, algorithms: tuple[str, ...],
          steps: int | None, pti_steps: int, seed: int, threads: int, device: str, progress: bool, fast: bool,
-         json_path: Path | None) -> None:
+         perceptual_size: int | None, json_path: Path | None) -> None:
     """Evaluate Algorithms 1-3 with / without PTI on held-out UTKFace photos and deepface portraits."""
     from tqdm import tqdm
 
@@ -323,7 +340,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                     c["several_faces_used_largest"] += 1
                 bar.set_postfix_str(photo.name[:24])
                 for r in evaluate_photo(G, face, pipe, algs, steps, pti_steps, seed, enc, P, dev, loss_descriptions,
-                                        fast):
+                                        fast, perceptual_size):
                     records.append({"dataset": name, "photo": photo.name, "faces_found": face.num_faces, **r})
                 c["evaluated"] += 1
                 bar.update(1)
@@ -357,20 +374,20 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                    f"largest used: {c['several_faces_used_largest']}")
     click.echo("")
     click.echo("| Alg. | PTI | dataset | n | PSNR (dB) | MS-SSIM | ID recon (found) | ID yaw +-30 (found) "
-               "| pose err (deg) | s / image |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+               "| kept (dist < 0.6, all three) | pose err (deg) | s / image |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         click.echo(f"| {r['algorithm']} | {'yes' if r['pti'] else 'no'} | {r['dataset']} | {r['n']} | "
                    f"{_fmt(r['psnr_db'], 2)} | {_fmt(r['ms_ssim'])} | "
                    f"{_fmt(r['identity_reconstruction'])} ({r['identity_reconstruction_found']}/{r['n']}) | "
                    f"{_fmt(r['identity_views'])} ({r['identity_views_found']}/{r['identity_views_total']}) | "
-                   f"{_fmt(r['pose_error_deg'], 2)} | {_fmt(r['seconds_per_image'], 1)} |")
+                   f"{100 * r['identity_kept_share']:.0f}% | {_fmt(r['pose_error_deg'], 2)} | {_fmt(r['seconds_per_image'], 1)} |")
     total = time.perf_counter() - t_start
     click.echo(f"\nwall time {total:.1f} s")
     if json_path is not None:
         payload = {"config": {"network": network, "align": align, "resolution": res_px, "encoder": encoder,
                               "pose": pose, "algorithms": algs, "steps": steps, "pti_steps": pti_steps,
-                              "seed": seed, "threads": threads, "device": device, "ms_ssim_scales": n_scales,
+                              "perceptual_size": perceptual_size, "seed": seed, "threads": threads, "device": device, "ms_ssim_scales": n_scales,
                               "novel_yaws": list(NOVEL_YAWS)},
                    "image_loss": sorted(loss_descriptions),
                    "identity": "dlib face_recognition_model_v1 cosine; BlazeFace + dlib 68 landmarks on renders",

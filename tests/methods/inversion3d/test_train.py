@@ -94,6 +94,27 @@ def test_encoder_losses_terms(tiny_eg3d):
     assert all(p.grad is None for p in G.parameters())
 
 
+def test_encoder_latent_only_does_not_render(tiny_eg3d, monkeypatch):
+    """With every image term off, the step regresses w alone and never runs G's synthesis (the costly part)."""
+    import portrait3d.methods.inversion3d.train as train_module
+
+    G = tiny_eg3d.requires_grad_(False)
+    cfg = _enc_cfg(lambda_l2=0.0, lambda_perceptual=0.0, lambda_latent=1.0)
+    E = LatentEncoder(cfg.encoder, G)
+    batch = sample_pseudo_pairs(G, 2, cfg.pseudo, torch.Generator().manual_seed(0))
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("G rendered")
+
+    monkeypatch.setattr(train_module, "_render", no_render)
+    terms = encoder_losses(E, G, batch, cfg, None, None)
+    assert set(terms) == {"loss", "reg", "latent"}
+    assert torch.allclose(terms["loss"], terms["latent"] + 2e-4 * terms["reg"])
+    assert float(terms["latent"]) > 0
+    terms["loss"].backward()
+    assert E.mlp[-1].weight.grad.abs().sum() > 0
+
+
 def test_encoder_fits_fixed_batch(tiny_eg3d):
     """A few steps on one fixed batch lower the reconstruction loss (decreasing-ish)."""
     G = tiny_eg3d.requires_grad_(False)

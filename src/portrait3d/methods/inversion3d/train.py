@@ -213,31 +213,36 @@ def encoder_losses(E: LatentEncoder, G: nn.Module, batch: dict[str, torch.Tensor
 
     Returns:
         scalar tensors ``loss`` (weighted total, differentiable w.r.t. E) and the unweighted terms
-        ``l2``, ``reg`` and, when active, ``perceptual``, ``adv``, ``latent``; plus ``recon``
-        (``x_hat [N, 3, R, R]``, detached) for grids.
+        ``reg`` and, when active, ``l2``, ``perceptual``, ``adv``, ``latent``; plus ``recon``
+        (``x_hat [N, 3, R, R]``, detached) when an image term is on (otherwise G is not run).
     """
     x, cam = batch["image"].float(), batch["camera"]
     delta = E.delta(x).float()                           # [N, w_dim]; fp32 reductions under bf16 autocast
     w_hat = E.w_avg + delta
     ws = w_hat.unsqueeze(1).repeat(1, G.num_ws, 1)       # [N, num_ws, w_dim]
-    out = _render(G, ws, cam)
-    x_hat = out["image"].float()
-    terms: dict[str, torch.Tensor] = {"l2": (x_hat - x).square().mean(), "reg": delta.square().sum(1).mean()}
-    loss = cfg.lambda_l2 * terms["l2"] + cfg.lambda_reg * terms["reg"]
-    if cfg.lambda_perceptual > 0:
-        if perceptual is None:
-            raise UsageError("lambda_perceptual > 0 needs a perceptual loss module")
-        terms["perceptual"] = perceptual(x_hat, x).float().mean()
-        loss = loss + cfg.lambda_perceptual * terms["perceptual"]
-    if D is not None and cfg.lambda_adv > 0:
-        logits = D({"image": x_hat, "image_raw": out["image_raw"]}, cam)
-        terms["adv"] = F.softplus(-logits.float()).mean()
-        loss = loss + cfg.lambda_adv * terms["adv"]
+    terms: dict[str, torch.Tensor] = {"reg": delta.square().sum(1).mean()}
+    loss = cfg.lambda_reg * terms["reg"]
+    # Rendering x_hat (and back-propagating through G) costs most of a step: skip it when no image term is on
+    # (a latent-regression-only run)
+    if cfg.lambda_l2 > 0 or cfg.lambda_perceptual > 0 or (D is not None and cfg.lambda_adv > 0):
+        out = _render(G, ws, cam)
+        x_hat = out["image"].float()
+        terms["l2"] = (x_hat - x).square().mean()
+        loss = loss + cfg.lambda_l2 * terms["l2"]
+        if cfg.lambda_perceptual > 0:
+            if perceptual is None:
+                raise UsageError("lambda_perceptual > 0 needs a perceptual loss module")
+            terms["perceptual"] = perceptual(x_hat, x).float().mean()
+            loss = loss + cfg.lambda_perceptual * terms["perceptual"]
+        if D is not None and cfg.lambda_adv > 0:
+            logits = D({"image": x_hat, "image_raw": out["image_raw"]}, cam)
+            terms["adv"] = F.softplus(-logits.float()).mean()
+            loss = loss + cfg.lambda_adv * terms["adv"]
+        terms["recon"] = x_hat.detach()
     if cfg.lambda_latent > 0:
         terms["latent"] = (ws - batch["ws"]).square().sum(2).mean()
         loss = loss + cfg.lambda_latent * terms["latent"]
     terms["loss"] = loss
-    terms["recon"] = x_hat.detach()
     return terms
 
 
@@ -438,7 +443,7 @@ def train_encoder(G: nn.Module, cfg: EncoderTrainConfig, out_dir: str | os.PathL
 
     def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = encoder_losses(net, G, batch, cfg, perceptual, D)  # type: ignore[arg-type]
-        terms.pop("recon")
+        terms.pop("recon", None)
         return terms
 
     def grid_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
