@@ -92,7 +92,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
               help="LatentEncoder file (default: time the w_avg initialisation instead).")
 @click.option("--pose", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="PoseEstimator file (default: the face pipeline's camera, computed with the alignment).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, show_default="InversionConfig default (400)",
+@click.option("--steps", type=click.IntRange(min=1), default=None, show_default="InversionConfig default (300)",
               help="Algorithm 1 steps.")
 @click.option("--pti-steps", type=click.IntRange(min=1), default=None, show_default="PTIConfig default (350)",
               help="Pivotal-tuning steps.")

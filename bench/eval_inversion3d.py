@@ -67,11 +67,11 @@ from torch import nn
 
 from portrait3d.face.identity import SAME_PERSON_THRESHOLD
 from portrait3d.methods.inversion3d.pipeline import (
-    FAST_SAMPLES,
     NOVEL_YAWS,
     face_landmarks68,
     initialise,
     load_networks,
+    make_inversion_config,
     render_views,
     resolve_align,
     to_tensor,
@@ -200,8 +200,9 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
                    device: torch.device, loss_descriptions: set[str], fast: bool = True,
                    perceptual_size: int | None = None) -> list[dict[str, Any]]:
     """All (algorithm, PTI) records for one aligned face (``fast``: invert3d's default bf16 renders with fewer
-    samples per ray while optimising; ``perceptual_size``: the perceptual loss's input size, None: its default)."""
-    from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
+    samples per ray and the perceptual loss at the image size while optimising; ``perceptual_size``: the perceptual
+    loss's input size instead)."""
+    from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pti import pivotal_tuning
 
     aligned = face.aligned.image
@@ -216,11 +217,7 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
 
     records = []
     for alg in algorithms:
-        cfg = InversionConfig(algorithm=int(alg), seed=int(seed))
-        if fast:
-            cfg.precision, cfg.optimization_samples = "bf16", FAST_SAMPLES
-        if steps is not None:
-            cfg.steps = int(steps)
+        cfg = make_inversion_config(int(alg), steps, False, None, seed, fast=fast)  # as invert3d
         if perceptual_size is not None:
             cfg.perceptual_kwargs = {**cfg.perceptual_kwargs, "resize": int(perceptual_size)}
         t0 = time.perf_counter()
@@ -276,7 +273,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
               help="PoseEstimator file for the initial camera (default: the face pipeline's PnP camera).")
 @click.option("--algorithms", "-a", type=click.Choice(["1", "2", "3"]), multiple=True, default=("1", "2", "3"),
               help="Algorithms to run (repeat the option).")
-@click.option("--steps", type=click.IntRange(min=0), default=None, show_default="InversionConfig default (400)",
+@click.option("--steps", type=click.IntRange(min=0), default=None, show_default="InversionConfig default (300)",
               help="Optimisation steps per inversion.")
 @click.option("--pti-steps", type=click.IntRange(min=0), default=350, help="Pivotal-tuning steps (0: no PTI rows).")
 @click.option("--seed", type=int, default=0, help="Optimiser seed (latent noise).")
@@ -286,7 +283,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 @click.option("--fast/--exact", default=True, help="Optimisation renders as invert3d's default (bf16, fewer samples "
                                                    "per ray), or every step in full.")
 @click.option("--perceptual-size", type=click.IntRange(min=16), default=None,
-              show_default="the perceptual loss's default (224)", help="Input size of the optimisation's perceptual loss.")
+              show_default="invert3d's: the image size up to 224 with --fast, else 224",
+              help="Input size of the optimisation's perceptual loss.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary rows and per-photo records as JSON.")
 def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, holdout_list: Path,
@@ -355,7 +353,8 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                     rows.append({"algorithm": alg, "pti": pti, "dataset": name, **summarise(sel)})
 
     n_scales = ms_ssim_scales(res_px)
-    steps_used = steps if steps is not None else "400 (default)"
+    default_steps = make_inversion_config(1, None, False, None, None).steps
+    steps_used = steps if steps is not None else f"{default_steps} (default)"
     click.echo("")
     click.echo(f"network {network} ({res_px} px), alignment '{align}', latent init: "
                f"{'encoder ' + str(encoder) if encoder else 'w_avg'}, camera init: "
@@ -381,13 +380,15 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                    f"{_fmt(r['psnr_db'], 2)} | {_fmt(r['ms_ssim'])} | "
                    f"{_fmt(r['identity_reconstruction'])} ({r['identity_reconstruction_found']}/{r['n']}) | "
                    f"{_fmt(r['identity_views'])} ({r['identity_views_found']}/{r['identity_views_total']}) | "
-                   f"{100 * r['identity_kept_share']:.0f}% | {_fmt(r['pose_error_deg'], 2)} | {_fmt(r['seconds_per_image'], 1)} |")
+                   f"{100 * r['identity_kept_share']:.0f}% | "
+                   f"{_fmt(r['pose_error_deg'], 2)} | {_fmt(r['seconds_per_image'], 1)} |")
     total = time.perf_counter() - t_start
     click.echo(f"\nwall time {total:.1f} s")
     if json_path is not None:
         payload = {"config": {"network": network, "align": align, "resolution": res_px, "encoder": encoder,
                               "pose": pose, "algorithms": algs, "steps": steps, "pti_steps": pti_steps,
-                              "perceptual_size": perceptual_size, "seed": seed, "threads": threads, "device": device, "ms_ssim_scales": n_scales,
+                              "perceptual_size": perceptual_size, "seed": seed, "threads": threads, "device": device,
+                              "ms_ssim_scales": n_scales,
                               "novel_yaws": list(NOVEL_YAWS)},
                    "image_loss": sorted(loss_descriptions),
                    "identity": "dlib face_recognition_model_v1 cosine; BlazeFace + dlib 68 landmarks on renders",

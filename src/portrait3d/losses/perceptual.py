@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from portrait3d.networks.efficientnet import EFFICIENTNET_LITE0_LAYERS, EfficientNetLite0
 
 __all__ = [
+    "PERCEPTUAL_SIZE",
     "EFFICIENTNET_LITE0_LAYERS",
     "EFFICIENTNET_LITE0_PACKAGE",
     "LPIPS",
@@ -207,6 +208,10 @@ class _FeatureDistance(nn.Module):
         return self.distance(x, self.features(y))
 
 
+PERCEPTUAL_SIZE = 224
+"""Input size of :class:`PerceptualLoss` by default: EfficientNet-Lite0's ImageNet training size."""
+
+
 class PerceptualLoss(_FeatureDistance):
     """LPIPS-style distance on ImageNet EfficientNet-Lite0 features (the offline default).
 
@@ -225,7 +230,7 @@ class PerceptualLoss(_FeatureDistance):
     name = "efficientnet-lite0"
 
     def __init__(self, backbone: str = "efficientnet-lite0", layers: Sequence[str] = _DEFAULT_LITE0_LAYERS,
-                 resize: int | None = 224, weights: str | os.PathLike | None = None):
+                 resize: int | None = PERCEPTUAL_SIZE, weights: str | os.PathLike | None = None):
         super().__init__()
         if backbone != "efficientnet-lite0":
             raise ValueError(f"PerceptualLoss backbone must be 'efficientnet-lite0', not {backbone!r} "

@@ -277,3 +277,25 @@ def test_camera_params_used_by_invert_start_at_the_given_camera(tiny_eg3d):
     torch.testing.assert_close(res.camera, c0, atol=1e-6, rtol=0)
     assert res.history == [] and res.camera_state["roll"] == pytest.approx(3.0, abs=1e-4)
     assert dataclasses.is_dataclass(res) and isinstance(CameraParams.from_label(res.camera), CameraParams)
+
+
+def test_perceptual_no_upsample_uses_the_image_size_up_to_224(tiny_eg3d):
+    """The fast path's perceptual loss sees a small image at its own size (not upsampled to 224); an explicit size
+    wins, and invert3d's fast configuration turns it on."""
+    from portrait3d.methods.inversion3d.pipeline import make_inversion_config
+
+    G = tiny_eg3d
+    _, c_true, target = _eg3d_problem(G)
+    res_px = int(G.img_resolution)
+    assert res_px < 224
+    native = invert(G, target, None, c_true, _cfg(algorithm=3, steps=1, perceptual_weight=1.0,
+                                                  perceptual_no_upsample=True), progress=False)
+    assert f"at {res_px} px" in native.loss_description
+    default = invert(G, target, None, c_true, _cfg(algorithm=3, steps=1, perceptual_weight=1.0), progress=False)
+    assert "at 224 px" in default.loss_description
+    explicit = invert(G, target, None, c_true, _cfg(algorithm=3, steps=1, perceptual_weight=1.0,
+                                                    perceptual_no_upsample=True, perceptual_kwargs={"resize": 48}),
+                      progress=False)
+    assert "at 48 px" in explicit.loss_description
+    assert make_inversion_config(1, None, False, None, None, fast=True).perceptual_no_upsample
+    assert not make_inversion_config(1, None, False, None, None, fast=False).perceptual_no_upsample

@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from portrait3d.errors import UsageError
+from portrait3d.losses.perceptual import PERCEPTUAL_SIZE
 from portrait3d.methods.inversion3d.camera_params import CameraParams
 from portrait3d.methods.inversion3d.losses import ImageLoss, LossWeights
 from portrait3d.methods.inversion3d.pti import PTIConfig, pivotal_tuning, render
@@ -78,7 +79,8 @@ class InversionConfig:
     ``lr_translation`` in world units (Adam step sizes before the ramp)."""
 
     algorithm: int = 1                    # 1 (Ko et al.), 2 (camera fixed), 3 (joint, image loss only)
-    steps: int = 400                      # optimiser iterations in all (Alg. 1: latent + camera steps)
+    steps: int = 300                      # optimiser iterations in all (Alg. 1: latent + camera steps); 300 and
+                                          # 400 measured alike on 6 held-out photos (bench/eval_inversion3d.py)
     space: str = "w"                      # "w" (one w for all layers) or "w+"
     lr_w: float = 0.01
     lr_cam: float = 0.5                   # degrees
@@ -105,6 +107,8 @@ class InversionConfig:
     w_avg_seed: int = 123
     perceptual: str = "efficientnet-lite0"
     perceptual_kwargs: dict[str, Any] = field(default_factory=dict)
+    perceptual_no_upsample: bool = False  # EfficientNet-Lite0 at min(224, image size): a 128 px image is not
+                                          # upsampled to 224 (no information added, about 12% of a step saved)
     deterministic: bool = True            # deterministic ray sampling during optimisation
     precision: str = "fp32"               # "bf16": optimisation renders and losses under bf16 autocast (AMX)
     optimization_samples: tuple[int, int] | None = None  # (stratified, importance) samples per ray while optimising
@@ -259,9 +263,12 @@ def invert(G: nn.Module, target: torch.Tensor, init_ws: torch.Tensor | None, ini
         raise UsageError(f"init_camera: expected one label [1, 25], got {tuple(init_camera.shape)}")
 
     if image_loss is None:
+        p_kwargs = dict(cfg.perceptual_kwargs)
+        if cfg.perceptual_no_upsample and cfg.perceptual == "efficientnet-lite0" and "resize" not in p_kwargs:
+            p_kwargs["resize"] = min(PERCEPTUAL_SIZE, res)
         image_loss = ImageLoss(target, landmarks=landmarks, resolution=res,
                                weights=LossWeights(cfg.mse_weight, cfg.perceptual_weight, cfg.identity_weight),
-                               perceptual=cfg.perceptual, perceptual_kwargs=cfg.perceptual_kwargs).to(dev)
+                               perceptual=cfg.perceptual, perceptual_kwargs=p_kwargs).to(dev)
     target_r = image_loss.target
 
     # -- initial latent ------------------------------------------------------------------------

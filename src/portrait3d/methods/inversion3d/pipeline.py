@@ -229,12 +229,14 @@ FAST_SAMPLES = (12, 12)
 def make_inversion_config(algorithm: int, steps: int | None, pti: bool, pti_steps: int | None,
                           seed: int | None, fast: bool = False) -> Any:
     """:class:`~portrait3d.methods.inversion3d.optimize.InversionConfig`; ``None`` keeps its defaults. ``fast``:
-    the optimisation renders in bf16 with :data:`FAST_SAMPLES` per ray (the results are rendered in full)."""
+    the optimisation renders in bf16 with :data:`FAST_SAMPLES` per ray (the results are rendered in full) and the
+    perceptual loss sees the images at their own size up to 224 px (``perceptual_no_upsample``)."""
     from portrait3d.methods.inversion3d.optimize import InversionConfig
 
     cfg = InversionConfig(algorithm=int(algorithm), pti=bool(pti))
     if fast:
         cfg.precision, cfg.optimization_samples = "bf16", FAST_SAMPLES
+        cfg.perceptual_no_upsample = True
     if steps is not None:
         cfg.steps = int(steps)
     if seed is not None:
