@@ -237,3 +237,38 @@ def test_encoder_and_pose_files_must_be_the_right_network(tmp_path, network, mod
     assert_clean_failure(run_cli("invert3d", photo, "--out", tmp_path / "o", "--network", network,
                                  "--encoder", network), "not a portrait3d encoder")
     assert not (tmp_path / "o").exists()
+
+
+def test_builtin_init_paths_name_the_shipped_files(network):
+    from portrait3d.methods.inversion3d.pipeline import builtin_init_paths
+
+    assert builtin_init_paths(network) == (None, None)  # not a built-in network
+    assert builtin_init_paths("default-2d") == (None, None)
+    encoder, pose = builtin_init_paths("default-3d")
+    for p, name in ((encoder, "encoder.safetensors"), (pose, "pose.safetensors")):
+        assert p is None or (p.name == name and p.parent.name == "default-3d" and p.is_file())
+
+
+def test_shipped_pose_estimator_starts_default_3d_unless_told_not_to(tmp_path):
+    """invert3d on default-3d starts from the shipped pose estimator (result.json says so); --no-learned-init
+    starts from the face pipeline's camera."""
+    from portrait3d.methods.inversion3d.pipeline import builtin_init_paths
+
+    if builtin_init_paths("default-3d")[1] is None:
+        pytest.skip("default-3d ships no pose estimator")
+    photo = shared_path(PHOTO)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hows = {}
+        for flag in ("--learned-init", "--no-learned-init"):
+            out = tmp_path / flag
+            res = run_cli("invert3d", photo, "--out", out, "--steps", "1", flag, *FAST)
+            assert res.exit_code == 0, (res.output, res.exception)
+            hows[flag] = json.loads((out / "result.json").read_text())["initialisation"]
+    finally:
+        torch.set_num_threads(before)
+    assert hows["--learned-init"]["camera"].startswith("pose estimator")
+    assert "default-3d" in hows["--learned-init"]["camera"]
+    assert hows["--no-learned-init"]["camera"] == "face pipeline (PnP head pose)"
+    assert hows["--no-learned-init"]["latent"] == "optimiser default"

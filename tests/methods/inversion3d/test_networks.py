@@ -176,6 +176,11 @@ def test_save_load_round_trip(tmp_path, tiny_eg3d):
         with pytest.raises(FileExistsError):
             save_module(net, path)
         save_module(net, path, overwrite=True)
+        small = load_module(save_module(net, tmp_path / f"half-{name}", half=True))
+        assert (tmp_path / f"half-{name}").stat().st_size < 0.6 * path.stat().st_size
+        sd3 = small.state_dict()
+        assert all(sd3[k].dtype == sd[k].dtype for k in sd)  # float16 on disk, float32 in the network
+        assert all(torch.allclose(sd3[k].float(), sd[k].float(), rtol=1e-3, atol=1e-4) for k in sd)
     with pytest.raises(TypeError):
         save_module(torch.nn.Linear(2, 2), tmp_path / "lin.safetensors")
 

@@ -49,10 +49,15 @@ def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--pti-steps", type=click.IntRange(1, 100000), default=None,
               help="Pivotal-tuning steps [default: the configuration's].")
 @click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Latent encoder (portrait3d LatentEncoder file) for the initial latent [default: w_avg].")
+              help="Latent encoder (portrait3d LatentEncoder file) for the initial latent [default: the built-in "
+                   "network's shipped encoder, else w_avg].")
 @click.option("--pose", "pose_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Pose estimator (portrait3d PoseEstimator file) for the initial camera "
-                   "[default: the face pipeline's head pose].")
+                   "[default: the built-in network's shipped estimator, else the face pipeline's head pose].")
+@click.option("--learned-init/--no-learned-init", default=True, show_default=True,
+              help="Without --encoder / --pose, start from the built-in network's shipped encoder and pose "
+                   "estimator (models/<network>/encoder.safetensors, pose.safetensors); --no-learned-init starts "
+                   "from w_avg and the face pipeline's camera.")
 @_photo_3d_options
 @click.option("--fast/--exact", default=True, show_default=True,
               help="Optimise with bf16 renders and 12+12 samples per ray (the results are rendered in full), or "
@@ -63,9 +68,9 @@ def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @compute_options
 @fail_cleanly
 def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | None, pti: bool,
-             pti_steps: int | None, encoder_path: Path | None, pose_path: Path | None, face_index: int | None,
-             align: str, orbit_frames: int, mesh_resolution: int, fast: bool, seed: int | None, device: str,
-             force: bool, workers: int, threads: int | None) -> None:
+             pti_steps: int | None, encoder_path: Path | None, pose_path: Path | None, learned_init: bool,
+             face_index: int | None, align: str, orbit_frames: int, mesh_resolution: int, fast: bool,
+             seed: int | None, device: str, force: bool, workers: int, threads: int | None) -> None:
     """Invert the face in PHOTO into a 3D (EG3D) generator, optimising latent and camera (Ko et al.).
 
     Writes input_aligned.png, reconstruction.png, view_yaw-30.png, view_yaw+30.png, depth.png, mesh.ply,
@@ -84,7 +89,11 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     """
     device = setup_compute(device, threads)
     from portrait3d.interfaces.invert3d import run_invert3d
+    from portrait3d.methods.inversion3d.pipeline import builtin_init_paths
 
+    if learned_init:
+        shipped_encoder, shipped_pose = builtin_init_paths(network)
+        encoder_path, pose_path = encoder_path or shipped_encoder, pose_path or shipped_pose
     if wants_batch([photo]):
         check_batch_files(network, encoder=encoder_path, pose=pose_path)
         kwargs = dict(network=network, algorithm=int(algorithm), steps=steps, pti=pti, pti_steps=pti_steps,

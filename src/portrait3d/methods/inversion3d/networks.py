@@ -348,8 +348,11 @@ _CLASSES: dict[str, tuple[type[nn.Module], type]] = {
 }
 
 
-def save_module(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+def save_module(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = False, half: bool = False) -> Path:
     """Write a :class:`LatentEncoder` or :class:`PoseEstimator` as ``.safetensors``, atomically.
+
+    ``half`` stores the floating-point tensors in float16 (shipped models); :func:`load_module` casts them back
+    into the float32 network.
 
     The file holds the state dict (float tensors, buffers included) and, in its ``__metadata__``,
     ``{"format": "portrait3d-module", "format_version": "1", "class": <class name>,
@@ -367,6 +370,8 @@ def save_module(net: nn.Module, path: str | os.PathLike[str], overwrite: bool = 
     if name not in _CLASSES or not isinstance(net, _CLASSES[name][0]):
         raise TypeError(f"cannot save a {name}: only {', '.join(_CLASSES)} are supported")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     meta = {"format": MODULE_FORMAT, "format_version": MODULE_FORMAT_VERSION, "class": name,
             "config": json.dumps(net.config.to_dict())}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)

@@ -26,7 +26,8 @@ from portrait3d.utils.visualize import colour_depth, to_uint8
 
 __all__ = ["NOVEL_YAWS", "HISTORY_TAIL", "InversionReport", "IdentityMeter", "invert_photo", "view_camera",
            "orbit_cameras_at", "render_views", "camera_record", "load_generator", "load_networks", "resolve_align",
-           "face_landmarks68", "to_tensor", "load_init_modules", "initialise", "make_inversion_config", "fmt_deg"]
+           "face_landmarks68", "to_tensor", "load_init_modules", "initialise", "make_inversion_config", "fmt_deg",
+           "builtin_init_paths"]
 
 IDENTITY_COSINE_MIN = 0.9
 """dlib cosine between input and render below which a summary warns that identity was lost. Measured on 79 labelled
@@ -169,6 +170,18 @@ def locate_face(pipe: Any, image: np.ndarray, name: str, face_index: int | None
 def to_tensor(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """``uint8 [H, W, 3]`` -> float ``[1, 3, H, W]`` in ``[-1, 1]``."""
     return (torch.as_tensor(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1).to(device)
+
+
+def builtin_init_paths(network: str | Path) -> tuple[Path | None, Path | None]:
+    """The shipped ``(encoder.safetensors, pose.safetensors)`` beside a built-in network's generator, each ``None``
+    when that file is not shipped (or ``network`` is not built in)."""
+    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+
+    if str(network) not in BUILTIN_NETWORKS:
+        return None, None
+    folder = (Path(__file__).resolve().parents[2] / BUILTIN_NETWORKS[str(network)]).parent
+    enc, pose = folder / "encoder.safetensors", folder / "pose.safetensors"
+    return (enc if enc.is_file() else None), (pose if pose.is_file() else None)
 
 
 def load_init_modules(G: nn.Module, encoder_path: Path | None, pose_path: Path | None,
