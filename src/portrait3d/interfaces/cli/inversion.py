@@ -77,9 +77,10 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     orbit.mp4, latent.npy, result.json (and generator.safetensors with --pti) to OUT; `portrait3d render OUT`
     re-renders them from other angles.
 
-    CPU time with the built-in 128 px default-3d: the 400 default steps take about 67 s on an idle 2-core CPU
-    (77 s with --exact; bench/bench_inversion3d.py) and about 126 s on one core while the other is busy, then views,
-    orbit, mesh and identity take about 7 s; --steps scales the optimisation, --pti adds about as much again.
+    CPU time with the built-in 128 px default-3d: the 300 default steps took 80 s on an idle 2-core CPU
+    (bench/bench_inversion3d.py, 2026-12-05; the earlier default, 400 steps with a 224 px perceptual input, ran at
+    0.30 s per step there, about 121 s), then views, orbit, mesh and identity take about 7 s; --steps scales the
+    optimisation, --pti (350 steps) adds about 1.5 to 2 times as much again.
     A progress bar shows the steps.
 
     \b
