@@ -201,18 +201,22 @@ def test_bf16_losses_and_gradients_match_fp32(tiny_eg3d):
     assert (grads[1].norm() / grads[0].norm() - 1).abs() < 0.1
 
 
-def test_train_pose_bf16_resume_is_bit_exact(tiny_eg3d, tmp_path):
+@pytest.mark.parametrize("variant", [{"precision": "bf16"}, {"augment": 1.0}], ids=["bf16", "augment"])
+def test_train_pose_variant_changes_training_and_resumes_bit_exactly(tiny_eg3d, tmp_path, variant):
+    """bf16 autocast and the photometric jitter each change the run, and each resumes bit-exactly."""
     G = tiny_eg3d
-    full = train_pose(G, _pose_cfg(total_kimg=0.008, precision="bf16"), tmp_path / "full", progress=False)
-    train_pose(G, _pose_cfg(precision="bf16"), tmp_path / "part", progress=False)
-    resumed = train_pose(G, _pose_cfg(total_kimg=0.008, precision="bf16"), tmp_path / "part2",
+    full = train_pose(G, _pose_cfg(total_kimg=0.008, **variant), tmp_path / "full", progress=False)
+    train_pose(G, _pose_cfg(**variant), tmp_path / "part", progress=False)
+    resumed = train_pose(G, _pose_cfg(total_kimg=0.008, **variant), tmp_path / "part2",
                          resume=tmp_path / "part", progress=False)
     pa, pb = load_module(full), load_module(resumed)
     assert all(torch.equal(pa.state_dict()[k], pb.state_dict()[k]) for k in pa.state_dict())
-    fp32 = load_module(train_pose(G, _pose_cfg(total_kimg=0.008), tmp_path / "fp32", progress=False))
-    assert not all(torch.equal(pa.state_dict()[k], fp32.state_dict()[k]) for k in pa.state_dict())
+    plain = load_module(train_pose(G, _pose_cfg(total_kimg=0.008), tmp_path / "plain", progress=False))
+    assert not all(torch.equal(pa.state_dict()[k], plain.state_dict()[k]) for k in pa.state_dict())
     with pytest.raises(ValueError):
         _pose_cfg(precision="fp16").validate()
+    with pytest.raises(ValueError):
+        _pose_cfg(augment=-1.0).validate()
 
 
 def test_pose_losses_roll_and_reprojection(tiny_eg3d):
@@ -282,16 +286,3 @@ def test_cli(tiny_eg3d, tmp_path):
     res = runner.invoke(cli, ["encoder", "--network", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
     assert res.exit_code != 0 and "no such checkpoint" in res.output
 
-
-def test_train_pose_augment_changes_training_and_resumes_bit_exactly(tiny_eg3d, tmp_path):
-    G = tiny_eg3d
-    full = train_pose(G, _pose_cfg(total_kimg=0.008, augment=1.0), tmp_path / "full", progress=False)
-    train_pose(G, _pose_cfg(augment=1.0), tmp_path / "part", progress=False)
-    resumed = train_pose(G, _pose_cfg(total_kimg=0.008, augment=1.0), tmp_path / "part2",
-                         resume=tmp_path / "part", progress=False)
-    pa, pb = load_module(full), load_module(resumed)
-    assert all(torch.equal(pa.state_dict()[k], pb.state_dict()[k]) for k in pa.state_dict())
-    plain = load_module(train_pose(G, _pose_cfg(total_kimg=0.008), tmp_path / "plain", progress=False))
-    assert not all(torch.equal(pa.state_dict()[k], plain.state_dict()[k]) for k in pa.state_dict())
-    with pytest.raises(ValueError):
-        _pose_cfg(augment=-1.0).validate()
