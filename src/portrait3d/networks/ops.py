@@ -30,6 +30,7 @@ __all__ = [
     "conv2d_resample",
     "normalize_2nd_moment",
     "modulated_conv2d",
+    "gaussian_blur",
 ]
 
 
@@ -387,3 +388,20 @@ def modulated_conv2d(
     if noise is not None:
         x = x.add_(noise)
     return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of ``x [N, C, H, W]``: taps ``exp(-t^2 / (2 sigma^2))`` normalised to sum 1 over
+    ``|t| <= radius`` (default ``ceil(3 sigma)``; at most ``min(H, W) - 1``), reflect padding, rows then columns.
+    ``sigma <= 0`` returns ``x``."""
+    if sigma <= 0:
+        return x
+    radius = max(1, min(math.ceil(3 * sigma) if radius is None else int(radius), min(x.shape[-2:]) - 1))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)

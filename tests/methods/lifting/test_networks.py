@@ -336,18 +336,6 @@ def test_real_renderer_config_is_saved(tiny_stylegan2, tmp_path):
         torch.testing.assert_close(loaded(w).image, model.eval()(w).image)
 
 
-def test_gaussian_blur_keeps_constants_and_mean():
-    from portrait3d.methods.lifting.networks import gaussian_blur
-
-    x = torch.full((1, 2, 9, 9), 0.3)
-    torch.testing.assert_close(gaussian_blur(x, 1.5), x)
-    y = torch.zeros(1, 1, 9, 9)
-    y[..., 4, 4] = 1
-    b = gaussian_blur(y, 1.0)
-    assert b[..., 4, 4] < 1 and b[..., 4, 4] == b.max() and abs(b.sum().item() - 1) < 1e-5
-    assert gaussian_blur(y, 0) is y
-
-
 def test_frontal_render_under_neutral_light_reproduces_canonical_image(tiny_stylegan2):
     """A = G2D(w0) / s(L0) and the renderer's shading / projection are consistent: rendering the albedo
     at the canonical view V0 = 0 under L0 gives G2D(w0) back (hard rasteriser, pixel-centred mesh)."""

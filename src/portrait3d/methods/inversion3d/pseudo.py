@@ -36,6 +36,7 @@ from torch import nn
 
 from portrait3d.config import ConfigMixin
 from portrait3d.methods.inversion3d.networks import camera_from_pose
+from portrait3d.networks.ops import gaussian_blur
 from portrait3d.training.randomness import derive_seed
 
 __all__ = ["DISTRIBUTIONS", "PseudoPairConfig", "sample_poses", "sample_pseudo_pairs", "PseudoPairStream",
@@ -182,7 +183,7 @@ def photometric_jitter(image: torch.Tensor, strength: float, generator: torch.Ge
 
     * brightness ``x + b``, ``b ~ U(-0.2, 0.2)``; contrast ``m + c (x - m)`` around the image mean,
       ``log c ~ U(-0.35, 0.35)``; saturation ``g + s (x - g)`` around the grey value, ``log s ~ U(-0.6, 0.6)``;
-    * blur or sharpen ``x + a (x - blur_1(x))`` with a Gaussian of sigma 1 px, ``a ~ U(-1, 1.5)``
+    * blur or sharpen ``x + a (x - blur_1(x))`` with a Gaussian of sigma 1 px over 5 taps, ``a ~ U(-1, 1.5)``
       (``a = -1``: blurred, ``a > 0``: unsharp-masked);
     * pixel noise ``N(0, n^2)``, ``n ~ U(0, 0.04)``; the result is clipped to ``[-1, 1]``.
 
@@ -202,14 +203,9 @@ def photometric_jitter(image: torch.Tensor, strength: float, generator: torch.Ge
     a, noise_std = strength * u(-1.0, 1.5), strength * u(0.0, 0.04)
     noise = torch.randn(image.shape, generator=generator).to(device, dtype)
     x = image + b
-    x = x.mean((1, 2, 3), keepdim=True) + c * (x - x.mean((1, 2, 3), keepdim=True))
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = mean + c * (x - mean)
     grey = x.mean(1, keepdim=True)
     x = grey + s * (x - grey)
-    taps = torch.exp(-0.5 * torch.arange(-2.0, 3.0) ** 2)
-    taps = (taps / taps.sum()).to(device, dtype)
-    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (2, 2, 0, 0), mode="reflect"),
-                                         taps.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
-    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(blurred, (0, 0, 2, 2), mode="reflect"),
-                                         taps.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
-    x = x + a.clamp(min=-1.0) * (x - blurred) + noise_std * noise
+    x = x + a.clamp(min=-1.0) * (x - gaussian_blur(x, 1.0, radius=2)) + noise_std * noise
     return x.clamp(-1.0, 1.0)

@@ -89,6 +89,7 @@ from torch import nn
 
 from portrait3d.checkpoints.safe_pickle import CheckpointError
 from portrait3d.config import ConfigMixin
+from portrait3d.networks.ops import gaussian_blur
 
 __all__ = [
     "LIFT_FORMAT",
@@ -222,22 +223,6 @@ def border_mask(size: int, width: int, device: torch.device | str | None = None,
     else:
         m.zero_()
     return m
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``x [N, C, H, W]`` (reflect padding, radius ``ceil(3 sigma)``);
-    ``sigma <= 0`` returns ``x``."""
-    if sigma <= 0:
-        return x
-    radius = max(1, min(math.ceil(3 * sigma), min(x.shape[-2:]) - 1))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
