@@ -9,7 +9,7 @@ import torch
 
 import portrait3d
 from portrait3d import camera_from_angles, load_network
-from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+from portrait3d.checkpoints.load import BUILTIN_NETWORKS, builtin_network_path
 from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
 from portrait3d.networks.stylegan2 import Generator
 
@@ -25,8 +25,16 @@ def test_shipped_with_model_card(name):
 
 
 def test_total_size_within_budget():
-    total = sum((PKG / p).stat().st_size for p in BUILTIN_NETWORKS.values())
+    """Generators and every file shipped beside them (editors, lifting, pose estimator, cards, previews)."""
+    total = sum(p.stat().st_size for p in (PKG / "models").rglob("*") if p.is_file())
     assert total <= 80 * 2**20
+
+
+def test_builtin_network_path_names_the_shipped_generator():
+    for name, rel in BUILTIN_NETWORKS.items():
+        assert builtin_network_path(name) == PKG / rel
+    assert builtin_network_path("no-such-network") is None
+    assert builtin_network_path(PKG / BUILTIN_NETWORKS["default-2d"]) is None  # a path is not a name
 
 
 def test_default_2d_generates():

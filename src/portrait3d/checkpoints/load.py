@@ -21,7 +21,7 @@ from portrait3d.checkpoints.native import is_native_file, load_native
 from portrait3d.checkpoints.nvidia import network_from_stub
 from portrait3d.checkpoints.safe_pickle import CheckpointError, safe_load_pickle
 
-__all__ = ["load_network", "BUILTIN_NETWORKS"]
+__all__ = ["load_network", "BUILTIN_NETWORKS", "builtin_network_path"]
 
 # Networks shipped inside the package: name -> path relative to the package (each folder has a
 # MODEL_CARD.md saying how it was trained and how well it does).
@@ -34,10 +34,18 @@ _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_BYTES = 8 << 30  # 8 GiB: no generator checkpoint is larger; refuse to slurp anything bigger
 
 
+def builtin_network_path(name: str | os.PathLike[str]) -> Path | None:
+    """The generator file of a built-in network name (whether or not it is installed), ``None`` for other names.
+    Files shipped with a built-in network (its editors, lifting, encoders) lie in the same folder."""
+    name = str(name)
+    return Path(__file__).resolve().parent.parent / BUILTIN_NETWORKS[name] if name in BUILTIN_NETWORKS else None
+
+
 def _resolve(path: str | os.PathLike[str]) -> Path:
     name = str(path)
-    if name in BUILTIN_NETWORKS:
-        return Path(__file__).resolve().parent.parent / BUILTIN_NETWORKS[name]
+    builtin = builtin_network_path(name)
+    if builtin is not None:
+        return builtin
     p = Path(name).expanduser()
     if not p.exists():
         raise CheckpointError(f"no such checkpoint: {name}")

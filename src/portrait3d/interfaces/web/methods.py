@@ -293,13 +293,12 @@ class Inversion3DAdapter(MethodAdapter):
             return self._G
 
     def available(self) -> Availability:
-        from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+        from portrait3d.checkpoints.load import builtin_network_path
 
         net = self.settings.network_3d
-        if net in BUILTIN_NETWORKS:
-            import portrait3d
-
-            if not (Path(portrait3d.__file__).resolve().parent / BUILTIN_NETWORKS[net]).is_file():
+        builtin = builtin_network_path(net)
+        if builtin is not None:
+            if not builtin.is_file():
                 return Availability(False, f"built-in network {net} is not installed; pass --network-3d PATH")
         elif not Path(net).expanduser().is_file():
             return Availability(False, f"{net}: no such EG3D checkpoint")

@@ -114,14 +114,13 @@ def load_generator(network: str, device: torch.device | str) -> tuple[nn.Module,
         CheckpointError: unreadable checkpoint, or a built-in network that is not installed.
         UsageError: not an EG3D (3D) generator.
     """
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS, load_network
+    from portrait3d.checkpoints.load import builtin_network_path, load_network
     from portrait3d.checkpoints.safe_pickle import CheckpointError
     from portrait3d.networks.eg3d.triplane import TriPlaneGenerator
 
-    if network in BUILTIN_NETWORKS:
-        import portrait3d
-
-        if not (Path(portrait3d.__file__).resolve().parent / BUILTIN_NETWORKS[network]).is_file():
+    builtin = builtin_network_path(network)
+    if builtin is not None:
+        if not builtin.is_file():
             raise CheckpointError(f"built-in network {network} is not installed; pass --network PATH")
         ref = network
     else:
@@ -175,12 +174,12 @@ def to_tensor(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tens
 def builtin_init_paths(network: str | Path) -> tuple[Path | None, Path | None]:
     """The shipped ``(encoder.safetensors, pose.safetensors)`` beside a built-in network's generator, each ``None``
     when that file is not shipped (or ``network`` is not built in)."""
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+    from portrait3d.checkpoints.load import builtin_network_path
 
-    if str(network) not in BUILTIN_NETWORKS:
+    generator = builtin_network_path(network)
+    if generator is None:
         return None, None
-    folder = (Path(__file__).resolve().parents[2] / BUILTIN_NETWORKS[str(network)]).parent
-    enc, pose = folder / "encoder.safetensors", folder / "pose.safetensors"
+    enc, pose = generator.parent / "encoder.safetensors", generator.parent / "pose.safetensors"
     return (enc if enc.is_file() else None), (pose if pose.is_file() else None)
 
 

@@ -26,11 +26,10 @@ TRUNCATION = 0.7
 
 def builtin_lifted_path(network: str) -> Path | None:
     """Where a built-in network's shipped lifting model would live (None for other networks)."""
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+    from portrait3d.checkpoints.load import builtin_network_path
 
-    if network not in BUILTIN_NETWORKS:
-        return None
-    return (Path(__file__).resolve().parents[2] / BUILTIN_NETWORKS[network]).parent / "lifted.safetensors"
+    generator = builtin_network_path(network)
+    return None if generator is None else generator.parent / "lifted.safetensors"
 
 
 def _train_hint(network: str) -> str:

@@ -187,12 +187,9 @@ class LiftTrainConfig(ConfigMixin):
 
 def _resolve_reference(ref: str) -> Path | None:
     """The file a generator reference names (built-in name or path), or None when it is not there."""
-    from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+    from portrait3d.checkpoints.load import builtin_network_path
 
-    if ref in BUILTIN_NETWORKS:
-        p = Path(__file__).resolve().parents[2] / BUILTIN_NETWORKS[ref]
-    else:
-        p = Path(ref).expanduser()
+    p = builtin_network_path(ref) or Path(ref).expanduser()
     return p.resolve() if p.is_file() else None
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from portrait3d.checkpoints.load import BUILTIN_NETWORKS
+from portrait3d.checkpoints.load import builtin_network_path
 from portrait3d.errors import UsageError
 from portrait3d.methods.projector.photo import PhotoLatent
 from portrait3d.utils.visualize import draw_points, make_grid, to_uint8
@@ -30,10 +30,8 @@ POSE_TOLERANCE_DEG = 5.0
 
 def builtin_editor_path(network: str, space: str = "w") -> Path | None:
     """Where a built-in network's shipped NRSfM editor lives (``None`` for other networks)."""
-    if network not in BUILTIN_NETWORKS:
-        return None
-    base = Path(__file__).resolve().parents[2] / BUILTIN_NETWORKS[network]
-    return base.parent / f"nrsfm-{space.replace('+', 'plus')}.safetensors"
+    generator = builtin_network_path(network)
+    return None if generator is None else generator.parent / f"nrsfm-{space.replace('+', 'plus')}.safetensors"
 
 
 def resolve_editor(network: str, editor_path: Path | None) -> Any:
