@@ -29,6 +29,8 @@ without and with pivotal tuning (PTI), the script
      input. Rendered images need their own landmarks: BlazeFace (:class:`~portrait3d.face.detect.FaceDetector`)
      + dlib's 68 points (:class:`~portrait3d.face.landmarks.LandmarkDetector`); where no face is found
      the value is missing (NaN), means are over the found faces and the counts are printed;
+   * identity kept: the share of photos whose reconstruction and both novel views are found and lie within
+     dlib's same-person distance (Euclidean, < 0.6) of the input: issue 17's criterion;
    * pose error: the angle (degrees) between the viewing directions of the optimised camera's
      (yaw, pitch) and of the face pipeline's estimate. Both are read as the angles of an EG3D camera
      label (the position angles that :class:`~portrait3d.methods.inversion3d.camera_params.CameraParams`
@@ -68,6 +70,7 @@ from torch import nn
 from portrait3d.face.identity import SAME_PERSON_THRESHOLD
 from portrait3d.methods.inversion3d.pipeline import (
     NOVEL_YAWS,
+    IdentityMeter,
     face_landmarks68,
     initialise,
     load_networks,
@@ -110,38 +113,6 @@ def portrait_photos(folder: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- measures
-class IdentityScorer:
-    """dlib identity of images against one reference face: ``{"cosine", "distance"}`` (the Euclidean distance of
-    the 128-D descriptors, dlib's same-person rule is < 0.6), ``None`` where no face is found.
-
-    Args:
-        detector: a :class:`~portrait3d.face.detect.FaceDetector`; landmarker: a
-            :class:`~portrait3d.face.landmarks.LandmarkDetector` (68 points).
-        reference: ``uint8 [H, W, 3]`` aligned input; reference_landmarks: its ``[68, 2]`` landmarks.
-    """
-
-    def __init__(self, detector: Any, landmarker: Any, reference: np.ndarray, reference_landmarks: np.ndarray) -> None:
-        from portrait3d.face.identity import dlib_descriptor
-
-        self.detector, self.landmarker = detector, landmarker
-        self.ref = dlib_descriptor(reference, reference_landmarks)
-
-    def __call__(self, image: np.ndarray) -> dict[str, float] | None:
-        from portrait3d.face.detect import select_face
-        from portrait3d.face.errors import FaceError
-        from portrait3d.face.identity import cosine_similarity, dlib_descriptor
-
-        try:
-            dets = self.detector.detect(image)
-            if not dets:
-                return None
-            lm = self.landmarker.landmarks68(image, select_face(dets))
-        except FaceError:
-            return None
-        d = dlib_descriptor(image, lm)
-        return {"cosine": float(cosine_similarity(self.ref, d)), "distance": float(np.linalg.norm(self.ref - d))}
-
-
 def view_direction(yaw_deg: float, pitch_deg: float) -> np.ndarray:
     """Unit direction from the origin to a camera at (yaw, pitch) (EG3D convention, ``[3]``)."""
     y, p = math.radians(yaw_deg), math.radians(pitch_deg)
@@ -164,14 +135,14 @@ def camera_yaw_pitch(camera: torch.Tensor, state: dict[str, float] | None = None
 
 
 def image_metrics(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, aligned: np.ndarray,
-                  scorer: IdentityScorer) -> dict[str, Any]:
+                  meter: IdentityMeter) -> dict[str, Any]:
     """Render reconstruction + novel views and measure them against the aligned input."""
     cams = torch.cat([camera.detach().reshape(1, 25).cpu()] + [view_camera(camera, y) for y in NOVEL_YAWS])
     imgs, _ = render_views(G, ws.detach(), cams)
     recon = imgs[0]
     with torch.no_grad():
         mss = float(ms_ssim(to_tensor(recon), to_tensor(aligned), data_range=2.0)[0])
-    ids = [scorer(im) for im in imgs]
+    ids = [meter.measure(im) for im in imgs]
     views = {f"{y:+g}": ids[1 + i] for i, y in enumerate(NOVEL_YAWS)}
     # the issue's criterion: reconstruction and every novel view found and within dlib's same-person distance
     kept = all(v is not None and v["distance"] < SAME_PERSON_THRESHOLD for v in ids)
@@ -208,7 +179,7 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
     aligned = face.aligned.image
     lm = face_landmarks68(face)
     target = to_tensor(aligned, device)
-    scorer = IdentityScorer(pipe.detector, pipe.landmarker, aligned, lm)
+    meter = IdentityMeter(pipe, aligned, lm)
     ref_yp = camera_yaw_pitch(face.camera)
 
     t0 = time.perf_counter()
@@ -229,14 +200,14 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
                 "pose_error_deg": angle_between_deg(yp, ref_yp),
                 "initial_yaw_pitch": camera_yaw_pitch(init_cam)}
         records.append({**base, "pti": False, "seconds": t_init + t_inv,
-                        **image_metrics(G, res.ws, res.camera, aligned, scorer)})
+                        **image_metrics(G, res.ws, res.camera, aligned, meter)})
         if pti_steps > 0:
             pcfg = dataclasses.replace(cfg.pti_config, steps=int(pti_steps))
             t0 = time.perf_counter()
             G_t, _ = pivotal_tuning(G, res.ws, res.camera, target, pcfg, progress=False, landmarks=lm)
             t_pti = time.perf_counter() - t0
             records.append({**base, "pti": True, "seconds": t_init + t_inv + t_pti,
-                            **image_metrics(G_t.eval(), res.ws, res.camera, aligned, scorer)})
+                            **image_metrics(G_t.eval(), res.ws, res.camera, aligned, meter)})
             del G_t
     return records
 
@@ -391,7 +362,8 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                               "ms_ssim_scales": n_scales,
                               "novel_yaws": list(NOVEL_YAWS)},
                    "image_loss": sorted(loss_descriptions),
-                   "identity": "dlib face_recognition_model_v1 cosine; BlazeFace + dlib 68 landmarks on renders",
+                   "identity": ("dlib face_recognition_model_v1 cosine and Euclidean distance; BlazeFace + dlib 68 "
+                                "landmarks on renders"),
                    "datasets": counts, "rows": rows, "records": records, "wall_time_s": total,
                    "environment": {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                                    "python": platform.python_version()}}

@@ -97,6 +97,9 @@ def test_identity_of_the_input_with_itself():
         meter = _IdentityMeter(pipe, face.aligned.image, face.aligned.landmarks)
         assert meter(face.aligned.image) == pytest.approx(1.0, abs=0.02)
         assert meter(np.full((128, 128, 3), 128, np.uint8)) is None  # no face: no similarity
+        same = meter.measure(face.aligned.image)
+        assert same["cosine"] == pytest.approx(meter(face.aligned.image)) and same["distance"] < 0.2
+        assert meter.measure(np.full((128, 128, 3), 128, np.uint8)) is None
 
 
 # ----------------------------------------------------------------------------- invert3d

@@ -260,13 +260,20 @@ def make_inversion_config(algorithm: int, steps: int | None, pti: bool, pti_step
 
 
 class IdentityMeter:
-    """dlib identity cosine between the aligned input and generated images (``None`` where no face is found)."""
+    """dlib identity between the aligned input and generated images: ``meter(image)`` is the descriptors' cosine,
+    :meth:`measure` also their Euclidean distance (dlib's same-person rule: < 0.6); ``None`` where no face is found.
+    """
 
     def __init__(self, pipe: Any, reference: np.ndarray, reference_landmarks: np.ndarray) -> None:
         self.pipe, self.reference, self.reference_landmarks = pipe, reference, reference_landmarks
         self._ref: np.ndarray | None = None
 
     def __call__(self, image: np.ndarray) -> float | None:
+        m = self.measure(image)
+        return None if m is None else m["cosine"]
+
+    def measure(self, image: np.ndarray) -> dict[str, float] | None:
+        """``{"cosine", "distance"}`` of ``image``'s face against the reference, ``None`` where none is found."""
         from portrait3d.face.detect import select_face
         from portrait3d.face.errors import FaceError
         from portrait3d.face.identity import cosine_similarity, dlib_descriptor
@@ -280,7 +287,8 @@ class IdentityMeter:
             return None
         if self._ref is None:
             self._ref = dlib_descriptor(self.reference, self.reference_landmarks)
-        return float(cosine_similarity(self._ref, dlib_descriptor(image, lm)))
+        d = dlib_descriptor(image, lm)
+        return {"cosine": float(cosine_similarity(self._ref, d)), "distance": float(np.linalg.norm(self._ref - d))}
 
 
 @dataclass
