@@ -31,7 +31,7 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--pie-steps", type=(click.IntRange(0, 100000), click.IntRange(0, 100000)), default=(150, 100),
               help="PIE embedding steps per photo: in W, then in W+.")
 @click.option("--steps", type=click.IntRange(0, 100000), default=40,
-              help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 400).")
+              help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 300).")
 @click.option("--pti/--no-pti", default=False, help="Pivotal tuning of the generator after each 3D inversion.")
 @click.option("--project-steps", type=click.IntRange(1, 100000), default=100,
               help="2D projector steps per photo (NRSfM, LiftedGAN).")
