@@ -266,6 +266,22 @@ def test_inversion3d_seed_renders_views_video_and_mesh(tmp_path):
     assert mesh.name == "mesh.ply" and mesh.read_bytes().startswith(b"ply\n")
 
 
+@pytest.mark.parametrize("learned", [True, False])
+def test_inversion3d_photo_starts_from_the_shipped_pose_estimator(learned):
+    """As ``portrait3d invert3d``: the shipped P gives the start camera unless ``learned_init`` is off."""
+    a = Inversion3DAdapter(MethodSettings(invert_steps=0, learned_init=learned))
+    if not a.available().ok:
+        pytest.skip(f"built-in 3D network unavailable: {a.available().reason}")
+    from portrait3d.methods.inversion3d.pipeline import builtin_init_paths
+
+    if learned and builtin_init_paths("default-3d")[1] is None:
+        pytest.skip("default-3d ships no pose estimator")
+    state = a.embed(np.asarray(Image.open(shared_path(PHOTO)).convert("RGB")))
+    start = "pose estimator" if learned else "face pipeline (PnP head pose)"
+    assert f"start camera: {start}," in state.note, state.note
+    assert state.data["camera"].shape == (1, 25)
+
+
 @pytest.fixture(scope="module")
 def tiny_2d(tmp_path_factory):
     """A tiny random StyleGAN2 with an NRSfM editor (built by the CLI) and a random lifting model."""

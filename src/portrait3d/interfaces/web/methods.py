@@ -117,6 +117,9 @@ class MethodSettings:
         pie_models: PIE's folder of estimator and RigNets for ``network_2d`` (default: the shipped ones).
         pie_steps_w, pie_steps_wplus: PIE's embedding steps per photo in W, then in W+.
         invert_steps: 3D inversion optimiser steps per photo (few: the editor is interactive).
+        learned_init: start the 3D inversion from the latent encoder / pose estimator shipped beside a built-in
+            ``network_3d`` (as ``portrait3d invert3d --learned-init``); else from ``w_avg`` and the face pipeline's
+            camera.
         pti: pivotal tuning after the 3D inversion; pti_steps: its steps (``None``: the configuration's).
         project_steps: 2D projector steps per photo (NRSfM, LiftedGAN).
         truncation: truncation psi for seeds.
@@ -132,6 +135,7 @@ class MethodSettings:
     pie_steps_w: int = 150
     pie_steps_wplus: int = 100
     invert_steps: int = 40
+    learned_init: bool = True
     pti: bool = False
     pti_steps: int | None = None
     project_steps: int = 100
@@ -281,6 +285,7 @@ class Inversion3DAdapter(MethodAdapter):
     def __init__(self, settings: MethodSettings) -> None:
         super().__init__(settings)
         self._G: nn.Module | None = None
+        self._init: tuple[nn.Module | None, nn.Module | None] | None = None  # (encoder, pose estimator)
         # render_views caches the tri-planes on the generator between the views of one call: one call at a time
         self._render_lock = threading.Lock()
 
@@ -291,6 +296,16 @@ class Inversion3DAdapter(MethodAdapter):
             if self._G is None:
                 self._G, _ = load_generator(self.settings.network_3d, self.settings.device)
             return self._G
+
+    def _init_modules(self, G: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        """The shipped ``(encoder, pose estimator)`` that start a photo's inversion (each ``None`` if absent)."""
+        from portrait3d.methods.inversion3d.pipeline import builtin_init_paths, load_init_modules
+
+        with self._load_lock:
+            if self._init is None:
+                paths = builtin_init_paths(self.settings.network_3d) if self.settings.learned_init else (None, None)
+                self._init = load_init_modules(G, *paths, device=self.settings.device)
+            return self._init
 
     def available(self) -> Availability:
         from portrait3d.checkpoints.load import builtin_network_path
@@ -349,7 +364,7 @@ class Inversion3DAdapter(MethodAdapter):
         aligned = face.aligned.image
         target = to_tensor(aligned, dev)
         cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None, fast=True)
-        init_ws, init_camera, _ = initialise(G, target, face.camera, None, None)
+        init_ws, init_camera, how = initialise(G, target, face.camera, *self._init_modules(G))
         steps = max(cfg.steps, 1)
 
         def step(i: int, *_: Any) -> None:
@@ -367,7 +382,8 @@ class Inversion3DAdapter(MethodAdapter):
         return Embedding(self.key, "photo", {"G": G_out, "ws": ws, "camera": camera},
                          values={"yaw": yaw_c.clamp(float(yaw)), "pitch": pitch_c.clamp(float(pitch))},
                          aligned=aligned,
-                         note=f"{note}{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
+                         note=f"{note}start camera: {how['camera']}, latent: {how['latent']}; "
+                              f"{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
                               f"reconstruction PSNR {psnr(recon, aligned):.1f} dB.")
 
     def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
