@@ -1,9 +1,11 @@
-"""Face metrics of every snapshot of a StyleGAN2 run, to choose the one to ship.
+"""Face metrics of every snapshot of a StyleGAN2 or EG3D run, to choose the one to ship.
 
 For each ``snapshot-*/G_ema.safetensors`` of RUN (skipping those already in the output JSON), measures
-on ``--n`` samples (seeded latents, constant noise, no truncation) against ``--n-real`` training faces:
-FD-dlib, KID-dlib, BlazeFace detection rate, yaw/pitch spread ratios and identity-diversity ratio
-(:mod:`portrait3d.metrics.face_stats`), and optionally FID at ``--fid-n`` samples. With ``--holdout``
+on ``--n`` samples (seeded latents, constant noise, no truncation; EG3D: cameras drawn from the training labels,
+as the model card) against ``--n-real`` training faces: FD-dlib, KID-dlib, BlazeFace detection rate, yaw/pitch
+spread ratios and identity-diversity ratio (:mod:`portrait3d.metrics.face_stats`), the sharpness of the samples
+(variance of the Laplacian, :mod:`portrait3d.metrics.sharpness`; the training faces' is printed once), optionally
+FID at ``--fid-n`` samples and, for EG3D, issue 13's geometry checks on ``--geometry`` latents. With ``--holdout``
 (a built dataset of the held-out photos) it also prints the real-vs-real baseline once. Writes
 ``RUN/snapshot_metrics.json`` and ``RUN/snapshot_metrics.png`` (each metric against kimg).
 
@@ -24,9 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from portrait3d.checkpoints.load import load_network  # noqa: E402
-from portrait3d.metrics.face_stats import compare, dataset_face_stats, generator_face_stats  # noqa: E402
+from portrait3d.metrics.face_stats import compare, dataset_face_stats, measure_faces  # noqa: E402
+from portrait3d.metrics.fid import generated_batches, generator_sample_fn  # noqa: E402
+from portrait3d.metrics.sharpness import mean_laplacian_variance  # noqa: E402
+from portrait3d.networks.eg3d.triplane import TriPlaneGenerator  # noqa: E402
 
-PLOTTED = ("fd_dlib", "detection", "yaw_std_ratio", "identity_diversity_ratio", "fid")
+PLOTTED = ("fd_dlib", "detection", "yaw_std_ratio", "identity_diversity_ratio", "sharpness", "fid",
+           "identity_kept", "yaw_slope")
 
 
 def _plot(rows: list[dict], baseline: dict | None, path: Path) -> None:
@@ -61,11 +67,22 @@ def _plot(rows: list[dict], baseline: dict | None, path: Path) -> None:
 @click.option("--n", type=click.IntRange(10), default=300, help="Samples per snapshot.")
 @click.option("--n-real", type=click.IntRange(10), default=2000, help="Training faces of the reference.")
 @click.option("--fid-n", type=click.IntRange(0), default=0, help="FID samples per snapshot (0 = no FID).")
+@click.option("--geometry", type=click.IntRange(0), default=0,
+              help="EG3D: issue 13's geometry checks on this many latents per snapshot (0 = none).")
 @click.option("--every", type=click.IntRange(1), default=1, help="Only every k-th snapshot.")
 @click.option("--threads", type=click.IntRange(1), default=1)
-def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_real: int, fid_n: int, every: int,
-         threads: int) -> None:
+def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_real: int, fid_n: int, geometry: int,
+         every: int, threads: int) -> None:
+    import numpy as np
+
+    from portrait3d.face.dataset import AlignedFaceDataset
+
     torch.set_num_threads(threads)
+    labels = json.loads((data / "labels.json").read_text())["labels"]
+    cameras = torch.tensor([c for _, c in labels], dtype=torch.float32)
+    ds = AlignedFaceDataset(data, mirror=False)
+    print(f"sharpness of {min(n, len(ds))} training faces:",
+          round(mean_laplacian_variance(ds.images[i] for i in range(min(n, len(ds)))), 5))
     ref = dataset_face_stats(data, n_real, progress=True)
     baseline = None
     if holdout is not None:
@@ -82,16 +99,27 @@ def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_rea
             t0 = time.time()
             G = load_network(snap / "G_ema.safetensors").eval()
             state = json.loads((snap / "state.json").read_text())
-            m = compare(generator_face_stats(G, n, seed=0), ref)
-            row = {"snapshot": snap.name, "kimg": state["kimg"], "resolution": G.img_resolution, "n": n, **m}
+            cams = cameras if isinstance(G, TriPlaneGenerator) else None
+            images = np.concatenate(list(generated_batches(generator_sample_fn(G, seed=0, cameras=cams), n, 16)))
+            m = compare(measure_faces(images), ref)
+            row = {"snapshot": snap.name, "kimg": state["kimg"], "resolution": G.img_resolution, "n": n, **m,
+                   "sharpness": mean_laplacian_variance(images)}
             if fid_n:
-                from portrait3d.metrics.fid import compute_fid, generator_sample_fn
+                from portrait3d.metrics.fid import compute_fid
 
-                row["fid"] = compute_fid(generator_sample_fn(G, seed=0), data, n_gen=fid_n, progress=False)
+                row["fid"] = compute_fid(generator_sample_fn(G, seed=0, cameras=cams), data, n_gen=fid_n,
+                                         progress=False)
                 row["fid_n"] = fid_n
+            if geometry and isinstance(G, TriPlaneGenerator):
+                from portrait3d.metrics.geometry3d import geometry_checks
+
+                geo = geometry_checks(G, n=geometry, seed=0)
+                row.update(identity_kept=geo.identity_kept, yaw_slope=geo.yaw_slope, nose_nearer=geo.nose_nearer,
+                           detection_turned=min(geo.detection.values()), geometry_n=geometry)
             row["eval_s"] = round(time.time() - t0, 1)
             rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in row.items()}
+            print(json.dumps(shown), flush=True)
             tmp = out.with_name(out.name + ".tmp")
             tmp.write_text(json.dumps({"baseline": baseline, "n_real": n_real, "rows": rows}, indent=1))
             tmp.replace(out)
