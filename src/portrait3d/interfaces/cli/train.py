@@ -731,7 +731,7 @@ def load_pose_for_eval(path: Path, G: nn.Module) -> inv.PoseEstimator:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @fail_cleanly
 def _pack_snapshot(snapshot: Path, out: Path) -> None:
-    """Write SNAPSHOT's weights in float16 and its optimiser state compactly into OUT (for a device round trip).
+    """Write a StyleGAN2 or EG3D SNAPSHOT's weights in float16 and its counters into OUT (for a device round trip).
 
     \b
     Example:
@@ -753,3 +753,29 @@ def _unpack_snapshot(packed: Path, run_dir: Path) -> None:
       portrait3d train unpack-snapshot returned/snapshot runs/sg2
     """
     click.echo(str(transfer.unpack_snapshot(packed, run_dir)))
+
+
+@train.command("pack-teacher")
+@click.argument("teacher", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--n", type=click.IntRange(1), default=1000, show_default=True,
+              help="Latents to keep (evenly spaced), each with all its views.")
+@fail_cleanly
+def _pack_teacher(teacher: Path, out: Path, n: int) -> None:
+    """Pack N latents of a teacher set (views as JPEGs, meshes in float16) into one .npz for a device call.
+
+    \b
+    Example:
+      portrait3d train pack-teacher ~/.cache/portrait3d/teacher-2d .device/teacher.npz --n 800
+    """
+    info = transfer.pack_teacher(teacher, out, n)
+    click.echo(f"{out}: {info['latents']} latents x {info['views']} views ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+@train.command("unpack-teacher")
+@click.argument("packed", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@fail_cleanly
+def _unpack_teacher(packed: Path, out: Path) -> None:
+    """Write a file made by pack-teacher back as a teacher-set folder (for `train eg3d --distill`)."""
+    click.echo(f"{out}: {transfer.unpack_teacher(packed, out)} latents")
