@@ -4,9 +4,11 @@ Two tables, each measured in one run on this machine:
 
 1. **Training cost** of one full ``cpu-proj`` step (G main with the camera-conditioned projected D, D main, lazy
    density regularisation), random weights, for the preset and each single change from it: samples per ray,
-   neural-rendering resolution, tri-plane width and tri-plane resolution. Prints images/s and the ratio to the
-   preset. (What a changed setting does to the *trained* quality needs a training run per row; only the
-   inference-time settings below can be judged on the shipped weights.)
+   neural-rendering resolution, tri-plane width, tri-plane resolution, and the discriminator (EG3D's dual pixel D
+   with its lazy R1, or both). Prints images/s and the ratio to the preset. Lazy regularisers run every 4 (G) /
+   16 (D) steps: time at least 16 steps (``--steps``) for their cost to be amortised as in training. (What a
+   changed setting does to the *trained* quality needs a training run per row; only the inference-time settings
+   below can be judged on the shipped weights.)
 2. **Inference quality** of a trained generator (default ``default-3d``) when rendered with fewer or more samples
    per ray, or at a higher neural-rendering resolution than it was trained at: seconds per image, PSNR of the
    128 px image against the densest render of the same latent and camera, and the geometry checks of
@@ -47,6 +49,8 @@ TRAIN_VARIANTS = {
     "64 px neural rendering": {"nrr": 64},
     "16-channel planes": {"plane_channels": 16},
     "64 px planes": {"plane_resolution": 64},
+    "EG3D's dual pixel D (R1) instead of the projected D": {"discriminator": "stylegan2"},
+    "both discriminators": {"discriminator": "both"},
 }
 
 # name -> (coarse samples, importance samples, neural rendering resolution) at inference
@@ -65,6 +69,8 @@ def _train_config(change: dict) -> E.EG3DTrainConfig:
     for key in ("plane_channels", "plane_resolution"):
         if key in change:
             setattr(g, key, change[key])
+    if "discriminator" in change:
+        cfg.discriminator = change["discriminator"]
     cfg.validate()
     return cfg
 
@@ -131,21 +137,28 @@ def inference_quality(network: str, n: int, seed: int) -> dict:
 @click.option("--threads", type=click.IntRange(1), default=1)
 @click.option("--seed", type=int, default=0)
 @click.option("--skip-training", is_flag=True, help="Only the inference table.")
+@click.option("--skip-inference", is_flag=True, help="Only the training table.")
+@click.option("--only", multiple=True, type=click.Choice(sorted(TRAIN_VARIANTS)),
+              help="Training rows to time (default: all; the preset row is always timed first, as the reference).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(network: str, n: int, steps: int, warmup: int, threads: int, seed: int, skip_training: bool,
-         json_path: Path | None) -> None:
+         skip_inference: bool, only: tuple[str, ...], json_path: Path | None) -> None:
     torch.set_num_threads(threads)
     result: dict = {"threads": threads}
     if not skip_training:
         print(f"training step, cpu-proj (bf16, channels_last), {threads} thread(s):")
         train = {}
+        preset_row = next(iter(TRAIN_VARIANTS))
         for name, change in TRAIN_VARIANTS.items():
+            if only and name not in only and name != preset_row:
+                continue
             train[name] = time_training(change, steps, warmup)
             base = next(iter(train.values()))["img_per_s"]
             print(f"  {name:62s} {train[name]['img_per_s']:5.2f} img/s  x{train[name]['img_per_s'] / base:4.2f}")
         result["training"] = train
-    print(f"inference, {network}, {n} latents at yaw -30/0/+30 (PSNR against 96+96 samples per ray):")
-    result["inference"] = inference_quality(network, n, seed)
+    if not skip_inference:
+        print(f"inference, {network}, {n} latents at yaw -30/0/+30 (PSNR against 96+96 samples per ray):")
+        result["inference"] = inference_quality(network, n, seed)
     print(json.dumps(result, indent=1, default=float))
     if json_path is not None:
         write_json(json_path, result, overwrite=True)
