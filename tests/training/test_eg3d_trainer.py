@@ -223,6 +223,30 @@ def test_distillation_trains_g_and_leaves_d_alone_without_adversary(adversarial,
     assert d_same == (not adversarial) and not g_same
 
 
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_discriminator_warm_up_keeps_the_adversarial_term_from_g(with_teacher, data, tmp_path):
+    """During --d-warmup the fresh D trains and G gets no adversarial gradient: it learns only from the teacher,
+    or stays exactly as it was without one; afterwards G's adversarial term starts."""
+    from portrait3d.training.snapshots import load_training_state
+
+    cfg = tiny_config(4)
+    cfg.d_warmup_kimg = 2 * cfg.run.batch / 1000  # the first two steps
+    if with_teacher:
+        cfg.distill = str(_teacher_set(tmp_path / "teacher", data))
+    out = tmp_path / "run"
+    cfg.run.snapshot_kimg = 2 * cfg.run.batch / 1000
+    E.train_eg3d(cfg, data, out)
+    rec = [r for r in _records(out) if "loss_D" in r]
+    assert [("loss_G" in r) for r in rec] == [False, False, True, True]
+    assert all(("distill_rec" in r) == with_teacher for r in rec)
+    fresh, warm = E.build_networks(cfg, torch.device("cpu")), E.build_networks(cfg, torch.device("cpu"))
+    load_training_state(out / "snapshot-00000002", warm, "eg3d")
+    # parameters, not buffers: D's steps still track w_avg in G's mapping, as in any run
+    g_same = all(torch.equal(a, b) for a, b in zip(fresh.G.parameters(), warm.G.parameters()))
+    d_same = all(torch.equal(a, b) for a, b in zip(fresh.D.parameters(), warm.D.parameters()))
+    assert g_same == (not with_teacher) and not d_same
+
+
 def test_distillation_refuses_nothing_to_learn_from():
     cfg = tiny_config(1)
     cfg.adversarial = False

@@ -100,6 +100,8 @@ class EG3DTrainConfig(ConfigMixin):
     PD: ProjectedDiscriminatorConfig = field(default_factory=lambda: ProjectedDiscriminatorConfig(c_dim=25))
     projected_weight: float = 1.0        # 'both': weight of the projected part of the losses
     adversarial: bool = True             # False: no discriminator steps (pure distillation)
+    d_warmup_kimg: float = 0.0           # D trains alone this long before G's adversarial term starts (fine-tuning
+                                         # from a trained G with a fresh D; G keeps its distillation meanwhile)
     distill: str | None = None           # a teacher set (portrait3d.training.teacher) to distil from, or None
     distill_weight: float = 1.0          # reconstruction of the teacher samples (L1 + perceptual)
     distill_perceptual: float = 0.25     # weight of the perceptual term inside the reconstruction
@@ -132,7 +134,7 @@ class EG3DTrainConfig(ConfigMixin):
         if not self.adversarial and self.distill is None:
             raise UsageError("without the adversarial loss there is nothing to train on: give a teacher set (distill)")
         for name in ("distill_weight", "distill_perceptual", "distill_depth_weight", "distill_depth_scale",
-                     "distill_spread_weight"):
+                     "distill_spread_weight", "d_warmup_kimg"):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise UsageError(f"{name} must be a finite number >= 0")
 
@@ -363,7 +365,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
         def g_main(shard: Shard) -> torch.Tensor:
             r = rnd("Gmain", shard)
             loss = torch.zeros([], device=info.device)
-            if cfg.adversarial:
+            if cfg.adversarial and images_seen >= cfg.d_warmup_kimg * 1000:  # after the D warm-up
                 with fast.autocast(info.device):
                     out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
                     logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
@@ -417,7 +419,9 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             note("r1_penalty", penalty)
             return (penalty * (gamma / 2)).mean()
 
-        return gan_step(nets, info, step, shards, parts, g_main, g_reg,
+        warming_up = cfg.adversarial and images_seen < cfg.d_warmup_kimg * 1000
+        # while the fresh D warms up G learns only from the teacher; without one it waits
+        return gan_step(nets, info, step, shards, parts, None if warming_up and teacher is None else g_main, g_reg,
                         (lambda s, p: d_main(s, *p)) if cfg.adversarial else None, lambda s, p: d_reg(s, *p),
                         g_reg_interval=cfg.G_reg_interval if density_reg > 0 else None,
                         d_reg_interval=cfg.D_reg_interval if gamma > 0 and cfg.adversarial else None, stats=stats)

@@ -54,17 +54,19 @@ def optimizer_phase(module: nn.Module, opt: torch.optim.Optimizer, info: DistInf
 
 
 def gan_step(nets: "Networks", info: DistInfo, step: int, shards: Sequence[Any], parts: Sequence[Any],
-             g_main: Callable[[Any], torch.Tensor], g_reg: Callable[[Any], torch.Tensor],
+             g_main: Callable[[Any], torch.Tensor] | None, g_reg: Callable[[Any], torch.Tensor],
              d_main: Callable[[Any, Any], torch.Tensor] | None, d_reg: Callable[[Any, Any], torch.Tensor], *,
              g_reg_interval: int | None, d_reg_interval: int | None,
              stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """One GAN training step as in StyleGAN2-ADA: G main, lazy G regulariser, D main, lazy D
     regulariser (a regulariser runs every ``*_reg_interval`` steps with its loss scaled by the
     interval; ``None`` disables it). ``g_*`` take a shard, ``d_*`` a shard and its real-data part.
-    ``d_main=None`` skips the discriminator (a generator trained without one, e.g. by distillation).
+    ``d_main=None`` skips the discriminator (a generator trained without one, e.g. by distillation);
+    ``g_main=None`` skips both generator phases (a fresh discriminator warming up against a fixed generator).
     Returns the mean of each statistic collected in ``stats`` during the step."""
-    optimizer_phase(nets.G, nets.opt_G, info, [lambda s=s: g_main(s) for s in shards])
-    if g_reg_interval and step % g_reg_interval == 0:
+    if g_main is not None:
+        optimizer_phase(nets.G, nets.opt_G, info, [lambda s=s: g_main(s) for s in shards])
+    if g_main is not None and g_reg_interval and step % g_reg_interval == 0:
         optimizer_phase(nets.G, nets.opt_G, info, [lambda s=s: g_reg(s) for s in shards], gain=g_reg_interval)
     if d_main is not None:
         optimizer_phase(nets.D, nets.opt_D, info, [lambda s=s, p=p: d_main(s, p) for s, p in zip(shards, parts)])

@@ -200,6 +200,9 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
                  help="Weight of the depth spread along the teacher renders' rays (surfaces, not fog) [1]."),
     click.option("--adversarial/--no-adversarial", default=True, show_default=True,
                  help="Train against the discriminator (--no-adversarial: distillation only, needs --distill)."),
+    click.option("--d-warmup", type=FiniteFloat(0), default=None,
+                 help="kimg the fresh discriminator trains alone before G's adversarial term starts (fine-tuning a "
+                      "trained G with --init-from; G keeps its distillation meanwhile) [0]."),
 ])
 @fail_cleanly
 def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
@@ -207,7 +210,7 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
          gpc_prob: float | None, blur_fade: float | None, policy: str | None, discriminator: str | None,
          init_2d: str | None, init_from: str | None, distill: Path | None, distill_weight: float | None,
          distill_depth_weight: float | None, distill_spread_weight: float | None, adversarial: bool,
-         **overrides: Any) -> None:
+         d_warmup: float | None, **overrides: Any) -> None:
     """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun).
 
     \b
@@ -228,7 +231,8 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
     for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
                     ("blur_fade_kimg", blur_fade), ("discriminator", discriminator),
                     ("distill", None if distill is None else str(distill)), ("distill_weight", distill_weight),
-                    ("distill_depth_weight", distill_depth_weight), ("distill_spread_weight", distill_spread_weight)):
+                    ("distill_depth_weight", distill_depth_weight), ("distill_spread_weight", distill_spread_weight),
+                    ("d_warmup_kimg", d_warmup)):
         if v is not None:
             setattr(cfg, name, v)
     cfg.adversarial = adversarial
