@@ -190,7 +190,9 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
                       "default-2d) where shapes match; a new run only."),
     click.option("--init-from", type=str, default=None,
                  help="Start a new run from this trained generator's weights (checkpoint or built-in name, e.g. "
-                      "default-3d) with a fresh discriminator: how training continues when the run folder is gone."),
+                      "default-3d) with a fresh discriminator: how training continues when the run folder is gone. "
+                      "To fine-tune, add --blur-fade 0 (EG3D's start-up blur would hide the detail from D for "
+                      "50 kimg) and consider --d-warmup."),
     click.option("--distill", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                  help="Also fit the renders to this teacher set's samples (portrait3d train teacher-set), with "
                       "their face-mesh depth."),
