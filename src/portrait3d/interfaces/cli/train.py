@@ -764,15 +764,15 @@ def _unpack_snapshot(packed: Path, run_dir: Path) -> None:
 @train.command("pack-teacher")
 @click.argument("teacher", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--n", type=click.IntRange(1), default=1000, show_default=True,
-              help="Latents to keep (evenly spaced), each with all its views.")
+@click.option("--n", type=click.IntRange(1), default=500, show_default=True,
+              help="Latents to keep (evenly spaced), each with all its views (~21 KB each with two turned views).")
 @fail_cleanly
 def _pack_teacher(teacher: Path, out: Path, n: int) -> None:
     """Pack N latents of a teacher set (views as JPEGs, meshes in float16) into one .npz for a device call.
 
     \b
     Example:
-      portrait3d train pack-teacher ~/.cache/portrait3d/teacher-2d .device/teacher.npz --n 800
+      portrait3d train pack-teacher ~/.cache/portrait3d/teacher-2d .device/teacher.npz --n 500
     """
     info = transfer.pack_teacher(teacher, out, n)
     click.echo(f"{out}: {info['latents']} latents x {info['views']} views ({out.stat().st_size / 2**20:.1f} MiB)")
