@@ -15,7 +15,7 @@ fit, so this module packs both compactly:
   differ).
 
 * ``pack-teacher``: ``N`` latents of a teacher set (:mod:`portrait3d.training.teacher`) with all their views as
-  JPEG bytes, cameras, latents and meshes (float16 pixels) in one ``.npz`` (about 25 KB a latent with two turned
+  JPEG bytes, cameras, latents and meshes (float16 pixels) in one ``.npz`` (about 21 KB a latent with two turned
   views); ``unpack-teacher`` writes a teacher-set folder back, so an EG3D run keeps its distillation on the device.
 
 ``scripts/device_train.sh`` strings these together on the device; the module docstring of that
