@@ -78,9 +78,8 @@ def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_rea
     from portrait3d.face.dataset import AlignedFaceDataset
 
     torch.set_num_threads(threads)
-    labels = json.loads((data / "labels.json").read_text())["labels"]
-    cameras = torch.tensor([c for _, c in labels], dtype=torch.float32)
     ds = AlignedFaceDataset(data, mirror=False)
+    cameras = ds.cameras  # the training labels: EG3D samples are rendered from them
     print(f"sharpness of {min(n, len(ds))} training faces:",
           round(mean_laplacian_variance(ds.images[i] for i in range(min(n, len(ds)))), 5))
     ref = dataset_face_stats(data, n_real, progress=True)

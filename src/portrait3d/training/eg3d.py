@@ -349,6 +349,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
         nrr = neural_rendering_resolution(cfg, images_seen)
         swap = swapping_prob(cfg, images_seen)
         sigma = blur_sigma(cfg, images_seen)
+        warming_up = cfg.adversarial and images_seen < cfg.d_warmup_kimg * 1000  # the fresh D trains alone
         real_raw_all = filtered_resizing(real_all, nrr)
         if cfg.blur_raw_target:
             real_raw_all = gaussian_blur(real_raw_all, sigma)
@@ -365,7 +366,7 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
         def g_main(shard: Shard) -> torch.Tensor:
             r = rnd("Gmain", shard)
             loss = torch.zeros([], device=info.device)
-            if cfg.adversarial and images_seen >= cfg.d_warmup_kimg * 1000:  # after the D warm-up
+            if cfg.adversarial and not warming_up:
                 with fast.autocast(info.device):
                     out, c = _generate(G, r, cams, swap, nrr, cfg.style_mixing_prob, False, kw)
                     logits = _discriminate(D, out, c, r, cfg.augment, sigma, kw)
@@ -419,7 +420,6 @@ def make_step(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo, cams: torch.
             note("r1_penalty", penalty)
             return (penalty * (gamma / 2)).mean()
 
-        warming_up = cfg.adversarial and images_seen < cfg.d_warmup_kimg * 1000
         # while the fresh D warms up G learns only from the teacher; without one it waits
         return gan_step(nets, info, step, shards, parts, None if warming_up and teacher is None else g_main, g_reg,
                         (lambda s, p: d_main(s, *p)) if cfg.adversarial else None, lambda s, p: d_reg(s, *p),
