@@ -299,3 +299,33 @@ def test_perceptual_no_upsample_uses_the_image_size_up_to_224(tiny_eg3d):
     assert "at 48 px" in explicit.loss_description
     assert make_inversion_config(1, None, False, None, None, fast=True).perceptual_no_upsample
     assert not make_inversion_config(1, None, False, None, None, fast=False).perceptual_no_upsample
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_camera_steps_share_one_backbone_pass_and_change_nothing(tiny_eg3d, monkeypatch, precision):
+    """While w is fixed, the camera render and the canonical render reuse one set of tri-planes: one backbone
+    pass fewer per camera step, and the same optimisation to the bit."""
+    import portrait3d.methods.inversion3d.optimize as optimize
+
+    G = tiny_eg3d
+    _, _, target = _eg3d_problem(G)
+    c0 = camera_from_angles([TRUE_YAW + 10], [TRUE_PITCH])
+    calls = {"n": 0}
+    forward = G.backbone.synthesis.forward
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(G.backbone.synthesis, "forward", counted)
+    cfg = _cfg(algorithm=1, steps=12, lr_w=0.005, precision=precision)
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(optimize, "supports_planes", lambda _G, reuse=reuse: reuse)
+        calls["n"] = 0
+        res = invert(G, target, None, c0, cfg, progress=False)
+        runs[reuse] = (calls["n"], res)
+    (n_reuse, a), (n_plain, b) = runs[True], runs[False]
+    assert n_plain - n_reuse == 6  # one pass fewer in each of the 6 camera steps
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert torch.equal(a.ws, b.ws) and torch.equal(a.camera, b.camera) and torch.equal(a.image, b.image)

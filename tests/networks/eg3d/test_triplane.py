@@ -41,6 +41,20 @@ def test_gradients_reach_ws_and_camera(tiny_eg3d):
     assert ws.grad.abs().sum() > 0 and c.grad[:, :16].abs().sum() > 0
 
 
+def test_given_planes_render_as_the_backbone_would_and_still_carry_the_camera_gradient(tiny_eg3d):
+    G = tiny_eg3d
+    c = camera_from_angles([0.0, 25.0], [0.0, -10.0])
+    ws = G.mapping(torch.randn(2, 32), c)
+    planes = G.planes(ws, noise_mode="const")
+    assert planes.shape[:3] == (2, 3, G.config.plane_channels)
+    full = G.synthesis(ws, c, noise_mode="const", deterministic=True)
+    given = G.synthesis(ws, c, noise_mode="const", deterministic=True, planes=planes)
+    assert all(torch.equal(full[k], given[k]) for k in full)
+    cam = c[:1].clone().requires_grad_(True)
+    G.synthesis(ws[:1], cam, noise_mode="const", deterministic=True, planes=planes[:1])["image"].mean().backward()
+    assert cam.grad[:, :16].abs().sum() > 0
+
+
 def test_density_grid(tiny_eg3d):
     ws = tiny_eg3d.mapping(torch.randn(1, 32), camera_from_angles([0.0], [0.0]))
     sigma, corner, voxel = tiny_eg3d.density_grid(ws, resolution=12, max_batch=500)

@@ -107,17 +107,27 @@ def depth_smoothness(depth: torch.Tensor, order: int = 1) -> torch.Tensor:
     return dy.square().mean() + dx.square().mean()
 
 
-def _supports_deterministic(G: nn.Module) -> bool:
+def _synthesis_takes(G: nn.Module, name: str) -> bool:
     try:
-        return "deterministic" in inspect.signature(G.synthesis).parameters
+        return name in inspect.signature(G.synthesis).parameters
     except (TypeError, ValueError):
         return False
 
 
+def _supports_deterministic(G: nn.Module) -> bool:
+    return _synthesis_takes(G, "deterministic")
+
+
+def supports_planes(G: nn.Module) -> bool:
+    """Whether ``G`` computes tri-planes alone (``G.planes(ws)``) and renders given ones (``synthesis(planes=)``)."""
+    return callable(getattr(G, "planes", None)) and _synthesis_takes(G, "planes")
+
+
 def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool = True,
-           rendering: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+           rendering: dict[str, Any] | None = None, planes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``G.synthesis(ws, c, noise_mode='const')`` with deterministic ray sampling when supported (``rendering``:
-    rendering settings overridden for this call, e.g. fewer samples per ray).
+    rendering settings overridden for this call, e.g. fewer samples per ray; ``planes``: ``ws``'s tri-planes,
+    already computed, for generators whose synthesis takes them).
 
     EG3D's synthesis takes the camera once: it places the rays (and the mapping network, which
     we do not run here, would take it as conditioning); ``ws [N, num_ws, w_dim]``, ``c [N, 25]`` ->
@@ -128,6 +138,8 @@ def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool 
         kw["deterministic"] = True
     if rendering:
         kw["rendering"] = rendering
+    if planes is not None:
+        kw["planes"] = planes
     return G.synthesis(ws, c, **kw)
 
 

@@ -276,7 +276,8 @@ class TriPlaneGenerator(nn.Module):
     def synthesis(self, ws: torch.Tensor | WTri, c: torch.Tensor, neural_rendering_resolution: int | None = None,
                   update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
                   deterministic: bool = False, random: RandomSource | None = None, depth_spread: bool = False,
-                  rendering: dict[str, Any] | None = None, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+                  rendering: dict[str, Any] | None = None, planes: torch.Tensor | None = None,
+                  **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
         """Render ``ws`` from camera ``c``.
 
         Args:
@@ -287,12 +288,16 @@ class TriPlaneGenerator(nn.Module):
                 ``depth_resolution_importance``, the samples per ray).
             random: source of the backbone noise (``noise_mode='random'``), ray jitter, importance samples and
                 density noise (:class:`~portrait3d.networks.ops.RandomSource`; the global RNG when None).
+            planes: ``ws``'s tri-planes ``[N, 3, C, H, W]`` from :meth:`planes` (same noise), to render several
+                cameras of one fixed ``ws`` without running the backbone again; the backbone is skipped.
         Returns:
             ``image [N,3,R,R]``, ``image_raw [N,3,r,r]``, ``image_depth [N,1,r,r]``; with ``depth_spread``
             also ``image_depth_spread [N,1,r,r]`` (how far each ray's opacity spreads around its depth).
         """
         _check_camera(c)
-        if use_cached_backbone and self._last_planes is not None:
+        if planes is not None:
+            pass
+        elif use_cached_backbone and self._last_planes is not None:
             planes = self._last_planes
         else:
             planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
