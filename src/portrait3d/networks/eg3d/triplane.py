@@ -234,8 +234,8 @@ class TriPlaneGenerator(nn.Module):
         ``batched``: the three runs as one call on a ``3N`` batch, so each modulated convolution is one grouped
         convolution over (sample, plane) pairs; else three calls (the default: on this CPU, default-3d, batch 4,
         one thread, the three calls took 0.68x the grouped call's time forward and 0.46x forward + backward in
-        bf16, ``bench/bench_wtri_planes.py``). Same result either way. (Noise: ``noise_mode`` 'const' or 'none'; per-plane runs would otherwise draw
-        different noise.)"""
+        bf16, ``bench/bench_wtri_planes.py``). Same result either way. (Noise: ``noise_mode`` 'const' or 'none';
+        per-plane runs would otherwise draw different noise.)"""
         syn = self.backbone.synthesis
         if synthesis_kwargs.get("noise_mode", "random") == "random":
             raise ValueError("planes_wtri needs noise_mode 'const' or 'none' (one noise for the three runs)")
