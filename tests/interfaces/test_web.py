@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import make_cli_stylegan2, run_cli, shared_path
+from tests.conftest import make_cli_stylegan2, make_tiny_eg3d, run_cli, shared_path
 
+from portrait3d.errors import UsageError
 from portrait3d.face.errors import ImageReadError, ImageSizeError
 from portrait3d.interfaces.web.methods import (
     ADAPTERS,
@@ -280,6 +281,49 @@ def test_inversion3d_photo_starts_from_the_shipped_pose_estimator(learned):
     start = "pose estimator" if learned else "face pipeline (PnP head pose)"
     assert f"start camera: {start}," in state.note, state.note
     assert state.data["camera"].shape == (1, 25)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_inversion3d_photo_starts_from_a_wtri_encoder(tmp_path, steps):
+    """With a W_tri encoder (Oh & Jo) the photo is encoded in one pass first: with no optimiser steps the encoder's
+    code itself is the embedding (its per-plane rows kept), with some it is the optimiser's start."""
+    from portrait3d import save_network
+    from portrait3d.methods.wtri.encoder import WTriEncoder, WTriEncoderConfig
+    from portrait3d.networks.eg3d.triplane import WTri
+
+    torch.set_num_threads(1)
+    G = make_tiny_eg3d()
+    torch.manual_seed(0)
+    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, width=8, layers=(1, 1, 1, 1), head_channels=16,
+                                                      fpn_channels=8, input_size=64, iterations=2))
+    with torch.no_grad():
+        enc.mlp[-1].weight.normal_(0, 0.01)
+    settings = MethodSettings(network_3d=str(save_network(G, tmp_path / "g.safetensors")), invert_steps=steps,
+                              wtri_encoder=enc.save(tmp_path / "enc.safetensors"), orbit_frames=3,
+                              mesh_resolution=24)
+    a = Inversion3DAdapter(settings)
+    state = a.embed(np.asarray(Image.open(shared_path(PHOTO)).convert("RGB")))
+    assert "latent: W_tri encoder;" in state.note and f"{steps} inversion steps" in state.note, state.note
+    ws = state.data["ws"]
+    if steps == 0:
+        assert isinstance(ws, WTri) and not torch.equal(ws.planes[:, 0], ws.planes[:, 1])
+    else:
+        assert isinstance(ws, torch.Tensor) and ws.shape == (1, G.num_ws, G.w_dim)
+    turned = a.render(state, {"yaw": 20.0})
+    assert turned.shape == (G.img_resolution, G.img_resolution, 3)
+    assert not np.array_equal(turned, a.render(state, {"yaw": -20.0}))
+    assert len(a.orbit_frames(state)) == 3
+    assert a.write_mesh(state, tmp_path).is_file()
+
+
+def test_a_missing_wtri_encoder_file_is_a_clean_error(tmp_path):
+    from portrait3d import save_network
+
+    net = save_network(make_tiny_eg3d(), tmp_path / "g.safetensors")
+    a = Inversion3DAdapter(MethodSettings(network_3d=str(net), invert_steps=0,
+                                          wtri_encoder=tmp_path / "none.safetensors"))
+    with pytest.raises(UsageError, match="no such W_tri encoder file"):
+        a.embed(np.asarray(Image.open(shared_path(PHOTO)).convert("RGB")))
 
 
 @pytest.fixture(scope="module")

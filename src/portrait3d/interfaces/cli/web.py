@@ -35,6 +35,10 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--learned-init/--no-learned-init", default=True, show_default=True,
               help="Start each 3D inversion from the encoder / pose estimator shipped beside a built-in --network-3d "
                    "(as portrait3d invert3d); off: w_avg and the face pipeline's camera.")
+@click.option("--wtri-encoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              show_default="models/wtri/<network-3d>.safetensors when shipped (none is yet)",
+              help="W_tri encoder (portrait3d train wtri) for --network-3d: a photo is encoded in one pass (about "
+                   "0.5 s), then refined by --steps optimiser steps; --steps 0 keeps the encoder's code.")
 @click.option("--pti/--no-pti", default=False, help="Pivotal tuning of the generator after each 3D inversion.")
 @click.option("--project-steps", type=click.IntRange(1, 100000), default=100,
               help="2D projector steps per photo (NRSfM, LiftedGAN).")
@@ -47,7 +51,8 @@ from portrait3d.utils.compute import setup_compute
 @compute_options
 @fail_cleanly
 def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path | None, lifted_path: Path | None,
-        pie_models: Path | None, pie_steps: tuple[int, int], steps: int, learned_init: bool, pti: bool,
+        pie_models: Path | None, pie_steps: tuple[int, int], steps: int, learned_init: bool,
+        wtri_encoder: Path | None, pti: bool,
         project_steps: int, orbit_frames: int, mesh_resolution: int, max_upload_mb: float, max_megapixels: float,
         threads: int | None, device: str) -> None:
     """Start the browser portrait editor on http://HOST:PORT (offline; Ctrl-C stops it).
@@ -74,7 +79,8 @@ def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path
 
     methods = MethodSettings(network_3d=network_3d, network_2d=network_2d, nrsfm_path=nrsfm_path,
                              lifted_path=lifted_path, pie_models=pie_models, pie_steps_w=pie_steps[0],
-                             pie_steps_wplus=pie_steps[1], invert_steps=steps, learned_init=learned_init, pti=pti,
+                             pie_steps_wplus=pie_steps[1], invert_steps=steps, learned_init=learned_init,
+                             wtri_encoder=wtri_encoder, pti=pti,
                              project_steps=project_steps, orbit_frames=orbit_frames, mesh_resolution=mesh_resolution,
                              device=device)
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6))

@@ -120,6 +120,10 @@ class MethodSettings:
         learned_init: start the 3D inversion from the latent encoder / pose estimator shipped beside a built-in
             ``network_3d`` (as ``portrait3d invert3d --learned-init``); else from ``w_avg`` and the face pipeline's
             camera.
+        wtri_encoder: a W_tri encoder file (Oh & Jo, ``portrait3d train wtri``) for ``network_3d``: a photo is
+            first encoded in one pass (about half a second on CPU), then refined by ``invert_steps`` optimiser
+            steps (0: the encoder's code alone). Default: the one shipped for a built-in ``network_3d`` when
+            ``learned_init`` is on and one ships (none does yet).
         pti: pivotal tuning after the 3D inversion; pti_steps: its steps (``None``: the configuration's).
         project_steps: 2D projector steps per photo (NRSfM, LiftedGAN).
         truncation: truncation psi for seeds.
@@ -136,6 +140,7 @@ class MethodSettings:
     pie_steps_wplus: int = 100
     invert_steps: int = 40
     learned_init: bool = True
+    wtri_encoder: Path | None = None
     pti: bool = False
     pti_steps: int | None = None
     project_steps: int = 100
@@ -286,6 +291,7 @@ class Inversion3DAdapter(MethodAdapter):
         super().__init__(settings)
         self._G: nn.Module | None = None
         self._init: tuple[nn.Module | None, nn.Module | None] | None = None  # (encoder, pose estimator)
+        self._wtri: list[nn.Module | None] = []                                # [] until looked for
         # render_views caches the tri-planes on the generator between the views of one call: one call at a time
         self._render_lock = threading.Lock()
 
@@ -306,6 +312,23 @@ class Inversion3DAdapter(MethodAdapter):
                 paths = builtin_init_paths(self.settings.network_3d) if self.settings.learned_init else (None, None)
                 self._init = load_init_modules(G, *paths, device=self.settings.device)
             return self._init
+
+    def _wtri_encoder(self, G: nn.Module) -> nn.Module | None:
+        """The W_tri encoder that encodes a photo before the optimiser (``None``: none given and none ships)."""
+        from portrait3d.checkpoints.load import builtin_network_path
+        from portrait3d.interfaces.encode3d import default_encoder_path, load_wtri_encoder
+
+        with self._load_lock:
+            if not self._wtri:
+                s = self.settings
+                path = s.wtri_encoder
+                if path is None and s.learned_init and builtin_network_path(s.network_3d) is not None \
+                        and default_encoder_path(s.network_3d).is_file():
+                    path = default_encoder_path(s.network_3d)
+                if path is not None and not Path(path).is_file():
+                    raise UsageError(f"{path}: no such W_tri encoder file")
+                self._wtri.append(None if path is None else load_wtri_encoder(Path(path), G, s.network_3d, s.device))
+            return self._wtri[0]
 
     def available(self) -> Availability:
         from portrait3d.checkpoints.load import builtin_network_path
@@ -366,15 +389,26 @@ class Inversion3DAdapter(MethodAdapter):
         cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None, fast=True)
         init_ws, init_camera, how = initialise(G, target, face.camera, *self._init_modules(G))
         steps = max(cfg.steps, 1)
+        wtri = self._wtri_encoder(G)
+        code = None
+        if wtri is not None:  # Oh & Jo: one pass of the encoder, then (optionally) the optimiser from its code
+            from portrait3d.interfaces.encode3d import code_to_ws, encode_photo
+
+            progress(0.0, "encoding with the W_tri encoder")
+            code = encode_photo(wtri, G, target, init_camera)
+            init_ws, how = code_to_ws(code), {**how, "latent": "W_tri encoder"}
 
         def step(i: int, *_: Any) -> None:
             progress((i + 1) / steps, f"inverting into the 3D generator: step {i + 1}/{cfg.steps}")
 
-        progress(0.0, "inverting into the 3D generator")
-        res = invert(G, target, init_ws, init_camera, cfg, landmarks=face_landmarks68(face), progress=False,
-                     callback=step)
-        G_out = res.G.eval().requires_grad_(False)  # the PTI-tuned copy, or G itself
-        ws, camera = res.ws.detach().to(dev), res.camera.detach().reshape(1, 25).to(dev)
+        if code is not None and cfg.steps == 0 and not s.pti:
+            G_out, ws, camera = G, code, init_camera.reshape(1, 25).to(dev)  # the code itself: per-plane rows kept
+        else:
+            progress(0.0, "inverting into the 3D generator")
+            res = invert(G, target, init_ws, init_camera, cfg, landmarks=face_landmarks68(face), progress=False,
+                         callback=step)
+            G_out = res.G.eval().requires_grad_(False)  # the PTI-tuned copy, or G itself
+            ws, camera = res.ws.detach().to(dev), res.camera.detach().reshape(1, 25).to(dev)
         yaw, pitch, _, _ = pose_angles_from_camera(camera[0].cpu())
         with self._render_lock:
             recon = render_views(G_out, ws, camera)[0][0]
