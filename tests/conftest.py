@@ -87,6 +87,19 @@ def make_tiny_eg3d():
     return g.eval()
 
 
+def make_tiny_wtri_encoder(G):
+    """A small random W_tri encoder for ``G`` (2 iterations) whose heads are not zero, so that its code moves."""
+    from portrait3d.methods.wtri.encoder import WTriEncoder, WTriEncoderConfig
+
+    torch.manual_seed(0)
+    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, width=8, layers=(1, 1, 1, 1), head_channels=16,
+                                                      fpn_channels=8, input_size=64, iterations=2))
+    with torch.no_grad():
+        enc.mlp[-1].weight.normal_(0, 0.01)
+        enc.sr_head.weight.normal_(0, 0.01)
+    return enc
+
+
 @pytest.fixture
 def tiny_eg3d():
     return make_tiny_eg3d()

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tests.conftest import assert_clean_failure, make_tiny_eg3d, run_cli, shared_path
+from tests.conftest import assert_clean_failure, make_tiny_eg3d, make_tiny_wtri_encoder, run_cli, shared_path
 
 from portrait3d import save_network
 from portrait3d.interfaces.encode3d import OUTPUTS, code_to_ws
@@ -26,12 +26,7 @@ def files(tmp_path_factory):
     """``(network, encoder)``: a tiny EG3D and a W_tri encoder for it whose heads are not zero (it moves)."""
     root = tmp_path_factory.mktemp("enc3d")
     G = make_tiny_eg3d()
-    torch.manual_seed(0)
-    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, width=8, layers=(1, 1, 1, 1), head_channels=16,
-                                                      fpn_channels=8, input_size=64, iterations=2))
-    with torch.no_grad():
-        enc.mlp[-1].weight.normal_(0, 0.01)
-        enc.sr_head.weight.normal_(0, 0.01)
+    enc = make_tiny_wtri_encoder(G)
     return save_network(G, root / "g.safetensors"), enc.save(root / "enc.safetensors")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import make_cli_stylegan2, make_tiny_eg3d, run_cli, shared_path
+from tests.conftest import make_cli_stylegan2, make_tiny_eg3d, make_tiny_wtri_encoder, run_cli, shared_path
 
 from portrait3d.errors import UsageError
 from portrait3d.face.errors import ImageReadError, ImageSizeError
@@ -288,16 +288,11 @@ def test_inversion3d_photo_starts_from_a_wtri_encoder(tmp_path, steps):
     """With a W_tri encoder (Oh & Jo) the photo is encoded in one pass first: with no optimiser steps the encoder's
     code itself is the embedding (its per-plane rows kept), with some it is the optimiser's start."""
     from portrait3d import save_network
-    from portrait3d.methods.wtri.encoder import WTriEncoder, WTriEncoderConfig
     from portrait3d.networks.eg3d.triplane import WTri
 
     torch.set_num_threads(1)
     G = make_tiny_eg3d()
-    torch.manual_seed(0)
-    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, width=8, layers=(1, 1, 1, 1), head_channels=16,
-                                                      fpn_channels=8, input_size=64, iterations=2))
-    with torch.no_grad():
-        enc.mlp[-1].weight.normal_(0, 0.01)
+    enc = make_tiny_wtri_encoder(G)
     settings = MethodSettings(network_3d=str(save_network(G, tmp_path / "g.safetensors")), invert_steps=steps,
                               wtri_encoder=enc.save(tmp_path / "enc.safetensors"), orbit_frames=3,
                               mesh_resolution=24)
