@@ -295,11 +295,9 @@ class TriPlaneGenerator(nn.Module):
             also ``image_depth_spread [N,1,r,r]`` (how far each ray's opacity spreads around its depth).
         """
         _check_camera(c)
-        if planes is not None:
-            pass
-        elif use_cached_backbone and self._last_planes is not None:
+        if planes is None and use_cached_backbone:
             planes = self._last_planes
-        else:
+        if planes is None:
             planes = self.planes(ws, update_emas=update_emas, random=random, **synthesis_kwargs)
         if cache_backbone:
             self._last_planes = planes
