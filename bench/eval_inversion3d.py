@@ -169,10 +169,11 @@ def _fmt(v: float, digits: int = 3) -> str:
 def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int], steps: int | None,
                    pti_steps: int, seed: int, enc: nn.Module | None, P: nn.Module | None,
                    device: torch.device, loss_descriptions: set[str], fast: bool = True,
-                   perceptual_size: int | None = None) -> list[dict[str, Any]]:
+                   perceptual_size: int | None = None,
+                   overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """All (algorithm, PTI) records for one aligned face (``fast``: invert3d's default bf16 renders with fewer
     samples per ray and the perceptual loss at the image size while optimising; ``perceptual_size``: the perceptual
-    loss's input size instead)."""
+    loss's input size instead; ``overrides``: other :class:`InversionConfig` fields)."""
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pti import pivotal_tuning
 
@@ -191,6 +192,8 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
         cfg = make_inversion_config(int(alg), steps, False, None, seed, fast=fast)  # as invert3d
         if perceptual_size is not None:
             cfg.perceptual_kwargs = {**cfg.perceptual_kwargs, "resize": int(perceptual_size)}
+        cfg = dataclasses.replace(cfg, **(overrides or {}))
+        cfg.validate()
         t0 = time.perf_counter()
         res = invert(G, target, init_ws, init_cam, cfg, landmarks=lm, progress=False)
         t_inv = time.perf_counter() - t0
@@ -256,12 +259,18 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 @click.option("--perceptual-size", type=click.IntRange(min=16), default=None,
               show_default="invert3d's: the image size up to 224 with --fast, else 224",
               help="Input size of the optimisation's perceptual loss.")
+@click.option("--latent-per-round", type=click.IntRange(min=1), default=None,
+              show_default="InversionConfig default (1)",
+              help="Algorithm 1: latent steps per camera step (latent_steps_per_round).")
+@click.option("--camera-identity/--no-camera-identity", default=True,
+              help="The identity term inside Algorithm 1's camera steps (camera_identity).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary rows and per-photo records as JSON.")
 def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, holdout_list: Path,
          portraits_dir: Path, encoder: Path | None, pose: Path | None, algorithms: tuple[str, ...],
          steps: int | None, pti_steps: int, seed: int, threads: int, device: str, progress: bool, fast: bool,
-         perceptual_size: int | None, json_path: Path | None) -> None:
+         perceptual_size: int | None, latent_per_round: int | None, camera_identity: bool,
+         json_path: Path | None) -> None:
     """Evaluate Algorithms 1-3 with / without PTI on held-out UTKFace photos and deepface portraits."""
     from tqdm import tqdm
 
@@ -275,6 +284,9 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     align = resolve_align(align, network)
     res_px = int(G.img_resolution)
     algs = sorted({int(a) for a in algorithms})
+    overrides: dict[str, Any] = {"camera_identity": camera_identity}
+    if latent_per_round is not None:
+        overrides["latent_steps_per_round"] = latent_per_round
 
     datasets: list[tuple[str, list[Path], int, bool, str]] = []
     if n_utk > 0:
@@ -309,7 +321,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                     c["several_faces_used_largest"] += 1
                 bar.set_postfix_str(photo.name[:24])
                 for r in evaluate_photo(G, face, pipe, algs, steps, pti_steps, seed, enc, P, dev, loss_descriptions,
-                                        fast, perceptual_size):
+                                        fast, perceptual_size, overrides):
                     records.append({"dataset": name, "photo": photo.name, "faces_found": face.num_faces, **r})
                 c["evaluated"] += 1
                 bar.update(1)
@@ -330,7 +342,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     click.echo(f"network {network} ({res_px} px), alignment '{align}', latent init: "
                f"{'encoder ' + str(encoder) if encoder else 'w_avg'}, camera init: "
                f"{'pose estimator ' + str(pose) if pose else 'face pipeline (PnP)'}; steps {steps_used}, "
-               f"PTI steps {pti_steps}, seed {seed}, {threads} thread(s), device {device}")
+               f"PTI steps {pti_steps}, seed {seed}, {threads} thread(s), device {device}; config changes {overrides}")
     for desc in sorted(loss_descriptions):
         click.echo(f"image loss: {desc}")
     click.echo("identity: cosine of dlib face_recognition_model_v1 descriptors (128-D), aligned input vs "
@@ -359,7 +371,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
         payload = {"config": {"network": network, "align": align, "resolution": res_px, "encoder": encoder,
                               "pose": pose, "algorithms": algs, "steps": steps, "pti_steps": pti_steps,
                               "perceptual_size": perceptual_size, "seed": seed, "threads": threads, "device": device,
-                              "ms_ssim_scales": n_scales,
+                              "ms_ssim_scales": n_scales, "config_changes": overrides,
                               "novel_yaws": list(NOVEL_YAWS)},
                    "image_loss": sorted(loss_descriptions),
                    "identity": ("dlib face_recognition_model_v1 cosine and Euclidean distance; BlazeFace + dlib 68 "

@@ -71,7 +71,8 @@ class ToyScene(nn.Module):
 
 
 def _cfg(**kw) -> InversionConfig:
-    base = dict(steps=12, perceptual_weight=0.0, w_avg_samples=64, initial_noise_factor=0.0)
+    # the tests' schedules alternate one latent and one camera step (invert3d's default is two to one)
+    base = dict(steps=12, perceptual_weight=0.0, w_avg_samples=64, initial_noise_factor=0.0, latent_steps_per_round=1)
     base.update(kw)
     return InversionConfig(**base)
 
@@ -103,6 +104,9 @@ def test_phase_schedule_and_validation():
     assert phase_schedule(_cfg(algorithm=1, steps=7, latent_steps_per_round=2, camera_steps_per_round=1)) == \
         ["latent", "latent", "camera"] * 2 + ["latent"]
     assert phase_schedule(_cfg(algorithm=1, steps=4)) == ["latent", "camera"] * 2
+    default = phase_schedule(InversionConfig())
+    assert default[:6] == ["latent", "latent", "camera"] * 2
+    assert (default.count("latent"), default.count("camera")) == (150, 75)
     assert phase_schedule(_cfg(algorithm=2, steps=3)) == ["latent"] * 3
     assert phase_schedule(_cfg(algorithm=3, steps=3)) == ["joint"] * 3
     for bad in (dict(algorithm=4), dict(space="z"), dict(lr_cam=-1.0), dict(warp_norm="l3"),
@@ -252,6 +256,21 @@ def test_perceptual_identity_terms_and_pti(tiny_eg3d):
         torch.testing.assert_close(res.image, render(res.G, res.ws, res.camera)["image"])
     after = _snapshot(G)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_camera_steps_can_leave_the_identity_term_out(tiny_eg3d):
+    G = tiny_eg3d
+    _, _, target = _eg3d_problem(G)
+    lm = np.random.default_rng(0).uniform(40, 90, (68, 2))
+    cfg = _cfg(algorithm=1, steps=4, perceptual_weight=0.0, identity_weight=0.1, camera_identity=False)
+    res = invert(G, target, None, camera_from_angles([TRUE_YAW + 10], [TRUE_PITCH]), cfg, landmarks=lm,
+                 progress=False)
+    latent = [r for r in res.history if r["phase"] == "latent"]
+    camera = [r for r in res.history if r["phase"] == "camera"]
+    assert latent and camera
+    assert all("identity" in r for r in latent) and not any("identity" in r for r in camera)
+    # the camera step's loss is then pixel MSE + warp alone
+    assert all(r["loss"] == pytest.approx(r["mse"] + r["warp"], rel=1e-5) for r in camera)
 
 
 def test_image_loss_terms():

@@ -77,9 +77,9 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     orbit.mp4, latent.npy, result.json (and generator.safetensors with --pti) to OUT; `portrait3d render OUT`
     re-renders them from other angles.
 
-    CPU time with the built-in 128 px default-3d: the 300 default steps took 80 s on an idle 2-core CPU
-    (bench/bench_inversion3d.py, 2026-12-05; the earlier default, 400 steps with a 224 px perceptual input, ran at
-    0.30 s per step there, about 121 s), then views, orbit, mesh and identity take about 7 s; --steps scales the
+    CPU time with the built-in 128 px default-3d: the 225 default steps (150 latent, 75 camera) come to about 52 s
+    on an idle 2-core CPU at the per-step times measured there (0.24 s per latent step, 0.21 s per camera step,
+    2026-12-05; README "A photo in 3D"), then views, orbit, mesh and identity take about 7 s; --steps scales the
     optimisation, --pti (350 steps) adds about 1.5 to 2 times as much again.
     A progress bar shows the steps.
 

@@ -40,8 +40,9 @@ class ImageLoss(nn.Module):
         perceptual_kwargs: arguments for building it by name (e.g. ``{"resize": 224}``).
         identity_loss: a ready identity module (``forward(images) -> [N]``) instead of building one.
 
-    ``forward(image [N, 3, R, R]) -> (loss scalar, {"mse", "perceptual", "identity": float})`` (only the
-    active terms). The perceptual features of the target are computed once.
+    ``forward(image [N, 3, R, R], identity=True) -> (loss scalar, {"mse", "perceptual", "identity": float})``
+    (only the active terms; ``identity=False`` leaves the identity term out of this call). The perceptual features of
+    the target are computed once.
     """
 
     def __init__(self, target: torch.Tensor, landmarks: np.ndarray | None = None, weights: LossWeights | None = None,
@@ -84,7 +85,7 @@ class ImageLoss(nn.Module):
             parts.append(f"{self.weights.identity:g} x identity [{desc}]")
         return " + ".join(parts) if parts else "(no active term)"
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, image: torch.Tensor, identity: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         if image.shape[-2:] != self.target.shape[-2:]:
             raise UsageError(f"image size {tuple(image.shape[-2:])} differs from the loss resolution "
                              f"{tuple(self.target.shape[-2:])}")
@@ -101,7 +102,7 @@ class ImageLoss(nn.Module):
                 p = self.perceptual_module(image, self.target).mean()
             loss = loss + self.weights.perceptual * p
             terms["perceptual"] = float(p.detach())
-        if self.identity_module is not None:
+        if identity and self.identity_module is not None:
             idl = self.identity_module(image).mean()
             loss = loss + self.weights.identity * idl
             terms["identity"] = float(idl.detach())
