@@ -213,8 +213,8 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
          neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
          gpc_prob: float | None, blur_fade: float | None, policy: str | None, discriminator: str | None,
          init_2d: str | None, init_from: str | None, distill: Path | None, distill_weight: float | None,
-         distill_perceptual: float | None, distill_depth_weight: float | None, distill_spread_weight: float | None, adversarial: bool,
-         d_warmup: float | None, **overrides: Any) -> None:
+         distill_perceptual: float | None, distill_depth_weight: float | None, distill_spread_weight: float | None,
+         adversarial: bool, d_warmup: float | None, **overrides: Any) -> None:
     """Train an EG3D generator on an aligned-face dataset with cameras (single process or torchrun).
 
     \b
@@ -235,8 +235,8 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
     for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),
                     ("blur_fade_kimg", blur_fade), ("discriminator", discriminator),
                     ("distill", None if distill is None else str(distill)), ("distill_weight", distill_weight),
-                    ("distill_perceptual", distill_perceptual), ("distill_depth_weight", distill_depth_weight), ("distill_spread_weight", distill_spread_weight),
-                    ("d_warmup_kimg", d_warmup)):
+                    ("distill_perceptual", distill_perceptual), ("distill_depth_weight", distill_depth_weight),
+                    ("distill_spread_weight", distill_spread_weight), ("d_warmup_kimg", d_warmup)):
         if v is not None:
             setattr(cfg, name, v)
     cfg.adversarial = adversarial
