@@ -260,7 +260,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
               show_default="invert3d's: the image size up to 224 with --fast, else 224",
               help="Input size of the optimisation's perceptual loss.")
 @click.option("--latent-per-round", type=click.IntRange(min=1), default=None,
-              show_default="InversionConfig default (1)",
+              show_default="InversionConfig default (2)",
               help="Algorithm 1: latent steps per camera step (latent_steps_per_round).")
 @click.option("--camera-identity/--no-camera-identity", default=True,
               help="The identity term inside Algorithm 1's camera steps (camera_identity).")
