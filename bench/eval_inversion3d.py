@@ -284,7 +284,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     align = resolve_align(align, network)
     res_px = int(G.img_resolution)
     algs = sorted({int(a) for a in algorithms})
-    overrides: dict[str, Any] = {"camera_identity": camera_identity}
+    overrides: dict[str, Any] = {} if camera_identity else {"camera_identity": False}
     if latent_per_round is not None:
         overrides["latent_steps_per_round"] = latent_per_round
 
