@@ -247,7 +247,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
               help="PoseEstimator file for the initial camera (default: the face pipeline's PnP camera).")
 @click.option("--algorithms", "-a", type=click.Choice(["1", "2", "3"]), multiple=True, default=("1", "2", "3"),
               help="Algorithms to run (repeat the option).")
-@click.option("--steps", type=click.IntRange(min=0), default=None, show_default="InversionConfig default (300)",
+@click.option("--steps", type=click.IntRange(min=0), default=None, show_default="invert3d's default",
               help="Optimisation steps per inversion.")
 @click.option("--pti-steps", type=click.IntRange(min=0), default=350, help="Pivotal-tuning steps (0: no PTI rows).")
 @click.option("--seed", type=int, default=0, help="Optimiser seed (latent noise).")

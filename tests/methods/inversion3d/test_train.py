@@ -94,6 +94,18 @@ def test_encoder_losses_terms(tiny_eg3d):
     assert all(p.grad is None for p in G.parameters())
 
 
+def test_encoder_reads_the_jittered_image_but_compares_with_the_clean_pair(tiny_eg3d):
+    G = tiny_eg3d.requires_grad_(False)
+    cfg = _enc_cfg()
+    E = LatentEncoder(cfg.encoder, G).eval()
+    batch = sample_pseudo_pairs(G, 2, cfg.pseudo, torch.Generator().manual_seed(0))
+    jittered = {**batch, "image": -batch["image"], "target": batch["image"]}
+    terms = encoder_losses(E, G, jittered, cfg)
+    # a fresh E outputs w_avg for any input, so the only difference the target can make is in l2
+    assert torch.allclose(terms["l2"], (terms["recon"] - batch["image"]).square().mean())
+    assert not torch.allclose(terms["l2"], (terms["recon"] + batch["image"]).square().mean())
+
+
 def test_encoder_latent_only_does_not_render(tiny_eg3d, monkeypatch):
     """With every image term off, the step regresses w alone and never runs G's synthesis (the costly part)."""
     import portrait3d.methods.inversion3d.train as train_module

@@ -4,7 +4,9 @@ Ko et al. 2023, main paper Sec. 3, "Latent Encoder E and Pose Estimator P".
 
 The 3D generator renders an unlimited supply of images whose latent and camera are known:
 
-* ``z ~ N(0, I)``; the camera ``pi`` is drawn per sample (below); ``ws = G.mapping(z, pi, psi)``:
+* ``z ~ N(0, I)``; the camera ``pi`` is drawn per sample (below); ``ws = G.mapping(z, pi, psi)``, with one
+  ``psi`` for all pairs or, given ``truncation_psi_max``, one per pair uniform in ``[psi, psi_max]`` (a wider
+  spread of latents than one truncation, nearer to where real photos invert):
   EG3D's mapping network is **camera-conditioned**, and the pair is conditioned on its own
   rendering camera (the way EG3D renders its samples), so ``w`` carries a little pose information --
   the encoder learns exactly the latent that produced the image;
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 from portrait3d.config import ConfigMixin
-from portrait3d.methods.inversion3d.networks import camera_from_pose
+from portrait3d.methods.inversion3d.networks import camera_from_pose, generator_w_avg
 from portrait3d.networks.ops import gaussian_blur
 from portrait3d.training.randomness import derive_seed
 
@@ -56,6 +58,7 @@ class PseudoPairConfig(ConfigMixin):
     distribution: str = "uniform"                       # "uniform" | "gaussian" (clipped, range = +-2 std)
     translation_std: float = 0.0                        # std of the camera-position offset, world units
     truncation_psi: float = 0.7
+    truncation_psi_max: float | None = None             # set: psi per pair uniform in [truncation_psi, this]
     seed: int = 0
     radius: float = 2.7
     fov_deg: float = 18.837
@@ -74,6 +77,8 @@ class PseudoPairConfig(ConfigMixin):
             raise ValueError("translation_std must be >= 0")
         if len(self.pivot) != 3:
             raise ValueError("pivot must be a 3-vector")
+        if self.truncation_psi_max is not None and self.truncation_psi_max < self.truncation_psi:
+            raise ValueError("truncation_psi_max must be >= truncation_psi")
 
     @property
     def has_roll(self) -> bool:
@@ -132,7 +137,13 @@ def sample_pseudo_pairs(G: nn.Module, n: int, cfg: PseudoPairConfig,
     cam = camera_from_pose(angles if cfg.has_roll else angles[:, :2], translation if cfg.translation_std > 0 else None,
                            radius=cfg.radius, fov_deg=cfg.fov_deg, pivot=cfg.pivot)
     z, cam = z.to(device), cam.to(device)
-    ws = G.mapping(z, cam, truncation_psi=cfg.truncation_psi)
+    if cfg.truncation_psi_max is None:
+        ws = G.mapping(z, cam, truncation_psi=cfg.truncation_psi)
+    else:  # drawn last, so the other draws match a fixed-psi stream of the same seed
+        psi = _draw(n, cfg.truncation_psi, cfg.truncation_psi_max, "uniform", generator).to(device)
+        ws = G.mapping(z, cam, truncation_psi=1)
+        w_avg = generator_w_avg(G).to(ws)
+        ws = w_avg + psi.to(ws.dtype)[:, None, None] * (ws - w_avg)
     out = G.synthesis(ws, cam, noise_mode="const", deterministic=True)
     return {"ws": ws, "z": z, "camera": cam, "angles": angles.to(device), "translation": translation.to(device),
             "image": out["image"], "depth": out["image_depth"]}

@@ -42,15 +42,17 @@ Pose estimator (``P(x) -> (angles, R, t)``)::
 
 The generator and D are frozen (eval mode, ``requires_grad`` off); gradients reach only E / P.
 Renders use ``noise_mode='const'`` and mid-bin ray samples (``deterministic=True``), batches come
-from :class:`.pseudo.PseudoPairStream` seeded by ``(seed, step)``, so a run is a function of its
-config and a resumed run continues **bit-exactly** (snapshot: weights, EMA, Adam state and RNG
-states in ``state.safetensors``, counters and configs in ``state.json``; written to a temporary
-folder and renamed into place). Every ``sample_kimg`` a PNG grid of ``input | reconstruction``
+from :class:`.pseudo.PseudoPairStream` seeded by ``(seed, step)`` (or, with ``pairs``, from a pair cache
+rendered once, :mod:`.pair_cache`: a CPU run regressing latents or cameras alone then trains about 20x faster
+per pair), so a run is a function of its config and a resumed run continues **bit-exactly** (snapshot:
+weights, EMA, Adam state and RNG states in ``state.safetensors``, counters and configs in ``state.json``;
+written to a temporary folder and renamed into place). Every ``sample_kimg`` a PNG grid of ``input | reconstruction``
 pairs (for P: the input and ``G(w_ps, P(x))``) is written to ``samples/``; the final EMA (or, with
 ``ema_kimg = 0``, last) weights are exported as ``encoder.safetensors`` / ``pose.safetensors``
 (:func:`.networks.save_module`).
 
-:func:`pose_error_deg` measures P alone on fresh pseudo pairs (mean / median absolute angle errors).
+:func:`pose_error_deg` measures P alone on fresh pseudo pairs (mean / median absolute angle errors),
+:func:`encoder_error` E alone (latent error and the PSNR of ``G(E(x))``, beside the ``w_avg`` start's).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ from portrait3d.methods.inversion3d.networks import (
     rotation_from_angles,
     save_module,
 )
+from portrait3d.methods.inversion3d.pair_cache import CachedPairStream, PairCache
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, photometric_jitter
 from portrait3d.training.distributed import DistInfo
 from portrait3d.training.fast import PRECISIONS, FastPath
@@ -90,7 +93,7 @@ from portrait3d.training.snapshots import find_snapshot, load_module_snapshot, p
 
 __all__ = [
     "EncoderTrainConfig", "PoseTrainConfig", "encoder_losses", "pose_losses", "train_encoder", "train_pose",
-    "pose_error_deg", "load_eg3d_discriminator", "resolve_device",
+    "pose_error_deg", "encoder_error", "load_eg3d_discriminator", "resolve_device", "with_cache_settings",
 ]
 
 TRAINERS = {"encoder": "inversion3d-encoder", "pose": "inversion3d-pose"}
@@ -121,6 +124,8 @@ class _TrainCommon(ConfigMixin):
     seed: int = 0                    # network initialisation (pseudo.seed seeds the data)
     device: str = "auto"             # 'auto' | 'cpu' | 'cuda'
     precision: str = "fp32"          # 'fp32' | 'bf16': pseudo-pair renders and the step in bf16 autocast
+    pairs: str = ""                  # a pair cache (.pair_cache) to draw batches from; its settings replace pseudo
+    augment: float = 0.0             # photometric jitter of the network's input (pseudo.photometric_jitter); 0: off
 
     def _validate_common(self) -> None:
         if self.batch < 1:
@@ -131,6 +136,8 @@ class _TrainCommon(ConfigMixin):
             raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.augment < 0:
+            raise UsageError("augment must be >= 0")
         self.pseudo.validate()  # type: ignore[attr-defined]
 
 
@@ -169,11 +176,10 @@ class PoseTrainConfig(_TrainCommon, ConfigMixin):
     lambda_rotation: float = 1.0     # used only when pose.roll
     lambda_translation: float = 10.0
     lambda_reproj: float = 0.0
-    augment: float = 0.0             # photometric jitter of P's input (pseudo.photometric_jitter); 0: off
 
     def validate(self) -> None:
         self._validate_common()
-        for k in ("lambda_angle", "lambda_rotation", "lambda_translation", "lambda_reproj", "augment"):
+        for k in ("lambda_angle", "lambda_rotation", "lambda_translation", "lambda_reproj"):
             if getattr(self, k) < 0:
                 raise UsageError(f"{k} must be >= 0")
         p, q = self.pose, self.pseudo
@@ -218,6 +224,7 @@ def encoder_losses(E: LatentEncoder, G: nn.Module, batch: dict[str, torch.Tensor
     """
     x, cam = batch["image"].float(), batch["camera"]
     delta = E.delta(x).float()                           # [N, w_dim]; fp32 reductions under bf16 autocast
+    x = batch.get("target", x).float()                   # the clean pair when the input was jittered
     w_hat = E.w_avg + delta
     ws = w_hat.unsqueeze(1).repeat(1, G.num_ws, 1)       # [N, num_ws, w_dim]
     terms: dict[str, torch.Tensor] = {"reg": delta.square().sum(1).mean()}
@@ -278,7 +285,7 @@ def pose_losses(P: PoseEstimator, G: nn.Module | None, batch: dict[str, torch.Te
         if G is None:
             raise UsageError("lambda_reproj > 0 needs the generator")
         img = _render(G, batch["ws"], P.camera_from_output(pred))["image"].float()
-        terms["reproj"] = (img - batch["image"].float()).square().mean()
+        terms["reproj"] = (img - batch.get("target", batch["image"]).float()).square().mean()
         loss = loss + cfg.lambda_reproj * terms["reproj"]
     terms["loss"] = loss
     err = (pred.angles - gt).detach().abs().mean(0)
@@ -347,7 +354,12 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
     (out_dir / "config.json").write_text(json.dumps({"trainer": trainer, "config": config,
                                                      "network": net.config.to_dict()}, indent=1))
     fast = FastPath(cfg.precision)
-    stream = PseudoPairStream(G, cfg.batch, cfg.pseudo, start=step)  # type: ignore[attr-defined]
+    stream: PseudoPairStream | CachedPairStream
+    if cfg.pairs:
+        stream = CachedPairStream(_open_cache(cfg.pairs, G), cfg.batch, cfg.pseudo.seed,  # type: ignore[attr-defined]
+                                  start=step, device=device)
+    else:
+        stream = PseudoPairStream(G, cfg.batch, cfg.pseudo, start=step)  # type: ignore[attr-defined]
     grid_batch = None
     if cfg.sample_kimg > 0 and cfg.grid_samples > 0:
         grid_stream = PseudoPairStream(G, cfg.grid_samples, cfg.pseudo, key=_GRID_KEY)  # type: ignore[attr-defined]
@@ -405,6 +417,28 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
     return final
 
 
+def _open_cache(root: str, G: nn.Module) -> PairCache:
+    cache = PairCache(root)
+    got = (cache.meta["resolution"], cache.meta["num_ws"], cache.meta["w_dim"])
+    want = (int(G.img_resolution), int(G.num_ws), int(G.w_dim))
+    if got != want:
+        raise UsageError(f"{root} holds pairs of a generator with (resolution, num_ws, w_dim) {got}, not {want}")
+    return cache
+
+
+def with_cache_settings(cfg: Any) -> Any:
+    """``cfg`` with ``pseudo`` replaced by its pair cache's (``cfg.pairs``) settings, so the run's config.json
+    says which pairs it was trained on and the camera checks see the cache's cameras."""
+    if not cfg.pairs:
+        return cfg
+    cache_json = Path(cfg.pairs) / "cache.json"
+    if not cache_json.is_file():
+        raise UsageError(f"{cfg.pairs} is not a pseudo-pair cache (no cache.json; build one with "
+                         f"'portrait3d train pseudo-pairs')")
+    pseudo = PseudoPairConfig.from_dict(json.loads(cache_json.read_text())["pseudo"])
+    return dataclasses.replace(cfg, pseudo=dataclasses.replace(pseudo, seed=cfg.pseudo.seed))
+
+
 def _prepare_generator(G: nn.Module, device: torch.device) -> nn.Module:
     if getattr(G, "c_dim", None) != 25 or not hasattr(G, "synthesis") or not hasattr(G, "num_ws"):
         raise UsageError("G must be an EG3D TriPlaneGenerator (25-d camera conditioning)")
@@ -424,7 +458,11 @@ def train_encoder(G: nn.Module, cfg: EncoderTrainConfig, out_dir: str | os.PathL
             ``cfg.total_kimg`` may be larger than the snapshot's.
         progress: tqdm bar.
         D: optional frozen dual discriminator for the adversarial term (:func:`load_eg3d_discriminator`).
+
+    With ``cfg.pairs`` the batches come from that pair cache (:mod:`.pair_cache`), whose pseudo-pair settings
+    replace ``cfg.pseudo`` (its ``seed`` then orders the cache's pairs).
     """
+    cfg = with_cache_settings(cfg)
     cfg.validate()
     device = resolve_device(cfg.device)
     G = _prepare_generator(G, device)
@@ -449,16 +487,17 @@ def train_encoder(G: nn.Module, cfg: EncoderTrainConfig, out_dir: str | os.PathL
     def grid_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _render(G, net(batch["image"]), batch["camera"])["image"]
 
-    return _train("encoder", E, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device)
+    return _train("encoder", E, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device, _augment(cfg))
 
 
 def train_pose(G: nn.Module, cfg: PoseTrainConfig, out_dir: str | os.PathLike[str],
                resume: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """Train a :class:`PoseEstimator` on pseudo pairs of ``G``; returns the exported ``pose.safetensors``.
 
-    Arguments as :func:`train_encoder`. The sample grid shows each input next to
+    Arguments as :func:`train_encoder` (``cfg.pairs`` too). The sample grid shows each input next to
     ``G(w_ps, P(x))``, the pair's own latent rendered from the predicted camera.
     """
+    cfg = with_cache_settings(cfg)
     cfg.validate()
     device = resolve_device(cfg.device)
     G = _prepare_generator(G, device)
@@ -471,12 +510,22 @@ def train_pose(G: nn.Module, cfg: PoseTrainConfig, out_dir: str | os.PathLike[st
     def grid_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _render(G, batch["ws"], net.camera(batch["image"]))["image"]  # type: ignore[operator]
 
-    def augment(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(derive_seed(cfg.pseudo.seed, _AUGMENT_KEY, step))
-        return {**batch, "image": photometric_jitter(batch["image"], cfg.augment, g)}
+    return _train("pose", P, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device, _augment(cfg))
 
-    return _train("pose", P, G, cfg, Path(out_dir), resume, progress, loss_fn, grid_fn, device,
-                  augment if cfg.augment > 0 else None)
+
+def _augment(cfg: _TrainCommon) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None:
+    """The per-step photometric jitter of the network's input (``None`` when ``cfg.augment`` is 0); seeded by
+    ``(pseudo seed, step)`` so a resumed run stays bit-exact."""
+    if cfg.augment <= 0:
+        return None
+
+    def augment(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        seed = cfg.pseudo.seed  # type: ignore[attr-defined]
+        g = torch.Generator().manual_seed(derive_seed(seed, _AUGMENT_KEY, step))
+        # the image terms still compare renders with the clean pair
+        return {**batch, "image": photometric_jitter(batch["image"], cfg.augment, g), "target": batch["image"]}
+
+    return augment
 
 
 # ----------------------------------------------------------------------------- evaluation and helpers
@@ -515,6 +564,46 @@ def pose_error_deg(P: PoseEstimator, G: nn.Module, n: int, cfg: PseudoPairConfig
         out[f"{name}_median"] = float(e[:, i].median())
     out["translation_mean"] = float(torch.cat(terr).double().mean())
     return out
+
+
+@torch.no_grad()
+def encoder_error(E: LatentEncoder, G: nn.Module, n: int, cfg: PseudoPairConfig, batch: int = 16) -> dict[str, float]:
+    """E alone on ``n`` fresh pseudo pairs (the stream key of :func:`pose_error_deg`, never a training stream
+    nor a pair cache's), beside the encoder-free start ``w_avg``.
+
+    Returns:
+        ``{"n", "latent", "latent_avg", "psnr", "psnr_avg"}``: ``latent`` the mean ``||w_hat - w||^2`` (summed
+        over ``w_dim``), ``psnr`` of ``G(w_hat, pi)`` against the pair's image ``x`` (dB, images mapped to
+        ``[0, 1]``); the ``_avg`` values with ``w_hat = w_avg``. E's train / eval mode is restored afterwards.
+    """
+    if n < 1:
+        raise UsageError(f"n must be >= 1, not {n}")
+    was_training = E.training
+    E.eval()
+    lat, lat0, mse, mse0 = [], [], [], []
+    try:
+        stream = PseudoPairStream(G, batch, cfg, key=_EVAL_KEY)
+        done = 0
+        while done < n:
+            pairs = next(stream)
+            m = min(batch, n - done)
+            x, cam, w = pairs["image"][:m].float(), pairs["camera"][:m], pairs["ws"][:m, 0].float()
+            w_hat = E.w(x).float()
+            w_avg = E.w_avg.expand_as(w_hat)
+            for guess, lat_out, mse_out in ((w_hat, lat, mse), (w_avg, lat0, mse0)):
+                lat_out.append((guess - w).square().sum(1).cpu())
+                ws = guess.unsqueeze(1).repeat(1, G.num_ws, 1)
+                img = _render(G, ws, cam)["image"].float()
+                mse_out.append(((img.clamp(-1, 1) - x.clamp(-1, 1)) / 2).square().mean((1, 2, 3)).cpu())
+            done += m
+    finally:
+        E.train(was_training)
+
+    def psnr(errs: list[torch.Tensor]) -> float:
+        return float((-10 * torch.log10(torch.cat(errs).double().clamp_min(1e-10))).mean())
+
+    return {"n": float(n), "latent": float(torch.cat(lat).double().mean()),
+            "latent_avg": float(torch.cat(lat0).double().mean()), "psnr": psnr(mse), "psnr_avg": psnr(mse0)}
 
 
 def load_eg3d_discriminator(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
