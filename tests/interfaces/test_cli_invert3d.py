@@ -253,8 +253,8 @@ def test_builtin_init_paths_name_the_shipped_files(network):
 
 
 def test_shipped_pose_estimator_starts_default_3d_unless_told_not_to(tmp_path):
-    """invert3d on default-3d starts from the shipped pose estimator (result.json says so); --no-learned-init
-    starts from the face pipeline's camera."""
+    """invert3d on default-3d starts from the shipped pose estimator and encoder (result.json says so);
+    --no-learned-init starts from the face pipeline's camera and the mean latent."""
     from portrait3d.methods.inversion3d.pipeline import builtin_init_paths
 
     if builtin_init_paths("default-3d")[1] is None:
@@ -273,5 +273,8 @@ def test_shipped_pose_estimator_starts_default_3d_unless_told_not_to(tmp_path):
         torch.set_num_threads(before)
     assert hows["--learned-init"]["camera"].startswith("pose estimator")
     assert "default-3d" in hows["--learned-init"]["camera"]
+    if builtin_init_paths("default-3d")[0] is not None:  # the shipped encoder gives the start latent
+        latent = hows["--learned-init"]["latent"]
+        assert latent.startswith("encoder") and "default-3d" in latent
     assert hows["--no-learned-init"]["camera"] == "face pipeline (PnP head pose)"
     assert hows["--no-learned-init"]["latent"] == "optimiser default"

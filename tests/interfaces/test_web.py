@@ -280,6 +280,9 @@ def test_inversion3d_photo_starts_from_the_shipped_pose_estimator(learned):
     state = a.embed(np.asarray(Image.open(shared_path(PHOTO)).convert("RGB")))
     start = "pose estimator" if learned else "face pipeline (PnP head pose)"
     assert f"start camera: {start}," in state.note, state.note
+    shipped_encoder = builtin_init_paths("default-3d")[0] is not None
+    latent = "encoder" if learned and shipped_encoder else "optimiser default"
+    assert f"latent: {latent}" in state.note, state.note
     assert state.data["camera"].shape == (1, 25)
 
 
