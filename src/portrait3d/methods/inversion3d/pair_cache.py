@@ -29,7 +29,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,7 +37,7 @@ from torch import nn
 
 from portrait3d.checkpoints.native import atomic_write
 from portrait3d.errors import UsageError
-from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream
+from portrait3d.methods.inversion3d.pseudo import IndexedStream, PseudoPairConfig, PseudoPairStream
 from portrait3d.training.randomness import derive_seed
 
 __all__ = ["CACHE_KEY", "CachedPairStream", "PairCache", "build_pair_cache"]
@@ -169,7 +169,7 @@ class PairCache:
                 "image": t["image"].float() / 127.5 - 1, "depth": t["depth"].float()}
 
 
-class CachedPairStream:
+class CachedPairStream(IndexedStream):
     """Endless batches drawn from a :class:`PairCache` without replacement within each pass over it.
 
     Pair number ``p`` of the stream (batch ``p // batch``) is row ``perm_e[p mod N]`` of the cache, with
@@ -197,11 +197,3 @@ class CachedPairStream:
             rows.append(self._permutation(p // n)[p % n])
         out = self.cache.batch(torch.stack(rows))
         return {k: v.to(self.device) for k, v in out.items()}
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        out = self.batch_at(self.index)
-        self.index += 1
-        return out

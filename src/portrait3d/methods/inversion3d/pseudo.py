@@ -41,8 +41,8 @@ from portrait3d.methods.inversion3d.networks import camera_from_pose, generator_
 from portrait3d.networks.ops import gaussian_blur
 from portrait3d.training.randomness import derive_seed
 
-__all__ = ["DISTRIBUTIONS", "PseudoPairConfig", "sample_poses", "sample_pseudo_pairs", "PseudoPairStream",
-           "photometric_jitter"]
+__all__ = ["DISTRIBUTIONS", "PseudoPairConfig", "sample_poses", "sample_pseudo_pairs", "IndexedStream",
+           "PseudoPairStream", "photometric_jitter"]
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 _STREAM_KEY = 0x1E3D  # seed key of PseudoPairStream batches
@@ -149,7 +149,25 @@ def sample_pseudo_pairs(G: nn.Module, n: int, cfg: PseudoPairConfig,
             "image": out["image"], "depth": out["image_depth"]}
 
 
-class PseudoPairStream:
+class IndexedStream:
+    """An endless iterator over ``batch_at(index)`` for ``index = start, start + 1, ...`` (subclasses define
+    ``batch_at`` and set ``index``); a batch that depends only on its index makes a resumed run bit-exact."""
+
+    index: int
+
+    def batch_at(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        out = self.batch_at(self.index)
+        self.index += 1
+        return out
+
+
+class PseudoPairStream(IndexedStream):
     """Endless iterable of pseudo-pair batches rendered on the fly (nothing is written to disk).
 
     Batch ``k`` is ``sample_pseudo_pairs(G, batch, cfg, Generator().manual_seed(derive_seed(cfg.seed, KEY, k)))``:
@@ -175,14 +193,6 @@ class PseudoPairStream:
         """Batch number ``index`` (see :func:`sample_pseudo_pairs` for its keys)."""
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, _STREAM_KEY, self.key, index))
         return sample_pseudo_pairs(self.G, self.batch, self.cfg, g)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        out = self.batch_at(self.index)
-        self.index += 1
-        return out
 
 
 def photometric_jitter(image: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

@@ -65,7 +65,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -531,6 +531,16 @@ def _augment(cfg: _TrainCommon) -> Callable[[dict[str, torch.Tensor], int], dict
 # ----------------------------------------------------------------------------- evaluation and helpers
 
 
+def _fresh_pairs(G: nn.Module, n: int, cfg: PseudoPairConfig, batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``n`` pairs of the evaluation stream (a key no trainer or cache uses), in batches."""
+    stream = PseudoPairStream(G, batch, cfg, key=_EVAL_KEY)
+    done = 0
+    while done < n:
+        m = min(batch, n - done)
+        yield {k: v[:m] for k, v in next(stream).items()}
+        done += m
+
+
 @torch.no_grad()
 def pose_error_deg(P: PoseEstimator, G: nn.Module, n: int, cfg: PseudoPairConfig, batch: int = 16) -> dict[str, float]:
     """Camera error of P alone on ``n`` fresh pseudo pairs (a stream key the trainers never use).
@@ -546,15 +556,10 @@ def pose_error_deg(P: PoseEstimator, G: nn.Module, n: int, cfg: PseudoPairConfig
     P.eval()
     errs, terr = [], []
     try:
-        stream = PseudoPairStream(G, batch, cfg, key=_EVAL_KEY)
-        done = 0
-        while done < n:
-            pairs = next(stream)
-            m = min(batch, n - done)
-            pred = P(pairs["image"][:m])
-            errs.append((pred.angles - pairs["angles"][:m]).abs().cpu())
-            terr.append((pred.translation - pairs["translation"][:m]).norm(dim=1).cpu())
-            done += m
+        for pairs in _fresh_pairs(G, n, cfg, batch):
+            pred = P(pairs["image"])
+            errs.append((pred.angles - pairs["angles"]).abs().cpu())
+            terr.append((pred.translation - pairs["translation"]).norm(dim=1).cpu())
     finally:
         P.train(was_training)
     e = torch.cat(errs).double()
@@ -582,12 +587,8 @@ def encoder_error(E: LatentEncoder, G: nn.Module, n: int, cfg: PseudoPairConfig,
     E.eval()
     lat, lat0, mse, mse0 = [], [], [], []
     try:
-        stream = PseudoPairStream(G, batch, cfg, key=_EVAL_KEY)
-        done = 0
-        while done < n:
-            pairs = next(stream)
-            m = min(batch, n - done)
-            x, cam, w = pairs["image"][:m].float(), pairs["camera"][:m], pairs["ws"][:m, 0].float()
+        for pairs in _fresh_pairs(G, n, cfg, batch):
+            x, cam, w = pairs["image"].float(), pairs["camera"], pairs["ws"][:, 0].float()
             w_hat = E.w(x).float()
             w_avg = E.w_avg.expand_as(w_hat)
             for guess, lat_out, mse_out in ((w_hat, lat, mse), (w_avg, lat0, mse0)):
@@ -595,7 +596,6 @@ def encoder_error(E: LatentEncoder, G: nn.Module, n: int, cfg: PseudoPairConfig,
                 ws = guess.unsqueeze(1).repeat(1, G.num_ws, 1)
                 img = _render(G, ws, cam)["image"].float()
                 mse_out.append(((img.clamp(-1, 1) - x.clamp(-1, 1)) / 2).square().mean((1, 2, 3)).cpu())
-            done += m
     finally:
         E.train(was_training)
 
