@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -106,6 +107,11 @@ def test_encoder_and_pose_train_from_a_cache_and_resume_bit_exactly(tiny_eg3d, t
     assert train_pose(G, pose, tmp_path / "pose", progress=False).exists()
     with pytest.raises(UsageError, match="not a pseudo-pair cache"):
         train_encoder(G, EncoderTrainConfig(**{**enc, "pairs": str(tmp_path)}), tmp_path / "x", progress=False)
+    other = copy.deepcopy(G)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)   # same shapes, other weights: the cache's latents are not its own
+    with pytest.raises(UsageError, match="another generator"):
+        train_encoder(other, EncoderTrainConfig(**enc), tmp_path / "y", progress=False)
 
 
 def test_cli_builds_a_cache_and_refuses_bad_options(tiny_eg3d, tmp_path):

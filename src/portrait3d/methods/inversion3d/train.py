@@ -81,7 +81,7 @@ from portrait3d.methods.inversion3d.networks import (
     rotation_from_angles,
     save_module,
 )
-from portrait3d.methods.inversion3d.pair_cache import CachedPairStream, PairCache
+from portrait3d.methods.inversion3d.pair_cache import CachedPairStream, PairCache, generator_fingerprint
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, photometric_jitter
 from portrait3d.training.distributed import DistInfo
 from portrait3d.training.fast import PRECISIONS, FastPath
@@ -419,10 +419,9 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
 
 def _open_cache(root: str, G: nn.Module) -> PairCache:
     cache = PairCache(root)
-    got = (cache.meta["resolution"], cache.meta["num_ws"], cache.meta["w_dim"])
-    want = (int(G.img_resolution), int(G.num_ws), int(G.w_dim))
-    if got != want:
-        raise UsageError(f"{root} holds pairs of a generator with (resolution, num_ws, w_dim) {got}, not {want}")
+    if cache.meta.get("generator_sha256") != generator_fingerprint(G):
+        raise UsageError(f"{root} holds pairs of another generator (its weights differ from --network's); build a "
+                         f"cache of this one with 'portrait3d train pseudo-pairs'")
     return cache
 
 
