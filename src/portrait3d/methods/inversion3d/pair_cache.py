@@ -42,7 +42,8 @@ from portrait3d.errors import UsageError
 from portrait3d.methods.inversion3d.pseudo import IndexedStream, PseudoPairConfig, PseudoPairStream
 from portrait3d.training.randomness import derive_seed
 
-__all__ = ["CACHE_KEY", "CachedPairStream", "PairCache", "build_pair_cache", "generator_fingerprint"]
+__all__ = ["CACHE_KEY", "CachedPairStream", "PairCache", "build_pair_cache", "generator_fingerprint",
+           "read_cache_meta"]
 
 CACHE_KEY = 0xCAC4E     # PseudoPairStream key of cached pairs
 _ORDER_KEY = 0x0D3E5    # seed key of CachedPairStream's per-epoch permutations
@@ -114,12 +115,24 @@ def build_pair_cache(G: nn.Module, out: str | os.PathLike[str], count: int, cfg:
         for k in range(-(-n // batch)):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 b = stream.batch_at(s * per_shard + k)
-            parts.append(_to_record(b, G))
+            parts.append(_to_record(b))
         rec = {key: torch.cat([p[key] for p in parts])[:n].contiguous() for key in parts[0]}
         atomic_write(path, lambda p, rec=rec: save_file(rec, p, metadata={"format": _FORMAT}), overwrite=True)
         if report is not None:
             report(min(count, (s + 1) * shard_size), count, time.perf_counter() - t0)
     return root
+
+
+def read_cache_meta(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """A pair cache's ``cache.json`` (:class:`~portrait3d.errors.UsageError` when ``root`` holds none)."""
+    meta_path = Path(root) / "cache.json"
+    if not meta_path.is_file():
+        raise UsageError(f"{root} is not a pseudo-pair cache (no cache.json; build one with "
+                         f"'portrait3d train pseudo-pairs')")
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    if meta.get("format") != _FORMAT:
+        raise UsageError(f"{meta_path} is not a pseudo-pair cache's description")
+    return meta
 
 
 def _shard_len(path: Path) -> int:
@@ -129,7 +142,7 @@ def _shard_len(path: Path) -> int:
         return int(f.get_slice("w").get_shape()[0])
 
 
-def _to_record(b: dict[str, torch.Tensor], G: nn.Module) -> dict[str, torch.Tensor]:
+def _to_record(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ws = b["ws"].float().cpu()
     if not torch.equal(ws, ws[:, :1].expand_as(ws)):
         raise UsageError("the pair cache stores one w per pair, but this generator's mapping gave per-layer codes")
@@ -149,13 +162,7 @@ class PairCache:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         r = Path(root)
-        meta_path = r / "cache.json"
-        if not meta_path.is_file():
-            raise UsageError(f"{root} is not a pseudo-pair cache (no cache.json; build one with "
-                             f"'portrait3d train pseudo-pairs')")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != _FORMAT:
-            raise UsageError(f"{meta_path} is not a pseudo-pair cache's description")
+        self.meta: dict[str, Any] = read_cache_meta(r)
         self.pseudo = PseudoPairConfig.from_dict(self.meta["pseudo"])
         count, size = int(self.meta["count"]), int(self.meta["shard_size"])
         shards = []

@@ -81,7 +81,12 @@ from portrait3d.methods.inversion3d.networks import (
     rotation_from_angles,
     save_module,
 )
-from portrait3d.methods.inversion3d.pair_cache import CachedPairStream, PairCache, generator_fingerprint
+from portrait3d.methods.inversion3d.pair_cache import (
+    CachedPairStream,
+    PairCache,
+    generator_fingerprint,
+    read_cache_meta,
+)
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, photometric_jitter
 from portrait3d.training.distributed import DistInfo
 from portrait3d.training.fast import PRECISIONS, FastPath
@@ -430,11 +435,7 @@ def with_cache_settings(cfg: Any) -> Any:
     says which pairs it was trained on and the camera checks see the cache's cameras."""
     if not cfg.pairs:
         return cfg
-    cache_json = Path(cfg.pairs) / "cache.json"
-    if not cache_json.is_file():
-        raise UsageError(f"{cfg.pairs} is not a pseudo-pair cache (no cache.json; build one with "
-                         f"'portrait3d train pseudo-pairs')")
-    pseudo = PseudoPairConfig.from_dict(json.loads(cache_json.read_text())["pseudo"])
+    pseudo = PseudoPairConfig.from_dict(read_cache_meta(cfg.pairs)["pseudo"])
     return dataclasses.replace(cfg, pseudo=dataclasses.replace(pseudo, seed=cfg.pseudo.seed))
 
 
