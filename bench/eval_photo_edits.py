@@ -38,13 +38,15 @@ import torch
 @click.option("--network", default="default-2d")
 @click.option("--n", type=int, default=20, help="Photos, evenly spaced over the held-out list.")
 @click.option("--yaw", type=float, default=20.0, help="Asked yaw change (degrees).")
-@click.option("--mode", type=click.Choice(["linear", "gradient"]), default="linear")
+@click.option("--mode", type=click.Choice(["linear", "gradient"]), default="gradient", help="The edit's default.")
+@click.option("--feedback", type=click.IntRange(0, 5), default=1, help="`edit --feedback` (its default).")
+@click.option("--lambda-id", type=float, default=None, help="`edit --lambda-id` [its default: 1, to the photo].")
 @click.option("--metric", type=click.Choice(["prior", "euclidean"]), default="prior")
 @click.option("--project-steps", type=int, default=300)
 @click.option("--threads", type=int, default=1)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n: int, yaw: float, mode: str,
-         metric: str, project_steps: int, threads: int, out: Path) -> None:
+         feedback: int, lambda_id: float | None, metric: str, project_steps: int, threads: int, out: Path) -> None:
     from PIL import Image
 
     from portrait3d.face.analyzer import FaceAnalyzer
@@ -66,7 +68,8 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
                 t0 = time.perf_counter()
                 try:
                     rec = run_edit(str(photos / name), network, editor_path, EditSpec(yaw=yaw, absolute=False), mode,
-                                   50, 0.01, Path(tmp), False, "mediapipe", project_steps, None, metric=metric)
+                                   50, lambda_id, Path(tmp), False, "mediapipe", project_steps, None, metric=metric,
+                                   feedback=feedback)
                 except Exception as e:  # a photo the command refuses counts as a failure, with its reason
                     rows.append({"photo": name, "error": f"{type(e).__name__}: {e}"})
                     click.echo(f"[{k + 1}/{len(picks)}] {name}: {rows[-1]['error']}")
@@ -105,6 +108,7 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
     changes = [r["yaw_change"] for r in done if r.get("yaw_change") is not None]
     summary = {
         "photos": len(rows), "edited": len(done), "asked_yaw_change": yaw, "mode": mode, "metric": metric,
+        "feedback": feedback, "lambda_id": lambda_id,
         "turned_within_5deg": sum(r["turned"] for r in done) / max(1, len(rows)),
         "median_yaw_change": float(np.median(changes)) if changes else None,
         "identity_kept_photo": sum(r["kept_photo"] for r in done) / max(1, len(rows)),

@@ -123,6 +123,25 @@ def test_edit_photo_inverts_then_edits(built, tmp_path):
         assert (out / name).is_file(), name
     rec = json.loads((out / "result.json").read_text())
     assert rec["photo"] == str(photo) and rec["num_faces"] == 1 and rec["projection_steps"] == 3
+    # A photo is projected with the photo-edit settings (latent prior, stronger identity), and eq. 15's identity
+    # term of a gradient edit compares with the photo, at the photo's lambda_ID.
+    from portrait3d.methods.nrsfm.pipeline import PhotoEditConfig
+
+    cfg = PhotoEditConfig()
+    assert rec["projection"] == {"identity_weight": cfg.identity_weight, "latent_prior_weight": cfg.latent_prior_weight}
+    grad = tmp_path / "photo-gradient"
+    res = run_cli("edit", str(photo), "--network", str(net), "--nrsfm", str(editor), "--yaw", "10", "--relative",
+                  "--steps", "2", "--project-steps", "3", "--out", str(grad))
+    assert res.exit_code == 0, res.output
+    rec = json.loads((grad / "result.json").read_text())
+    assert rec["identity_reference"] == "photo" and rec["lambda_id"] == cfg.lambda_id and rec["feedback"] == 1
+    assert len(rec["feedback_edits"]) in (1, 2)  # a random generator's faces are rarely measurable
+    seed = tmp_path / "seed-gradient"
+    res = run_cli("edit", "7", "--network", str(net), "--nrsfm", str(editor), "--yaw", "10", "--relative",
+                  "--steps", "2", "--out", str(seed))
+    assert res.exit_code == 0, res.output
+    rec = json.loads((seed / "result.json").read_text())
+    assert rec["identity_reference"] == "original render" and rec["lambda_id"] == 0.01
 
 
 def test_edit_photo_without_face(built, tmp_path):

@@ -26,9 +26,12 @@ from portrait3d.errors import UsageError
 from portrait3d.face.io import save_image
 from portrait3d.methods.nrsfm.pipeline import (
     EditReport,
+    PhotoEditConfig,
+    PhotoLatent,
     basis_figure,
     edit_and_measure,
     latent_from_seed,
+    photo_identity_loss,
     project_photo,
     resolve_editor,
 )
@@ -38,6 +41,7 @@ from portrait3d.utils.visualize import make_grid, to_uint8
 __all__ = ["run_build", "run_edit", "run_transfer", "source_latent"]
 
 EDIT_OUTPUTS = ("original.png", "edited.png", "grid.png", "result.json", "latent.npy", "original_latent.npy")
+DEFAULT_LAMBDA_ID = 0.01  # eq. 15's lambda_ID for a seed: the paper's
 
 
 
@@ -77,22 +81,25 @@ def run_build(network: str, out: Path, space: str, samples: int, basis: int, bac
 
 # ----------------------------------------------------------------------------- edit
 def source_latent(G: Any, editor: Any, source: str, project_steps: int, face_index: int | None, out: Path,
-                  force: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A seed (an integer) or a photo path -> a latent of the editor's space; a photo's crop and projection are
-    written to ``out`` (``aligned.png``, ``projection.png``)."""
+                  force: bool) -> tuple[torch.Tensor, dict[str, Any], PhotoLatent | None]:
+    """A seed (an integer) or a photo path -> a latent of the editor's space, what to record of it, and the photo's
+    projection (None for a seed); a photo's crop and projection are written to ``out`` (``aligned.png``,
+    ``projection.png``)."""
     if source.lstrip("-").isdigit():
         seed = int(source)
         if seed < 0:
             raise UsageError(f"seed must be >= 0, got {seed}")
-        return latent_from_seed(G, editor, seed), {"seed": seed}
+        return latent_from_seed(G, editor, seed), {"seed": seed}, None
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{source} is neither a seed (integer) nor an existing photo")
-    pl = project_photo(G, editor, path, project_steps, face_index, name=str(path))
+    cfg = PhotoEditConfig()
+    pl = project_photo(G, editor, path, project_steps, face_index, name=str(path), cfg=cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_image(out / "aligned.png", pl.aligned, overwrite=force)
     save_image(out / "projection.png", pl.projection, overwrite=force)
-    return pl.latent, pl.info
+    return pl.latent, {**pl.info, "projection": {"identity_weight": cfg.identity_weight,
+                                                 "latent_prior_weight": cfg.latent_prior_weight}}, pl
 
 
 def _save_edit(out: Path, rep: EditReport, grid: np.ndarray, extra: dict[str, Any], force: bool) -> dict[str, Any]:
@@ -107,10 +114,13 @@ def _save_edit(out: Path, rep: EditReport, grid: np.ndarray, extra: dict[str, An
     return record
 
 
-def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mode: str, steps: int, lambda_id: float,
-             out: Path, force: bool, detector: str = "template", project_steps: int = 300,
-             face_index: int | None = None, device: str = "cpu", metric: str = "prior") -> dict[str, Any]:
-    """``portrait3d edit``: see the module docstring for what lands in ``out``."""
+def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mode: str, steps: int,
+             lambda_id: float | None, out: Path, force: bool, detector: str = "template", project_steps: int = 300,
+             face_index: int | None = None, device: str = "cpu", metric: str = "prior",
+             feedback: int = 1) -> dict[str, Any]:
+    """``portrait3d edit``: see the module docstring for what lands in ``out``. ``feedback``: re-edits whose asked
+    angles are corrected by what the edited face's landmarks measure (:func:`edit_and_measure`). ``lambda_id``
+    None: the paper's 0.01 to the original render for a seed, :class:`PhotoEditConfig`'s to the photo for a photo."""
     from portrait3d.checkpoints import load_network
 
     editor = resolve_editor(network, editor_path)
@@ -118,18 +128,25 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
     check_outputs(out, EDIT_OUTPUTS + ("aligned.png", "projection.png"), force)
     G = load_network(network, device=device).eval().requires_grad_(False)
     editor.phi.to(device)
-    latent0, extra = source_latent(G, editor, source, project_steps, face_index, out, force)
+    latent0, extra, photo = source_latent(G, editor, source, project_steps, face_index, out, force)
+    id_loss = None
+    if photo is not None:
+        lambda_id = PhotoEditConfig().lambda_id if lambda_id is None else lambda_id
+        id_loss = photo_identity_loss(photo, latent0.device) if mode == "gradient" and lambda_id > 0 else None
+    lambda_id = DEFAULT_LAMBDA_ID if lambda_id is None else lambda_id
     q_target = editor.target(latent0, spec)
-    rep = edit_and_measure(G, editor, latent0, q_target, mode, steps, lambda_id, detector, metric)
+    rep = edit_and_measure(G, editor, latent0, q_target, mode, steps, lambda_id, detector, metric, feedback=feedback,
+                           asked_angles=spec.asked_angles(), absolute=spec.absolute, identity_loss=id_loss)
     rep.check_pose(spec)
-    extra = {"network": network, "space": editor.space, "metric": metric,
+    extra = {"network": network, "space": editor.space, "metric": metric, "feedback": feedback, "lambda_id": lambda_id,
+             "identity_reference": "photo" if id_loss is not None else "original render",
              "edit": {"yaw": spec.yaw, "pitch": spec.pitch, "roll": spec.roll, "expr": spec.expr,
                       "angles": "absolute" if spec.absolute else "change"}, **extra}
     return _save_edit(out, rep, rep.grid, extra, force)
 
 
 def run_transfer(source: str, target: str, network: str, editor_path: Path | None, part: str, mode: str, steps: int,
-                 lambda_id: float, out: Path, force: bool, detector: str = "template",
+                 lambda_id: float | None, out: Path, force: bool, detector: str = "template",
                  project_steps: int = 300, device: str = "cpu", metric: str = "prior") -> dict[str, Any]:
     """``portrait3d transfer SOURCE TARGET``: TARGET's face with SOURCE's pose and/or expression (Sec. 4.4)."""
     from portrait3d.checkpoints import load_network
@@ -140,8 +157,9 @@ def run_transfer(source: str, target: str, network: str, editor_path: Path | Non
     check_outputs(out, EDIT_OUTPUTS + ("source.png",), force)
     G = load_network(network, device=device).eval().requires_grad_(False)
     editor.phi.to(device)
-    w_src, src_info = source_latent(G, editor, source, project_steps, None, out / "source_inversion", force)
-    w_tgt, tgt_info = source_latent(G, editor, target, project_steps, None, out / "target_inversion", force)
+    lambda_id = DEFAULT_LAMBDA_ID if lambda_id is None else lambda_id
+    w_src, src_info, _ = source_latent(G, editor, source, project_steps, None, out / "source_inversion", force)
+    w_tgt, tgt_info, _ = source_latent(G, editor, target, project_steps, None, out / "target_inversion", force)
     with torch.no_grad():
         q = transfer_target(editor.params(w_tgt), editor.params(w_src), editor.layout, part)
         src_img = to_uint8(synthesize(G, w_src, editor.space))[0]

@@ -82,7 +82,9 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Latent metric of the edit step: prior (the smallest step in the latents' own covariance, "
                           "holding only what is asked) or euclidean (eqs. 14-15 as printed, everything else held)."),
         click.option("--steps", type=click.IntRange(1, 10000), default=50, help="Gradient-edit steps."),
-        click.option("--lambda-id", type=FiniteFloat(0), default=0.01, help="Identity weight λ_ID of eq. 15."),
+        click.option("--lambda-id", type=FiniteFloat(0), default=None,
+                     help="Identity weight λ_ID of eq. 15 [0.01 (the paper's) to the original render for a seed; 1 "
+                          "to the photo for a photo]."),
         click.option("--sample-detector", "detector", type=click.Choice(["mediapipe", "dlib", "dlib-hog", "template"]),
                      default="mediapipe", help="Face box on the generated images (before and after the edit): a "
                                                "detector, or 'template' (the aligned generator's fixed box)."),
@@ -111,14 +113,17 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--expr", multiple=True, metavar="K=VALUE",
               help="Change of shape component K (1-based) in standard deviations; repeatable.")
 @click.option("--face-index", type=click.IntRange(0), default=None, help="Face in a photo (0 = largest).")
+@click.option("--feedback", type=click.IntRange(0, 5), default=1,
+              help="Further edits whose asked angles are corrected by what eq. 11, fitted to the edited face's "
+                   "landmarks, says was missed (phi misreads the pose of projected photos); the nearest is kept.")
 @_edit_options
 @workers_option
 @compute_options
 @fail_cleanly
 def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll: float | None, relative: bool,
          expr: tuple[str, ...],
-         face_index: int | None, network: str, editor_path: Path | None, mode: str, metric: str, steps: int,
-         lambda_id: float,
+         face_index: int | None, feedback: int, network: str, editor_path: Path | None, mode: str, metric: str,
+         steps: int, lambda_id: float | None,
          detector: str, project_steps: int, out: Path, force: bool, workers: int, device: str,
          threads: int | None) -> None:
     """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first).
@@ -142,13 +147,13 @@ def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll:
         task = EditTask(yaw=yaw, pitch=pitch, roll=roll, relative=relative, expr=tuple(expr), face_index=face_index,
                         network=network,
                         editor_path=editor_path, mode=mode, metric=metric, steps=steps, lambda_id=lambda_id,
-                        detector=detector,
+                        feedback=feedback, detector=detector,
                         project_steps=project_steps, device=device)
         run_batch_command([source], out, task, desc="editing", config={"command": "edit", **task.__dict__},
                           workers=workers, force=force)
         return
     rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
-                   face_index, device=device, metric=metric)
+                   face_index, device=device, metric=metric, feedback=feedback)
     _echo_edit_summary(rec, out)
 
 
@@ -167,10 +172,11 @@ class EditTask(ItemTask):
     mode: str
     metric: str
     steps: int
-    lambda_id: float
+    lambda_id: float | None
     detector: str
     project_steps: int
     device: str = "cpu"
+    feedback: int = 1
 
     def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
         from portrait3d.interfaces.nrsfm import run_edit
@@ -180,7 +186,7 @@ class EditTask(ItemTask):
                         absolute=not self.relative)
         rec = run_edit(str(item.path), self.network, self.editor_path, spec, self.mode, self.steps, self.lambda_id,
                        out_dir, False, self.detector, self.project_steps, self.face_index, device=self.device,
-                       metric=self.metric)
+                       metric=self.metric, feedback=self.feedback)
         return {k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds") if k in rec}
 
 
@@ -210,8 +216,8 @@ def _echo_edit_summary(rec: dict, out: Path) -> None:
 @compute_options
 @fail_cleanly
 def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, metric: str,
-             steps: int, lambda_id: float, detector: str, project_steps: int, out: Path, force: bool, device: str,
-             threads: int | None) -> None:
+             steps: int, lambda_id: float | None, detector: str, project_steps: int, out: Path, force: bool,
+             device: str, threads: int | None) -> None:
     """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo).
 
     \b

@@ -189,10 +189,12 @@ def _align(photo: np.ndarray, style: str, size: int) -> tuple[Any, str]:
     return face, note
 
 
-def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int,
-                   progress: Progress) -> tuple[torch.Tensor, np.ndarray, str]:
-    """A photo -> ``(latent of a 2D StyleGAN2's space, aligned crop, note)`` through the projector, with the
-    ``default`` crop (the one portrait3d's built-in generators are trained on), as ``portrait3d edit`` does.
+def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int, progress: Progress,
+                   identity_weight: float = 0.1, latent_prior_weight: float = 0.0
+                   ) -> tuple[torch.Tensor, np.ndarray, str]:
+    """A photo -> ``(latent of a 2D StyleGAN2's space, aligned crop, note)`` through the projector (with these
+    :class:`ProjectorConfig` weights), with the ``default`` crop (the one portrait3d's built-in generators are trained
+    on), as ``portrait3d edit`` does.
 
     The latent is ``[1, w_dim]`` for ``"w"``, flat ``[1, num_ws * w_dim]`` for ``"w+"`` (the NRSfM layout).
     """
@@ -209,7 +211,8 @@ def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int,
     def step(i: int, *_: Any) -> None:
         progress((i + 1) / steps, f"projecting into the 2D generator: step {i + 1}/{steps}")
 
-    res = project(G, to_tensor(aligned, dev), ProjectorConfig(space=space, steps=steps),
+    res = project(G, to_tensor(aligned, dev), ProjectorConfig(space=space, steps=steps, identity_weight=identity_weight,
+                                                              latent_prior_weight=latent_prior_weight),
                   landmarks=face_landmarks68(face), progress=False, callback=step)
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
     return latent.detach(), aligned, note
@@ -527,8 +530,11 @@ class NRSfMAdapter(ModelFileAdapter):
             seed = _check_seed(source)
             latent = sample_latents(G, 1, editor.space, seed=seed).reshape(1, -1)
             return Embedding(self.key, f"seed {seed}", {"latent": latent})
+        from portrait3d.methods.nrsfm.pipeline import PhotoEditConfig
+
+        cfg = PhotoEditConfig()  # as `portrait3d edit` projects a photo
         latent, aligned, note = _project_photo(G, _check_photo(source), editor.space, self.settings.project_steps,
-                                               progress)
+                                               progress, cfg.identity_weight, cfg.latent_prior_weight)
         return Embedding(self.key, "photo", {"latent": latent}, aligned=aligned,
                          note=f"{note}{self.settings.project_steps} projector steps.")
 

@@ -26,16 +26,19 @@ class PhotoLatent:
     aligned: np.ndarray             # the crop that was inverted, uint8 [R, R, 3]
     projection: np.ndarray          # the projected latent rendered, uint8 [R, R, 3]
     info: dict[str, Any]
+    landmarks: np.ndarray | None = None  # dlib's 68 points of the crop, pixels [68, 2]
 
 
 def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_steps: int, face_index: int | None,
-                  name: str = "photo", progress: bool = True, latent_prior_weight: float = 0.0) -> PhotoLatent:
+                  name: str = "photo", progress: bool = True, latent_prior_weight: float = 0.0,
+                  identity_weight: float = 0.1) -> PhotoLatent:
     """Align ``image`` (an array or a path) in portrait3d's default crop and project it into ``space``.
 
     Raises:
         FaceError: no face, or ``face_index`` out of range; UsageError: a space the projector does not have.
         Several faces without ``face_index``: the largest is used, and ``info["notes"]`` says so.
-    ``latent_prior_weight``: :class:`ProjectorConfig`'s, to keep the latent where edit directions hold.
+    ``latent_prior_weight``: :class:`ProjectorConfig`'s, to keep the latent where edit directions hold;
+    ``identity_weight``: its dlib identity term's.
     """
     from portrait3d.face.pipeline import FacePipeline
 
@@ -45,9 +48,11 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
         face = pipe(image, face_index=face_index)
     aligned = face.aligned.image
     target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
-    res = project(G, target, ProjectorConfig(space=space, steps=project_steps, latent_prior_weight=latent_prior_weight),
+    res = project(G, target, ProjectorConfig(space=space, steps=project_steps, latent_prior_weight=latent_prior_weight,
+                                             identity_weight=identity_weight),
                   landmarks=face.aligned.landmarks, progress=progress)
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
     return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(res.image)[0],
                        info={"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
-                             "projection_steps": project_steps, "notes": several_faces_note(face, face_index, name)})
+                             "projection_steps": project_steps, "notes": several_faces_note(face, face_index, name)},
+                       landmarks=np.asarray(face.aligned.landmarks, np.float64))
