@@ -123,6 +123,7 @@ def test_edit_photo_inverts_then_edits(built, tmp_path):
         assert (out / name).is_file(), name
     rec = json.loads((out / "result.json").read_text())
     assert rec["photo"] == str(photo) and rec["num_faces"] == 1 and rec["projection_steps"] == 3
+    assert rec["identity_reference"] == "none (linear edit)"
     # A photo is projected with the photo-edit settings (latent prior, stronger identity), and eq. 15's identity
     # term of a gradient edit compares with the photo, at the photo's lambda_ID.
     from portrait3d.methods.nrsfm.pipeline import PhotoEditConfig

@@ -139,7 +139,8 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
                            asked_angles=spec.asked_angles(), absolute=spec.absolute, identity_loss=id_loss)
     rep.check_pose(spec)
     extra = {"network": network, "space": editor.space, "metric": metric, "feedback": feedback, "lambda_id": lambda_id,
-             "identity_reference": "photo" if id_loss is not None else "original render",
+             "identity_reference": ("photo" if id_loss is not None else "original render"
+                                    if mode == "gradient" and lambda_id > 0 else "none (linear edit)"),
              "edit": {"yaw": spec.yaw, "pitch": spec.pitch, "roll": spec.roll, "expr": spec.expr,
                       "angles": "absolute" if spec.absolute else "change"}, **extra}
     return _save_edit(out, rep, rep.grid, extra, force)
