@@ -71,7 +71,7 @@ def main(network: str, editor_path: Path | None, n: int, seed: int, yaw: float, 
             for i in tqdm.trange(n, desc=f"feedback {fb}", unit="latent"):
                 w = latents[i:i + 1]
                 rep = edit_and_measure(G, editor, w, editor.target(w, spec), mode, 50, 0.01, "mediapipe",
-                                       feedback=fb, asked_angles=spec.asked_angles(), absolute=False)
+                                       feedback=fb, spec=spec)
                 ch = rep.head_pose_change_deg
                 m0, m1 = mesh_yaw(rep.original), mesh_yaw(rep.edited)
                 rows.append({"pnp68": None if ch is None else ch[0],

@@ -31,7 +31,6 @@ from portrait3d.methods.nrsfm.pipeline import (
     basis_figure,
     edit_and_measure,
     latent_from_seed,
-    photo_identity_loss,
     project_photo,
     resolve_editor,
 )
@@ -129,18 +128,16 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
     G = load_network(network, device=device).eval().requires_grad_(False)
     editor.phi.to(device)
     latent0, extra, photo = source_latent(G, editor, source, project_steps, face_index, out, force)
-    id_loss = None
-    if photo is not None:
-        lambda_id = PhotoEditConfig().lambda_id if lambda_id is None else lambda_id
-        id_loss = photo_identity_loss(photo, latent0.device) if mode == "gradient" and lambda_id > 0 else None
-    lambda_id = DEFAULT_LAMBDA_ID if lambda_id is None else lambda_id
+    if lambda_id is None:
+        lambda_id = DEFAULT_LAMBDA_ID if photo is None else PhotoEditConfig().lambda_id
+    reference = None if photo is None else (photo.aligned, photo.landmarks)
     q_target = editor.target(latent0, spec)
     rep = edit_and_measure(G, editor, latent0, q_target, mode, steps, lambda_id, detector, metric, feedback=feedback,
-                           asked_angles=spec.asked_angles(), absolute=spec.absolute, identity_loss=id_loss)
+                           spec=spec, identity_reference=reference)
     rep.check_pose(spec)
     extra = {"network": network, "space": editor.space, "metric": metric, "feedback": feedback, "lambda_id": lambda_id,
-             "identity_reference": ("photo" if id_loss is not None else "original render"
-                                    if mode == "gradient" and lambda_id > 0 else "none (linear edit)"),
+             "identity_reference": ("none (linear edit)" if mode != "gradient" or lambda_id == 0
+                                    else "original render" if photo is None else "photo"),
              "edit": {"yaw": spec.yaw, "pitch": spec.pitch, "roll": spec.roll, "expr": spec.expr,
                       "angles": "absolute" if spec.absolute else "change"}, **extra}
     return _save_edit(out, rep, rep.grid, extra, force)

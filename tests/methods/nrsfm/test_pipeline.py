@@ -25,7 +25,7 @@ def test_feedback_corrects_the_asked_angle_by_the_landmarks_miss(shipped):
     spec = EditSpec(yaw=20.0)  # a change of the face's own yaw
     q = editor.target(w, spec)
     rep = edit_and_measure(G, editor, w, q, "linear", 0, 0.0, "template", feedback=2,
-                           asked_angles=spec.asked_angles(), absolute=False)
+                           spec=spec)
     yaw = editor.layout.theta.start
     assert rep.target == q[0].tolist()  # the record keeps what was asked
     tries = rep.feedback

@@ -84,10 +84,6 @@ class EditSpec:
         return {k: float(v) for k, v in (("yaw", self.yaw), ("pitch", self.pitch), ("roll", self.roll))
                 if v is not None}
 
-    def asked_angles(self) -> dict[int, float]:
-        """The angles that are set by index (0 yaw, 1 pitch, 2 roll), as the parameter vector orders them."""
-        return {i: float(v) for i, v in enumerate((self.yaw, self.pitch, self.roll)) if v is not None}
-
     def validate(self, num_basis: int) -> None:
         limits = ABSOLUTE_LIMITS if self.absolute else ANGLE_LIMITS
         for name in ("yaw", "pitch", "roll"):

@@ -21,9 +21,11 @@ from portrait3d.errors import UsageError
 from portrait3d.methods.projector.photo import PhotoLatent
 from portrait3d.utils.visualize import draw_points, make_grid, to_uint8
 
-__all__ = ["EditReport", "PhotoEditConfig", "PhotoLatent", "builtin_editor_path", "photo_identity_loss",
+__all__ = ["EditReport", "PhotoEditConfig", "PhotoLatent", "builtin_editor_path",
            "resolve_editor", "basis_figure", "latent_from_seed", "project_photo", "edit_and_measure",
            "POSE_TOLERANCE_DEG"]
+
+_ANGLE = {"yaw": 0, "pitch": 1, "roll": 2}  # offsets in the parameter vector's theta block
 
 POSE_TOLERANCE_DEG = 5.0
 """An edit whose measured head-pose change misses the asked change by more than this is reported as short."""
@@ -106,14 +108,6 @@ def project_photo(G: nn.Module, editor: Any, image: np.ndarray | Path, project_s
                     latent_prior_weight=cfg.latent_prior_weight, identity_weight=cfg.identity_weight)
 
 
-def photo_identity_loss(photo: PhotoLatent, device: torch.device | str = "cpu") -> nn.Module:
-    """Eq. 15's ``L_ID`` with the aligned photo as the reference: ``1 - cos`` of dlib descriptors."""
-    from portrait3d.methods.nrsfm.evaluate import make_identity_loss
-
-    ref = torch.as_tensor(photo.aligned).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
-    return make_identity_loss(ref, photo.landmarks[None])
-
-
 @dataclass
 class EditReport:
     """One edit: images, latents, and asked-for vs achieved parameters (:meth:`record` for ``result.json``)."""
@@ -186,22 +180,23 @@ class EditReport:
 
 def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: torch.Tensor, mode: str, steps: int,
                      lambda_id: float, detector: str, metric: str = "prior", feedback: int = 0,
-                     asked_angles: dict[int, float] | None = None, absolute: bool = True,
-                     identity_loss: nn.Module | None = None) -> EditReport:
+                     spec: Any = None, identity_reference: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> EditReport:
     """Edit ``latent`` towards the rank-one parameters ``q_target`` (eq. 14 ``'linear'`` or eq. 15 ``'gradient'``
     with identity weight ``lambda_id``, in the latent ``metric`` of :meth:`NRSfMEditor.edit`) and measure the
     result on the rendered images.
 
     ``feedback`` (ours, after PIE's feedback step ``theta_new = theta + (theta - theta_est)``): up to that many
     further edits from ``latent``, each with the asked angles of the previous target moved by what the previous edit
-    missed, as eq. 11 fitted to the edited image's detected landmarks measures it. ``asked_angles`` maps an angle
-    (0 yaw, 1 pitch, 2 roll) to the asked degrees, absolute or a change of the original's as ``absolute`` says. The
-    edit the landmarks put nearest the asked angles is kept. Why: φ was fitted where sampled latents lie; a
-    projected photo's latent lies far outside them (default-2d: Mahalanobis norm 80-100 against 16), where φ misreads
-    the head pose and the edit falls short, while the landmarks of the rendered face do not depend on φ.
+    missed, as eq. 11 fitted to the edited image's detected landmarks measures it. The asked angles are those of
+    ``spec`` (an :class:`~portrait3d.methods.nrsfm.edit.EditSpec`; absolute, or changes of the original's); without
+    ``spec`` there is no feedback. The edit the landmarks put nearest the asked angles is kept. Why: φ was fitted
+    where sampled latents lie; a projected photo's latent lies far outside them (default-2d: Mahalanobis norm 80-100
+    against 16), where φ misreads the head pose and the edit falls short, while the landmarks of the rendered face
+    do not depend on φ.
 
-    ``identity_loss``: eq. 15's ``L_ID`` (images ``[N, 3, H, W]`` -> ``[N]``); default ``1 - cos`` to the original
-    render.
+    ``identity_reference``: the face eq. 15's ``L_ID`` (``1 - cos`` of dlib descriptors) compares with, as
+    ``(uint8 image [R, R, 3], its 68 landmarks in pixels [68, 2])``; default the original render.
     """
     from portrait3d.methods.nrsfm.data import ImageLandmarker, synthesize
     from portrait3d.methods.nrsfm.editor import fitted_params
@@ -210,18 +205,22 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
     res = int(G.img_resolution)
     backend = "dlib" if editor.model.scheme == "ibug68" else "mediapipe"
     theta = editor.layout.theta.start
+    asked = spec.angles() if spec is not None else {}
     with torch.no_grad():
         img0 = to_uint8(synthesize(G, latent, editor.space))
     with ImageLandmarker(backend, detector) as lmk, ImageLandmarker("dlib", detector) as idl:
         lm0, ok0 = lmk(img0)
         id0, idok0 = (lm0, ok0) if backend == "dlib" else idl(img0)
         fit0 = fitted_params(editor, lm0)[0] if ok0[0] else None
-        id_loss = identity_loss
-        if mode == "gradient" and lambda_id > 0 and id_loss is None:
-            if not idok0[0]:
-                raise UsageError("no face found in the original image: cannot build the identity term of eq. 15")
-            id_loss = make_identity_loss(torch.as_tensor(img0).permute(0, 3, 1, 2).float().to(latent.device) / 127.5
-                                         - 1, to_pixels(id0, res))
+        id_loss = None
+        if mode == "gradient" and lambda_id > 0:
+            if identity_reference is None:
+                if not idok0[0]:
+                    raise UsageError("no face found in the original image: cannot build the identity term of eq. 15")
+                identity_reference = (img0[0], to_pixels(id0[0], res))
+            ref, ref_lm = identity_reference
+            id_loss = make_identity_loss(torch.as_tensor(ref).permute(2, 0, 1)[None].float().to(latent.device) / 127.5
+                                         - 1, np.asarray(ref_lm, np.float64)[None])
 
         def attempt(q: torch.Tensor) -> dict[str, Any]:
             t0 = time.time()
@@ -234,10 +233,11 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
             id1, idok1 = (lm1, ok1) if backend == "dlib" else idl(img1)
             a = {"q": q, "w": w1, "hist": hist, "seconds": seconds, "img": img1, "lm": lm1, "ok": bool(ok1[0]),
                  "id": id1, "idok": bool(idok1[0]), "fit": fitted_params(editor, lm1)[0] if ok1[0] else None}
-            a["miss"] = None  # asked minus measured, per asked angle (degrees)
-            if asked_angles and fit0 is not None and a["fit"] is not None:
-                a["miss"] = {i: v - float(a["fit"][theta + i] - (0.0 if absolute else fit0[theta + i]))
-                             for i, v in asked_angles.items()}
+            a["miss"] = None  # asked minus measured, per asked angle name (degrees)
+            if asked and fit0 is not None and a["fit"] is not None:
+                a["miss"] = {name: v - float(a["fit"][theta + _ANGLE[name]]
+                                             - (0.0 if spec.absolute else fit0[theta + _ANGLE[name]]))
+                             for name, v in asked.items()}
             return a
 
         tries = [attempt(q_target)]
@@ -246,8 +246,8 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
             if last["miss"] is None:
                 break
             q = last["q"].clone()
-            for i, m in last["miss"].items():
-                q[:, theta + i] += m
+            for name, m in last["miss"].items():
+                q[:, theta + _ANGLE[name]] += m
             tries.append(attempt(q))
     scored = [a for a in tries if a["miss"] is not None]
     best = min(scored, key=lambda a: max(abs(m) for m in a["miss"].values())) if scored else tries[0]
@@ -265,9 +265,7 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
                      loss_history_last=best["hist"][-1] if best["hist"] else None)
     if feedback > 0:
         rep.feedback = [{"target_angles_deg": a["q"][0, theta:theta + 3].tolist(),
-                         "miss_deg": None if a["miss"] is None else {("yaw", "pitch", "roll")[i]: m
-                                                                      for i, m in a["miss"].items()},
-                         "kept": a is best} for a in tries]
+                         "miss_deg": a["miss"], "kept": a is best} for a in tries]
     if fit0 is not None:
         rep.fit_before = fit0.tolist()
     if best["fit"] is not None:
