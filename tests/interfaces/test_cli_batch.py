@@ -62,10 +62,17 @@ def _align_subprocess(photos: Path, out: Path, *extra: str) -> subprocess.Popen:
                             preexec_fn=lambda: os.nice(5))
 
 
-def _kill_when_done(proc: subprocess.Popen, manifest: Path, at_least: int, timeout: float = 120) -> int:
-    """SIGKILL ``proc`` once ``manifest`` records ``at_least`` done inputs; returns how many it recorded then."""
+def _kill_when_done(proc: subprocess.Popen, manifest: Path, at_least: int, timeout: float = 300,
+                    slice_s: float = 0.05) -> int:
+    """SIGKILL ``proc`` once ``manifest`` records ``at_least`` done inputs; returns how many it recorded then.
+
+    The child runs only in slices of ``slice_s`` seconds (SIGCONT ... SIGSTOP) and the manifest is read while it is
+    stopped: on a crowded machine a plain poller can wake too late and find the whole batch done."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(slice_s)
+        proc.send_signal(signal.SIGSTOP)
         try:
             n = sum(r["status"] == "done" for r in json.loads(manifest.read_text())["items"])
         except (OSError, ValueError, KeyError):  # not written yet (it is replaced atomically: never half-written)
@@ -74,7 +81,8 @@ def _kill_when_done(proc: subprocess.Popen, manifest: Path, at_least: int, timeo
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return n
-        time.sleep(0.003)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
     proc.kill()
     out, err = proc.communicate()
     pytest.fail(f"the run ended (rc {proc.returncode}) before {at_least} inputs were done:\n{out}\n{err}")
