@@ -25,8 +25,6 @@ __all__ = ["EditReport", "PhotoEditConfig", "PhotoLatent", "builtin_editor_path"
            "resolve_editor", "basis_figure", "latent_from_seed", "project_photo", "edit_and_measure",
            "POSE_TOLERANCE_DEG"]
 
-_ANGLE = {"yaw": 0, "pitch": 1, "roll": 2}  # offsets in the parameter vector's theta block
-
 POSE_TOLERANCE_DEG = 5.0
 """An edit whose measured head-pose change misses the asked change by more than this is reported as short."""
 
@@ -205,6 +203,7 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
     res = int(G.img_resolution)
     backend = "dlib" if editor.model.scheme == "ibug68" else "mediapipe"
     theta = editor.layout.theta.start
+    index = {name: i for i, name in enumerate(editor.layout.names())}  # parameter name -> position in q
     asked = spec.angles() if spec is not None else {}
     with torch.no_grad():
         img0 = to_uint8(synthesize(G, latent, editor.space))
@@ -235,8 +234,7 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
                  "id": id1, "idok": bool(idok1[0]), "fit": fitted_params(editor, lm1)[0] if ok1[0] else None}
             a["miss"] = None  # asked minus measured, per asked angle name (degrees)
             if asked and fit0 is not None and a["fit"] is not None:
-                a["miss"] = {name: v - float(a["fit"][theta + _ANGLE[name]]
-                                             - (0.0 if spec.absolute else fit0[theta + _ANGLE[name]]))
+                a["miss"] = {name: v - float(a["fit"][index[name]] - (0.0 if spec.absolute else fit0[index[name]]))
                              for name, v in asked.items()}
             return a
 
@@ -247,7 +245,7 @@ def edit_and_measure(G: nn.Module, editor: Any, latent: torch.Tensor, q_target: 
                 break
             q = last["q"].clone()
             for name, m in last["miss"].items():
-                q[:, theta + _ANGLE[name]] += m
+                q[:, index[name]] += m
             tries.append(attempt(q))
     scored = [a for a in tries if a["miss"] is not None]
     best = min(scored, key=lambda a: max(abs(m) for m in a["miss"].values())) if scored else tries[0]
