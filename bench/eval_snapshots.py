@@ -67,12 +67,14 @@ def _plot(rows: list[dict], baseline: dict | None, path: Path) -> None:
 @click.option("--n", type=click.IntRange(10), default=300, help="Samples per snapshot.")
 @click.option("--n-real", type=click.IntRange(10), default=2000, help="Training faces of the reference.")
 @click.option("--fid-n", type=click.IntRange(0), default=0, help="FID samples per snapshot (0 = no FID).")
+@click.option("--fid-real", type=click.IntRange(100), default=2000, show_default=True,
+              help="Training faces of FID's reference statistics (cached beside the data; the model card's 2,000).")
 @click.option("--geometry", type=click.IntRange(0), default=0,
               help="EG3D: issue 13's geometry checks on this many latents per snapshot (0 = none).")
 @click.option("--every", type=click.IntRange(1), default=1, help="Only every k-th snapshot.")
 @click.option("--threads", type=click.IntRange(1), default=1)
-def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_real: int, fid_n: int, geometry: int,
-         every: int, threads: int) -> None:
+def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_real: int, fid_n: int, fid_real: int,
+         geometry: int, every: int, threads: int) -> None:
     import numpy as np
 
     from portrait3d.face.dataset import AlignedFaceDataset
@@ -107,8 +109,8 @@ def main(runs: tuple[Path, ...], data: Path, holdout: Path | None, n: int, n_rea
                 from portrait3d.metrics.fid import compute_fid
 
                 row["fid"] = compute_fid(generator_sample_fn(G, seed=0, cameras=cams), data, n_gen=fid_n,
-                                         progress=False)
-                row["fid_n"] = fid_n
+                                         progress=False, real_limit=fid_real)
+                row["fid_n"], row["fid_real"] = fid_n, fid_real
             if geometry and isinstance(G, TriPlaneGenerator):
                 from portrait3d.metrics.geometry3d import geometry_checks
 

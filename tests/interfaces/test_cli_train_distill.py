@@ -35,3 +35,24 @@ def test_distillation_needs_a_teacher_that_fits(tmp_path):
     assert_clean_failure(res, "unconditional 2D")
     res = run_cli("train", "teacher-set", "--out", str(tmp_path / "t"), "--add-views", "--turn", "0")
     assert_clean_failure(res, "--turn")
+
+
+def test_eg3d_plane_width_and_resolution_options(tmp_path):
+    """`--plane-channels` / `--plane-resolution` (issue 13's thinner and smaller planes) reach the exported
+    generator; a resume without them is refused in one line, with them it continues."""
+    import json
+
+    from portrait3d.checkpoints.native import load_native
+
+    data = make_dataset(tmp_path / "data", 4, 128)
+    run = tmp_path / "run"
+    args = ["train", "eg3d", "--data", str(data), "--out", str(run), "--config", "tiny", "--batch", "2",
+            "--snap", "0.002", "--sample-every", "0", "--threads", "1", "--no-progress"]
+    res = run_cli(*args, "--kimg", "0.002", "--plane-channels", "8", "--plane-resolution", "64")
+    assert res.exit_code == 0, res.output
+    G = load_native(run / "G_ema.safetensors")
+    assert (G.config.plane_channels, G.config.plane_resolution) == (8, 64)
+    assert json.loads((run / "config.json").read_text())["config"]["G"]["plane_channels"] == 8
+    assert_clean_failure(run_cli(*args, "--kimg", "0.004", "--resume", str(run)), "other network settings")
+    res = run_cli(*args, "--kimg", "0.004", "--resume", str(run), "--plane-channels", "8", "--plane-resolution", "64")
+    assert res.exit_code == 0, res.output

@@ -184,6 +184,29 @@ def test_init_from_2d_copies_every_matching_backbone_weight():
     assert torch.allclose(g3.mapping(z, c), g2.mapping(z, None), atol=1e-5)
 
 
+def test_init_from_a_pose_conditioned_2d_generator_keeps_its_camera_mapping():
+    """Pose-conditioned pretraining: a camera-conditioned 2D generator hands over its camera embedding and
+    camera columns as they are, so the tri-plane backbone's W equals the 2D one for every camera."""
+    from portrait3d.networks.stylegan2 import Generator, StyleGAN2Config
+
+    cfg = E.preset("tiny")
+    g3 = E.TriPlaneGenerator(cfg.G)
+    g2 = Generator(StyleGAN2Config(z_dim=cfg.G.z_dim, c_dim=25, w_dim=cfg.G.w_dim,
+                                   img_resolution=cfg.G.plane_resolution, mapping=cfg.G.mapping,
+                                   synthesis=cfg.G.backbone))
+    with torch.no_grad():
+        for p in g2.parameters():
+            p.normal_()
+    copied = E.init_from_2d(g3, g2)
+    assert {"mapping.embed.weight", "mapping.embed.bias", "mapping.fc0.weight"} <= set(copied)
+    z = torch.randn(3, cfg.G.z_dim)
+    c = torch.stack([camera_from_angles(y, p) for y, p in ((0, 0), (25, -10), (-40, 15))])
+    w2 = g2.mapping(z, c)
+    assert torch.allclose(g3.mapping(z, c), w2, rtol=1e-4, atol=1e-4 * float(w2.abs().max()))
+    one = g2.mapping(z[:1].expand(3, -1), c)  # one latent, three cameras: the 2D W does depend on the camera
+    assert (one[0] - one[1]).abs().max() > 1e-6  # float error here is ~1e-9
+
+
 def _teacher_set(root: Path, data: Path, n: int = 6) -> Path:
     """A synthetic teacher set: the dataset's first faces and cameras, random latents, a relief-shaped mesh."""
     import numpy as np

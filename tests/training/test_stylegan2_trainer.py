@@ -266,6 +266,46 @@ def test_init_from_a_trained_generator(straight, data, tmp_path):
     assert res.exit_code == 2 and "only one of" in res.output
 
 
+def test_pose_conditioned_pretraining_starts_as_the_source_and_learns_the_camera(straight, data, tmp_path):
+    """`--pose-conditioned --init-from G`: at the start the camera changes nothing (its mapping columns at zero,
+    the z columns rescaled for the wider fan-in), so every camera gives the source's W; a few steps against the
+    camera-conditioned discriminator give the camera columns weight; the exported G takes a camera."""
+    from portrait3d.checkpoints.native import load_native
+    from portrait3d.networks.eg3d.camera import camera_from_angles
+    from portrait3d.training.stylegan2 import CAMERA_DIM, build_networks, init_pose_conditioned
+
+    _, export, _ = straight
+    src = load_native(export).eval()
+    cfg = tiny_config(1)
+    cfg.G.c_dim = cfg.D.c_dim = cfg.PD.c_dim = CAMERA_DIM
+    nets = build_networks(cfg, torch.device("cpu"))
+    assert "camera embedding fresh" in init_pose_conditioned(nets, export)
+    z = torch.randn(3, src.z_dim)
+    c = torch.stack([camera_from_angles(y, p) for y, p in ((0, 0), (25, -10), (-40, 15))]).reshape(3, CAMERA_DIM)
+    assert torch.allclose(nets.G_ema.mapping(z, c), src.mapping(z, None), atol=1e-5)
+
+    out = tmp_path / "pc"
+    res = CliRunner().invoke(main, ["--data", str(data), "--out", str(out), "--config", "tiny", "--kimg", "0.012",
+                                    "--batch", "4", "--threads", "1", "--no-progress", "--init-from", str(export),
+                                    "--pose-conditioned"])
+    assert res.exit_code == 0, res.output
+    G = load_native(out / "G_ema.safetensors")
+    assert G.c_dim == CAMERA_DIM
+    assert G.mapping.fc0.weight[:, src.z_dim:].abs().max() > 0  # the camera columns left zero
+    img = G(z, c, noise_mode="const")
+    assert img.shape == (3, 3, RES, RES) and torch.isfinite(img).all()
+    recs = [r for r in _records(out) if "step" in r]
+    assert len(recs) == 3 and all(math.isfinite(r["loss_G"]) and math.isfinite(r["loss_D"]) for r in recs)
+    # resuming needs the flag again (other networks otherwise), as every network setting does
+    res = CliRunner().invoke(main, ["--data", str(data), "--out", str(out), "--config", "tiny", "--kimg", "0.016",
+                                    "--threads", "1", "--no-progress", "--resume", str(out)])
+    assert res.exit_code == 2 and "other network settings" in res.output
+    res = CliRunner().invoke(main, ["--data", str(data), "--out", str(out), "--config", "tiny", "--kimg", "0.016",
+                                    "--threads", "1", "--no-progress", "--resume", str(out), "--pose-conditioned"])
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in _records(out) if "step" in r][-1] == 4
+
+
 def test_face_metrics_hook_reports_demographic_coverage(tmp_path, monkeypatch, tiny_stylegan2):
     """With UTKFace names in the data, the training log gets coverage TVs; a 'generator' that makes the data's own
     faces covers it perfectly (TV 0 up to the probes' held-out split)."""

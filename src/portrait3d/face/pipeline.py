@@ -137,6 +137,15 @@ class FacePipeline(ReleasesOnExit):
 
 
 
+def face_landmarks68(face: Any) -> np.ndarray:
+    """``[68, 2]`` float64 landmarks of a :class:`FacePipeline` result in its aligned crop (the aligned landmarks,
+    or the photo's 68 points moved into the crop when those are fewer)."""
+    lm = np.asarray(face.aligned.landmarks, np.float64)
+    if len(lm) != 68:
+        lm = apply_transform(face.aligned.transform, face.landmarks)
+    return lm
+
+
 def several_faces_note(face: Any, face_index: int | None, name: str) -> list[str]:
     """The one convention for photos with several faces: without ``face_index`` the largest is used, and the
     caller reports this note (``[]`` when there is nothing to say)."""

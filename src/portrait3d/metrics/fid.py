@@ -344,9 +344,9 @@ def generator_sample_fn(G: torch.nn.Module, truncation_psi: float = 1.0, seed: i
         G: StyleGAN2 ``Generator`` or EG3D ``TriPlaneGenerator``.
         truncation_psi: 1 for FID (no truncation), as the official metrics.
         seed: seed of the latent (and camera) stream; successive calls continue it.
-        cameras: EG3D only: ``[M, 25]`` camera labels sampled uniformly with replacement for both
-            conditioning and rendering (use the training set's labels, as EG3D's metrics do);
-            default: the frontal camera for every sample.
+        cameras: ``[M, 25]`` camera labels sampled uniformly with replacement, for EG3D both conditioning and
+            rendering (use the training set's labels, as EG3D's metrics do; default: the frontal camera for
+            every sample), for a pose-conditioned StyleGAN2 its label (default: zeros).
         device: where to run ``G`` (default: where its parameters are).
         noise_mode: StyleGAN2 noise mode (``'const'``, ``'random'``, ``'none'``).
     """
@@ -370,7 +370,10 @@ def generator_sample_fn(G: torch.nn.Module, truncation_psi: float = 1.0, seed: i
             ws = G.mapping(z, c, truncation_psi=truncation_psi)
             img = G.synthesis(ws, c, noise_mode=noise_mode)["image"]
         else:
-            c = torch.zeros(n, G.c_dim, device=dev)
+            if cameras is not None and G.c_dim:  # a pose-conditioned 2D generator
+                c = cameras[torch.randint(len(cameras), (n,), generator=gen)].to(dev, torch.float32)
+            else:
+                c = torch.zeros(n, G.c_dim, device=dev)
             img = G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
         return to_uint8(img)
 

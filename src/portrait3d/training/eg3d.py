@@ -65,7 +65,14 @@ from portrait3d.training.progress import save_grid
 from portrait3d.training.randomness import BatchRandom, Shard
 from portrait3d.training.run_config import RunConfig
 from portrait3d.training.snapshots import init_generators, load_training_state
-from portrait3d.training.stylegan2 import DISCRIMINATORS, auto_r1_gamma, discriminator_losses, generator_loss
+from portrait3d.training.stylegan2 import (
+    DISCRIMINATORS,
+    auto_r1_gamma,
+    copy_matching,
+    dataset_cameras,
+    discriminator_losses,
+    generator_loss,
+)
 from portrait3d.training.teacher import TeacherSet
 
 __all__ = ["PRESETS", "EG3DTrainConfig", "dataset_cameras", "gaussian_blur", "preset", "train_eg3d"]
@@ -204,16 +211,6 @@ def preset(name: str) -> EG3DTrainConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def dataset_cameras(ds: Any) -> torch.Tensor:
-    """The 25-d camera of every item of an :class:`AlignedFaceDataset` (mirrored items included)."""
-    from portrait3d.face.dataset import mirror_camera
-
-    cams = ds.cameras[: ds.count]
-    if ds.mirror:
-        cams = torch.cat([cams, torch.stack([mirror_camera(c) for c in cams])]) if len(cams) else cams
-    return cams.contiguous()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -442,24 +439,13 @@ def init_from_2d(G3: TriPlaneGenerator, G2: torch.nn.Module) -> list[str]:
     since the equalised-learning-rate gain ``1/sqrt(fan_in)`` counts the extra inputs) and its camera columns
     start at zero, so ``G3.mapping(z, c)`` equals ``G2.mapping(z)`` for every camera until training conditions it.
     A teacher sample ``G2(z)`` then has the same ``w`` here (what :mod:`portrait3d.training.teacher` relies on).
+    A pose-conditioned 2D generator (``portrait3d train stylegan2 --pose-conditioned``) hands over its camera
+    embedding and camera columns as they are: pose-conditioned pretraining.
     Returns the copied tensor names."""
-    src = {f"synthesis.{k}": v for k, v in G2.synthesis.state_dict().items()}
+    src = {f"synthesis.{k}": v for k, v in G2.synthesis.state_dict().items() if ".torgb." not in k}
     src.update({f"mapping.{k}": v for k, v in G2.mapping.state_dict().items()})
     dst = G3.backbone.state_dict()
-    copied = []
-    for name, value in src.items():
-        if name not in dst or "embed" in name or ".torgb." in name:  # ToRGB styles drive colours, not planes
-            continue
-        if name == "mapping.fc0.weight" and dst[name].shape[0] == value.shape[0] \
-                and dst[name].shape[1] > value.shape[1] == G3.z_dim:
-            gain = (dst[name].shape[1] / value.shape[1]) ** 0.5
-            dst[name].zero_()
-            dst[name][:, : value.shape[1]] = value.to(dst[name].dtype) * gain
-        elif dst[name].shape == value.shape:
-            dst[name].copy_(value.to(dst[name].dtype))
-        else:
-            continue
-        copied.append(name)
+    copied = copy_matching(dst, src, G3.z_dim)  # ToRGB styles drive colours there, not planes
     G3.backbone.load_state_dict(dst)
     return copied
 
@@ -557,10 +543,13 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
             if info.is_main:
                 print(f"initialised {len(copied)} backbone tensors from {init_2d}")
         if resume is not None:
-            counters, meta = load_training_state(resume, nets, "eg3d")
-            old = EG3DTrainConfig.from_dict(meta["config"])
-            if old.G != cfg.G or old.D != cfg.D:
-                raise UsageError("the snapshot was trained with other network settings than the given config")
+            def check(meta: dict[str, Any]) -> None:
+                old = EG3DTrainConfig.from_dict(meta["config"])
+                if old.G != cfg.G or old.D != cfg.D:
+                    raise UsageError("the snapshot was trained with other network settings than the given config "
+                                     "(give the same --config and network options as the run)")
+
+            counters, meta = load_training_state(resume, nets, "eg3d", check=check)
         for m in (nets.G, nets.D, nets.G_ema):
             broadcast_module(m, info)
         _check_memory(cfg, nets, info)

@@ -233,11 +233,16 @@ def state_with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str
     return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
 
 
-def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: str) -> tuple[Counters, dict[str, Any]]:
-    """Restore ``nets`` (in place) from a snapshot; returns the counters and the JSON metadata."""
+def load_training_state(path: str | os.PathLike[str], nets: Networks, trainer: str,
+                        check: Callable[[dict[str, Any]], None] | None = None) -> tuple[Counters, dict[str, Any]]:
+    """Restore ``nets`` (in place) from a snapshot; returns the counters and the JSON metadata. ``check(meta)`` runs
+    before any weight is loaded (a trainer's own test that the snapshot's config fits, with a clearer message than
+    a list of mismatched tensors)."""
     from portrait3d.checkpoints.state import load_state_strict
 
     meta, tensors = read_snapshot(path, trainer)
+    if check is not None:
+        check(meta)
     for name in ("G", "D", "G_ema"):
         load_state_strict(getattr(nets, name), state_with_prefix(tensors, name), f"snapshot {name}")
     for name in ("opt_G", "opt_D"):

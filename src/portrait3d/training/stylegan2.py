@@ -16,6 +16,11 @@ Per step (as NVIDIA's StyleGAN2-ADA loop, each phase its own optimiser step):
 the generator learns the un-augmented distribution; with ~22k faces (44k mirrored) it keeps the
 discriminator from memorising. Mixed precision on CUDA uses the networks' fp16 blocks
 (``num_fp16_res``, with ``conv_clamp``) as the official code does; CPU runs in float32.
+Pose-conditioned (``G.c_dim = 25``, ``portrait3d train stylegan2 --pose-conditioned``): the mapping network reads
+EG3D's 25-d camera as its label, as EG3D's own mapping does. Fakes take cameras drawn from the dataset's labels,
+reals their own (mirrored with the image), and the discriminator is conditioned on the camera by projection. The
+pretraining this gives a tri-plane generator (:func:`portrait3d.training.eg3d.init_from_2d` copies the camera
+embedding too) is a latent space whose pose is a separate input rather than mixed into ``z``.
 Randomness, sharding and checkpoints: :mod:`portrait3d.training.randomness`, :mod:`~portrait3d.training.snapshots`, :mod:`~portrait3d.training.loop`.
 """
 
@@ -58,6 +63,7 @@ __all__ = ["StyleGAN2TrainConfig", "PRESETS", "DISCRIMINATORS", "preset", "train
 
 PHASE_IDS = {"Gmain": 1, "Greg": 2, "Dmain": 3, "Dreg": 4}
 DISCRIMINATORS = ("stylegan2", "projected", "both")
+CAMERA_DIM = 25  # EG3D's camera label: a flattened 4x4 cam2world matrix and 3x3 normalised intrinsics
 
 
 def auto_r1_gamma(resolution: int, batch: int) -> float:
@@ -102,8 +108,10 @@ class StyleGAN2TrainConfig(ConfigMixin):
         self.run.fast_path()  # validates the precision
         if self.D.img_resolution != self.G.img_resolution or self.D.c_dim != self.G.c_dim:
             raise UsageError("G and D must agree on resolution and label size")
-        if self.G.c_dim != 0:
-            raise UsageError("this trainer is unconditional (c_dim = 0)")
+        if self.G.c_dim not in (0, CAMERA_DIM):
+            raise UsageError(f"c_dim must be 0 (unconditional) or {CAMERA_DIM} (conditioned on the camera)")
+        if self.discriminator != "stylegan2" and self.PD.c_dim != self.G.c_dim:
+            raise UsageError("the projected discriminator must take the generator's label (PD.c_dim = G.c_dim)")
         if self.run.batch <= 0 or self.D_reg_interval <= 0 or self.G_reg_interval <= 0:
             raise UsageError("batch and regularisation intervals must be positive")
 
@@ -213,30 +221,46 @@ def discriminator_losses(fake: Any, real: Any, projected_weight: float = 1.0,
     return pixel(fake[0], real[0]) + projected_weight * hinge(fake[1], real[1])
 
 
-def _generate(G: Generator, synthesis: Callable[..., torch.Tensor], rnd: BatchRandom, mixing_prob: float,
-              update_emas: bool, kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and ws for this shard's latents, with style mixing (one cutoff per batch).
+def dataset_cameras(ds: Any) -> torch.Tensor:
+    """The 25-d camera of every item of an :class:`AlignedFaceDataset` (mirrored items included)."""
+    from portrait3d.face.dataset import mirror_camera
 
-    The noise inputs are drawn here from ``rnd`` (per sample, as every other draw), not inside the
-    network, so a compiled ``synthesis`` holds no random op.
+    cams = ds.cameras[: ds.count]
+    if ds.mirror:
+        cams = torch.cat([cams, torch.stack([mirror_camera(c) for c in cams])]) if len(cams) else cams
+    return cams.contiguous()
+
+
+def _generate(G: Generator, synthesis: Callable[..., torch.Tensor], rnd: BatchRandom, mixing_prob: float,
+              update_emas: bool, kw: dict[str, Any],
+              cams: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Images, ws and labels for this shard's latents, with style mixing (one cutoff per batch).
+
+    A pose-conditioned G takes a camera per row drawn from ``cams`` (the dataset's labels), and the mixed-in
+    latent keeps the same camera. The noise inputs are drawn here from ``rnd`` (per sample, as every other
+    draw), not inside the network, so a compiled ``synthesis`` holds no random op.
     """
     z = rnd.randn(G.z_dim)
-    ws = G.mapping(z, None, update_emas=update_emas)
+    c = cams[rnd.randint(0, len(cams))] if G.c_dim else None
+    ws = G.mapping(z, c, update_emas=update_emas)
     if mixing_prob > 0:
         cutoff = rnd.shared_randint(1, ws.shape[1])
         if rnd.shared_rand() < mixing_prob:
-            ws[:, cutoff:] = G.mapping(rnd.randn(G.z_dim), None, update_emas=False)[:, cutoff:]
+            ws[:, cutoff:] = G.mapping(rnd.randn(G.z_dim), c, update_emas=False)[:, cutoff:]
     noise = [rnd.randn(*shape[1:]) for shape in G.synthesis.noise_shapes(ws.shape[0])]
     img = synthesis(ws, noise_inputs=noise, update_emas=update_emas, **kw)
-    return img, ws
+    return img, ws, c
 
 
 def _augment(img: torch.Tensor, rnd: BatchRandom, policy: str) -> torch.Tensor:
     return augment.diff_augment(img, policy, rnd.generator, rank=rnd.shard.index, world=rnd.shard.count)
 
 
-def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> StepFn:
-    """The per-step function for :func:`portrait3d.training.loop.run_loop`."""
+def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo, cams: torch.Tensor | None = None) -> StepFn:
+    """The per-step function for :func:`portrait3d.training.loop.run_loop`; ``cams [M, 25]``, the dataset's
+    cameras, for a pose-conditioned G."""
+    if cfg.G.c_dim and (cams is None or not len(cams)):
+        raise UsageError("a pose-conditioned generator needs the dataset's cameras")
     G, D = nets.G, nets.D
     run = cfg.run
     fast = run.fast_path()
@@ -257,7 +281,9 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
         real = batch[0].to(info.device, non_blocking=True).to(torch.float32)
         if fast.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
-        parts = [real[k::len(shards)] for k in range(len(shards))]
+        real_c = batch[1].to(info.device, non_blocking=True).to(torch.float32) if cfg.G.c_dim else None
+        parts = [(real[k::len(shards)], None if real_c is None else real_c[k::len(shards)])
+                 for k in range(len(shards))]
         stats: dict[str, list[torch.Tensor]] = {}
 
         def note(name: str, v: torch.Tensor) -> None:
@@ -269,8 +295,8 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
         def g_main(shard: Shard) -> torch.Tensor:
             r = rnd("Gmain", shard)
             with fast.autocast(info.device):
-                img, _ = _generate(G, synthesis, r, cfg.style_mixing_prob, False, kw)
-                logits = disc(_augment(img, r, cfg.augment), None, **d_kw)
+                img, _, c = _generate(G, synthesis, r, cfg.style_mixing_prob, False, kw, cams)
+                logits = disc(_augment(img, r, cfg.augment), c, **d_kw)
             loss = generator_loss(logits, cfg.projected_weight, kind)
             note("loss_G", loss)
             return loss
@@ -278,7 +304,7 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
         def g_reg(shard: Shard) -> torch.Tensor:
             r = rnd("Greg", shard, pl_rows)
             with fast.regulariser_context(info.device):
-                img, ws = _generate(G, G.synthesis, r, cfg.style_mixing_prob, False, kw)
+                img, ws, _ = _generate(G, G.synthesis, r, cfg.style_mixing_prob, False, kw, cams)
                 noise = r.randn(*img.shape[1:]) / math.sqrt(img.shape[2] * img.shape[3])
                 (grads,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
             lengths = grads.square().sum(2).mean(1).sqrt()
@@ -288,13 +314,14 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
             note("pl_penalty", penalty)
             return (img[:, 0, 0, 0] * 0 + penalty * cfg.pl_weight).mean()
 
-        def d_main(shard: Shard, x: torch.Tensor) -> torch.Tensor:
+        def d_main(shard: Shard, part: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+            x, x_c = part
             r = rnd("Dmain", shard)
             with fast.autocast(info.device):
                 with torch.no_grad():
-                    img, _ = _generate(G, synthesis, r, cfg.style_mixing_prob, True, kw)
-                fake_logits = disc(_augment(img, r, cfg.augment), None, **d_kw)
-                real_logits = disc(_augment(x, r, cfg.augment), None, **d_kw)
+                    img, _, c = _generate(G, synthesis, r, cfg.style_mixing_prob, True, kw, cams)
+                fake_logits = disc(_augment(img, r, cfg.augment), c, **d_kw)
+                real_logits = disc(_augment(x, r, cfg.augment), x_c, **d_kw)
             loss = discriminator_losses(fake_logits, real_logits, cfg.projected_weight, kind)
             note("loss_D", loss)
             for name, v in (("real", real_logits), ("fake", fake_logits)):
@@ -305,12 +332,13 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
                     note(f"score_{name}", v)
             return loss
 
-        def d_reg(shard: Shard, x: torch.Tensor) -> torch.Tensor:
+        def d_reg(shard: Shard, part: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+            x, x_c = part
             r = rnd("Dreg", shard)
             x = x.detach().requires_grad_(True)
             pixel_d = D.pixel if kind == "both" else D
             with fast.regulariser_context(info.device):
-                logits = pixel_d(_augment(x, r, cfg.augment), None, **kw)
+                logits = pixel_d(_augment(x, r, cfg.augment), x_c, **kw)
                 (grads,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
             penalty = grads.square().sum([1, 2, 3])
             note("r1_penalty", penalty)
@@ -326,6 +354,62 @@ def make_step(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> Step
 # ----------------------------------------------------------------------------- building and training
 
 
+def frontal_camera(n: int, device: torch.device) -> torch.Tensor:
+    """``[n, 25]``: the frontal camera (yaw = pitch = 0) of EG3D's conventions."""
+    from portrait3d.networks.eg3d.camera import camera_from_angles
+
+    return camera_from_angles(0.0, 0.0).reshape(1, CAMERA_DIM).expand(n, -1).to(device)
+
+
+@torch.no_grad()
+def copy_matching(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor], z_dim: int) -> list[str]:
+    """Copy ``src`` tensors into ``dst`` (state dicts) where names and shapes match, in place.
+
+    One exception: an unconditional generator's first mapping layer (``mapping.fc0.weight``, ``[F, z_dim]``) goes
+    into a camera-conditioned one's (``[F, z_dim + E]``, ``z`` then the label embedding): its ``z`` columns take
+    the source weights, rescaled because the equalised-learning-rate gain ``1/sqrt(fan_in)`` counts the extra
+    inputs, and the label columns start at zero, so the conditioned mapping equals the source for every label
+    until training conditions it. Returns the copied names."""
+    copied = []
+    for name, value in src.items():
+        if name not in dst:
+            continue
+        if name == "mapping.fc0.weight" and dst[name].shape[0] == value.shape[0] \
+                and dst[name].shape[1] > value.shape[1] == z_dim:
+            gain = (dst[name].shape[1] / value.shape[1]) ** 0.5
+            dst[name].zero_()
+            dst[name][:, : value.shape[1]] = value.to(dst[name].dtype) * gain
+        elif dst[name].shape == value.shape:
+            dst[name].copy_(value.to(dst[name].dtype))
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
+def init_pose_conditioned(nets: Networks, source: str | os.PathLike[str]) -> str:
+    """Start a pose-conditioned run's G and G_ema from an unconditional generator of the same widths (e.g.
+    ``default-2d``) by :func:`copy_matching`: at the start the camera changes nothing, and training teaches the
+    mapping to read it. Returns a one-line description for the log."""
+    from portrait3d.checkpoints.load import load_network
+
+    src = load_network(source, device=torch.device("cpu"))
+    if not isinstance(src, Generator) or src.c_dim != 0:
+        raise UsageError(f"{source}: pose-conditioned pretraining starts from an unconditional 2D StyleGAN2")
+    theirs = src.state_dict()
+    for name in ("G", "G_ema"):
+        net = getattr(nets, name)
+        ours = net.state_dict()
+        copied = copy_matching(ours, theirs, src.z_dim)
+        missing = sorted(k for k in ours if k not in copied and not k.startswith("mapping.embed."))
+        if missing:
+            raise UsageError(f"{source}: {len(missing)} weights do not fit this run's generator (e.g. "
+                             f"{', '.join(missing[:3])}); give the config it was trained with")
+        net.load_state_dict(ours)
+    return (f"started the pose-conditioned G and G_ema from {source} (camera embedding fresh, its mapping columns at "
+            f"zero); fresh discriminator and optimisers")
+
+
 def build_discriminator(cfg: StyleGAN2TrainConfig) -> torch.nn.Module:
     """The discriminator ``cfg.discriminator`` names; projected ones get the trained, frozen
     EfficientNet-Lite0 from the installed wheel."""
@@ -339,8 +423,10 @@ def build_discriminator(cfg: StyleGAN2TrainConfig) -> torch.nn.Module:
 
 def _check_memory(cfg: StyleGAN2TrainConfig, nets: Networks, info: DistInfo) -> None:
     """Refuse a micro-batch that cannot fit in memory (:mod:`portrait3d.training.memory`) before training starts."""
+    c = frontal_camera(1, info.device) if cfg.G.c_dim else None
+
     def forward() -> None:  # draws inside the probe, whose random streams are put back
-        nets.D(nets.G(torch.randn([1, cfg.G.z_dim], device=info.device, requires_grad=True), None), None)
+        nets.D(nets.G(torch.randn([1, cfg.G.z_dim], device=info.device, requires_grad=True), c), c)
 
     check_training_memory(forward, [nets.G, nets.D], cfg.run.batch, cfg.run.batch_gpu, info.world, info.device,
                           f"{cfg.G.img_resolution} px")
@@ -393,7 +479,8 @@ def _check_resume_config(cfg: StyleGAN2TrainConfig, meta: dict[str, Any]) -> Non
     old = StyleGAN2TrainConfig.from_dict(meta["config"])
     if old.G != cfg.G or old.D != cfg.D or old.discriminator != cfg.discriminator or (
             cfg.discriminator != "stylegan2" and old.PD != cfg.PD):
-        raise UsageError("the snapshot was trained with other network settings than the given config")
+        raise UsageError("the snapshot was trained with other network settings than the given config "
+                         "(give the same --config and network options as the run)")
 
 
 def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -439,22 +526,25 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
         if grow_from is not None:
             _grow_networks(cfg, nets, grow_from)
         if init_from is not None:
-            note = init_generators(nets, init_from)
+            note = init_pose_conditioned(nets, init_from) if cfg.G.c_dim else init_generators(nets, init_from)
             if info.is_main:
                 print(note)
         if resume is not None:
-            counters, meta = load_training_state(resume, nets, "stylegan2")
-            _check_resume_config(cfg, meta)
+            counters, meta = load_training_state(resume, nets, "stylegan2",
+                                                 check=lambda m: _check_resume_config(cfg, m))
         for m in (nets.G, nets.D, nets.G_ema):
             broadcast_module(m, info)
         _check_memory(cfg, nets, info)
         sampler, loader = make_loader(ds, run, info, counters.step)
         out = Path(out_dir)
         grid_z = torch.randn([run.grid_samples, cfg.G.z_dim], generator=torch.Generator().manual_seed(run.seed + 1))
+        cams = dataset_cameras(ds).to(info.device) if cfg.G.c_dim else None
 
         @torch.no_grad()
         def grid_fn() -> dict[str, torch.Tensor]:
-            imgs = [nets.G_ema(z.to(info.device), None, noise_mode="const").cpu() for z in grid_z.split(8)]
+            c = frontal_camera(8, info.device) if cfg.G.c_dim else None  # conditioned grids: the frontal camera
+            imgs = [nets.G_ema(z.to(info.device), None if c is None else c[: len(z)], noise_mode="const").cpu()
+                    for z in grid_z.split(8)]
             return {"fakes": torch.cat(imgs)}
 
         if info.is_main and counters.step == 0 and run.grid_samples > 0:
@@ -462,7 +552,7 @@ def train_stylegan2(cfg: StyleGAN2TrainConfig, data_root: str | os.PathLike[str]
             reals = torch.stack([ds[i][0] for i in sampler.positions(0, run.grid_samples)])
             save_grid(out / "reals.png", reals)
         return run_loop(trainer="stylegan2", config=cfg.to_dict(), run=run, info=info, out_dir=out, nets=nets,
-                        counters=counters, batches=iter(loader), step_fn=make_step(cfg, nets, info),
+                        counters=counters, batches=iter(loader), step_fn=make_step(cfg, nets, info, cams),
                         grid_fn=grid_fn, export_fn=lambda p: save_network(nets.G_ema, p, overwrite=True),
                         metrics=metrics)
     finally:
@@ -505,11 +595,12 @@ def fid_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device
 
 
 def face_metrics_hook(data_root: str | os.PathLike[str], n_gen: int, device: torch.device,
-                      n_real: int = 2000) -> MetricsFn:
+                      n_real: int = 2000, cameras: torch.Tensor | None = None) -> MetricsFn:
     """A metrics hook: FD-dlib, KID-dlib, detection rate, pose spread and identity diversity of
     ``n_gen`` EMA samples against ``n_real`` training faces (:mod:`portrait3d.metrics.face_stats`), and, when the
     photos' file names carry UTKFace labels, the demographic coverage of the samples as total-variation distances
-    ``coverage_tv_age`` / ``_gender`` / ``_ethnicity`` (:mod:`portrait3d.metrics.demographics`)."""
+    ``coverage_tv_age`` / ``_gender`` / ``_ethnicity`` (:mod:`portrait3d.metrics.demographics`). ``cameras``: the
+    labels a pose-conditioned G samples with."""
     from portrait3d.metrics.demographics import coverage, dataset_attributes
     from portrait3d.metrics.face_stats import compare, dataset_face_stats, generator_face_stats
 
@@ -524,7 +615,7 @@ def face_metrics_hook(data_root: str | os.PathLike[str], n_gen: int, device: tor
                 real.append(dataset_attributes(data_root, 1000))
             except ValueError:  # no UTKFace labels in the file names: no coverage
                 real.append(None)
-        gen = generator_face_stats(G_ema, n_gen, seed=0, device=device)
+        gen = generator_face_stats(G_ema, n_gen, seed=0, device=device, cameras=cameras)
         m = compare(gen, real[0])
         out = {k: m[k] for k in keys}
         if real[1] is not None and len(gen.descriptors):

@@ -138,6 +138,10 @@ def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resu
     click.option("--init-from", type=str, default=None,
                  help="Start a new run from this trained generator's weights (checkpoint or built-in name, e.g. "
                       "default-2d) with a fresh discriminator: how training continues when the run folder is gone."),
+    click.option("--pose-conditioned", is_flag=True,
+                 help="Condition G's mapping and D on each photo's 25-d camera (pose-conditioned pretraining for "
+                      "`train eg3d --init-2d`); with --init-from an unconditional G, its camera columns start at "
+                      "zero. Give it again with --resume."),
     click.option("--face-metrics", type=click.IntRange(0), default=0,
                  help="Face metrics (FD-dlib, detection, pose spread, identity diversity) on N samples at each "
                       "metrics interval (0 = none; ~0.1 s per sample)."),
@@ -145,13 +149,17 @@ def run_cli(train_fn: Callable[..., Path], cfg: Any, data: Path, out: Path, resu
 @fail_cleanly
 def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, policy: str | None,
          mixing: float | None, pl_weight: float | None, discriminator: str | None, resolution: str | None,
-         channel_base: int | None, grow_from: Path | None, init_from: str | None, face_metrics: int, **overrides: Any) -> None:
+         channel_base: int | None, grow_from: Path | None, init_from: str | None, pose_conditioned: bool,
+         face_metrics: int, **overrides: Any) -> None:
     """Train a StyleGAN2 on an aligned-face dataset (single process or under torchrun).
 
     \b
     The CPU recipe: 64 px first, then grow to 128 px:
       portrait3d train stylegan2 --data DATA --out RUN64 --config cpu-proj --resolution 64
       portrait3d train stylegan2 --data DATA --out RUN128 --config cpu-proj --grow-from RUN64
+    Pose-conditioned pretraining for EG3D, from the shipped 2D generator:
+      portrait3d train stylegan2 --data DATA --out RUNPC --config cpu-proj --init-from default-2d --pose-conditioned
+      portrait3d train eg3d --data DATA --out RUN3D --config cpu-proj --init-2d RUNPC/G_ema.safetensors ...
     """
     cfg = sg2.preset(preset_name)
     force = overrides.pop("force")
@@ -165,10 +173,19 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
     if channel_base is not None:
         cfg.G.synthesis = dataclasses.replace(cfg.G.synthesis, channel_base=channel_base)
         cfg.D.channel_base = channel_base
+    if pose_conditioned:
+        cfg.G.c_dim = cfg.D.c_dim = cfg.PD.c_dim = sg2.CAMERA_DIM
     train = functools.partial(sg2.train_stylegan2, grow_from=grow_from, init_from=init_from)
-    run_cli(train, cfg, data, out, resume, max(fid, face_metrics), lambda dev: sg2._hooks(
-        sg2.fid_hook(data, fid, dev) if fid > 0 else None,
-        sg2.face_metrics_hook(data, face_metrics, dev) if face_metrics > 0 else None), force=force)
+    def make_hooks(dev: torch.device) -> MetricsFn:
+        cams = None
+        if pose_conditioned:  # conditioned samples take the training photos' cameras
+            from portrait3d.face.dataset import AlignedFaceDataset
+
+            cams = sg2.dataset_cameras(AlignedFaceDataset(data, mirror=cfg.run.mirror))
+        return sg2._hooks(sg2.fid_hook(data, fid, dev, cameras=cams) if fid > 0 else None,
+                          sg2.face_metrics_hook(data, face_metrics, dev, cameras=cams) if face_metrics > 0 else None)
+
+    run_cli(train, cfg, data, out, resume, max(fid, face_metrics), make_hooks, force=force)
 
 
 @train.command("eg3d")
@@ -177,6 +194,11 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
     click.option("--neural-res", type=click.Choice(["32", "64"]), default=None,
                  help="Neural rendering resolution [preset]."),
     click.option("--neural-res-final", type=int, default=None, help="Fade the neural rendering resolution to this."),
+    click.option("--plane-channels", type=click.IntRange(1, 256), default=None,
+                 help="Channels per tri-plane [preset: 32]; thinner planes train faster (give it again with "
+                      "--resume)."),
+    click.option("--plane-resolution", type=click.Choice(["32", "64", "128", "256"]), default=None,
+                 help="Tri-plane resolution [preset]; smaller planes train faster (give it again with --resume)."),
     click.option("--density-reg", type=FiniteFloat(), default=None, help="Density regularisation weight [0.25]."),
     click.option("--density-reg-p-dist", type=FiniteFloat(), default=None, help="Density regularisation offset std [0.004]."),
     click.option("--gpc-prob", type=FiniteFloat(0, 1), default=None, help="Camera swapping probability [0.5]."),
@@ -210,7 +232,8 @@ def stylegan2_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, 
 ])
 @fail_cleanly
 def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: int, neural_res: str | None,
-         neural_res_final: int | None, density_reg: float | None, density_reg_p_dist: float | None,
+         neural_res_final: int | None, plane_channels: int | None, plane_resolution: str | None,
+         density_reg: float | None, density_reg_p_dist: float | None,
          gpc_prob: float | None, blur_fade: float | None, policy: str | None, discriminator: str | None,
          init_2d: str | None, init_from: str | None, distill: Path | None, distill_weight: float | None,
          distill_perceptual: float | None, distill_depth_weight: float | None, distill_spread_weight: float | None,
@@ -230,6 +253,10 @@ def eg3d_cmd(data: Path, out: Path, preset_name: str, resume: Path | None, fid: 
     apply_cli_options(cfg, **overrides)
     if neural_res is not None:
         cfg.G.neural_rendering_resolution = int(neural_res)
+    if plane_channels is not None:
+        cfg.G.plane_channels = plane_channels
+    if plane_resolution is not None:
+        cfg.G.plane_resolution = int(plane_resolution)
     rendering = {"density_reg": density_reg, "density_reg_p_dist": density_reg_p_dist, "gpc_reg_prob": gpc_prob}
     cfg.G.rendering = dataclasses.replace(cfg.G.rendering, **{k: v for k, v in rendering.items() if v is not None})
     for name, v in (("augment", policy), ("neural_rendering_resolution_final", neural_res_final),

@@ -198,24 +198,20 @@ def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int, prog
 
     The latent is ``[1, w_dim]`` for ``"w"``, flat ``[1, num_ws * w_dim]`` for ``"w+"`` (the NRSfM layout).
     """
-    from portrait3d.methods.inversion3d.pipeline import face_landmarks68, to_tensor
-    from portrait3d.methods.projector import ProjectorConfig, project
+    from portrait3d.methods.projector.photo import project_photo
 
     if space == "z":
         raise UsageError("photos can be edited only with a W or W+ model (Z has no projector)")
     progress(0.0, "finding the face")
-    face, note = _align(photo, "default", int(G.img_resolution))
-    aligned = face.aligned.image
-    dev = next(G.parameters()).device
 
     def step(i: int, *_: Any) -> None:
         progress((i + 1) / steps, f"projecting into the 2D generator: step {i + 1}/{steps}")
 
-    res = project(G, to_tensor(aligned, dev), ProjectorConfig(space=space, steps=steps, identity_weight=identity_weight,
-                                                              latent_prior_weight=latent_prior_weight),
-                  landmarks=face_landmarks68(face), progress=False, callback=step)
-    latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
-    return latent.detach(), aligned, note
+    res = project_photo(G, space, photo, steps, None, progress=False, latent_prior_weight=latent_prior_weight,
+                        identity_weight=identity_weight, callback=step)
+    n = res.info["num_faces"]
+    note = f"{n} faces found: the largest was used. " if n > 1 else ""
+    return res.latent, res.aligned, note
 
 
 # ----------------------------------------------------------------------------- the interface

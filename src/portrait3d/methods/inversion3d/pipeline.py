@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from portrait3d.errors import UsageError
-from portrait3d.face.pipeline import several_faces_note
+from portrait3d.face.pipeline import face_landmarks68, several_faces_note
 from portrait3d.metrics.psnr import psnr
 from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
 from portrait3d.utils.visualize import colour_depth, to_uint8
@@ -138,17 +138,6 @@ def resolve_align(align: str, network: str | Path) -> str:
     from portrait3d.checkpoints.load import BUILTIN_NETWORKS
 
     return "default" if str(network) in BUILTIN_NETWORKS else "eg3d"
-
-
-def face_landmarks68(face: Any) -> np.ndarray:
-    """``[68, 2]`` float64 landmarks of a :class:`~portrait3d.face.pipeline.FacePipeline` result in its aligned crop
-    (the aligned landmarks, or the photo's 68 points moved into the crop when those are fewer)."""
-    lm = np.asarray(face.aligned.landmarks, np.float64)
-    if len(lm) != 68:
-        from portrait3d.face.align import apply_transform
-
-        lm = apply_transform(face.aligned.transform, face.landmarks)
-    return lm
 
 
 def locate_face(pipe: Any, image: np.ndarray, name: str, face_index: int | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from portrait3d.errors import UsageError
-from portrait3d.face.pipeline import several_faces_note
+from portrait3d.face.pipeline import face_landmarks68, several_faces_note
 from portrait3d.methods.projector.projector import ProjectorConfig, project
 from portrait3d.utils.visualize import to_uint8
 
@@ -31,14 +32,14 @@ class PhotoLatent:
 
 def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_steps: int, face_index: int | None,
                   name: str = "photo", progress: bool = True, latent_prior_weight: float = 0.0,
-                  identity_weight: float = 0.1) -> PhotoLatent:
+                  identity_weight: float = 0.1, callback: Callable[..., Any] | None = None) -> PhotoLatent:
     """Align ``image`` (an array or a path) in portrait3d's default crop and project it into ``space``.
 
     Raises:
         FaceError: no face, or ``face_index`` out of range; UsageError: a space the projector does not have.
         Several faces without ``face_index``: the largest is used, and ``info["notes"]`` says so.
     ``latent_prior_weight``: :class:`ProjectorConfig`'s, to keep the latent where edit directions hold;
-    ``identity_weight``: its dlib identity term's.
+    ``identity_weight``: its dlib identity term's; ``callback``: :func:`project`'s, after every step.
     """
     from portrait3d.face.pipeline import FacePipeline
 
@@ -48,11 +49,12 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
         face = pipe(image, face_index=face_index)
     aligned = face.aligned.image
     target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
+    landmarks = face_landmarks68(face)
     res = project(G, target, ProjectorConfig(space=space, steps=project_steps, latent_prior_weight=latent_prior_weight,
                                              identity_weight=identity_weight),
-                  landmarks=face.aligned.landmarks, progress=progress)
+                  landmarks=landmarks, progress=progress, callback=callback)
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
     return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(res.image)[0],
                        info={"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
                              "projection_steps": project_steps, "notes": several_faces_note(face, face_index, name)},
-                       landmarks=np.asarray(face.aligned.landmarks, np.float64))
+                       landmarks=landmarks)
