@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from portrait3d.checkpoints.load import load_network  # noqa: E402
 from portrait3d.face.analyzer import FaceAnalyzer  # noqa: E402
-from portrait3d.face.pose import estimate_head_pose  # noqa: E402
-from portrait3d.metrics.geometry3d import SAME_PERSON_DISTANCE, yaw_slope  # noqa: E402
+from portrait3d.metrics.geometry3d import SAME_PERSON_DISTANCE, YawTally  # noqa: E402
 from portrait3d.networks.eg3d.camera import camera_from_angles  # noqa: E402
 from portrait3d.utils.visualize import to_uint8  # noqa: E402
 
@@ -49,14 +48,10 @@ def main(network: str, n: int, yaws: str, psi: float, out: Path | None, threads:
     if 0.0 not in ys:
         raise click.UsageError("--yaws must include 0")
     gen = torch.Generator().manual_seed(0)
-    det = {y: 0 for y in ys}
-    cmd: list[float] = []
-    meas: list[float] = []
-    by: dict[float, list[float]] = {y: [] for y in ys}
+    tally = YawTally(tuple(ys))
     dists: list[float] = []
     kept = total = 0
     grid = []
-    res = int(G.img_resolution)
     with torch.no_grad(), FaceAnalyzer("mediapipe") as fa:
         for start in range(0, n, 8):
             k = min(8, n - start)
@@ -69,20 +64,7 @@ def main(network: str, n: int, yaws: str, psi: float, out: Path | None, threads:
                 grid = [torch.from_numpy(views[y][i]).permute(2, 0, 1).float() / 127.5 - 1
                         for i in range(k) for y in ys]
             for i in range(k):
-                lms = {}
-                for y in ys:
-                    lm = fa.landmarks(views[y][i])
-                    lms[y] = lm
-                    if lm is None:
-                        continue
-                    det[y] += 1
-                    try:
-                        pose = estimate_head_pose(lm, (res, res))
-                    except ValueError:
-                        continue
-                    cmd.append(y)
-                    meas.append(pose.yaw_deg)
-                    by[y].append(pose.yaw_deg)
+                lms = tally.add(fa, {y: views[y][i] for y in ys})
                 turned = [y for y in ys if y != 0.0]
                 if all(lms[y] is not None for y in ys):
                     d0 = fa.descriptor(views[0.0][i], lms[0.0])
@@ -90,9 +72,10 @@ def main(network: str, n: int, yaws: str, psi: float, out: Path | None, threads:
                     dists.extend(d)
                     total += 1
                     kept += all(x < SAME_PERSON_DISTANCE for x in d)
-    report = {"network": network, "n": n, "psi": psi, "detection": {str(y): det[y] / n for y in ys},
-              "yaw_slope": yaw_slope(cmd, meas),
-              "measured_yaw_mean": {str(y): float(np.mean(v)) if v else None for y, v in by.items()},
+    report = {"network": network, "n": n, "psi": psi,
+              "detection": {str(y): tally.detected.get(y, 0) / n for y in ys}, "yaw_slope": tally.slope(),
+              "measured_yaw_mean": {str(y): float(np.mean(tally.measured[y])) if tally.measured.get(y) else None
+                                    for y in ys},
               "identity_distance_mean": float(np.mean(dists)) if dists else None,
               "identity_kept": kept / total if total else None}
     print(json.dumps(report))

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["GeometryReport", "geometry_checks", "homography_residual", "mean_face_parallax", "nose_nearer",
-           "yaw_slope"]
+__all__ = ["GeometryReport", "geometry_checks", "homography_residual", "mean_face_parallax", "measure_yaws",
+           "nose_nearer", "yaw_slope", "YawTally"]
 
 NOSE_TIP, CHEEK_RIGHT, CHEEK_LEFT = 30, 2, 14
 SAME_PERSON_DISTANCE = 0.6
@@ -110,6 +110,49 @@ class GeometryReport:
         return jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
 
 
+def measure_yaws(analyzer: Any, views: dict[float, np.ndarray]
+                 ) -> tuple[dict[float, np.ndarray | None], dict[float, float]]:
+    """Each view's 68 landmarks (``None`` where ``analyzer``, a :class:`~portrait3d.face.analyzer.FaceAnalyzer`,
+    finds no face) and, where PnP succeeds on them, the head yaw it measures in degrees
+    (:func:`portrait3d.face.pose.estimate_head_pose`); ``views``: commanded yaw -> ``uint8 [R, R, 3]``."""
+    from portrait3d.face.pose import estimate_head_pose
+
+    lms: dict[float, np.ndarray | None] = {}
+    yaw: dict[float, float] = {}
+    for y, img in views.items():
+        lms[y] = lm = analyzer.landmarks(img)
+        if lm is None:
+            continue
+        try:
+            yaw[y] = estimate_head_pose(lm, img.shape[:2]).yaw_deg
+        except ValueError:
+            continue
+    return lms, yaw
+
+
+@dataclass
+class YawTally:
+    """Per commanded yaw: how many views had a face, and the yaws measured on them (:func:`measure_yaws`)."""
+
+    yaws: tuple[float, ...]
+    detected: dict[float, int] = field(default_factory=dict)
+    measured: dict[float, list[float]] = field(default_factory=dict)
+
+    def add(self, analyzer: Any, views: dict[float, np.ndarray]) -> dict[float, np.ndarray | None]:
+        """Measure one latent's views (commanded yaw -> image); returns their landmarks."""
+        lms, yaw = measure_yaws(analyzer, views)
+        for y in self.yaws:
+            self.detected[y] = self.detected.get(y, 0) + (lms[y] is not None)
+            if y in yaw:
+                self.measured.setdefault(y, []).append(yaw[y])
+        return lms
+
+    def slope(self) -> float:
+        """:func:`yaw_slope` over every measured view."""
+        pairs = [(y, m) for y in self.yaws for m in self.measured.get(y, [])]
+        return yaw_slope([p[0] for p in pairs], [p[1] for p in pairs])
+
+
 @torch.no_grad()
 def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 30.0), seed: int = 0,
                     truncation_psi: float = 0.7, batch: int = 8, detector: str = "mediapipe",
@@ -120,7 +163,6 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
     ``truncation_psi`` (EG3D's evaluation setting).
     """
     from portrait3d.face.analyzer import FaceAnalyzer
-    from portrait3d.face.pose import estimate_head_pose
     from portrait3d.networks.eg3d.camera import camera_from_angles
     from portrait3d.utils.visualize import to_uint8
 
@@ -131,9 +173,7 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
     gen = torch.Generator().manual_seed(int(seed))
     cams = {y: camera_from_angles(y, 0.0).reshape(1, 25).to(dev) for y in yaws}
     res = int(G.img_resolution)
-    det = {y: 0 for y in yaws}
-    cmd, meas = [], []
-    meas_by = {y: [] for y in yaws}
+    tally = YawTally(yaws)
     id_kept = id_total = 0
     id_dists: list[float] = []
     nose_ok = nose_total = 0
@@ -161,20 +201,7 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
                                                         align_corners=False)
                     depth0 = d[:, 0].cpu().numpy()
             for i in range(k):
-                lms: dict[float, np.ndarray | None] = {}
-                for y in yaws:
-                    lm = fa.landmarks(views[y][i])
-                    lms[y] = lm
-                    if lm is None:
-                        continue
-                    det[y] += 1
-                    try:
-                        pose = estimate_head_pose(lm, (res, res))
-                    except ValueError:
-                        continue
-                    cmd.append(y)
-                    meas.append(pose.yaw_deg)
-                    meas_by[y].append(pose.yaw_deg)
+                lms = tally.add(fa, {y: views[y][i] for y in yaws})
                 front = lms[0.0]
                 if front is not None:
                     nose_total += 1
@@ -194,8 +221,8 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
                         id_kept += all(d < SAME_PERSON_DISTANCE for d in dists)
     nan = float("nan")
     return GeometryReport(
-        n=n, yaws=yaws, detection={y: det[y] / n for y in yaws}, yaw_slope=yaw_slope(cmd, meas),
-        measured_yaw_mean={y: float(np.mean(v)) if v else nan for y, v in meas_by.items()},
+        n=n, yaws=yaws, detection={y: tally.detected.get(y, 0) / n for y in yaws}, yaw_slope=tally.slope(),
+        measured_yaw_mean={y: float(np.mean(tally.measured[y])) if tally.measured.get(y) else nan for y in yaws},
         identity_kept=id_kept / id_total if id_total else nan,
         identity_distance_mean=float(np.mean(id_dists)) if id_dists else nan,
         nose_nearer=nose_ok / nose_total if nose_total else nan,
