@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from portrait3d.checkpoints.load import load_network  # noqa: E402
 from portrait3d.face.analyzer import FaceAnalyzer  # noqa: E402
-from portrait3d.metrics.geometry3d import SAME_PERSON_DISTANCE, YawTally  # noqa: E402
+from portrait3d.metrics.geometry3d import SAME_PERSON_DISTANCE, YawTally, turned_identity_distances  # noqa: E402
 from portrait3d.networks.eg3d.camera import camera_from_angles  # noqa: E402
 from portrait3d.utils.visualize import to_uint8  # noqa: E402
 
@@ -64,11 +64,9 @@ def main(network: str, n: int, yaws: str, psi: float, out: Path | None, threads:
                 grid = [torch.from_numpy(views[y][i]).permute(2, 0, 1).float() / 127.5 - 1
                         for i in range(k) for y in ys]
             for i in range(k):
-                lms = tally.add(fa, {y: views[y][i] for y in ys})
-                turned = [y for y in ys if y != 0.0]
-                if all(lms[y] is not None for y in ys):
-                    d0 = fa.descriptor(views[0.0][i], lms[0.0])
-                    d = [float(np.linalg.norm(fa.descriptor(views[y][i], lms[y]) - d0)) for y in turned]
+                one = {y: views[y][i] for y in ys}
+                d = turned_identity_distances(fa, one, tally.add(fa, one))
+                if d is not None:
                     dists.extend(d)
                     total += 1
                     kept += all(x < SAME_PERSON_DISTANCE for x in d)

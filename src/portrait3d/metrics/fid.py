@@ -364,16 +364,14 @@ def generator_sample_fn(G: torch.nn.Module, truncation_psi: float = 1.0, seed: i
     @torch.no_grad()
     def generate(n: int) -> np.ndarray:
         z = torch.randn(n, G.z_dim, generator=gen).to(dev)
+        if cameras is not None and (is_3d or G.c_dim):  # EG3D, or a pose-conditioned 2D generator
+            c = cameras[torch.randint(len(cameras), (n,), generator=gen)].to(dev, torch.float32)
+        else:
+            c = torch.zeros(n, G.c_dim, device=dev)
         if is_3d:
-            idx = torch.randint(len(cameras), (n,), generator=gen)
-            c = cameras[idx].to(dev, torch.float32)
             ws = G.mapping(z, c, truncation_psi=truncation_psi)
             img = G.synthesis(ws, c, noise_mode=noise_mode)["image"]
         else:
-            if cameras is not None and G.c_dim:  # a pose-conditioned 2D generator
-                c = cameras[torch.randint(len(cameras), (n,), generator=gen)].to(dev, torch.float32)
-            else:
-                c = torch.zeros(n, G.c_dim, device=dev)
             img = G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)
         return to_uint8(img)
 

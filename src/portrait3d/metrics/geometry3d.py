@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = ["GeometryReport", "geometry_checks", "homography_residual", "mean_face_parallax", "measure_yaws",
-           "nose_nearer", "yaw_slope", "YawTally"]
+           "nose_nearer", "turned_identity_distances", "yaw_slope", "YawTally"]
 
 NOSE_TIP, CHEEK_RIGHT, CHEEK_LEFT = 30, 2, 14
 SAME_PERSON_DISTANCE = 0.6
@@ -130,6 +130,17 @@ def measure_yaws(analyzer: Any, views: dict[float, np.ndarray]
     return lms, yaw
 
 
+def turned_identity_distances(analyzer: Any, views: dict[float, np.ndarray],
+                              landmarks: dict[float, np.ndarray | None]) -> list[float] | None:
+    """dlib descriptor distances from the frontal view (yaw 0) to each turned view, in the order of ``views``
+    (commanded yaw -> ``uint8 [R, R, 3]``, with ``landmarks`` from :func:`measure_yaws`); ``None`` when a view has
+    no face. Below :data:`SAME_PERSON_DISTANCE` counts as the same person."""
+    if any(landmarks[y] is None for y in views):
+        return None
+    d0 = analyzer.descriptor(views[0.0], landmarks[0.0])
+    return [float(np.linalg.norm(analyzer.descriptor(img, landmarks[y]) - d0)) for y, img in views.items() if y != 0.0]
+
+
 @dataclass
 class YawTally:
     """Per commanded yaw: how many views had a face, and the yaws measured on them (:func:`measure_yaws`)."""
@@ -201,7 +212,8 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
                                                         align_corners=False)
                     depth0 = d[:, 0].cpu().numpy()
             for i in range(k):
-                lms = tally.add(fa, {y: views[y][i] for y in yaws})
+                one = {y: views[y][i] for y in yaws}
+                lms = tally.add(fa, one)
                 front = lms[0.0]
                 if front is not None:
                     nose_total += 1
@@ -213,9 +225,8 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
                                 par[y].append(p)
                                 three_d_total += 1
                                 three_d += p >= 0.5 * ref[y]
-                    if all(lms[y] is not None for y in turned):
-                        d0 = fa.descriptor(views[0.0][i], front)
-                        dists = [float(np.linalg.norm(fa.descriptor(views[y][i], lms[y]) - d0)) for y in turned]
+                    dists = turned_identity_distances(fa, one, lms)
+                    if dists is not None:
                         id_total += 1
                         id_dists.extend(dists)
                         id_kept += all(d < SAME_PERSON_DISTANCE for d in dists)

@@ -71,6 +71,7 @@ from portrait3d.training.stylegan2 import (
     copy_matching,
     dataset_cameras,
     discriminator_losses,
+    frontal_camera,
     generator_loss,
 )
 from portrait3d.training.teacher import TeacherSet
@@ -462,9 +463,7 @@ def build_discriminator(cfg: EG3DTrainConfig) -> torch.nn.Module:
 
 def _check_memory(cfg: EG3DTrainConfig, nets: Networks, info: DistInfo) -> None:
     """Refuse a micro-batch that cannot fit in memory (:mod:`portrait3d.training.memory`) before training starts."""
-    from portrait3d.networks.eg3d.camera import camera_from_angles
-
-    c = camera_from_angles([0.0], [0.0]).reshape(1, 25).to(info.device)
+    c = frontal_camera(1, info.device)
 
     def forward() -> None:  # draws inside the probe, whose random streams are put back
         out = nets.G(torch.randn([1, cfg.G.z_dim], device=info.device, requires_grad=True), c)
@@ -580,8 +579,7 @@ def train_eg3d(cfg: EG3DTrainConfig, data_root: str | os.PathLike[str], out_dir:
             depth = torch.from_numpy(depth_to_uint8(torch.cat(depths))).permute(0, 3, 1, 2).float() / 127.5 - 1
             # Rows: yaw -30, 0, +30 degrees; columns: the first grid latents, conditioned on the frontal camera.
             z4 = grid_z[:4].to(info.device)
-            front = camera_from_angles(0.0, 0.0)[None].expand(len(z4), -1).to(info.device)
-            ws = nets.G_ema.mapping(z4, front)
+            ws = nets.G_ema.mapping(z4, frontal_camera(len(z4), info.device))
             views = [nets.G_ema.synthesis(ws, camera_from_angles(yaw, 0.0)[None].expand(len(z4), -1).to(info.device),
                                           neural_rendering_resolution=nrr, noise_mode="const",
                                           deterministic=True)["image"].cpu() for yaw in (-30.0, 0.0, 30.0)]

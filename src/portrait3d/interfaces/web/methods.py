@@ -185,8 +185,11 @@ def _align(photo: np.ndarray, style: str, size: int) -> tuple[Any, str]:
 
     with FacePipeline(style=style, output_size=size) as pipe:
         face = pipe(photo)  # the largest face when there are several
-    note = f"{face.num_faces} faces found: the largest was used. " if face.num_faces > 1 else ""
-    return face, note
+    return face, _largest_face_note(face.num_faces)
+
+
+def _largest_face_note(num_faces: int) -> str:
+    return f"{num_faces} faces found: the largest was used. " if num_faces > 1 else ""
 
 
 def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int, progress: Progress,
@@ -209,9 +212,7 @@ def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int, prog
 
     res = project_photo(G, space, photo, steps, None, progress=False, latent_prior_weight=latent_prior_weight,
                         identity_weight=identity_weight, callback=step)
-    n = res.info["num_faces"]
-    note = f"{n} faces found: the largest was used. " if n > 1 else ""
-    return res.latent, res.aligned, note
+    return res.latent, res.aligned, _largest_face_note(res.info["num_faces"])
 
 
 # ----------------------------------------------------------------------------- the interface
