@@ -53,6 +53,14 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
+def _committed(out: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of each committed ``OUT/<key>/aligned.png``. Not the killed run's partial folder
+    (``.<key>.partial-<pid>/``): pathlib's ``*`` matches dot names, and the kill may land between its PNG and the
+    rename that commits it."""
+    return {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*/aligned.png")
+            if not p.parent.name.startswith(".")}
+
+
 def _align_subprocess(photos: Path, out: Path, *extra: str) -> subprocess.Popen:
     """``python -m portrait3d.interfaces.cli align PHOTOS --out OUT`` in a process of its own, niced so that the
     test polling its manifest gets the CPU as soon as it wakes (the kill lands halfway on a busy machine)."""
@@ -92,7 +100,7 @@ def test_align_batch_killed_halfway_resumes_without_repeating_work(photos, tmp_p
     done_at_kill = _kill_when_done(first, out / "manifest.json", at_least=10)
     assert first.returncode == -signal.SIGKILL and done_at_kill < N_FACES
     # Everything committed before the kill (some perhaps after the last manifest write): left alone by the rerun.
-    committed = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*/aligned.png")}
+    committed = _committed(out)
     assert len(committed) >= done_at_kill
 
     t0 = time.monotonic()
@@ -112,7 +120,7 @@ def test_align_batch_killed_halfway_resumes_without_repeating_work(photos, tmp_p
     assert "face" in failed["noface"]["error"].lower()
     # No input was processed twice over the two runs, and nothing done before the kill was rewritten.
     assert all(r["attempts"] == 1 for r in items.values()), {k: r["attempts"] for k, r in items.items()}
-    now = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*/aligned.png")}
+    now = _committed(out)
     assert {k: now[k] for k in committed} == committed
     # No partial file, every done input complete.
     assert _leftovers(out) == []
