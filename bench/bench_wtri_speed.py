@@ -43,6 +43,7 @@ def main(network: str, photo: Path, encoder: Path | None, iterations: int, repea
          pti_steps: int, threads: int) -> None:
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
+    from portrait3d.interfaces.encode3d import load_wtri_encoder
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pipeline import (
         face_landmarks68,
@@ -55,8 +56,8 @@ def main(network: str, photo: Path, encoder: Path | None, iterations: int, repea
     torch.set_num_threads(threads)
     dev = torch.device("cpu")
     G, _ = load_generator(network, dev)
-    enc = (WTriEncoder.load(encoder) if encoder is not None else
-           WTriEncoder(WTriEncoderConfig.for_generator(G, iterations=iterations))).eval()
+    enc = (load_wtri_encoder(Path(encoder), G, network) if encoder is not None else
+           WTriEncoder(WTriEncoderConfig.for_generator(G, iterations=iterations)).eval())
     with FacePipeline(style="default", output_size=int(G.img_resolution)) as pipe:
         face = pipe(load_image(photo))
     target = to_tensor(face.aligned.image, dev)

@@ -101,6 +101,7 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
          utk: Path, holdout: Path, out: Path) -> None:
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
+    from portrait3d.interfaces.encode3d import load_wtri_encoder
     from portrait3d.losses.perceptual import PerceptualLoss
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pipeline import (
@@ -110,16 +111,15 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
         resolve_align,
         to_tensor,
     )
-    from portrait3d.methods.wtri.encoder import WTriEncoder
 
     torch.set_num_threads(threads)
+    G, _ = load_generator(network, "cpu")
     named = {}
     for spec in encoders:
         name, sep, path = spec.partition("=")
         if not sep or not Path(path).is_file():
             raise click.BadParameter(f"{spec!r}: want NAME=PATH of an encoder file", param_hint="--encoder")
-        named[name] = WTriEncoder.load(path).eval()
-    G, _ = load_generator(network, "cpu")
+        named[name] = load_wtri_encoder(Path(path), G, network)  # with its start encoder, if bootstrapped
     perceptual = PerceptualLoss(resize=None).eval().requires_grad_(False)
     photos, split = utk_holdout(utk, holdout)
     photos = photos[:: max(1, len(photos) // n)][:n]

@@ -102,3 +102,34 @@ def test_encoder_for_another_generator_is_refused(files, tmp_path):
     path = other.save(tmp_path / "other.safetensors")
     res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o", "--network", network, "--encoder", path)
     assert_clean_failure(res, "trained for another generator")
+
+
+def test_bootstrapped_encoder_loads_with_its_start_encoder(files, tmp_path):
+    """An encoder trained with --bootstrap names its start encoder; loading it attaches that encoder (a file, or a
+    built-in network's shipped one), and encode3d runs from its code; a missing start encoder is one clean line."""
+    from portrait3d.checkpoints import load_network
+    from portrait3d.interfaces.encode3d import load_wtri_encoder
+    from portrait3d.methods.inversion3d.networks import EncoderConfig, LatentEncoder, save_module
+
+    network, _ = files
+    G = load_network(network)
+    torch.manual_seed(0)
+    E = LatentEncoder(EncoderConfig(input_size=32, width=8, layers=(1, 1, 1, 1), head_channels=16), generator=G)
+    with torch.no_grad():
+        E.mlp[-1].weight.normal_(0, 0.05)
+    e_path = save_module(E, tmp_path / "E.safetensors")
+    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, width=8, layers=(1, 1, 1, 1), head_channels=16,
+                                                      fpn_channels=8, input_size=64, iterations=2,
+                                                      bootstrap=str(e_path)))
+    path = enc.save(tmp_path / "boot.safetensors")
+    loaded = load_wtri_encoder(path, G, "tiny")
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    start = loaded.start_code(G, x)
+    torch.testing.assert_close(start.sr, E.eval()(x)[:, -1])  # E's code, not the average
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o", "--network", network, "--encoder", path,
+                  *FAST)
+    assert res.exit_code == 0, (res.output, res.exception)
+    e_path.unlink()
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o2", "--network", network, "--encoder", path,
+                  *FAST)
+    assert_clean_failure(res, "start encoder")

@@ -27,7 +27,7 @@ from portrait3d.errors import UsageError
 from portrait3d.utils.io import atomic_write, jsonable, write_json, write_npy
 
 __all__ = ["OUTPUTS", "WTRI_MODELS", "code_to_ws", "default_encoder_path", "encode_photo", "load_wtri_encoder",
-           "run_encode3d"]
+           "run_encode3d", "start_encoder"]
 
 WTRI_MODELS = Path(__file__).resolve().parents[1] / "models" / "wtri"
 OUTPUTS = ("input_aligned.png", "reconstruction.png", "view_yaw-30.png", "view_yaw+30.png", "depth.png",
@@ -51,9 +51,32 @@ def _resolve_encoder(network: str, encoder_path: Path | None) -> Path:
     return path
 
 
+def start_encoder(spec: str, G: Any, device: torch.device | str = "cpu") -> Any:
+    """The frozen start encoder of a bootstrapped W_tri encoder (``--bootstrap``): ``spec`` a latent-encoder file
+    (``portrait3d train encoder``), or a built-in network name for the encoder shipped with it. Returns it frozen,
+    in eval mode: a module called as ``x [N, 3, H, W] -> ws [N, num_ws, w_dim]``.
+
+    Raises:
+        UsageError: ``spec`` is neither a file nor a built-in network with a shipped encoder, or its latents do
+            not fit ``G``.
+    """
+    from portrait3d.methods.inversion3d.pipeline import builtin_init_paths, load_init_modules
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        shipped, _ = builtin_init_paths(spec)
+        if shipped is None:
+            raise UsageError(f"start encoder {spec!r}: neither a latent-encoder file nor a built-in network "
+                             f"with a shipped encoder")
+        path = shipped
+    E, _ = load_init_modules(G, path, None, device)
+    return E.eval().requires_grad_(False)
+
+
 def load_wtri_encoder(path: Path, G: Any, network: str, device: torch.device | str = "cpu") -> Any:
     """The W_tri encoder at ``path``, in eval mode on ``device``, checked against the generator ``G`` (named
-    ``network`` in the error: an encoder trained for another generator is refused with a UsageError)."""
+    ``network`` in the error: an encoder trained for another generator is refused with a UsageError), with its
+    start encoder attached when it was trained bootstrapped (:func:`start_encoder`)."""
     from portrait3d.methods.wtri.encoder import WTriEncoder
 
     enc = WTriEncoder.load(path).eval().to(device)
@@ -61,6 +84,8 @@ def load_wtri_encoder(path: Path, G: Any, network: str, device: torch.device | s
     if (c.w_dim, c.num_ws, c.shared_rows) != (G.w_dim, G.num_ws, G.wtri_shared_rows):
         raise UsageError(f"{path} was trained for another generator (W+ {c.num_ws} x {c.w_dim}), not "
                          f"{network} ({G.num_ws} x {G.w_dim})")
+    if c.bootstrap:
+        enc.set_start(start_encoder(c.bootstrap, G, device))
     return enc
 
 

@@ -86,3 +86,30 @@ def test_losses_finite_and_falling_on_a_tiny_generator():
     assert float(terms["rec"].detach()) < first
     code = G.wtri_from_ws(G.mapping(torch.zeros(2, G.z_dim), c))
     assert code_distance(code, code).abs().max() == 0
+
+
+def test_bootstrapped_encoder_starts_at_the_start_encoders_code():
+    """ReStyle's bootstrapping: an untrained (zero-head) encoder returns the start encoder's code exactly, every
+    iteration; a config naming a start encoder that was not attached is refused, not silently run from w_avg."""
+    G = make_tiny_eg3d().eval().requires_grad_(False)
+    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, bootstrap="E.safetensors", **TINY))
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c = camera_from_angles([0.0, 10.0], [0.0, 0.0]).reshape(2, 25)
+    with pytest.raises(RuntimeError, match="set_start"):
+        enc.invert(G, x, c)
+    ws = G.mapping(torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(1)), c)
+    seen = []
+
+    def start(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images)
+        return ws
+
+    enc.set_start(start)
+    codes, _ = enc.invert(G, x, c)
+    want = G.wtri_from_ws(ws)
+    assert seen[0] is x
+    for code in codes:
+        torch.testing.assert_close(code.shared, want.shared)
+        torch.testing.assert_close(code.planes, want.planes)
+        torch.testing.assert_close(code.sr, want.sr)
+    assert "_start" not in dict(enc.named_modules()) and not any("start" in k for k in enc.state_dict())

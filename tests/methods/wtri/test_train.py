@@ -89,3 +89,22 @@ def test_identity_chip_from_real_photos(tmp_path):
 def test_bad_settings_are_refused(tmp_path, change):
     with pytest.raises(UsageError):
         _cfg(**{"data": tmp_path, **change}).validate()
+
+
+def test_bootstrapped_run_records_its_start_encoder(tmp_path):
+    data = make_dataset(tmp_path / "data", 6, 128)
+    G = make_tiny_eg3d()
+    with pytest.raises(UsageError, match="bootstrap"):
+        train_wtri(_cfg(data, bootstrap="E.safetensors"), tmp_path / "no", progress=False, G=G)
+    with pytest.raises(UsageError, match="bootstrap"):
+        train_wtri(_cfg(data), tmp_path / "no", progress=False, G=G, start=lambda x: x)
+    calls = []
+
+    def start(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        w = G.backbone.mapping.w_avg.detach() + 0.1
+        return w[None, None].expand(len(x), G.num_ws, -1)
+
+    enc = WTriEncoder.load(train_wtri(_cfg(data, bootstrap="E.safetensors"), tmp_path / "run", progress=False, G=G,
+                                      start=start))
+    assert enc.config.bootstrap == "E.safetensors" and calls

@@ -502,11 +502,15 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
                    "generator (about 4x cheaper per image on a CPU).")
 @click.option("--truncation", type=FiniteFloat(0, 1), default=0.7, show_default=True,
               help="Truncation psi of the pseudo pairs' latents.")
+@click.option("--bootstrap", type=str, default="", show_default="none: start at the average code",
+              help="Start the iterations from this one-pass latent encoder's code (ReStyle's encoder "
+                   "bootstrapping): a file of `portrait3d train encoder`, or a built-in network for its shipped "
+                   "encoder (e.g. default-3d). Give it again with --resume.")
 @_module_run_options(snap=1.0)
 @fail_cleanly
 def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
-             cyc: float, iterations: int, warmup_kimg: float, truncation: float, snap: float, resume: Path | None,
-             threads: int | None, progress: bool, force: bool) -> None:
+             cyc: float, iterations: int, warmup_kimg: float, truncation: float, bootstrap: str, snap: float,
+             resume: Path | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train the W_tri encoder (Oh & Jo) of an EG3D generator on aligned photos with their cameras, plus
     generator pseudo pairs: eqs. 1-4 (L2, EfficientNet-Lite0 perceptual, dlib identity, feature similarity,
     code regularisation, multi-view cycle). Writes OUT/encoder.safetensors, snapshots, samples/ and log.jsonl.
@@ -515,6 +519,8 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
     Example:
       portrait3d train wtri --data ~/.cache/portrait3d/utkface128 --out runs/wtri
     """
+    from portrait3d.checkpoints import load_network
+    from portrait3d.interfaces.encode3d import start_encoder
     from portrait3d.methods.wtri.losses import WTriLossConfig
     from portrait3d.methods.wtri.train import EXPORT_NAME, WTriTrainConfig, train_wtri
 
@@ -523,9 +529,12 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
         torch.set_num_threads(threads)
     cfg = WTriTrainConfig(network=network, data=str(data), space=space, batch=batch, pseudo=pseudo,
                           total_kimg=kimg, lr=lr, iterations=iterations, losses=WTriLossConfig(cyc=cyc),
-                          warmup_kimg=warmup_kimg, truncation=truncation, snapshot_kimg=snap, sample_kimg=snap)
+                          warmup_kimg=warmup_kimg, truncation=truncation, snapshot_kimg=snap, sample_kimg=snap,
+                          bootstrap=bootstrap)
     cfg.validate()
-    click.echo(f"exported {train_wtri(cfg, out, resume=resume, progress=progress)}")
+    G = load_network(network)
+    start = start_encoder(bootstrap, G) if bootstrap else None
+    click.echo(f"exported {train_wtri(cfg, out, resume=resume, progress=progress, G=G, start=start)}")
 
 
 @train.command("lift")

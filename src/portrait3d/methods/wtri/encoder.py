@@ -12,6 +12,11 @@ residual of the code: ``w_{t+1} = w_t + E(x, G(w_t, c))``, starting from the gen
 
 ``space='wplus'`` is the ReStyle baseline of the paper's tables: the same network predicting plain W+ rows.
 The last layers start at zero, so an untrained encoder returns the average code.
+
+Bootstrapping (ReStyle, Alaluf et al. 2021, Sec. 4.4 "encoder bootstrapping"): the iterations may start from another
+encoder's code instead of the average, here a one-pass latent encoder into W (``config.bootstrap`` names it, the
+caller attaches it with :meth:`WTriEncoder.set_start`). The refinement then starts where that encoder leaves off:
+an untrained W_tri head returns exactly the start encoder's code, so a short CPU run is never worse than it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +53,7 @@ class WTriEncoderConfig(ConfigMixin):
     layers: tuple[int, int, int, int] = (2, 2, 2, 2)
     head_channels: int = 256
     fpn_channels: int = 128
+    bootstrap: str = ""           # the start encoder (a built-in network's shipped one, or a file); "": w_avg
 
     @classmethod
     def for_generator(cls, G: Any, **kw: Any) -> "WTriEncoderConfig":
@@ -94,6 +100,28 @@ class WTriEncoder(nn.Module):
             nn.init.zeros_(self.sr_head.weight)
             nn.init.zeros_(self.sr_head.bias)
 
+    def set_start(self, start: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Attach the start encoder named by ``config.bootstrap``: ``start(x [N, 3, H, W]) -> ws [N, num_ws,
+        w_dim]``. A plain function, not a submodule: its weights stay in their own file, out of this one's."""
+        self.__dict__["_start"] = start
+
+    def start_code(self, G: Any, x: torch.Tensor) -> WTri:
+        """Where the iterations start: the start encoder's code (bootstrapping), else the generator's average.
+
+        Raises:
+            RuntimeError: the config names a start encoder that was not attached (:meth:`set_start`).
+        """
+        start = self.__dict__.get("_start")
+        if self.config.bootstrap and start is None:
+            raise RuntimeError(f"this encoder starts from {self.config.bootstrap!r}'s codes: attach it with "
+                               f"set_start before inverting")
+        if start is not None:
+            with torch.no_grad():
+                ws = start(x).float()
+            return G.wtri_from_ws(ws)
+        w_avg = G.backbone.mapping.w_avg.detach()
+        return G.wtri_from_ws(w_avg[None, None].expand(len(x), G.num_ws, -1))
+
     def step(self, x: torch.Tensor, y: torch.Tensor, code: WTri) -> WTri:
         """One refinement: ``code + E(x, y)`` (ReStyle's residual update)."""
         c = self.config
@@ -121,12 +149,8 @@ class WTriEncoder(nn.Module):
     def invert(self, G: Any, x: torch.Tensor, c: torch.Tensor, iterations: int | None = None,
                start: WTri | None = None, **render_kw: Any) -> tuple[list[WTri], list[torch.Tensor]]:
         """Run the iterations on photos ``x [N, 3, H, W]`` seen from cameras ``c [N, 25]``: the codes and the
-        reconstructions after every step (``start``: the initial code, default the generator's average)."""
-        n = len(x)
-        if start is None:
-            w_avg = G.backbone.mapping.w_avg.detach()
-            start = G.wtri_from_ws(w_avg[None, None].expand(n, G.num_ws, -1))
-        code = start
+        reconstructions after every step (``start``: the initial code, default :meth:`start_code`)."""
+        code = self.start_code(G, x) if start is None else start
         kw = {"noise_mode": "const", **render_kw}
         y = G.synthesis_wtri(code, c, **kw)["image"]
         codes, images = [], []

@@ -13,6 +13,10 @@ pseudo pairs and the loss is the latent term after every iteration, with the ren
 outside autograd. No gradient goes back through the generator, which makes a warm-up image about 4x cheaper
 than a full one on a CPU, so the encoder learns the code space before the image losses refine it.
 
+With ``bootstrap`` (ReStyle's encoder bootstrapping) the iterations start from a frozen one-pass encoder's code
+(Ko et al.'s E into W, which reads this generator's renders well) instead of the average code: the W_tri heads
+start at zero, so the run begins as good as that encoder and learns only the refinement.
+
 The identity term puts every image's dlib chip at one fixed place: the mean 68 landmarks of the first training
 photos (the aligned crops share one face placement), measured once and kept in ``chip.json``.
 
@@ -27,7 +31,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,6 +67,7 @@ class WTriTrainConfig(ConfigMixin):
     width: int = 32
     layers: tuple[int, int, int, int] = (2, 2, 2, 2)
     bf16: bool = True                  # generator and encoder passes in bfloat16 (the fast CPU path)
+    bootstrap: str = ""                # start encoder (ReStyle's bootstrapping): a network's shipped E, or a file
     chip_photos: int = 64              # photos whose mean landmarks place the identity chip
     snapshot_kimg: float = 1.0
     sample_kimg: float = 1.0
@@ -103,10 +108,11 @@ def _draw(seed: int, step: int, key: int) -> torch.Generator:
 
 def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | None = None,
                progress: bool = True, G: Any = None, identity_encoder: Any = None,
-               perceptual: Any = None) -> Path:
+               perceptual: Any = None, start: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
     """Train the W_tri encoder (or the W+ baseline, ``cfg.space='wplus'``) for ``cfg.network`` (or the given
     ``G``); resumable bit-exactly. ``identity_encoder`` / ``perceptual``: the networks of the identity and
     perceptual terms (default: dlib's and EfficientNet-Lite0, loaded when their weights are non-zero).
+    ``start``: the frozen start encoder ``cfg.bootstrap`` names (``x -> ws``), required with it.
     Returns the exported ``encoder.safetensors``."""
     from portrait3d.face.dataset import AlignedFaceDataset
     from portrait3d.losses.identity import IdentityLoss, _default_encoder
@@ -114,6 +120,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
     from portrait3d.training.progress import save_grid
 
     cfg.validate()
+    if bool(cfg.bootstrap) != (start is not None):
+        raise UsageError("bootstrap names the start encoder and start is that encoder: give both or neither")
     out = Path(out_dir)
     if G is None:
         from portrait3d.checkpoints import load_network
@@ -129,7 +137,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
     torch.manual_seed(cfg.seed)
     enc = WTriEncoder(WTriEncoderConfig.for_generator(G, space=cfg.space, iterations=cfg.iterations,
                                                       input_size=int(G.img_resolution), width=cfg.width,
-                                                      layers=cfg.layers))
+                                                      layers=cfg.layers, bootstrap=cfg.bootstrap))
+    enc.set_start(start)
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
     step = images_seen = 0
     if resume is not None:
