@@ -149,6 +149,7 @@ CATALOGUE = [
     ("demo", "--device", "banana", "--out", "@out"), "--device must be",
     ("web", "--port", "0"), "not in the range",
     ("train", "wtri", "--data", "@bad/folder", "--out", "@out", "--kimg", "-1"), "not in the range",
+    ("train", "wtri", "--data", "@bad/faces", "--out", "@out", "--bootstrap", "no-such-encoder"), "start encoder",
     # resources
     ("train", "stylegan2", "--data", "@bad/faces", "--out", "@out", "--config", "tiny", "--batch", str(2**28)),
     "needs about",

@@ -527,6 +527,8 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
     claim_run_folder(out, resume, force, exports=(EXPORT_NAME,))
     if threads is not None:
         torch.set_num_threads(threads)
+    if bootstrap and Path(bootstrap).expanduser().is_file():  # the encoder file records it: absolute, not cwd-bound
+        bootstrap = str(Path(bootstrap).expanduser().resolve())
     cfg = WTriTrainConfig(network=network, data=str(data), space=space, batch=batch, pseudo=pseudo,
                           total_kimg=kimg, lr=lr, iterations=iterations, losses=WTriLossConfig(cyc=cyc),
                           warmup_kimg=warmup_kimg, truncation=truncation, snapshot_kimg=snap, sample_kimg=snap,
