@@ -71,9 +71,8 @@ def main(network: str, n: int, yaws: str, psi: float, out: Path | None, threads:
                     total += 1
                     kept += all(x < SAME_PERSON_DISTANCE for x in d)
     report = {"network": network, "n": n, "psi": psi,
-              "detection": {str(y): tally.detected.get(y, 0) / n for y in ys}, "yaw_slope": tally.slope(),
-              "measured_yaw_mean": {str(y): float(np.mean(tally.measured[y])) if tally.measured.get(y) else None
-                                    for y in ys},
+              "detection": {str(y): r for y, r in tally.rates(n).items()}, "yaw_slope": tally.slope(),
+              "measured_yaw_mean": {str(y): None if np.isnan(m) else m for y, m in tally.mean_yaws().items()},
               "identity_distance_mean": float(np.mean(dists)) if dists else None,
               "identity_kept": kept / total if total else None}
     print(json.dumps(report))

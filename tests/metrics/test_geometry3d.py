@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from portrait3d.metrics.geometry3d import (
+    YawTally,
     geometry_checks,
     homography_residual,
     mean_face_parallax,
@@ -48,6 +48,14 @@ def test_yaw_slope():
     assert yaw_slope([-30, 0, 30], [-27, 0, 27]) == pytest.approx(0.9)
     assert yaw_slope([-30, 0, 30], [2, 1, 0]) == pytest.approx(-1 / 30)
     assert math.isnan(yaw_slope([0, 0], [1, 2]))
+
+
+def test_yaw_tally_rates_and_means():
+    t = YawTally((-30.0, 0.0, 30.0), detected={0.0: 4, 30.0: 1}, measured={0.0: [1.0, 3.0], 30.0: [25.0]})
+    assert t.rates(4) == {-30.0: 0.0, 0.0: 1.0, 30.0: 0.25}
+    m = t.mean_yaws()
+    assert m[0.0] == 2.0 and m[30.0] == 25.0 and math.isnan(m[-30.0])  # no view measured at -30
+    assert t.slope() == pytest.approx(yaw_slope([0, 0, 30], [1, 3, 25]))
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -158,6 +158,14 @@ class YawTally:
                 self.measured.setdefault(y, []).append(yaw[y])
         return lms
 
+    def rates(self, n: int) -> dict[float, float]:
+        """Per commanded yaw, the fraction of ``n`` views with a detected face."""
+        return {y: self.detected.get(y, 0) / n for y in self.yaws}
+
+    def mean_yaws(self) -> dict[float, float]:
+        """Per commanded yaw, the mean measured yaw (nan where no view was measured)."""
+        return {y: float(np.mean(self.measured[y])) if self.measured.get(y) else float("nan") for y in self.yaws}
+
     def slope(self) -> float:
         """:func:`yaw_slope` over every measured view."""
         pairs = [(y, m) for y in self.yaws for m in self.measured.get(y, [])]
@@ -232,8 +240,7 @@ def geometry_checks(G: Any, n: int = 200, yaws: Sequence[float] = (-30.0, 0.0, 3
                         id_kept += all(d < SAME_PERSON_DISTANCE for d in dists)
     nan = float("nan")
     return GeometryReport(
-        n=n, yaws=yaws, detection={y: tally.detected.get(y, 0) / n for y in yaws}, yaw_slope=tally.slope(),
-        measured_yaw_mean={y: float(np.mean(tally.measured[y])) if tally.measured.get(y) else nan for y in yaws},
+        n=n, yaws=yaws, detection=tally.rates(n), yaw_slope=tally.slope(), measured_yaw_mean=tally.mean_yaws(),
         identity_kept=id_kept / id_total if id_total else nan,
         identity_distance_mean=float(np.mean(id_dists)) if id_dists else nan,
         nose_nearer=nose_ok / nose_total if nose_total else nan,
