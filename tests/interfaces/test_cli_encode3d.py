@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -108,6 +109,7 @@ def test_bootstrapped_encoder_loads_with_its_start_encoder(files, tmp_path):
     """An encoder trained with --bootstrap names its start encoder; loading it attaches that encoder (a file, or a
     built-in network's shipped one), and encode3d runs from its code; a missing start encoder is one clean line."""
     from portrait3d.checkpoints import load_network
+    from portrait3d.checkpoints.fingerprint import module_fingerprint
     from portrait3d.interfaces.encode3d import load_wtri_encoder
     from portrait3d.methods.inversion3d.networks import EncoderConfig, LatentEncoder, save_module
 
@@ -129,6 +131,17 @@ def test_bootstrapped_encoder_loads_with_its_start_encoder(files, tmp_path):
     res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o", "--network", network, "--encoder", path,
                   *FAST)
     assert res.exit_code == 0, (res.output, res.exception)
+    # a recorded fingerprint of the start encoder: the same weights load quietly, changed ones warn
+    enc.config.bootstrap_sha256 = module_fingerprint(E)
+    path = enc.save(tmp_path / "boot.safetensors", overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_wtri_encoder(path, G, "tiny")
+    with torch.no_grad():
+        E.mlp[-1].weight.add_(0.01)
+    save_module(E, e_path, overwrite=True)
+    with pytest.warns(UserWarning, match="other weights of its start encoder"):
+        load_wtri_encoder(path, G, "tiny")
     e_path.unlink()
     res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o2", "--network", network, "--encoder", path,
                   *FAST)

@@ -17,6 +17,7 @@ searches W+, where the planes share their rows), and the face pipeline's camera.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def load_wtri_encoder(path: Path, G: Any, network: str, device: torch.device | s
     """The W_tri encoder at ``path``, in eval mode on ``device``, checked against the generator ``G`` (named
     ``network`` in the error: an encoder trained for another generator is refused with a UsageError), with its
     start encoder attached when it was trained bootstrapped (:func:`start_encoder`)."""
+    from portrait3d.checkpoints.fingerprint import module_fingerprint
     from portrait3d.methods.wtri.encoder import WTriEncoder
 
     enc = WTriEncoder.load(path).eval().to(device)
@@ -85,7 +87,12 @@ def load_wtri_encoder(path: Path, G: Any, network: str, device: torch.device | s
         raise UsageError(f"{path} was trained for another generator (W+ {c.num_ws} x {c.w_dim}), not "
                          f"{network} ({G.num_ws} x {G.w_dim})")
     if c.bootstrap:
-        enc.set_start(start_encoder(c.bootstrap, G, device))
+        start = start_encoder(c.bootstrap, G, device)
+        if c.bootstrap_sha256 and module_fingerprint(start) != c.bootstrap_sha256:
+            # still usable (a residual refinement of the new start codes), but not what it was trained with
+            warnings.warn(f"{path} was trained from other weights of its start encoder {c.bootstrap!r} (changed "
+                          f"since); retrain it from the current one", stacklevel=2)
+        enc.set_start(start)
     return enc
 
 

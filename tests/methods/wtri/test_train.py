@@ -108,3 +108,4 @@ def test_bootstrapped_run_records_its_start_encoder(tmp_path):
     enc = WTriEncoder.load(train_wtri(_cfg(data, bootstrap="E.safetensors"), tmp_path / "run", progress=False, G=G,
                                       start=start))
     assert enc.config.bootstrap == "E.safetensors" and calls
+    assert enc.config.bootstrap_sha256 == ""  # a plain function has no weights to fingerprint

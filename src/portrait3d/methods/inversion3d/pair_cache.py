@@ -14,8 +14,9 @@ it can fit the set's particular latents; :mod:`.train` measures E and P on fresh
 Files in the cache folder:
 
 * ``cache.json``: the :class:`.pseudo.PseudoPairConfig`, ``count``, ``shard_size``, ``batch``, the generator's
-  name, resolution, ``num_ws``, ``w_dim`` and ``generator_sha256`` (:func:`generator_fingerprint`: trainers refuse
-  a cache of other weights, since its latents would not be the generator's);
+  name, resolution, ``num_ws``, ``w_dim`` and ``generator_sha256``
+  (:func:`~portrait3d.checkpoints.fingerprint.module_fingerprint`: trainers refuse a cache of other weights, since
+  its latents would not be the generator's);
 * ``pairs-00000.safetensors`` ... : ``image uint8 [n, 3, R, R]`` (``round((x + 1) * 127.5)`` of the render
   in ``[-1, 1]``), ``w float32 [n, w_dim]`` (the mapping's output, the same for every layer),
   ``camera float32 [n, 25]``, ``angles float32 [n, 3]``, ``translation float32 [n, 3]``, ``z float32
@@ -26,7 +27,6 @@ Files in the cache folder:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -37,28 +37,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from portrait3d.checkpoints.fingerprint import module_fingerprint
 from portrait3d.checkpoints.native import atomic_write
 from portrait3d.errors import UsageError
 from portrait3d.methods.inversion3d.pseudo import IndexedStream, PseudoPairConfig, PseudoPairStream
 from portrait3d.training.randomness import derive_seed
 
-__all__ = ["CACHE_KEY", "CachedPairStream", "PairCache", "build_pair_cache", "generator_fingerprint",
-           "read_cache_meta"]
+__all__ = ["CACHE_KEY", "CachedPairStream", "PairCache", "build_pair_cache", "read_cache_meta"]
 
 CACHE_KEY = 0xCAC4E     # PseudoPairStream key of cached pairs
 _ORDER_KEY = 0x0D3E5    # seed key of CachedPairStream's per-epoch permutations
 _FORMAT = "portrait3d-pseudo-pair-cache"
 _SHARD = "pairs-{:05d}.safetensors"
-
-
-def generator_fingerprint(G: nn.Module) -> str:
-    """SHA-256 of ``G``'s parameters and buffers (names, shapes and float32 values, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(G.state_dict().items()):
-        v = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(v.shape)};".encode())
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _shard_path(root: Path, index: int) -> Path:
@@ -91,7 +81,7 @@ def build_pair_cache(G: nn.Module, out: str | os.PathLike[str], count: int, cfg:
     root = Path(out)
     meta = {"format": _FORMAT, "pseudo": cfg.to_dict(), "shard_size": shard_size, "batch": batch,
             "network": network, "resolution": int(G.img_resolution), "num_ws": int(G.num_ws),
-            "w_dim": int(G.w_dim), "generator_sha256": generator_fingerprint(G)}
+            "w_dim": int(G.w_dim), "generator_sha256": module_fingerprint(G)}
     meta_path = root / "cache.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from portrait3d.checkpoints.fingerprint import module_fingerprint
 from portrait3d.config import ConfigMixin
 from portrait3d.errors import UsageError
 from portrait3d.methods.inversion3d.networks import (
@@ -81,12 +82,7 @@ from portrait3d.methods.inversion3d.networks import (
     rotation_from_angles,
     save_module,
 )
-from portrait3d.methods.inversion3d.pair_cache import (
-    CachedPairStream,
-    PairCache,
-    generator_fingerprint,
-    read_cache_meta,
-)
+from portrait3d.methods.inversion3d.pair_cache import CachedPairStream, PairCache, read_cache_meta
 from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, PseudoPairStream, photometric_jitter
 from portrait3d.training.distributed import DistInfo
 from portrait3d.training.fast import PRECISIONS, FastPath
@@ -424,7 +420,7 @@ def _train(kind: str, net: nn.Module, G: nn.Module, cfg: _TrainCommon, out_dir: 
 
 def _open_cache(root: str, G: nn.Module) -> PairCache:
     cache = PairCache(root)
-    if cache.meta.get("generator_sha256") != generator_fingerprint(G):
+    if cache.meta.get("generator_sha256") != module_fingerprint(G):
         raise UsageError(f"{root} holds pairs of another generator (its weights differ from --network's); build a "
                          f"cache of this one with 'portrait3d train pseudo-pairs'")
     return cache

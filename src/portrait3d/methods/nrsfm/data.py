@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from portrait3d.checkpoints.fingerprint import module_fingerprint
 from portrait3d.checkpoints.native import atomic_write
 from portrait3d.errors import UsageError
 from portrait3d.face.analyzer import TEMPLATE_BOX
@@ -242,14 +243,6 @@ class ImageLandmarker:
         return out, valid
 
 
-def _network_fingerprint(G: torch.nn.Module) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(G.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _batches(n: int, batch: int) -> Iterator[slice]:
     for i in range(0, n, batch):
         yield slice(i, min(i + batch, n))
@@ -269,7 +262,7 @@ def build_landmark_set(G: torch.nn.Module, cfg: LandmarkDataConfig, cache_dir: s
     cfg.validate()
     path = None
     if cache_dir is not None:
-        key = hashlib.sha1(json.dumps([_network_fingerprint(G), asdict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps([module_fingerprint(G), asdict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"landmarks_{cfg.space.replace('+', 'plus')}_{cfg.backend}_{key}.npz"
         if path.is_file():
             try:

@@ -54,6 +54,7 @@ class WTriEncoderConfig(ConfigMixin):
     head_channels: int = 256
     fpn_channels: int = 128
     bootstrap: str = ""           # the start encoder (a built-in network's shipped one, or a file); "": w_avg
+    bootstrap_sha256: str = ""    # the start encoder's module_fingerprint at training ("": not recorded)
 
     @classmethod
     def for_generator(cls, G: Any, **kw: Any) -> "WTriEncoderConfig":

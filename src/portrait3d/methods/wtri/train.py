@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from portrait3d.checkpoints.fingerprint import module_fingerprint
 from portrait3d.config import ConfigMixin
 from portrait3d.errors import UsageError
 from portrait3d.methods.wtri.encoder import WTriEncoder, WTriEncoderConfig
@@ -106,6 +107,11 @@ def _draw(seed: int, step: int, key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, key]).generate_state(1)[0]))
 
 
+def _fingerprint(start: Callable[[torch.Tensor], torch.Tensor] | None) -> str:
+    """The start encoder's weights' fingerprint, recorded so a changed start encoder is noticed at load time."""
+    return module_fingerprint(start) if isinstance(start, torch.nn.Module) else ""
+
+
 def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | None = None,
                progress: bool = True, G: Any = None, identity_encoder: Any = None,
                perceptual: Any = None, start: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
@@ -137,7 +143,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
     torch.manual_seed(cfg.seed)
     enc = WTriEncoder(WTriEncoderConfig.for_generator(G, space=cfg.space, iterations=cfg.iterations,
                                                       input_size=int(G.img_resolution), width=cfg.width,
-                                                      layers=cfg.layers, bootstrap=cfg.bootstrap))
+                                                      layers=cfg.layers, bootstrap=cfg.bootstrap,
+                                                      bootstrap_sha256=_fingerprint(start)))
     enc.set_start(start)
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
     step = images_seen = 0
