@@ -69,10 +69,13 @@ def _config(base: PieConfig, change: dict) -> PieConfig:
 @click.option("--n", type=click.IntRange(1), default=20, help="Held-out photos.")
 @click.option("--steps-w", type=click.IntRange(0), default=150)
 @click.option("--steps-wplus", type=click.IntRange(0), default=100)
+@click.option("--lr-w", type=float, default=None, help="The W stage's step size (default: PieConfig's).")
+@click.option("--lr-wplus", type=float, default=None, help="The W+ stage's step size (default: PieConfig's).")
 @click.option("--delta", type=float, default=20.0, help="Yaw edit in degrees (applied as +delta and -delta).")
 @click.option("--variants", multiple=True, type=click.Choice(sorted(VARIANTS)), default=sorted(VARIANTS))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_wplus: int, delta: float,
+def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_wplus: int, lr_w: float | None,
+         lr_wplus: float | None, delta: float,
          variants: tuple[str, ...], out: Path) -> None:
     from portrait3d.face.analyzer import FaceAnalyzer
 
@@ -83,6 +86,10 @@ def main(holdout: Path, models: Path, network: str, n: int, steps_w: int, steps_
     images = np.load(holdout / "images.npy", mmap_mode="r")
     pick = np.linspace(0, len(images) - 1, n).round().astype(int)
     base = PieConfig(steps_w=steps_w, steps_wplus=steps_wplus, modes=["pose"])
+    if lr_w is not None:
+        base.lr_w = lr_w
+    if lr_wplus is not None:
+        base.lr = lr_wplus
     rows: dict[str, list[dict]] = {v: [] for v in variants}
     grids: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,9 @@ def test_hierarchical_embedding_fits_the_portrait(embedder):
     first, last = res.history[0]["syn_pixel"], res.history[-1]["syn_pixel"]
     assert last < 0.7 * first
     assert [h["stage"] for h in res.history] == ["W"] * 15 + ["W+"] * 10
+    # each stage has its own step size, decaying linearly to lr_final of it
+    assert res.history[0]["lr"] == cfg.lr_w and res.history[15]["lr"] == cfg.lr
+    assert res.history[14]["lr"] == pytest.approx(cfg.lr_w * cfg.lr_final)
     assert res.ws.shape == (1, G.num_ws, G.w_dim)
     edited, report = embedder.edit(res.ws, {"pose": res.params.replace(angles=torch.tensor([[20.0, 0, 0]]))})
     assert edited.shape == res.ws.shape and report["pose"]["target"][0] == 20.0

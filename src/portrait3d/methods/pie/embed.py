@@ -49,7 +49,9 @@ EDIT_ORDER = ("pose", "expression", "light")
 class PieConfig(ConfigMixin):
     steps_w: int = 150                 # CPU default (the paper: 2,000)
     steps_wplus: int = 100             # (the paper: 1,000)
-    lr: float = 0.02
+    lr: float = 0.02                   # Adam step size in W+
+    lr_w: float = 0.1                  # and in the W stage: the StyleGAN2 projector's W step size (0.02 as in W+
+                                       # left the W stage short of the photo; the README's PIE section has the sweep)
     lr_final: float = 0.1              # step size at the end, as a fraction of lr
     perceptual_weight: float = 1.0
     perceptual_max_size: int = 256
@@ -191,17 +193,19 @@ class PieEmbedder:
             if stage == "W+":
                 w = w.detach().expand(-1, G.num_ws, -1).clone()
             w = w.detach().requires_grad_(True)
-            opt = torch.optim.Adam([w], lr=cfg.lr)
+            lr = cfg.lr_w if stage == "W" else cfg.lr
+            opt = torch.optim.Adam([w], lr=lr)
             for k in range(steps):
+                lr_now = lr * (1 - (1 - cfg.lr_final) * k / max(steps - 1, 1))
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr * (1 - (1 - cfg.lr_final) * k / max(steps - 1, 1))
+                    group["lr"] = lr_now
                 ws = w.expand(-1, G.num_ws, -1) if stage == "W" else w
                 modify = bool(cfg.modes) and cfg.modify_every > 0 and step % cfg.modify_every == 0
                 terms = self.energies(ws, image, target_desc, cfg, g, modify)
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 opt.step()
-                rec = {"step": step, "stage": stage, **{n: float(v.detach()) for n, v in terms.items()}}
+                rec = {"step": step, "stage": stage, "lr": lr_now, **{n: float(v.detach()) for n, v in terms.items()}}
                 history.append(rec)
                 if progress is not None:
                     progress(step, rec)
