@@ -19,8 +19,9 @@ A portrait ``I`` is embedded as the latent ``w`` minimising (eq. 6)
   and nose (the differentiable dlib port of :mod:`portrait3d.losses.identity`).
 
 The optimisation is hierarchical: first in W (one code for all layers), then in W+ (one per layer), each with Adam
-and a step size decaying linearly to ``lr_final`` x ``lr``. Edits then run RigNets in sequence (pose first), with
-the feedback step ``theta_new = theta + (theta - theta_est)`` that corrects what the first pass missed.
+and its own step size (``lr_w``, ``lr``) decaying linearly to ``lr_final`` times it. Edits then run RigNets in
+sequence (pose first), with the feedback step ``theta_new = theta + (theta - theta_est)`` that corrects what the
+first pass missed.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class PieConfig(ConfigMixin):
     lr: float = 0.02                   # Adam step size in W+
     lr_w: float = 0.1                  # and in the W stage: the StyleGAN2 projector's W step size (0.02 as in W+
                                        # left the W stage short of the photo; the README's PIE section has the sweep)
-    lr_final: float = 0.1              # step size at the end, as a fraction of lr
+    lr_final: float = 0.1              # each stage's step size at its end, as a fraction of its start
     perceptual_weight: float = 1.0
     perceptual_max_size: int = 256
     id_weight: float = 1.0             # lambda_id
