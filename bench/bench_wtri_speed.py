@@ -65,7 +65,7 @@ def main(network: str, photo: Path, encoder: Path | None, iterations: int, repea
 
     def encode() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            enc.invert(G, target, camera, iterations=iterations, deterministic=True)
+            enc.invert(G, target, camera, iterations=iterations, keep_images=False, deterministic=True)
 
     encode()  # warm-up
     times = []

@@ -101,7 +101,7 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
          utk: Path, holdout: Path, out: Path) -> None:
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
-    from portrait3d.interfaces.encode3d import load_wtri_encoder
+    from portrait3d.interfaces.encode3d import encode_photo, load_wtri_encoder
     from portrait3d.losses.perceptual import PerceptualLoss
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pipeline import (
@@ -138,10 +138,9 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
             ident = Identity(pipe, aligned, lm)
             for name, enc in named.items():
                 t = time.perf_counter()
-                with torch.no_grad():
-                    codes, _ = enc.invert(G, x, cam, deterministic=True)
+                code = encode_photo(enc, G, x, cam)  # as encode3d runs it: bf16, codes only
                 sec = time.perf_counter() - t
-                rec, grid = _measure(G, codes[-1], cam, aligned, ident, perceptual)
+                rec, grid = _measure(G, code, cam, aligned, ident, perceptual)
                 rows[name].append({"photo": path.name, "seconds": sec, **rec})
                 grids[name].append(grid)
             if i < optimise:

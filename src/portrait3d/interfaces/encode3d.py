@@ -101,7 +101,7 @@ def encode_photo(enc: Any, G: Any, target: torch.Tensor, camera: torch.Tensor) -
     autocast on CPU as the encoder was trained (0.45 s per 128 px photo on 2 CPU threads, 0.51 s in fp32)."""
     dev = target.device
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cpu"):
-        codes, _ = enc.invert(G, target, camera, deterministic=True)
+        codes, _ = enc.invert(G, target, camera, keep_images=False, deterministic=True)  # codes only
     return codes[-1]  # float32: the residuals add to the float32 average code
 
 

@@ -113,3 +113,20 @@ def test_bootstrapped_encoder_starts_at_the_start_encoders_code():
         torch.testing.assert_close(code.planes, want.planes)
         torch.testing.assert_close(code.sr, want.sr)
     assert "_start" not in dict(enc.named_modules()) and not any("start" in k for k in enc.state_dict())
+
+
+def test_codes_only_inversion_gives_the_same_codes_without_a_graph_through_the_feedback_renders():
+    """``keep_images=False`` (the cycle's re-encoding): same codes, no images, and the renders the encoder reads
+    carry no autograd graph, while a code still reaches the encoder's weights."""
+    G, enc, x, c = _setup()
+    with torch.no_grad():
+        enc.mlp[-1].weight.normal_(0, 0.01)
+    enc.train()
+    codes, images = enc.invert(G, x, c, deterministic=True)  # mid-bin ray samples: the renders repeat
+    light, none = enc.invert(G, x, c, keep_images=False, deterministic=True)
+    assert none == [] and len(light) == len(codes)
+    for a, b in zip(codes, light):
+        torch.testing.assert_close(a.planes, b.planes)
+        torch.testing.assert_close(a.sr, b.sr)
+    light[-1].planes.square().mean().backward()
+    assert enc.mlp[-1].weight.grad is not None and enc.mlp[-1].weight.grad.abs().sum() > 0

@@ -109,3 +109,13 @@ def test_bootstrapped_run_records_its_start_encoder(tmp_path):
                                       start=start))
     assert enc.config.bootstrap == "E.safetensors" and calls
     assert enc.config.bootstrap_sha256 == ""  # a plain function has no weights to fingerprint
+
+
+def test_lazy_cycle_runs_every_kth_step_only(tmp_path):
+    data = make_dataset(tmp_path / "data", 6, 128)
+    train_wtri(_cfg(data, total_kimg=0.008, cyc_every=2, snapshot_kimg=0.008, sample_kimg=0.008),
+               tmp_path / "run", progress=False, G=make_tiny_eg3d())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert ["cyc" in r for r in log] == [True, False, True, False]  # steps 0 and 2 of 4
+    with pytest.raises(UsageError, match="cyc_every"):
+        _cfg(data, cyc_every=0).validate()

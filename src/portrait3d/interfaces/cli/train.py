@@ -495,6 +495,9 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--cyc", type=FiniteFloat(min=0), default=0.1, show_default=True,
               help="lambda_cyc of the multi-view cycle loss (eq. 3; 0: off).")
+@click.option("--cyc-every", type=click.IntRange(1), default=1, show_default=True,
+              help="Evaluate the cycle loss every k-th step at k times its weight (lazy, as StyleGAN2's R1; the "
+                   "cycle re-encodes a render, about half a step's cost).")
 @click.option("--iterations", type=click.IntRange(1, 20), default=5, show_default=True,
               help="ReStyle refinement steps.")
 @click.option("--warmup-kimg", type=FiniteFloat(min=0), default=0.0, show_default=True,
@@ -509,8 +512,8 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
 @_module_run_options(snap=1.0)
 @fail_cleanly
 def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
-             cyc: float, iterations: int, warmup_kimg: float, truncation: float, bootstrap: str, snap: float,
-             resume: Path | None, threads: int | None, progress: bool, force: bool) -> None:
+             cyc: float, cyc_every: int, iterations: int, warmup_kimg: float, truncation: float, bootstrap: str,
+             snap: float, resume: Path | None, threads: int | None, progress: bool, force: bool) -> None:
     """Train the W_tri encoder (Oh & Jo) of an EG3D generator on aligned photos with their cameras, plus
     generator pseudo pairs: eqs. 1-4 (L2, EfficientNet-Lite0 perceptual, dlib identity, feature similarity,
     code regularisation, multi-view cycle). Writes OUT/encoder.safetensors, snapshots, samples/ and log.jsonl.
@@ -532,7 +535,7 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
     cfg = WTriTrainConfig(network=network, data=str(data), space=space, batch=batch, pseudo=pseudo,
                           total_kimg=kimg, lr=lr, iterations=iterations, losses=WTriLossConfig(cyc=cyc),
                           warmup_kimg=warmup_kimg, truncation=truncation, snapshot_kimg=snap, sample_kimg=snap,
-                          bootstrap=bootstrap)
+                          bootstrap=bootstrap, cyc_every=cyc_every)
     cfg.validate()
     G = load_network(network)
     start = start_encoder(bootstrap, G) if bootstrap else None

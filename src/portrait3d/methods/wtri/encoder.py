@@ -148,18 +148,33 @@ class WTriEncoder(nn.Module):
         return WTri(ws[:, :k + 1], ws[:, k:k + 3][:, None].expand(-1, 3, -1, -1), ws[:, -1])
 
     def invert(self, G: Any, x: torch.Tensor, c: torch.Tensor, iterations: int | None = None,
-               start: WTri | None = None, **render_kw: Any) -> tuple[list[WTri], list[torch.Tensor]]:
+               start: WTri | None = None, keep_images: bool = True,
+               **render_kw: Any) -> tuple[list[WTri], list[torch.Tensor]]:
         """Run the iterations on photos ``x [N, 3, H, W]`` seen from cameras ``c [N, 25]``: the codes and the
-        reconstructions after every step (``start``: the initial code, default :meth:`start_code`)."""
+        reconstructions after every step (``start``: the initial code, default :meth:`start_code`).
+
+        ``keep_images=False`` (codes only, as the cycle loss wants them): the renders the encoder reads are made
+        outside autograd (in training they are detached inputs anyway), the last one is skipped, and the list of
+        images comes back empty."""
         code = self.start_code(G, x) if start is None else start
         kw = {"noise_mode": "const", **render_kw}
-        y = G.synthesis_wtri(code, c, **kw)["image"]
+
+        def render(code: WTri) -> torch.Tensor:
+            if keep_images:
+                return G.synthesis_wtri(code, c, **kw)["image"]
+            with torch.no_grad():
+                return G.synthesis_wtri(code, c, **kw)["image"]
+
+        y = render(code)
         codes, images = [], []
-        for _ in range(iterations or self.config.iterations):
+        n = iterations or self.config.iterations
+        for t in range(n):
             code = self.step(x, y.detach() if self.training else y, code)
-            y = G.synthesis_wtri(code, c, **kw)["image"]
             codes.append(code)
-            images.append(y)
+            if keep_images or t < n - 1:
+                y = render(code)
+            if keep_images:
+                images.append(y)
         return codes, images
 
     # ------------------------------------------------------------------ files

@@ -48,12 +48,13 @@ def wtri_losses(enc: Any, G: Any, x: torch.Tensor, c: torch.Tensor, novel_camera
                 w: WTriLossConfig, perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 identity: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 features: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                keep_codes: bool = False) -> dict[str, Any]:
+                keep_codes: bool = False, cyc_scale: float = 1.0) -> dict[str, Any]:
     """Eqs. 1-4 on photos ``x [N, 3, H, W]`` (``[-1, 1]``) with cameras ``c [N, 25]``; ``novel_cameras [N, 25]``
     are the ``p_hat`` of the cycle. ``identity(images) -> [N]`` is ``1 - cos`` to the photos' descriptors (an
     :class:`~portrait3d.losses.identity.IdentityLoss` built on ``x``); ``features(images) -> [N, D]`` the global
-    feature of the similarity term. Returns the terms and ``loss`` (and, with ``keep_codes``, the list of codes
-    of the iterations under ``codes``)."""
+    feature of the similarity term. ``cyc_scale`` multiplies ``lambda_cyc`` (0 skips the cycle: a lazy cycle,
+    evaluated every k-th step with ``cyc_scale = k``, as StyleGAN2 evaluates R1). Returns the terms and ``loss``
+    (and, with ``keep_codes``, the list of codes of the iterations under ``codes``)."""
     codes, images = enc.invert(G, x, c)
     terms: dict[str, torch.Tensor] = {}
     rec = torch.zeros((), device=x.device)
@@ -73,11 +74,11 @@ def wtri_losses(enc: Any, G: Any, x: torch.Tensor, c: torch.Tensor, novel_camera
     avg = G.wtri_from_ws(w_avg[None, None].expand(len(x), G.num_ws, -1))
     terms["reg"] = code_distance(final, avg, p=2).mean()
     loss = terms["rec"] + w.reg * terms["reg"]
-    if w.cyc > 0:
+    if w.cyc > 0 and cyc_scale > 0:
         novel = G.synthesis_wtri(final, novel_cameras, noise_mode="const")["image"]
-        again, _ = enc.invert(G, novel, novel_cameras)
+        again, _ = enc.invert(G, novel, novel_cameras, keep_images=False)
         terms["cyc"] = code_distance(final, again[-1], p=1).mean()
-        loss = loss + w.cyc * terms["cyc"]
+        loss = loss + cyc_scale * w.cyc * terms["cyc"]
     terms["loss"] = loss
     if keep_codes:
         terms["codes"] = codes

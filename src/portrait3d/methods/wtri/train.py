@@ -63,6 +63,7 @@ class WTriTrainConfig(ConfigMixin):
     truncation: float = 0.7            # pseudo pairs' latents
     latent_weight: float = 1.0         # lambda_latent of the pseudo pairs
     warmup_kimg: float = 0.0           # first images: pseudo pairs only, latent term only, no backward through G
+    cyc_every: int = 1                 # the cycle loss every k-th step at k times its weight (lazy, as R1 in SG2)
     losses: WTriLossConfig = field(default_factory=WTriLossConfig)
     iterations: int = 5
     width: int = 32
@@ -82,6 +83,8 @@ class WTriTrainConfig(ConfigMixin):
             raise UsageError(f"need batch >= 1 and 0 <= pseudo <= batch, not {self.batch} / {self.pseudo}")
         if self.total_kimg <= 0 or self.lr <= 0 or self.iterations < 1:
             raise UsageError("kimg and lr must be > 0 and iterations >= 1")
+        if self.cyc_every < 1:
+            raise UsageError(f"cyc_every must be >= 1, not {self.cyc_every}")
         if not 0 <= self.warmup_kimg < float("inf"):
             raise UsageError(f"warmup_kimg must be a finite number >= 0, not {self.warmup_kimg}")
 
@@ -237,7 +240,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             terms = wtri_losses(enc, fast, x, c, novel, w, perceptual=perceptual if w.perceptual > 0 else None,
                                 identity=identity, features=features if w.similarity > 0 else None,
-                                keep_codes=target is not None)
+                                keep_codes=target is not None,
+                                cyc_scale=float(cfg.cyc_every) if step % cfg.cyc_every == 0 else 0.0)
         if target is not None:
             final = terms.pop("codes")[-1]
             k = len(x) - cfg.pseudo
