@@ -287,10 +287,11 @@ def test_inversion3d_photo_starts_from_the_shipped_pose_estimator(learned):
 
 
 @pytest.mark.parametrize("steps", [0, 2])
-def test_inversion3d_photo_starts_from_a_wtri_encoder(tmp_path, steps):
-    """With a W_tri encoder (Oh & Jo) the photo is encoded in one pass first: with no optimiser steps the encoder's
-    code itself is the embedding (its per-plane rows kept), with some it is the optimiser's start."""
+def test_inversion3d_photo_is_encoded_first_then_refined_on_request(tmp_path, steps):
+    """With a W_tri encoder (Oh & Jo) the photo's embedding is the encoder's code itself (per-plane rows kept, no
+    optimiser step); refine() then runs the optimiser from it, once, and only when it has steps to run."""
     from portrait3d import save_network
+    from portrait3d.interfaces.web.app import EditorApp, WebConfig
     from portrait3d.networks.eg3d.triplane import WTri
 
     torch.set_num_threads(1)
@@ -301,17 +302,31 @@ def test_inversion3d_photo_starts_from_a_wtri_encoder(tmp_path, steps):
                               mesh_resolution=24)
     a = Inversion3DAdapter(settings)
     state = a.embed(np.asarray(Image.open(shared_path(PHOTO)).convert("RGB")))
-    assert "latent: W_tri encoder;" in state.note and f"{steps} inversion steps" in state.note, state.note
+    assert "encoded in one pass by the W_tri encoder" in state.note, state.note
+    assert ("Refine runs 2 optimiser steps" in state.note) == (steps == 2), state.note
     ws = state.data["ws"]
-    if steps == 0:
-        assert isinstance(ws, WTri) and not torch.equal(ws.planes[:, 0], ws.planes[:, 1])
-    else:
-        assert isinstance(ws, torch.Tensor) and ws.shape == (1, G.num_ws, G.w_dim)
+    assert isinstance(ws, WTri) and not torch.equal(ws.planes[:, 0], ws.planes[:, 1])
     turned = a.render(state, {"yaw": 20.0})
     assert turned.shape == (G.img_resolution, G.img_resolution, 3)
     assert not np.array_equal(turned, a.render(state, {"yaw": -20.0}))
     assert len(a.orbit_frames(state)) == 3
     assert a.write_mesh(state, tmp_path).is_file()
+    assert a.can_refine(state) == (steps > 0)
+    if steps == 0:
+        with pytest.raises(UsageError, match="nothing to refine"):
+            a.refine(state)
+        return
+    refined = a.refine(state)
+    assert "latent: W_tri encoder; 2 inversion steps" in refined.note, refined.note
+    assert isinstance(refined.data["ws"], torch.Tensor) and refined.data["ws"].shape == (1, G.num_ws, G.w_dim)
+    assert not a.can_refine(refined)
+    assert a.render(refined, {"yaw": 20.0}).shape == turned.shape
+    # through the editor: the button's handler swaps the state and says so; with nothing to refine, one line
+    app = EditorApp(WebConfig(methods=settings))
+    out = app.on_refine(state, progress=lambda *a, **k: None)
+    assert out[0].data["ws"].shape == (1, G.num_ws, G.w_dim) and "refined" in out[2], out[2]
+    again = app.on_refine(out[0], progress=lambda *a, **k: None)
+    assert again[2].startswith("Error: ") and "nothing to refine" in again[2]
 
 
 def test_a_missing_wtri_encoder_file_is_a_clean_error(tmp_path):

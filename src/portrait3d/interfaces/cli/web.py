@@ -31,14 +31,15 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--pie-steps", type=(click.IntRange(0, 100000), click.IntRange(0, 100000)), default=(150, 100),
               help="PIE embedding steps per photo: in W, then in W+.")
 @click.option("--steps", type=click.IntRange(0, 100000), default=40,
-              help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 225).")
+              help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 225); "
+                   "with a W_tri encoder, the steps of the Refine button.")
 @click.option("--learned-init/--no-learned-init", default=True, show_default=True,
               help="Start each 3D inversion from the encoder / pose estimator shipped beside a built-in --network-3d "
                    "(as portrait3d invert3d); off: w_avg and the face pipeline's camera.")
 @click.option("--wtri-encoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              show_default="models/wtri/<network-3d>.safetensors when shipped (none is yet)",
+              show_default="models/wtri/<network-3d>.safetensors when shipped and --learned-init",
               help="W_tri encoder (portrait3d train wtri) for --network-3d: a photo is encoded in one pass (about "
-                   "0.5 s), then refined by --steps optimiser steps; --steps 0 keeps the encoder's code.")
+                   "0.5 s); the Refine button then runs --steps optimiser steps from its code.")
 @click.option("--pti/--no-pti", default=False, help="Pivotal tuning of the generator after each 3D inversion.")
 @click.option("--project-steps", type=click.IntRange(1, 100000), default=100,
               help="2D projector steps per photo (NRSfM, LiftedGAN).")

@@ -213,6 +213,22 @@ class EditorApp:
                     *self.slider_updates(key))
         return self.embed(key, source, lambda f, d: progress(f, desc=d), method_changed=True)
 
+    def on_refine(self, state: Embedding | None,
+                  progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's idiom)
+        """The refine button: the slow optimisation after a fast first embedding (the W_tri encoder's code)."""
+        if state is None:
+            gr.Warning("Nothing to refine yet: upload a photo first.")
+            return (gr.skip(),) * (3 + self.num_sliders)
+        try:
+            adapter = self._adapter(state.method)
+            new = adapter.refine(state, lambda f, d: progress(f, desc=d))
+            new.values = {c.key: c.snap(new.values.get(c.key, c.value)) for c in adapter.controls()}
+            image = adapter.render(new, new.values)
+        except Exception as e:  # noqa: BLE001  (reported, never fatal; the fast embedding stays)
+            return (gr.skip(), gr.skip(), self._report(e), *[gr.skip()] * self.num_sliders)
+        status = f"Ready: {adapter.title}, {new.source}, refined. {new.note} Move the sliders to edit."
+        return (new, image, status.replace("  ", " "), *self.slider_updates(state.method, new.values))
+
     # ------------------------------------------------------------------ rendering (fast)
     def on_controls(self, state: Embedding | None, *sliders: float) -> Any:
         """A slider moved: render from the cached embedding."""
@@ -302,6 +318,7 @@ class EditorApp:
                     result = gr.Image(label="Result", type="numpy", format="png", interactive=False, height=384,
                                       elem_id="result-image")
                     sliders = [gr.Slider(visible=False, elem_id=f"control-{i}") for i in range(self.num_sliders)]
+                    refine_button = gr.Button("Refine (optimise the fast first embedding)", elem_id="refine-button")
                     with gr.Row():
                         image_button = gr.Button("Download image", elem_id="download-image")
                         video_button = gr.Button("Orbit video", elem_id="download-video")
@@ -316,6 +333,8 @@ class EditorApp:
             photo.upload(self.on_photo, [method, photo], [*outs, photo], concurrency_id="embed", concurrency_limit=1)
             seed_button.click(self.on_seed, [method, seed], outs, concurrency_id="embed", concurrency_limit=1)
             method.change(self.on_method, [method, source], outs, concurrency_id="embed", concurrency_limit=1)
+            refine_button.click(self.on_refine, [state], [state, result, status, *sliders], concurrency_id="embed",
+                                concurrency_limit=1)
             for s in sliders:
                 s.change(self.on_controls, [state, *sliders], result, trigger_mode="always_last",
                          show_progress="hidden", concurrency_id="render", concurrency_limit=1)

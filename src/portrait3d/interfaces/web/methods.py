@@ -21,6 +21,7 @@ here imports gradio: the adapters are plain Python, tested without a browser.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,9 +122,9 @@ class MethodSettings:
             ``network_3d`` (as ``portrait3d invert3d --learned-init``); else from ``w_avg`` and the face pipeline's
             camera.
         wtri_encoder: a W_tri encoder file (Oh & Jo, ``portrait3d train wtri``) for ``network_3d``: a photo is
-            first encoded in one pass (about half a second on CPU), then refined by ``invert_steps`` optimiser
-            steps (0: the encoder's code alone). Default: the one shipped for a built-in ``network_3d`` when
-            ``learned_init`` is on and one ships (none does yet).
+            encoded in one pass (about half a second on CPU), and :meth:`Inversion3DAdapter.refine` (the editor's
+            Refine button) runs ``invert_steps`` optimiser steps from that code. Default: the one shipped for a
+            built-in ``network_3d`` when ``learned_init`` is on.
         pti: pivotal tuning after the 3D inversion; pti_steps: its steps (``None``: the configuration's).
         project_steps: 2D projector steps per photo (NRSfM, LiftedGAN).
         truncation: truncation psi for seeds.
@@ -260,6 +261,14 @@ class MethodAdapter(ABC):
         """Write the head's mesh into ``folder`` and return its path (when ``"mesh" in exports``)."""
         raise UsageError(f"{self.title} makes no mesh")
 
+    def can_refine(self, state: Embedding) -> bool:
+        """Whether :meth:`refine` can improve this embedding (a fast first embedding awaiting optimisation)."""
+        return False
+
+    def refine(self, state: Embedding, progress: Progress = _no_progress) -> Embedding:
+        """The optional slow step after a fast embedding: a better embedding of the same photo."""
+        raise UsageError(f"{self.title}: nothing to refine")
+
     # helpers for subclasses
     def values(self, state: Embedding, values: Mapping[str, float]) -> dict[str, float]:
         """Every control's value: ``values``, else the embedding's, else the default; clamped to its range."""
@@ -373,12 +382,9 @@ class Inversion3DAdapter(MethodAdapter):
             face_landmarks68,
             initialise,
             make_inversion_config,
-            render_views,
             resolve_align,
             to_tensor,
         )
-        from portrait3d.metrics.psnr import psnr
-        from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 
         s = self.settings
         dev = torch.device(s.device)
@@ -388,37 +394,85 @@ class Inversion3DAdapter(MethodAdapter):
         target = to_tensor(aligned, dev)
         cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None, fast=True)
         init_ws, init_camera, how = initialise(G, target, face.camera, *self._init_modules(G))
-        steps = max(cfg.steps, 1)
+        landmarks = face_landmarks68(face)
         wtri = self._wtri_encoder(G)
-        code = None
-        if wtri is not None:  # Oh & Jo: one pass of the encoder, then (optionally) the optimiser from its code
-            from portrait3d.interfaces.encode3d import code_to_ws, encode_photo
+        if wtri is not None:  # Oh & Jo: the photo in 3D in one encoder pass; the optimiser waits for refine()
+            from portrait3d.interfaces.encode3d import encode_photo
 
             progress(0.0, "encoding with the W_tri encoder")
+            t = time.perf_counter()
             code = encode_photo(wtri, G, target, init_camera)
-            init_ws, how = code_to_ws(code), {**how, "latent": "W_tri encoder"}
+            sec = time.perf_counter() - t
+            camera = init_camera.reshape(1, 25).to(dev)
+            pending = {"target": target, "landmarks": landmarks, "note": note,
+                       "how": {**how, "latent": "W_tri encoder"}}
+            refine = (f" Refine runs {cfg.steps} optimiser steps{' + PTI' if s.pti else ''} from this code."
+                      if cfg.steps or s.pti else "")
+            return self._photo_embedding(G, code, camera, aligned, pending,  # per-plane rows kept
+                                         f"{note}start camera: {how['camera']}; encoded in one pass by the W_tri "
+                                         f"encoder ({sec:.1f} s), reconstruction PSNR {{psnr:.1f}} dB.{refine}")
+        steps = max(cfg.steps, 1)
 
         def step(i: int, *_: Any) -> None:
             progress((i + 1) / steps, f"inverting into the 3D generator: step {i + 1}/{cfg.steps}")
 
-        if code is not None and cfg.steps == 0 and not s.pti:
-            G_out, ws, camera = G, code, init_camera.reshape(1, 25).to(dev)  # the code itself: per-plane rows kept
-        else:
-            progress(0.0, "inverting into the 3D generator")
-            res = invert(G, target, init_ws, init_camera, cfg, landmarks=face_landmarks68(face), progress=False,
-                         callback=step)
-            G_out = res.G.eval().requires_grad_(False)  # the PTI-tuned copy, or G itself
-            ws, camera = res.ws.detach().to(dev), res.camera.detach().reshape(1, 25).to(dev)
+        progress(0.0, "inverting into the 3D generator")
+        res = invert(G, target, init_ws, init_camera, cfg, landmarks=landmarks, progress=False, callback=step)
+        G_out = res.G.eval().requires_grad_(False)  # the PTI-tuned copy, or G itself
+        ws, camera = res.ws.detach().to(dev), res.camera.detach().reshape(1, 25).to(dev)
+        return self._photo_embedding(G_out, ws, camera, aligned, None,
+                                     f"{note}start camera: {how['camera']}, latent: {how['latent']}; "
+                                     f"{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
+                                     f"reconstruction PSNR {{psnr:.1f}} dB.")
+
+    def _photo_embedding(self, G: nn.Module, ws: Any, camera: torch.Tensor, aligned: np.ndarray,
+                         pending: dict[str, Any] | None, note: str) -> Embedding:
+        """A photo's embedding seen from its own camera; ``note`` has a ``{psnr}`` field for the reconstruction's
+        PSNR. ``pending``: what :meth:`refine` needs to optimise further (None: nothing left to refine)."""
+        from portrait3d.methods.inversion3d.pipeline import render_views
+        from portrait3d.metrics.psnr import psnr
+        from portrait3d.networks.eg3d.camera import pose_angles_from_camera
+
         yaw, pitch, _, _ = pose_angles_from_camera(camera[0].cpu())
         with self._render_lock:
-            recon = render_views(G_out, ws, camera)[0][0]
+            recon = render_views(G, ws, camera)[0][0]
         yaw_c, pitch_c = self.controls()
-        return Embedding(self.key, "photo", {"G": G_out, "ws": ws, "camera": camera},
+        data = {"G": G, "ws": ws, "camera": camera, **({"pending": pending} if pending else {})}
+        return Embedding(self.key, "photo", data,
                          values={"yaw": yaw_c.clamp(float(yaw)), "pitch": pitch_c.clamp(float(pitch))},
-                         aligned=aligned,
-                         note=f"{note}start camera: {how['camera']}, latent: {how['latent']}; "
-                              f"{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
-                              f"reconstruction PSNR {psnr(recon, aligned):.1f} dB.")
+                         aligned=aligned, note=note.format(psnr=psnr(recon, aligned)))
+
+    def can_refine(self, state: Embedding) -> bool:
+        s = self.settings
+        return state.method == self.key and "pending" in state.data and bool(s.invert_steps or s.pti)
+
+    def refine(self, state: Embedding, progress: Progress = _no_progress) -> Embedding:
+        """Ko et al.'s optimiser (and PTI with ``pti``) from the W_tri encoder's code and camera: ``invert_steps``
+        steps, the code's three plane codes averaged into W+ rows as the optimiser's start."""
+        from portrait3d.interfaces.encode3d import code_to_ws
+        from portrait3d.methods.inversion3d.optimize import invert
+        from portrait3d.methods.inversion3d.pipeline import make_inversion_config
+
+        self._check_state(state)
+        if not self.can_refine(state):
+            raise UsageError("nothing to refine: this embedding is already optimised (or --steps is 0)")
+        s, d = self.settings, state.data
+        p = d["pending"]
+        cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None, fast=True)
+        steps = max(cfg.steps, 1)
+
+        def step(i: int, *_: Any) -> None:
+            progress((i + 1) / steps, f"refining: optimiser step {i + 1}/{cfg.steps}")
+
+        progress(0.0, "refining the encoder's code")
+        res = invert(d["G"], p["target"], code_to_ws(d["ws"]), d["camera"], cfg, landmarks=p["landmarks"],
+                     progress=False, callback=step)
+        how = p["how"]
+        return self._photo_embedding(res.G.eval().requires_grad_(False), res.ws.detach(),
+                                     res.camera.detach().reshape(1, 25), state.aligned, None,
+                                     f"{p['note']}start camera: {how['camera']}, latent: {how['latent']}; "
+                                     f"{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
+                                     f"reconstruction PSNR {{psnr:.1f}} dB.")
 
     def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
         from portrait3d.methods.inversion3d.pipeline import render_views, view_camera
