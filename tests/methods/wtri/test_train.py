@@ -119,3 +119,22 @@ def test_lazy_cycle_runs_every_kth_step_only(tmp_path):
     assert ["cyc" in r for r in log] == [True, False, True, False]  # steps 0 and 2 of 4
     with pytest.raises(UsageError, match="cyc_every"):
         _cfg(data, cyc_every=0).validate()
+
+
+def test_a_new_run_can_start_from_an_exported_encoder(tmp_path):
+    """--init (e.g. the shipped encoder, when its run folder is gone): its weights, this run's architecture."""
+    from portrait3d.methods.wtri.encoder import WTriEncoderConfig
+    from portrait3d.methods.wtri.train import _init_from
+
+    data = make_dataset(tmp_path / "data", 6, 128)
+    G = make_tiny_eg3d()
+    path = train_wtri(_cfg(data), tmp_path / "a", progress=False, G=G)
+    arch = dict(iterations=2, input_size=int(G.img_resolution), width=8, layers=(1, 1, 1, 1))
+    enc = WTriEncoder(WTriEncoderConfig.for_generator(G, **arch))
+    _init_from(enc, str(path))
+    for (k, a), b in zip(enc.state_dict().items(), WTriEncoder.load(path).state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(UsageError, match="space"):
+        _init_from(WTriEncoder(WTriEncoderConfig.for_generator(G, space="wplus", **arch)), str(path))
+    train_wtri(_cfg(data, init=str(path)), tmp_path / "b", progress=False, G=G)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["init"] == str(path)

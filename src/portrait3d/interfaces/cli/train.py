@@ -509,11 +509,15 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
               help="Start the iterations from this one-pass latent encoder's code (ReStyle's encoder "
                    "bootstrapping): a file of `portrait3d train encoder`, or a built-in network for its shipped "
                    "encoder (e.g. default-3d). Give it again with --resume.")
+@click.option("--init", "init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Start a new run from this exported W_tri encoder's weights with a fresh optimiser (e.g. the "
+                   "shipped models/wtri/default-3d.safetensors, to train it further); same architecture and space.")
 @_module_run_options(snap=1.0)
 @fail_cleanly
 def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
              cyc: float, cyc_every: int, iterations: int, warmup_kimg: float, truncation: float, bootstrap: str,
-             snap: float, resume: Path | None, threads: int | None, progress: bool, force: bool) -> None:
+             init: Path | None, snap: float, resume: Path | None, threads: int | None, progress: bool,
+             force: bool) -> None:
     """Train the W_tri encoder (Oh & Jo) of an EG3D generator on aligned photos with their cameras, plus
     generator pseudo pairs: eqs. 1-4 (L2, EfficientNet-Lite0 perceptual, dlib identity, feature similarity,
     code regularisation, multi-view cycle). Writes OUT/encoder.safetensors, snapshots, samples/ and log.jsonl.
@@ -535,7 +539,8 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
     cfg = WTriTrainConfig(network=network, data=str(data), space=space, batch=batch, pseudo=pseudo,
                           total_kimg=kimg, lr=lr, iterations=iterations, losses=WTriLossConfig(cyc=cyc),
                           warmup_kimg=warmup_kimg, truncation=truncation, snapshot_kimg=snap, sample_kimg=snap,
-                          bootstrap=bootstrap, cyc_every=cyc_every)
+                          bootstrap=bootstrap, cyc_every=cyc_every,
+                          init=str(init.expanduser().resolve()) if init is not None else "")
     cfg.validate()
     G = load_network(network)
     start = start_encoder(bootstrap, G) if bootstrap else None

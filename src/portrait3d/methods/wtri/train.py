@@ -70,6 +70,7 @@ class WTriTrainConfig(ConfigMixin):
     layers: tuple[int, int, int, int] = (2, 2, 2, 2)
     bf16: bool = True                  # generator and encoder passes in bfloat16 (the fast CPU path)
     bootstrap: str = ""                # start encoder (ReStyle's bootstrapping): a network's shipped E, or a file
+    init: str = ""                     # an exported encoder whose weights start a new run (fresh optimiser)
     chip_photos: int = 64              # photos whose mean landmarks place the identity chip
     snapshot_kimg: float = 1.0
     sample_kimg: float = 1.0
@@ -115,6 +116,23 @@ def _fingerprint(start: Callable[[torch.Tensor], torch.Tensor] | None) -> str:
     return module_fingerprint(start) if isinstance(start, torch.nn.Module) else ""
 
 
+def _init_from(enc: WTriEncoder, path: str) -> None:
+    """Start ``enc`` from the weights of an exported encoder (e.g. the shipped one, to train it further when its
+    run folder is gone). Its architecture and start encoder must be this run's; the optimiser starts fresh.
+
+    Raises:
+        UsageError: another architecture, space or start encoder, in one line.
+    """
+    src = WTriEncoder.load(path)
+    mine, theirs = enc.config.to_dict(), src.config.to_dict()
+    differ = sorted(k for k in mine if k not in ("iterations", "bootstrap_sha256") and mine[k] != theirs.get(k))
+    if differ:
+        raise UsageError(f"{path}: another encoder configuration than this run's ({', '.join(differ)} differ)")
+    if theirs.get("bootstrap_sha256") and theirs["bootstrap_sha256"] != mine["bootstrap_sha256"]:
+        raise UsageError(f"{path} was trained from other weights of its start encoder {mine['bootstrap']!r}")
+    enc.load_state_dict(src.state_dict())
+
+
 def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | None = None,
                progress: bool = True, G: Any = None, identity_encoder: Any = None,
                perceptual: Any = None, start: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
@@ -153,6 +171,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
     step = images_seen = 0
     if resume is not None:
         step, images_seen = load_module_snapshot(resume, TRAINER, enc, opt)
+    elif cfg.init:
+        _init_from(enc, cfg.init)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"trainer": TRAINER, "config": cfg.to_dict()}, indent=1))
     w = cfg.losses
