@@ -137,13 +137,16 @@ def run_loop(*, trainer: str, config: dict[str, Any], run: RunConfig, info: Dist
 def fit_module(net: nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: str, config: dict[str, Any],
                export_name: str, step: int, images_seen: int, total: int, batch: int, snapshot_kimg: float,
                keep: int, progress: bool, losses: Callable[[int], dict[str, torch.Tensor]],
-               samples: Callable[[int], None] | None = None, sample_kimg: float = 0.0) -> int:
+               samples: Callable[[int], None] | None = None, sample_kimg: float = 0.0,
+               max_minutes: float = 0.0, device: torch.device = torch.device("cpu")) -> int:
     """Train one network until ``total`` images: ``losses(step)`` -> terms with ``loss``, an optimiser step,
     progress and ``log.jsonl``, ``samples(step)`` every ``sample_kimg``, and snapshots (``snapshot-<step>/``, the
     network and optimiser, exported as ``export_name`` by ``net.save``) every ``snapshot_kimg`` and at the end.
     Resumed runs pass the ``step`` / ``images_seen`` of their snapshot; batches must be drawn from ``(seed, step)``
-    for a resume to be bit-exact. Returns the images seen."""
-    bar = Progress(DistInfo(device=torch.device("cpu")), total, min(images_seen, total), out / "log.jsonl", progress)
+    for a resume to be bit-exact. ``max_minutes`` (> 0) ends the run early after that long, with a snapshot and
+    the export (a lent device's time slot). Returns the images seen."""
+    bar = Progress(DistInfo(device=device), total, min(images_seen, total), out / "log.jsonl", progress)
+    started = time.monotonic()
     try:
         while images_seen < total:
             t0 = time.perf_counter()
@@ -154,7 +157,10 @@ def fit_module(net: nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: s
             prev, images_seen, step = images_seen, images_seen + batch, step + 1
             bar.update(batch, {"step": step, "kimg": images_seen / 1000, "sec": round(time.perf_counter() - t0, 4),
                                **{k: float(v.detach()) for k, v in terms.items()}})
-            done = images_seen >= total
+            timed_out = max_minutes > 0 and time.monotonic() - started >= max_minutes * 60
+            done = images_seen >= total or timed_out
+            if timed_out:
+                bar.write(f"stopping after {max_minutes:g} min (max_minutes)")
             if samples is not None and (due(prev, images_seen, sample_kimg) or done):
                 samples(step)
             if due(prev, images_seen, snapshot_kimg) or done:
@@ -163,6 +169,8 @@ def fit_module(net: nn.Module, opt: torch.optim.Optimizer, out: Path, trainer: s
                                      {export_name: lambda p: net.save(p, overwrite=True)}, rng=False)
                 prune_snapshots(out, keep)
                 bar.write(f"snapshot {folder} (kimg {images_seen / 1000:.3f})")
+            if timed_out:
+                break
     finally:
         bar.close()
     return images_seen

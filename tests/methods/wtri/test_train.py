@@ -138,3 +138,15 @@ def test_a_new_run_can_start_from_an_exported_encoder(tmp_path):
         _init_from(WTriEncoder(WTriEncoderConfig.for_generator(G, space="wplus", **arch)), str(path))
     train_wtri(_cfg(data, init=str(path)), tmp_path / "b", progress=False, G=G)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["init"] == str(path)
+
+
+def test_max_minutes_stops_early_with_a_snapshot_that_resumes(tmp_path):
+    data = make_dataset(tmp_path / "data", 6, 128)
+    G = make_tiny_eg3d()
+    path = train_wtri(_cfg(data, total_kimg=0.008, snapshot_kimg=0.008, sample_kimg=0.008), tmp_path / "run",
+                      progress=False, G=G, device="cpu", max_minutes=1e-9)
+    assert path.is_file() and [p.name for p in (tmp_path / "run").glob("snapshot-*")] == ["snapshot-00000001"]
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
+    train_wtri(_cfg(data, total_kimg=0.008, snapshot_kimg=0.008, sample_kimg=0.008), tmp_path / "run",
+               resume=tmp_path / "run", progress=False, G=G)
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4

@@ -512,12 +512,16 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
 @click.option("--init", "init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Start a new run from this exported W_tri encoder's weights with a fresh optimiser (e.g. the "
                    "shipped models/wtri/default-3d.safetensors, to train it further); same architecture and space.")
+@click.option("--device", type=str, default="cpu", show_default=True,
+              help="Where to train: cpu, cuda, cuda:N or auto (a lent GPU: scripts/device_train_wtri.sh).")
+@click.option("--max-minutes", type=FiniteFloat(0), default=0.0, show_default="0: no limit",
+              help="Stop after this many minutes with a snapshot and the export (resume continues it).")
 @_module_run_options(snap=1.0)
 @fail_cleanly
 def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch: int, pseudo: int, lr: float,
              cyc: float, cyc_every: int, iterations: int, warmup_kimg: float, truncation: float, bootstrap: str,
-             init: Path | None, snap: float, resume: Path | None, threads: int | None, progress: bool,
-             force: bool) -> None:
+             init: Path | None, device: str, max_minutes: float, snap: float, resume: Path | None,
+             threads: int | None, progress: bool, force: bool) -> None:
     """Train the W_tri encoder (Oh & Jo) of an EG3D generator on aligned photos with their cameras, plus
     generator pseudo pairs: eqs. 1-4 (L2, EfficientNet-Lite0 perceptual, dlib identity, feature similarity,
     code regularisation, multi-view cycle). Writes OUT/encoder.safetensors, snapshots, samples/ and log.jsonl.
@@ -542,9 +546,14 @@ def wtri_cmd(network: str, data: Path, out: Path, space: str, kimg: float, batch
                           bootstrap=bootstrap, cyc_every=cyc_every,
                           init=str(init.expanduser().resolve()) if init is not None else "")
     cfg.validate()
+    from portrait3d.utils.compute import resolve_device
+
+    dev = resolve_device(device)
     G = load_network(network)
-    start = start_encoder(bootstrap, G) if bootstrap else None
-    click.echo(f"exported {train_wtri(cfg, out, resume=resume, progress=progress, G=G, start=start)}")
+    start = start_encoder(bootstrap, G, dev) if bootstrap else None
+    path = train_wtri(cfg, out, resume=resume, progress=progress, G=G, start=start, device=dev,
+                      max_minutes=max_minutes)
+    click.echo(f"exported {path}")
 
 
 @train.command("lift")

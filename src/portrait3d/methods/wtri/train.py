@@ -135,12 +135,14 @@ def _init_from(enc: WTriEncoder, path: str) -> None:
 
 def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | None = None,
                progress: bool = True, G: Any = None, identity_encoder: Any = None,
-               perceptual: Any = None, start: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
+               perceptual: Any = None, start: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               device: torch.device | str = "cpu", max_minutes: float = 0.0) -> Path:
     """Train the W_tri encoder (or the W+ baseline, ``cfg.space='wplus'``) for ``cfg.network`` (or the given
     ``G``); resumable bit-exactly. ``identity_encoder`` / ``perceptual``: the networks of the identity and
     perceptual terms (default: dlib's and EfficientNet-Lite0, loaded when their weights are non-zero).
-    ``start``: the frozen start encoder ``cfg.bootstrap`` names (``x -> ws``), required with it.
-    Returns the exported ``encoder.safetensors``."""
+    ``start``: the frozen start encoder ``cfg.bootstrap`` names (``x -> ws``), required with it, on ``device``.
+    ``device``: where every network runs (bf16 autocast of that device type); ``max_minutes`` > 0 ends the run
+    early with a snapshot and the export. Returns the exported ``encoder.safetensors``."""
     from portrait3d.face.dataset import AlignedFaceDataset
     from portrait3d.losses.identity import IdentityLoss, _default_encoder
     from portrait3d.training.eg3d import dataset_cameras
@@ -156,7 +158,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
         G = load_network(cfg.network)
     if not hasattr(G, "synthesis_wtri"):
         raise UsageError(f"{cfg.network}: the W_tri encoder inverts into an EG3D (tri-plane) generator")
-    G = G.eval().requires_grad_(False)
+    dev = torch.device(device)
+    G = G.eval().requires_grad_(False).to(dev)
     ds = AlignedFaceDataset(cfg.data, mirror=True, resolution=int(G.img_resolution))
     cameras = dataset_cameras(ds)
     if len(ds) == 0:
@@ -167,6 +170,7 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
                                                       layers=cfg.layers, bootstrap=cfg.bootstrap,
                                                       bootstrap_sha256=_fingerprint(start)))
     enc.set_start(start)
+    enc.to(dev)
     opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
     step = images_seen = 0
     if resume is not None:
@@ -184,11 +188,11 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
         else:
             transform = fixed_chip_transform(ds.images, cfg.chip_photos)
             chip_path.write_text(json.dumps({"transform": transform.tolist(), "photos": cfg.chip_photos}))
-        identity_encoder = identity_encoder if identity_encoder is not None else _default_encoder()
+        identity_encoder = (identity_encoder if identity_encoder is not None else _default_encoder()).to(dev)
     if perceptual is None and (w.perceptual > 0 or w.similarity > 0):
         from portrait3d.losses.perceptual import PerceptualLoss
 
-        perceptual = PerceptualLoss(resize=None).eval().requires_grad_(False)
+        perceptual = PerceptualLoss(resize=None).eval().requires_grad_(False).to(dev)
 
     def features(images: torch.Tensor) -> torch.Tensor:  # e4e's MoCo similarity stand-in: pooled deepest features
         return perceptual.features(images)[-1].mean((2, 3))
@@ -196,7 +200,7 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
     def render(code: WTri, c: torch.Tensor, **kw: Any) -> dict[str, torch.Tensor]:
         # mid-bin depth samples: no global-RNG draws, so the encoder's inputs (its own reconstructions) repeat
         # exactly and a resume is bit-exact; the generator is frozen, so ray jitter would teach it nothing
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             res = G.synthesis_wtri(code, c, deterministic=True, **kw)
         return {k: v.float() for k, v in res.items()}
 
@@ -227,11 +231,11 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
             xs += list(y)
             cs += list(c)
         novel = cameras[torch.randint(len(cameras), (cfg.batch,), generator=g)]
-        return torch.stack(xs), torch.stack(cs), novel, target
+        return torch.stack(xs).to(dev), torch.stack(cs).to(dev), novel.to(dev), target
 
     def pseudo_pairs(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor, WTri]:
-        c = cameras[torch.randint(len(cameras), (n,), generator=g)]
-        z = torch.randn(n, G.z_dim, generator=g)
+        c = cameras[torch.randint(len(cameras), (n,), generator=g)].to(dev)
+        z = torch.randn(n, G.z_dim, generator=g).to(dev)  # drawn on the CPU: the same stream on any device
         with torch.no_grad():
             target = G.wtri_from_ws(G.mapping(z, c, truncation_psi=cfg.truncation))
             y = render(target, c, noise_mode="const")["image"].clamp(-1, 1)
@@ -240,7 +244,7 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
     def warmup_losses(step: int) -> dict[str, torch.Tensor]:
         x, c, target = pseudo_pairs(_draw(cfg.seed, step, 1), cfg.batch)
         enc.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             codes, _ = enc.invert(frozen, x, c)
         per_step = [code_distance(code, target, p=2).mean() for code in codes]
         latent = torch.stack(per_step).mean()
@@ -257,7 +261,7 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
         if transform is not None:
             identity = IdentityLoss(x, transforms=np.repeat(transform, len(x), 0), encoder=identity_encoder)
         enc.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             terms = wtri_losses(enc, fast, x, c, novel, w, perceptual=perceptual if w.perceptual > 0 else None,
                                 identity=identity, features=features if w.similarity > 0 else None,
                                 keep_codes=target is not None,
@@ -277,18 +281,19 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
         from portrait3d.networks.eg3d.camera import camera_from_angles
 
         enc.eval()
-        x = torch.stack([ds[i][0] for i in fixed_rows])
-        c = torch.stack([cameras[i] for i in fixed_rows])
+        x = torch.stack([ds[i][0] for i in fixed_rows]).to(dev)
+        c = torch.stack([cameras[i] for i in fixed_rows]).to(dev)
         codes, images = enc.invert(fast, x, c)
-        views = [render(codes[-1], camera_from_angles([yaw] * len(x), [0.0] * len(x)).reshape(len(x), 25),
+        views = [render(codes[-1], camera_from_angles([yaw] * len(x), [0.0] * len(x)).reshape(len(x), 25).to(dev),
                         noise_mode="const")["image"] for yaw in (-30.0, 30.0)]
         cols = [x, *images, *views]
         grid = torch.stack(cols, 1).flatten(0, 1)
         (out / "samples").mkdir(exist_ok=True)
-        save_grid(out / "samples" / f"recon-{step:08d}.png", grid.clamp(-1, 1), cols=len(cols))
+        save_grid(out / "samples" / f"recon-{step:08d}.png", grid.clamp(-1, 1).float().cpu(), cols=len(cols))
 
     total = int(round(cfg.total_kimg * 1000))
     fit_module(enc, opt, out, TRAINER, cfg.to_dict(), EXPORT_NAME, step, images_seen, total, cfg.batch,
-               cfg.snapshot_kimg, cfg.keep_snapshots, progress, losses, samples, cfg.sample_kimg)
+               cfg.snapshot_kimg, cfg.keep_snapshots, progress, losses, samples, cfg.sample_kimg,
+               max_minutes=max_minutes, device=dev)
     enc.eval()
     return enc.save(out / EXPORT_NAME, overwrite=True)
