@@ -146,3 +146,24 @@ def test_bootstrapped_encoder_loads_with_its_start_encoder(files, tmp_path):
     res = run_cli("encode3d", shared_path(PHOTO), "--out", tmp_path / "o2", "--network", network, "--encoder", path,
                   *FAST)
     assert_clean_failure(res, "start encoder")
+
+
+def test_shipped_encoder_puts_a_real_photo_into_default_3d(tmp_path):
+    """The shipped W_tri encoder of default-3d, by default (no --encoder), with its start encoder: every file, and
+    a reconstruction nearer the photo than a flat image of its mean colour (a floor, not a quality figure: those
+    are in bench/eval_wtri.py and the model card)."""
+    from portrait3d.interfaces.encode3d import default_encoder_path
+
+    if not default_encoder_path("default-3d").is_file():
+        pytest.skip("no W_tri encoder ships for default-3d")
+    out = tmp_path / "out"
+    res = run_cli("encode3d", shared_path(PHOTO), "--out", out, *FAST)
+    assert res.exit_code == 0, (res.output, res.exception)
+    for name in OUTPUTS + ("code.npz",):
+        assert (out / name).is_file(), name
+    from PIL import Image
+
+    photo = np.asarray(Image.open(out / "input_aligned.png").convert("RGB"), np.float64)
+    recon = np.asarray(Image.open(out / "reconstruction.png").convert("RGB"), np.float64)
+    result = json.loads((out / "result.json").read_text())
+    assert np.abs(photo - recon).mean() < np.abs(photo - photo.mean((0, 1))).mean(), result

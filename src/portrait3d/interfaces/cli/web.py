@@ -68,8 +68,9 @@ def web(host: str, port: int, network_3d: str, network_2d: str, nrsfm_path: Path
     Example:
         portrait3d web --port 7860        # then open http://127.0.0.1:7860
 
-    On one CPU core with the built-in 128 px models: a seed shows in about 1 s, a photo's 3D inversion
-    takes about 30 s at --steps 40 (PIE's embedding about 70 s at --pie-steps 150 100), each slider move renders
+    On one CPU core with the built-in 128 px models: a seed shows in about 1 s, a photo is in 3D after the W_tri
+    encoder's pass (about 1 s) and Refine takes about 30 s at --steps 40 (PIE's embedding about 70 s at
+    --pie-steps 150 100), each slider move renders
     in about 0.15 s (PIE about 0.1 s), the orbit video (48 frames)
     about 7 s and the mesh a few seconds.
     """
