@@ -160,7 +160,7 @@ CATALOGUE = [
     ("dataset", "build", "@bad/folder", "@bad/faces"), "already exists (pass --force",
     ("train", "wtri", "--data", "@bad/faces", "--out", "@bad/run"), "already exists: pass --resume",
     ("pie", "edit", "@bad/folder", "--yaw", "3"), "holds no PIE embedding",
-    ("encode3d", F, "--out", "@out"), "no W_tri encoder ships",
+    ("encode3d", F, "--out", "@out", "--network", "default-2d"), "no W_tri encoder ships",
     ("encode3d", F, "--out", "@out", "--encoder", "@bad/garbage.safetensors", "--pti"), "needs --refine",
 ]
 CASES = list(zip(CATALOGUE[0::2], CATALOGUE[1::2]))
