@@ -513,7 +513,7 @@ def rignet_cmd(network: str, estimator: Path, rig: str, mode: str, out: Path, ki
               help="Start a new run from this exported W_tri encoder's weights with a fresh optimiser (e.g. the "
                    "shipped models/wtri/default-3d.safetensors, to train it further); same architecture and space.")
 @click.option("--device", type=str, default="cpu", show_default=True,
-              help="Where to train: cpu, cuda, cuda:N or auto (a lent GPU: scripts/device_train_wtri.sh).")
+              help="Where to train: cpu, cuda, cuda:N or auto.")
 @click.option("--max-minutes", type=FiniteFloat(0), default=0.0, show_default="0: no limit",
               help="Stop after this many minutes with a snapshot and the export (resume continues it).")
 @_module_run_options(snap=1.0)

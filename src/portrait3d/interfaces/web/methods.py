@@ -393,9 +393,11 @@ class Inversion3DAdapter(MethodAdapter):
         aligned = face.aligned.image
         target = to_tensor(aligned, dev)
         cfg = make_inversion_config(1, s.invert_steps, s.pti, s.pti_steps, seed=None, fast=True)
-        init_ws, init_camera, how = initialise(G, target, face.camera, *self._init_modules(G))
         landmarks = face_landmarks68(face)
         wtri = self._wtri_encoder(G)
+        latent_encoder, pose = self._init_modules(G)
+        # with a W_tri encoder only the pose estimator's camera is wanted: its start encoder runs E itself
+        init_ws, init_camera, how = initialise(G, target, face.camera, None if wtri else latent_encoder, pose)
         if wtri is not None:  # Oh & Jo: the photo in 3D in one encoder pass; the optimiser waits for refine()
             from portrait3d.interfaces.encode3d import encode_photo
 
@@ -420,10 +422,12 @@ class Inversion3DAdapter(MethodAdapter):
         res = invert(G, target, init_ws, init_camera, cfg, landmarks=landmarks, progress=False, callback=step)
         G_out = res.G.eval().requires_grad_(False)  # the PTI-tuned copy, or G itself
         ws, camera = res.ws.detach().to(dev), res.camera.detach().reshape(1, 25).to(dev)
-        return self._photo_embedding(G_out, ws, camera, aligned, None,
-                                     f"{note}start camera: {how['camera']}, latent: {how['latent']}; "
-                                     f"{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
-                                     f"reconstruction PSNR {{psnr:.1f}} dB.")
+        return self._photo_embedding(G_out, ws, camera, aligned, None, self._optimised_note(note, how, cfg.steps))
+
+    def _optimised_note(self, note: str, how: dict[str, str], steps: int) -> str:
+        """The status of an optimised embedding (``{psnr}`` left for :meth:`_photo_embedding`)."""
+        return (f"{note}start camera: {how['camera']}, latent: {how['latent']}; {steps} inversion steps"
+                f"{' + PTI' if self.settings.pti else ''}, reconstruction PSNR {{psnr:.1f}} dB.")
 
     def _photo_embedding(self, G: nn.Module, ws: Any, camera: torch.Tensor, aligned: np.ndarray,
                          pending: dict[str, Any] | None, note: str) -> Embedding:
@@ -467,12 +471,9 @@ class Inversion3DAdapter(MethodAdapter):
         progress(0.0, "refining the encoder's code")
         res = invert(d["G"], p["target"], code_to_ws(d["ws"]), d["camera"], cfg, landmarks=p["landmarks"],
                      progress=False, callback=step)
-        how = p["how"]
         return self._photo_embedding(res.G.eval().requires_grad_(False), res.ws.detach(),
                                      res.camera.detach().reshape(1, 25), state.aligned, None,
-                                     f"{p['note']}start camera: {how['camera']}, latent: {how['latent']}; "
-                                     f"{cfg.steps} inversion steps{' + PTI' if s.pti else ''}, "
-                                     f"reconstruction PSNR {{psnr:.1f}} dB.")
+                                     self._optimised_note(p["note"], p["how"], cfg.steps))
 
     def render(self, state: Embedding, values: Mapping[str, float]) -> np.ndarray:
         from portrait3d.methods.inversion3d.pipeline import render_views, view_camera
