@@ -169,11 +169,12 @@ def _fmt(v: float, digits: int = 3) -> str:
 def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int], steps: int | None,
                    pti_steps: int, seed: int, enc: nn.Module | None, P: nn.Module | None,
                    device: torch.device, loss_descriptions: set[str], fast: bool = True,
-                   perceptual_size: int | None = None,
-                   overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   perceptual_size: int | None = None, overrides: dict[str, Any] | None = None,
+                   pti_symmetry: Sequence[float] = (0.0,)) -> list[dict[str, Any]]:
     """All (algorithm, PTI) records for one aligned face (``fast``: invert3d's default bf16 renders with fewer
     samples per ray and the perceptual loss at the image size while optimising; ``perceptual_size``: the perceptual
-    loss's input size instead; ``overrides``: other :class:`InversionConfig` fields)."""
+    loss's input size instead; ``overrides``: other :class:`InversionConfig` fields; ``pti_symmetry``: one PTI run
+    from the same pivot per weight of the mirrored pseudo view, ``PTIConfig.symmetry_weight``)."""
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pti import pivotal_tuning
 
@@ -204,12 +205,12 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
                 "initial_yaw_pitch": camera_yaw_pitch(init_cam)}
         records.append({**base, "pti": False, "seconds": t_init + t_inv,
                         **image_metrics(G, res.ws, res.camera, aligned, meter)})
-        if pti_steps > 0:
-            pcfg = dataclasses.replace(cfg.pti_config, steps=int(pti_steps))
+        for sym in (pti_symmetry if pti_steps > 0 else ()):
+            pcfg = dataclasses.replace(cfg.pti_config, steps=int(pti_steps), symmetry_weight=float(sym))
             t0 = time.perf_counter()
             G_t, _ = pivotal_tuning(G, res.ws, res.camera, target, pcfg, progress=False, landmarks=lm)
             t_pti = time.perf_counter() - t0
-            records.append({**base, "pti": True, "seconds": t_init + t_inv + t_pti,
+            records.append({**base, "pti": True, "pti_symmetry": float(sym), "seconds": t_init + t_inv + t_pti,
                             **image_metrics(G_t.eval(), res.ws, res.camera, aligned, meter)})
             del G_t
     return records
@@ -264,13 +265,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
               help="Algorithm 1: latent steps per camera step (latent_steps_per_round).")
 @click.option("--camera-identity/--no-camera-identity", default=True,
               help="The identity term inside Algorithm 1's camera steps (camera_identity).")
+@click.option("--pti-symmetry", type=click.FloatRange(min=0), multiple=True, default=(0.0,), show_default=True,
+              help="Weight of PTI's mirrored pseudo view (PTIConfig.symmetry_weight); repeat for one PTI row each, "
+                   "all from the same pivot.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary rows and per-photo records as JSON.")
 def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, holdout_list: Path,
          portraits_dir: Path, encoder: Path | None, pose: Path | None, algorithms: tuple[str, ...],
          steps: int | None, pti_steps: int, seed: int, threads: int, device: str, progress: bool, fast: bool,
          perceptual_size: int | None, latent_per_round: int | None, camera_identity: bool,
-         json_path: Path | None) -> None:
+         pti_symmetry: tuple[float, ...], json_path: Path | None) -> None:
     """Evaluate Algorithms 1-3 with / without PTI on held-out UTKFace photos and deepface portraits."""
     from tqdm import tqdm
 
@@ -321,8 +325,12 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                     c["several_faces_used_largest"] += 1
                 bar.set_postfix_str(photo.name[:24])
                 for r in evaluate_photo(G, face, pipe, algs, steps, pti_steps, seed, enc, P, dev, loss_descriptions,
-                                        fast, perceptual_size, overrides):
+                                        fast, perceptual_size, overrides, pti_symmetry):
                     records.append({"dataset": name, "photo": photo.name, "faces_found": face.num_faces, **r})
+                    if not progress:  # one line per result, so a long run shows where it is
+                        click.echo(f"{photo.name}: Alg. {r['algorithm']}, PTI {r.get('pti_symmetry', 'no')}: PSNR "
+                                   f"{r['psnr_db']:.2f}, kept {bool(r['identity_kept'])}, {r['seconds']:.0f} s",
+                                   err=True)
                 c["evaluated"] += 1
                 bar.update(1)
             bar.close()
@@ -330,10 +338,12 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     rows = []
     for name, *_ in datasets:
         for alg in algs:
-            for pti in ([False, True] if pti_steps > 0 else [False]):
-                sel = [r for r in records if r["dataset"] == name and r["algorithm"] == alg and r["pti"] == pti]
+            for pti, sym in [(False, None)] + ([(True, w) for w in pti_symmetry] if pti_steps > 0 else []):
+                sel = [r for r in records if r["dataset"] == name and r["algorithm"] == alg and r["pti"] == pti
+                       and r.get("pti_symmetry") == sym]
                 if sel:
-                    rows.append({"algorithm": alg, "pti": pti, "dataset": name, **summarise(sel)})
+                    rows.append({"algorithm": alg, "pti": pti, "pti_symmetry": sym, "dataset": name,
+                                 **summarise(sel)})
 
     n_scales = ms_ssim_scales(res_px)
     default_steps = make_inversion_config(1, None, False, None, None).steps
@@ -359,7 +369,8 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
                "| kept (dist < 0.6, all three) | pose err (deg) | s / image |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        click.echo(f"| {r['algorithm']} | {'yes' if r['pti'] else 'no'} | {r['dataset']} | {r['n']} | "
+        pti_label = "no" if not r["pti"] else "yes" if not r["pti_symmetry"] else f"yes, mirror {r['pti_symmetry']:g}"
+        click.echo(f"| {r['algorithm']} | {pti_label} | {r['dataset']} | {r['n']} | "
                    f"{_fmt(r['psnr_db'], 2)} | {_fmt(r['ms_ssim'])} | "
                    f"{_fmt(r['identity_reconstruction'])} ({r['identity_reconstruction_found']}/{r['n']}) | "
                    f"{_fmt(r['identity_views'])} ({r['identity_views_found']}/{r['identity_views_total']}) | "
@@ -370,6 +381,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     if json_path is not None:
         payload = {"config": {"network": network, "align": align, "resolution": res_px, "encoder": encoder,
                               "pose": pose, "algorithms": algs, "steps": steps, "pti_steps": pti_steps,
+                              "pti_symmetry": list(pti_symmetry),
                               "perceptual_size": perceptual_size, "seed": seed, "threads": threads, "device": device,
                               "ms_ssim_scales": n_scales, "config_changes": overrides,
                               "novel_yaws": list(NOVEL_YAWS)},

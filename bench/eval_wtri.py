@@ -1,7 +1,9 @@
 """The W_tri encoder's tables (Oh & Jo, Tables 1 and 2) on our models: encoders against the optimiser + PTI.
 
 Rows: each ``--encoder NAME=PATH`` (e.g. the ReStyle W+ baseline, W_tri, W_tri + L_cyc; ``portrait3d train wtri``),
-and the Ko et al. optimiser followed by PTI (``--optimise N`` photos: it is slow). For each held-out UTKFace photo
+and the Ko et al. optimiser followed by PTI (``--optimise N`` photos: it is slow), measured twice: its pivot in the
+untuned generator (``optimiser (no PTI)``: how far the generator's latent space alone reaches, the bound an encoder
+into it works under; its seconds leave PTI out) and after PTI. For each held-out UTKFace photo
 (``holdout.txt`` of the training set, else every 20th photo; never trained on), aligned as ``encode3d`` aligns
 it, at the face pipeline's camera:
 
@@ -91,22 +93,29 @@ def _mean(v: list) -> float:
 @click.option("--encoder", "encoders", multiple=True, required=True, help="NAME=PATH of an encoder (repeatable).")
 @click.option("--n", type=click.IntRange(1), default=50, help="Held-out photos for the encoders.")
 @click.option("--optimise", type=click.IntRange(0), default=5, help="Of those, photos for optimiser + PTI.")
-@click.option("--steps", type=click.IntRange(1), default=400, help="Optimiser steps.")
+@click.option("--steps", type=click.IntRange(1), default=None, show_default="invert3d's default",
+              help="Optimiser steps.")
 @click.option("--pti-steps", type=click.IntRange(1), default=350, help="PTI steps.")
+@click.option("--learned-start/--mean-start", default=True,
+              help="Start the optimiser as invert3d does (the network's shipped encoder E and pose estimator P), "
+                   "or from w_avg at the face pipeline's camera.")
 @click.option("--threads", type=click.IntRange(1), default=2)
 @click.option("--utk", type=click.Path(path_type=Path), default=DEFAULT_UTK)
 @click.option("--holdout", type=click.Path(path_type=Path), default=DEFAULT_HOLDOUT)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: int, pti_steps: int, threads: int,
-         utk: Path, holdout: Path, out: Path) -> None:
+def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: int | None, pti_steps: int,
+         learned_start: bool, threads: int, utk: Path, holdout: Path, out: Path) -> None:
     from portrait3d.face.io import load_image
     from portrait3d.face.pipeline import FacePipeline
     from portrait3d.interfaces.encode3d import encode_photo, load_wtri_encoder
     from portrait3d.losses.perceptual import PerceptualLoss
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pipeline import (
+        builtin_init_paths,
         face_landmarks68,
+        initialise,
         load_generator,
+        load_init_modules,
         make_inversion_config,
         resolve_align,
         to_tensor,
@@ -121,9 +130,10 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
             raise click.BadParameter(f"{spec!r}: want NAME=PATH of an encoder file", param_hint="--encoder")
         named[name] = load_wtri_encoder(Path(path), G, network)  # with its start encoder, if bootstrapped
     perceptual = PerceptualLoss(resize=None).eval().requires_grad_(False)
+    start_enc, start_pose = load_init_modules(G, *builtin_init_paths(network), "cpu") if learned_start else (None, None)
     photos, split = utk_holdout(utk, holdout)
     photos = photos[:: max(1, len(photos) // n)][:n]
-    rows: dict[str, list[dict]] = {k: [] for k in [*named, "optimiser + PTI"]}
+    rows: dict[str, list[dict]] = {k: [] for k in [*named, "optimiser (no PTI)", "optimiser + PTI"]}
     grids: dict[str, list[np.ndarray]] = {k: [] for k in rows}
     out.mkdir(parents=True, exist_ok=True)
     with FacePipeline(style=resolve_align("auto", network), output_size=int(G.img_resolution)) as pipe:
@@ -145,9 +155,14 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
                 grids[name].append(grid)
             if i < optimise:
                 t = time.perf_counter()
-                res = invert(G, x, G.backbone.mapping.w_avg[None, None].expand(1, G.num_ws, -1).clone(), cam,
-                             make_inversion_config(1, steps, True, pti_steps, 0), landmarks=lm, progress=False)
+                ws0, cam0, _ = initialise(G, x, cam, start_enc, start_pose)  # as invert3d --pti starts
+                res = invert(G, x, ws0, cam0, make_inversion_config(1, steps, True, pti_steps, 0, fast=True),
+                             landmarks=lm, progress=False)
                 sec = time.perf_counter() - t
+                # the pivot in the untuned generator: what the latent space alone reaches, the encoders' bound
+                rec, grid = _measure(G, res.ws.detach(), res.camera.detach(), aligned, ident, perceptual)
+                rows["optimiser (no PTI)"].append({"photo": path.name, "seconds": sec - res.timings["pti"], **rec})
+                grids["optimiser (no PTI)"].append(grid)
                 rec, grid = _measure(res.G.eval(), res.ws.detach(), res.camera.detach(), aligned, ident, perceptual)
                 rows["optimiser + PTI"].append({"photo": path.name, "seconds": sec, **rec})
                 grids["optimiser + PTI"].append(grid)

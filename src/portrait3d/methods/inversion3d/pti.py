@@ -8,7 +8,7 @@ of the main paper's Algorithm 1) because free tuning of a NeRF-based generator o
 to distort the geometry (bumps, floaters) while fitting the image:
 
     L_pt = lambda_L2 * L2(x, G*(w_p, pi_p)) + lambda_P * L_percep(x, G*(w_p, pi_p))
-           + lambda_depth * L_DS(D*(w_p, pi_p)) [+ lambda_R * L_R]
+           + lambda_depth * L_DS(D*(w_p, pi_p)) [+ lambda_sym * L_sym] [+ lambda_R * L_R]
 
 * ``L2``: pixel mean squared error (PTI's ``L2``);
 * ``L_percep``: :class:`portrait3d.losses.PerceptualLoss` (EfficientNet-Lite0 features, our offline
@@ -17,6 +17,11 @@ to distort the geometry (bumps, floaters) while fitting the image:
   (Niemeyer et al., CVPR 2022) over the whole map instead of patches: the mean squared
   difference of the depths of neighbouring pixels (``order=1``); ``order=2`` penalises second
   differences instead (curvature, so a slanted plane is free). :func:`depth_smoothness`;
+* ``L_sym``: an optional mirrored pseudo view (ours, after the facial symmetry prior of Yin et al., "3D GAN
+  Inversion with Facial Symmetry Prior", CVPR 2023, without its masks): a face is nearly left-right symmetric, so
+  the flipped photo is what the camera mirrored across the face's plane of symmetry would see; tuning on it too
+  (pixel MSE + perceptual, ``symmetry_weight``) gives PTI a second view of the head, which one view leaves free
+  (:func:`portrait3d.face.dataset.mirror_camera`). Off by default;
 * ``L_R``: PTI's optional locality regulariser (Roich et al., "locality regularization"): for a
   random ``w_z = f(z)`` (truncation 0.5), ``w_r = w_p + alpha (w_z - w_p) / ||w_z - w_p||`` must
   render the same with the tuned and the original generator (L2 + perceptual, weighted
@@ -62,6 +67,7 @@ class PTIConfig:
     locality_alpha: float = 30.0          # PTI: regulizer_alpha
     locality_truncation: float = 0.5      # truncation of the sampled w_z (as PTI samples them)
     locality_interval: int = 1            # apply the locality term every k steps
+    symmetry_weight: float = 0.0          # the mirrored pseudo view (flipped photo at the mirrored camera); 0 = off
     perceptual: str = "efficientnet-lite0"
     perceptual_kwargs: dict[str, Any] = field(default_factory=dict)
     stop_threshold: float = 0.0           # stop once the perceptual term is below this (PTI: LPIPS 0.06); 0 = never
@@ -76,7 +82,7 @@ class PTIConfig:
         if self.locality_interval < 1:
             raise ValueError(f"locality_interval must be >= 1, not {self.locality_interval}")
         for name in ("lr", "mse_weight", "perceptual_weight", "identity_weight", "depth_smooth_weight",
-                     "locality_weight", "locality_alpha", "stop_threshold"):
+                     "locality_weight", "locality_alpha", "symmetry_weight", "stop_threshold"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
@@ -167,7 +173,7 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
     Returns:
         ``(G_tuned, history)``: the tuned copy (eval mode, ``requires_grad`` off) and one dict per
         step (``step``, ``phase='pti'``, ``lr``, ``loss``, ``mse``, ``perceptual``, ``identity``,
-        ``depth_smooth``, ``locality``; zero-weight terms absent).
+        ``depth_smooth``, ``symmetry``, ``locality``; zero-weight terms absent).
     """
     from portrait3d.methods.inversion3d.losses import ImageLoss, LossWeights
 
@@ -190,6 +196,15 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
     gen = torch.Generator().manual_seed(int(cfg.seed))
     use_locality = cfg.locality_weight > 0
     percept = getattr(image_loss, "perceptual_module", None)
+    mirror = None
+    if cfg.symmetry_weight > 0:
+        from portrait3d.face.dataset import mirror_camera
+
+        # the flipped target at the mirrored camera; pixel + perceptual only (dlib's chip is placed for the photo)
+        mirror = (ImageLoss(image_loss.target.flip(-1), weights=LossWeights(cfg.mse_weight, cfg.perceptual_weight, 0),
+                            perceptual=percept if percept is not None else cfg.perceptual,
+                            perceptual_kwargs=cfg.perceptual_kwargs).to(dev),
+                  mirror_camera(camera[0].cpu())[None].to(dev))
 
     history: list[dict[str, Any]] = []
     bar = None
@@ -207,6 +222,10 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                 ds = depth_smoothness(out["image_depth"], cfg.depth_smooth_order)
                 loss = loss + cfg.depth_smooth_weight * ds
                 record["depth_smooth"] = float(ds.detach())
+            if mirror is not None:
+                sym, _ = mirror[0](render(G_t, ws, mirror[1], cfg.deterministic)["image"])
+                loss = loss + cfg.symmetry_weight * sym
+                record["symmetry"] = float(sym.detach())
             if use_locality and step % cfg.locality_interval == 0:
                 z = torch.randn([1, G.z_dim], generator=gen).to(dev)
                 with torch.no_grad():

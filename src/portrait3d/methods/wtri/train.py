@@ -274,7 +274,8 @@ def train_wtri(cfg: WTriTrainConfig, out_dir: str | os.PathLike[str], resume: st
             terms["loss"] = terms["loss"] + cfg.latent_weight * terms["latent"]
         return terms
 
-    fixed_rows = list(range(min(4, ds.count)))
+    # spread over the set: its first photos share one age (the files sort by age), which hides how others fare
+    fixed_rows = sorted({int(round(v)) for v in np.linspace(0, ds.count - 1, min(4, ds.count))})
 
     @torch.no_grad()
     def samples(step: int) -> None:
