@@ -238,6 +238,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
               help="Crop style: auto = 'default' for built-in networks, 'eg3d' otherwise.")
 @click.option("--n-utk", type=click.IntRange(min=0), default=10, help="Held-out UTKFace photos to evaluate.")
 @click.option("--n-portraits", type=click.IntRange(min=0), default=10, help="deepface portraits to evaluate.")
+@click.option("--skip-utk", type=click.IntRange(min=0), default=0,
+              help="Start after this many held-out UTKFace photos (to split one evaluation over processes).")
 @click.option("--utk-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_UTK)
 @click.option("--holdout-list", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_HOLDOUT,
               help="Held-out file names (else every 20th photo of the sorted --utk-dir listing).")
@@ -270,7 +272,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
                    "all from the same pivot.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary rows and per-photo records as JSON.")
-def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, holdout_list: Path,
+def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, utk_dir: Path, holdout_list: Path,
          portraits_dir: Path, encoder: Path | None, pose: Path | None, algorithms: tuple[str, ...],
          steps: int | None, pti_steps: int, seed: int, threads: int, device: str, progress: bool, fast: bool,
          perceptual_size: int | None, latent_per_round: int | None, camera_identity: bool,
@@ -295,7 +297,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, utk_dir: Path, 
     datasets: list[tuple[str, list[Path], int, bool, str]] = []
     if n_utk > 0:
         photos, source = utk_holdout(utk_dir, holdout_list)
-        datasets.append(("utkface-holdout", photos, n_utk, False, source))
+        datasets.append(("utkface-holdout", photos[skip_utk:], n_utk, False, source))
     if n_portraits > 0:
         datasets.append(("deepface", portrait_photos(portraits_dir), n_portraits, True, str(portraits_dir)))
 

@@ -22,6 +22,7 @@ it, at the face pipeline's camera:
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import sys
 import time
@@ -186,7 +187,8 @@ def main(network: str, encoders: tuple[str, ...], n: int, optimise: int, steps: 
         lines.append(f"| {name} | {s['photos']} | {s['psnr']:.2f} | {s['perceptual']:.3f} | {s['id_cos_rec']:.3f} | "
                      f"{s['id_cos_-30']:.3f} | {s['id_cos_+30']:.3f} | {s['kept_rec']:.0%} | {s['kept_-30']:.0%} | "
                      f"{s['kept_+30']:.0%} | {s['seconds']:.2f} |")
-        save_image(out / f"grid_{name.replace(' ', '').replace('+', 'plus')}.png",
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("+", " plus ")).strip("-")
+        save_image(out / f"grid_{slug}.png",
                    np.concatenate(grids[name][:12], 0), overwrite=True)
     opt = rows["optimiser + PTI"]
     if opt:
