@@ -216,6 +216,11 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
     return records
 
 
+def pti_label(pti: bool, symmetry: float | None) -> str:
+    """How a row / result names its PTI: ``no``, ``yes`` or ``yes, mirror W`` (``PTIConfig.symmetry_weight``)."""
+    return "no" if not pti else "yes" if not symmetry else f"yes, mirror {symmetry:g}"
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Means (over photos; identity over found faces, with counts) of one (algorithm, PTI, dataset)."""
     psnr_m, _ = _mean([r["psnr_db"] for r in records])
@@ -330,7 +335,8 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
                                         fast, perceptual_size, overrides, pti_symmetry):
                     records.append({"dataset": name, "photo": photo.name, "faces_found": face.num_faces, **r})
                     if not progress:  # one line per result, so a long run shows where it is
-                        click.echo(f"{photo.name}: Alg. {r['algorithm']}, PTI {r.get('pti_symmetry', 'no')}: PSNR "
+                        click.echo(f"{photo.name}: Alg. {r['algorithm']}, PTI "
+                                   f"{pti_label(r['pti'], r.get('pti_symmetry'))}: PSNR "
                                    f"{r['psnr_db']:.2f}, kept {bool(r['identity_kept'])}, {r['seconds']:.0f} s",
                                    err=True)
                 c["evaluated"] += 1
@@ -371,8 +377,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
                "| kept (dist < 0.6, all three) | pose err (deg) | s / image |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        pti_label = "no" if not r["pti"] else "yes" if not r["pti_symmetry"] else f"yes, mirror {r['pti_symmetry']:g}"
-        click.echo(f"| {r['algorithm']} | {pti_label} | {r['dataset']} | {r['n']} | "
+        click.echo(f"| {r['algorithm']} | {pti_label(r['pti'], r['pti_symmetry'])} | {r['dataset']} | {r['n']} | "
                    f"{_fmt(r['psnr_db'], 2)} | {_fmt(r['ms_ssim'])} | "
                    f"{_fmt(r['identity_reconstruction'])} ({r['identity_reconstruction_found']}/{r['n']}) | "
                    f"{_fmt(r['identity_views'])} ({r['identity_views_found']}/{r['identity_views_total']}) | "

@@ -197,15 +197,16 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
     gen = torch.Generator().manual_seed(int(cfg.seed))
     use_locality = cfg.locality_weight > 0
     percept = getattr(image_loss, "perceptual_module", None)
-    mirror = None
+    mirror_loss = mirror_cam = None
     if cfg.symmetry_weight > 0:
         from portrait3d.face.dataset import mirror_camera
 
         # the flipped target at the mirrored camera; pixel + perceptual only (dlib's chip is placed for the photo)
-        mirror = (ImageLoss(image_loss.target.flip(-1), weights=LossWeights(cfg.mse_weight, cfg.perceptual_weight, 0),
-                            perceptual=percept if percept is not None else cfg.perceptual,
-                            perceptual_kwargs=cfg.perceptual_kwargs).to(dev),
-                  mirror_camera(camera[0].cpu())[None].to(dev))
+        mirror_loss = ImageLoss(image_loss.target.flip(-1),
+                                weights=LossWeights(cfg.mse_weight, cfg.perceptual_weight, 0),
+                                perceptual=percept if percept is not None else cfg.perceptual,
+                                perceptual_kwargs=cfg.perceptual_kwargs).to(dev)
+        mirror_cam = mirror_camera(camera[0].cpu())[None].to(dev)
 
     history: list[dict[str, Any]] = []
     bar = None
@@ -223,8 +224,8 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                 ds = depth_smoothness(out["image_depth"], cfg.depth_smooth_order)
                 loss = loss + cfg.depth_smooth_weight * ds
                 record["depth_smooth"] = float(ds.detach())
-            if mirror is not None:
-                sym, _ = mirror[0](render(G_t, ws, mirror[1], cfg.deterministic)["image"])
+            if mirror_loss is not None:
+                sym, _ = mirror_loss(render(G_t, ws, mirror_cam, cfg.deterministic)["image"])
                 loss = loss + cfg.symmetry_weight * sym
                 record["symmetry"] = float(sym.detach())
             if use_locality and step % cfg.locality_interval == 0:
