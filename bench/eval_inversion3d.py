@@ -170,11 +170,11 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
                    pti_steps: int, seed: int, enc: nn.Module | None, P: nn.Module | None,
                    device: torch.device, loss_descriptions: set[str], fast: bool = True,
                    perceptual_size: int | None = None, overrides: dict[str, Any] | None = None,
-                   pti_symmetry: Sequence[float] = (0.0,)) -> list[dict[str, Any]]:
+                   pti_variants: Sequence[dict[str, float]] = ({},)) -> list[dict[str, Any]]:
     """All (algorithm, PTI) records for one aligned face (``fast``: invert3d's default bf16 renders with fewer
     samples per ray and the perceptual loss at the image size while optimising; ``perceptual_size``: the perceptual
-    loss's input size instead; ``overrides``: other :class:`InversionConfig` fields; ``pti_symmetry``: one PTI run
-    from the same pivot per weight of the mirrored pseudo view, ``PTIConfig.symmetry_weight``)."""
+    loss's input size instead; ``overrides``: other :class:`InversionConfig` fields; ``pti_variants``: one PTI run
+    from the same pivot per entry, each a dict of :class:`PTIConfig` fields, e.g. ``{"symmetry_weight": 1}``)."""
     from portrait3d.methods.inversion3d.optimize import invert
     from portrait3d.methods.inversion3d.pti import pivotal_tuning
 
@@ -205,20 +205,41 @@ def evaluate_photo(G: nn.Module, face: Any, pipe: Any, algorithms: Sequence[int]
                 "initial_yaw_pitch": camera_yaw_pitch(init_cam)}
         records.append({**base, "pti": False, "seconds": t_init + t_inv,
                         **image_metrics(G, res.ws, res.camera, aligned, meter)})
-        for sym in (pti_symmetry if pti_steps > 0 else ()):
-            pcfg = dataclasses.replace(cfg.pti_config, steps=int(pti_steps), symmetry_weight=float(sym))
+        for variant in (pti_variants if pti_steps > 0 else ()):
+            pcfg = dataclasses.replace(cfg.pti_config, steps=int(pti_steps), **variant)
             t0 = time.perf_counter()
             G_t, _ = pivotal_tuning(G, res.ws, res.camera, target, pcfg, progress=False, landmarks=lm)
             t_pti = time.perf_counter() - t0
-            records.append({**base, "pti": True, "pti_symmetry": float(sym), "seconds": t_init + t_inv + t_pti,
+            records.append({**base, "pti": True, "pti_variant": dict(variant), "seconds": t_init + t_inv + t_pti,
                             **image_metrics(G_t.eval(), res.ws, res.camera, aligned, meter)})
             del G_t
     return records
 
 
-def pti_label(pti: bool, symmetry: float | None) -> str:
-    """How a row / result names its PTI: ``no``, ``yes`` or ``yes, mirror W`` (``PTIConfig.symmetry_weight``)."""
-    return "no" if not pti else "yes" if not symmetry else f"yes, mirror {symmetry:g}"
+PTI_VARIANT_NAMES = {"symmetry_weight": "mirror", "novel_view_identity_weight": "novel-view identity"}
+"""How :func:`pti_label` names the :class:`PTIConfig` fields the bench varies."""
+
+
+def pti_label(pti: bool, variant: dict[str, float] | None) -> str:
+    """How a row / result names its PTI: ``no``, ``yes``, or ``yes, mirror W`` / ``yes, novel-view identity W``
+    (the non-zero :class:`PTIConfig` fields of ``variant``)."""
+    if not pti:
+        return "no"
+    parts = [f"{PTI_VARIANT_NAMES.get(k, k)} {v:g}" for k, v in (variant or {}).items() if v]
+    return ", ".join(["yes"] + parts)
+
+
+def pti_variants(symmetry: Sequence[float], novel_identity: Sequence[float], plain: bool = True
+                 ) -> list[dict[str, float]]:
+    """Plain PTI (``plain``), then one PTI run per ``--pti-symmetry`` weight and one per ``--pti-novel-identity``
+    weight (a zero weight is plain PTI; each variant runs once)."""
+    out: list[dict[str, float]] = [{}] if plain else []
+    for key, weights in (("symmetry_weight", symmetry), ("novel_view_identity_weight", novel_identity)):
+        for w in weights:
+            v = {key: float(w)} if w else {}
+            if v not in out:
+                out.append(v)
+    return out
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -272,16 +293,23 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
               help="Algorithm 1: latent steps per camera step (latent_steps_per_round).")
 @click.option("--camera-identity/--no-camera-identity", default=True,
               help="The identity term inside Algorithm 1's camera steps (camera_identity).")
-@click.option("--pti-symmetry", type=click.FloatRange(min=0), multiple=True, default=(0.0,), show_default=True,
+@click.option("--plain-pti/--no-plain-pti", default=True,
+              help="The plain PTI row (off: only the --pti-symmetry / --pti-novel-identity variants).")
+@click.option("--pti-symmetry", type=click.FloatRange(min=0), multiple=True, default=(), show_default=True,
               help="Weight of PTI's mirrored pseudo view (PTIConfig.symmetry_weight); repeat for one PTI row each, "
                    "all from the same pivot.")
+@click.option("--pti-novel-identity", type=click.FloatRange(min=0), multiple=True, default=(),
+              help="Weight of PTI's novel-view identity term (PTIConfig.novel_view_identity_weight: dlib identity of "
+                   "views at PTIConfig.novel_view_yaws to the photo -- the network identity is measured with); "
+                   "repeat for one PTI row each, from the same pivot.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary rows and per-photo records as JSON.")
 def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, utk_dir: Path, holdout_list: Path,
          portraits_dir: Path, encoder: Path | None, pose: Path | None, algorithms: tuple[str, ...],
          steps: int | None, pti_steps: int, seed: int, threads: int, device: str, progress: bool, fast: bool,
          perceptual_size: int | None, latent_per_round: int | None, camera_identity: bool,
-         pti_symmetry: tuple[float, ...], json_path: Path | None) -> None:
+         plain_pti: bool, pti_symmetry: tuple[float, ...], pti_novel_identity: tuple[float, ...],
+         json_path: Path | None) -> None:
     """Evaluate Algorithms 1-3 with / without PTI on held-out UTKFace photos and deepface portraits."""
     from tqdm import tqdm
 
@@ -298,6 +326,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
     overrides: dict[str, Any] = {} if camera_identity else {"camera_identity": False}
     if latent_per_round is not None:
         overrides["latent_steps_per_round"] = latent_per_round
+    variants = pti_variants(pti_symmetry, pti_novel_identity, plain_pti)
 
     datasets: list[tuple[str, list[Path], int, bool, str]] = []
     if n_utk > 0:
@@ -332,11 +361,11 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
                     c["several_faces_used_largest"] += 1
                 bar.set_postfix_str(photo.name[:24])
                 for r in evaluate_photo(G, face, pipe, algs, steps, pti_steps, seed, enc, P, dev, loss_descriptions,
-                                        fast, perceptual_size, overrides, pti_symmetry):
+                                        fast, perceptual_size, overrides, variants):
                     records.append({"dataset": name, "photo": photo.name, "faces_found": face.num_faces, **r})
                     if not progress:  # one line per result, so a long run shows where it is
                         click.echo(f"{photo.name}: Alg. {r['algorithm']}, PTI "
-                                   f"{pti_label(r['pti'], r.get('pti_symmetry'))}: PSNR "
+                                   f"{pti_label(r['pti'], r.get('pti_variant'))}: PSNR "
                                    f"{r['psnr_db']:.2f}, kept {bool(r['identity_kept'])}, {r['seconds']:.0f} s",
                                    err=True)
                 c["evaluated"] += 1
@@ -346,11 +375,11 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
     rows = []
     for name, *_ in datasets:
         for alg in algs:
-            for pti, sym in [(False, None)] + ([(True, w) for w in pti_symmetry] if pti_steps > 0 else []):
+            for pti, var in [(False, None)] + ([(True, v) for v in variants] if pti_steps > 0 else []):
                 sel = [r for r in records if r["dataset"] == name and r["algorithm"] == alg and r["pti"] == pti
-                       and r.get("pti_symmetry") == sym]
+                       and r.get("pti_variant") == var]
                 if sel:
-                    rows.append({"algorithm": alg, "pti": pti, "pti_symmetry": sym, "dataset": name,
+                    rows.append({"algorithm": alg, "pti": pti, "pti_variant": var, "dataset": name,
                                  **summarise(sel)})
 
     n_scales = ms_ssim_scales(res_px)
@@ -377,7 +406,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
                "| kept (dist < 0.6, all three) | pose err (deg) | s / image |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        click.echo(f"| {r['algorithm']} | {pti_label(r['pti'], r['pti_symmetry'])} | {r['dataset']} | {r['n']} | "
+        click.echo(f"| {r['algorithm']} | {pti_label(r['pti'], r['pti_variant'])} | {r['dataset']} | {r['n']} | "
                    f"{_fmt(r['psnr_db'], 2)} | {_fmt(r['ms_ssim'])} | "
                    f"{_fmt(r['identity_reconstruction'])} ({r['identity_reconstruction_found']}/{r['n']}) | "
                    f"{_fmt(r['identity_views'])} ({r['identity_views_found']}/{r['identity_views_total']}) | "
@@ -388,7 +417,7 @@ def main(network: str, align: str, n_utk: int, n_portraits: int, skip_utk: int, 
     if json_path is not None:
         payload = {"config": {"network": network, "align": align, "resolution": res_px, "encoder": encoder,
                               "pose": pose, "algorithms": algs, "steps": steps, "pti_steps": pti_steps,
-                              "pti_symmetry": list(pti_symmetry),
+                              "pti_variants": variants,
                               "perceptual_size": perceptual_size, "seed": seed, "threads": threads, "device": device,
                               "ms_ssim_scales": n_scales, "config_changes": overrides,
                               "novel_yaws": list(NOVEL_YAWS)},

@@ -43,10 +43,12 @@ import torch
 @click.option("--lambda-id", type=float, default=None, help="`edit --lambda-id` [its default: 1, to the photo].")
 @click.option("--metric", type=click.Choice(["prior", "euclidean"]), default="prior")
 @click.option("--project-steps", type=int, default=300)
+@click.option("--fast/--exact", default=True, help="`edit --fast/--exact` (its default: fast).")
 @click.option("--threads", type=int, default=1)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n: int, yaw: float, mode: str,
-         feedback: int, lambda_id: float | None, metric: str, project_steps: int, threads: int, out: Path) -> None:
+         feedback: int, lambda_id: float | None, metric: str, project_steps: int, fast: bool, threads: int,
+         out: Path) -> None:
     from PIL import Image
 
     from portrait3d.face.analyzer import FaceAnalyzer
@@ -69,7 +71,7 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
                 try:
                     rec = run_edit(str(photos / name), network, editor_path, EditSpec(yaw=yaw, absolute=False), mode,
                                    50, lambda_id, Path(tmp), False, "mediapipe", project_steps, None, metric=metric,
-                                   feedback=feedback)
+                                   feedback=feedback, fast=fast)
                 except Exception as e:  # a photo the command refuses counts as a failure, with its reason
                     rows.append({"photo": name, "error": f"{type(e).__name__}: {e}"})
                     click.echo(f"[{k + 1}/{len(picks)}] {name}: {rows[-1]['error']}")
@@ -117,7 +119,7 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
         "identity_photo_projection_mean": mean("identity_photo_projection"),
         "identity_original_edited_mean": mean("identity_original_edited"),
         "seconds_mean": mean("seconds"), "seconds_max": max((r["seconds"] for r in done), default=None),
-        "threads": threads, "project_steps": project_steps, "network": network,
+        "threads": threads, "project_steps": project_steps, "fast": fast, "network": network,
         "editor": str(editor_path) if editor_path else "shipped",
     }
     (out / "results.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))

@@ -53,6 +53,24 @@ def test_fused_and_unfused_modconv_agree(tiny_stylegan2):
     a = G.synthesis(ws, noise_mode="const", fused_modconv=True)
     b = G.synthesis(ws, noise_mode="const", fused_modconv=False)
     assert (a - b).abs().max() < 1e-5
+    # on a CPU the default is the shared convolution (measured faster there; bench/bench_modconv.py)
+    assert torch.equal(G.synthesis(ws, noise_mode="const"), b)
+
+
+def test_demodulation_equals_the_modulated_weight_norm():
+    """modulated_conv2d's demodulation (computed as sum_i s_i^2 sum_k w_oik^2) matches StyleGAN2's eq. 3 written out:
+    the modulated weight w'_oik = s_i w_oik divided by its norm over (i, k), as a grouped convolution."""
+    from portrait3d.networks.ops import modulated_conv2d
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 5, 9, 9, generator=g), torch.randn(4, 5, 3, 3, generator=g)
+    styles = torch.randn(2, 5, generator=g)
+    w = weight[None] * styles[:, None, :, None, None]
+    w = w / w.square().sum(dim=[2, 3, 4], keepdim=True).add(1e-8).sqrt()
+    ref = torch.cat([torch.nn.functional.conv2d(x[n:n + 1], w[n], padding=1) for n in range(2)])
+    for fused in (True, False):
+        out = modulated_conv2d(x, weight, styles, padding=1, fused_modconv=fused)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["orig", "skip", "resnet"])

@@ -86,7 +86,8 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
                  pti: bool = False, pti_steps: int | None = None, encoder_path: Path | None = None,
                  pose_path: Path | None = None, face_index: int | None = None, align: str = "auto",
                  force: bool = False, orbit_frames: int = 48, mesh_resolution: int = 128, seed: int | None = None,
-                 fps: int = 24, device: str = "cpu", progress: bool = True, fast: bool = False) -> dict[str, Any]:
+                 fps: int = 24, device: str = "cpu", progress: bool = True, fast: bool = False,
+                 pti_novel_identity: float | None = None) -> dict[str, Any]:
     """Invert the face in ``photo`` (:func:`~portrait3d.methods.inversion3d.pipeline.invert_photo`) and write the
     files of :data:`OUTPUTS` into ``out``; returns the ``result.json`` record.
 
@@ -103,7 +104,7 @@ def run_invert3d(photo: Path, out: Path, network: str = "default-3d", algorithm:
     rep = invert_photo(image, name=photo.name, network=network, algorithm=algorithm, steps=steps, pti=pti,
                        pti_steps=pti_steps, encoder_path=encoder_path, pose_path=pose_path, face_index=face_index,
                        align=align, orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed,
-                       device=device, progress=progress, fast=fast)
+                       device=device, progress=progress, fast=fast, pti_novel_identity=pti_novel_identity)
     record = rep.record(pti_file=PTI_GENERATOR, orbit_fps=fps)
     record["photo"] = str(photo.resolve())
     times = dict(rep.timings_s)

@@ -359,14 +359,18 @@ def modulated_conv2d(
         weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
 
-    w = None
     dcoefs = None
-    if demodulate or fused_modconv:
-        w = weight.unsqueeze(0) * styles.reshape(batch_size, 1, -1, 1, 1)
     if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
-    if demodulate and fused_modconv:
-        w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
+        # sum_ik (s_i w_oik)^2 = sum_i s_i^2 (sum_k w_oik^2): the same sum without the [N, C_out, C_in, kh, kw]
+        # modulated weight, whose elementwise ops (and their backward) dominated a CPU projection step.
+        dcoefs = ((styles.square().unsqueeze(1) * weight.square().sum(dim=[2, 3]).unsqueeze(0)).sum(dim=2)
+                  + 1e-8).rsqrt()                                                      # [N, C_out]
+    w = None
+    if fused_modconv:
+        scale = styles.reshape(batch_size, 1, -1)
+        if demodulate:
+            scale = scale * dcoefs.reshape(batch_size, -1, 1)                          # [N, C_out, C_in]
+        w = weight.unsqueeze(0) * scale.unsqueeze(-1).unsqueeze(-1)
 
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)

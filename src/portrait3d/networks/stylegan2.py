@@ -327,6 +327,11 @@ class SynthesisBlock(nn.Module):
         if fused_modconv is None and self.fp16_on_cpu:
             # StyleGAN2-ADA's rule: the grouped (fused) path only in float32 or for a single sample.
             fused_modconv = (not self.training) and (dtype == torch.float32 or int(ws.shape[0]) == 1)
+        if fused_modconv is None and ws.device.type == "cpu":
+            # Same maths; on a CPU the shared convolution of scaled activations beat the grouped one 1.3-1.65x with
+            # gradients and 1.2-1.3x in bf16 or batches (default-2d, one thread), losing only one float32 image
+            # without gradients (0.89x). bench/bench_modconv.py.
+            fused_modconv = False
         if fused_modconv is None:
             fused_modconv = self.fused_modconv_default
         if fused_modconv == "inference_only":

@@ -320,6 +320,22 @@ def test_perceptual_no_upsample_uses_the_image_size_up_to_224(tiny_eg3d):
     assert not make_inversion_config(1, None, False, None, None, fast=False).perceptual_no_upsample
 
 
+def test_invert3d_pti_defaults_to_the_novel_view_identity_term():
+    """invert3d --pti tunes with PTI_NOVEL_IDENTITY (the CLI shows that value); 0 is PTI as published; without PTI
+    nothing changes."""
+    from click.testing import CliRunner
+
+    from portrait3d.interfaces.cli import main
+    from portrait3d.methods.inversion3d.pipeline import PTI_NOVEL_IDENTITY, make_inversion_config
+
+    assert make_inversion_config(1, None, True, None, None).pti_config.novel_view_identity_weight == PTI_NOVEL_IDENTITY
+    assert make_inversion_config(1, None, True, None, None, pti_novel_identity=0).pti_config \
+        .novel_view_identity_weight == 0
+    assert make_inversion_config(1, None, False, None, None).pti_config.novel_view_identity_weight == 0
+    help_text = CliRunner().invoke(main, ["invert3d", "--help"], terminal_width=200).output
+    assert f"{PTI_NOVEL_IDENTITY:g} (PTI_NOVEL_IDENTITY)" in " ".join(help_text.split())
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_camera_steps_share_one_backbone_pass_and_change_nothing(tiny_eg3d, monkeypatch, precision):
     """While w is fixed, the camera render and the canonical render reuse one set of tri-planes: one backbone

@@ -112,3 +112,44 @@ def test_mirrored_pseudo_view_fits_the_flipped_target_at_the_mirrored_camera(tin
     assert mirror_after[1.0] < 0.95 * mirror_after[0.0]  # measured: 0.0755 -> 0.0665
     with pytest.raises(ValueError, match="symmetry_weight"):
         pivotal_tuning(G, ws, c, target, PTIConfig(symmetry_weight=-1.0), progress=False)
+
+
+def test_novel_view_identity_pulls_the_unseen_views_toward_the_photo(tiny_eg3d):
+    """L_nv: one view per step, each with a chip placed by the landmarks found on the pivot's render of it; tuning with
+    it brings the novel views' descriptors nearer the photo's than tuning without it; a view without a face is skipped,
+    and the term needs the photo's landmarks."""
+    import numpy as np
+
+    from portrait3d.losses.identity import IdentityLoss
+    from portrait3d.methods.inversion3d.camera_params import view_camera
+
+    G = tiny_eg3d
+    ws, c, target = _pivot_problem(G)
+    res = int(G.img_resolution)
+    lm = np.random.default_rng(0).uniform(0.3 * res, 0.7 * res, (68, 2))  # any point set places a chip
+    found = []
+
+    def landmarks_of(image):
+        found.append(image.shape)
+        return None if len(found) == 2 else lm  # the second view "has no face"
+
+    cfg = PTIConfig(steps=12, lr=3e-3, perceptual_weight=0.0, depth_smooth_weight=0.0, novel_view_identity_weight=30.0,
+                    novel_view_yaws=(-25.0, 0.0, 25.0))
+    G_t, history = pivotal_tuning(G, ws, c, target, cfg, progress=False, landmarks=lm, landmarks_of=landmarks_of)
+    assert found == [(res, res, 3)] * 3
+    assert [h["novel_view_yaw"] for h in history[:4]] == [-25.0, 25.0, -25.0, 25.0]
+    cfg_0 = PTIConfig(steps=12, lr=3e-3, perceptual_weight=0.0, depth_smooth_weight=0.0)
+    G_0, history_0 = pivotal_tuning(G, ws, c, target, cfg_0, progress=False, landmarks=lm)
+    assert "novel_view_identity" not in history_0[0]
+    ref = IdentityLoss(target, lm)
+    for yaw in (-25.0, 25.0):
+        probe = IdentityLoss(reference_embedding=ref.reference_embedding, landmarks=lm, image_size=(res, res))
+        cam = view_camera(c, yaw)
+        with torch.no_grad():
+            with_term = float(probe(render(G_t, ws, cam)["image"]))
+            without = float(probe(render(G_0, ws, cam)["image"]))
+        assert with_term < 0.5 * without, (yaw, with_term, without)  # measured: 0.0006 / 0.0012 against 0.0048
+    with pytest.raises(ValueError, match="landmarks"):
+        pivotal_tuning(G, ws, c, target, cfg, progress=False, landmarks_of=landmarks_of)
+    with pytest.raises(ValueError, match="novel_view_yaws"):
+        PTIConfig(novel_view_identity_weight=1.0, novel_view_yaws=(95.0,)).validate()

@@ -48,6 +48,9 @@ def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--pti/--no-pti", default=False, help="Pivotal tuning of the generator after the inversion.")
 @click.option("--pti-steps", type=click.IntRange(1, 100000), default=None,
               help="Pivotal-tuning steps [default: the configuration's].")
+@click.option("--pti-novel-identity", type=FiniteFloat(0), default=None, show_default="1 (PTI_NOVEL_IDENTITY)",
+              help="Weight of PTI's novel-view identity term (ours: the tuned generator's views at yaw -40, -20, "
+                   "20, 40 must keep the photo's dlib descriptor); 0 tunes as PTI was published.")
 @click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Latent encoder (portrait3d LatentEncoder file) for the initial latent [default: the built-in "
                    "network's shipped encoder, else w_avg].")
@@ -68,7 +71,8 @@ def _photo_3d_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @compute_options
 @fail_cleanly
 def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | None, pti: bool,
-             pti_steps: int | None, encoder_path: Path | None, pose_path: Path | None, learned_init: bool,
+             pti_steps: int | None, pti_novel_identity: float | None, encoder_path: Path | None,
+             pose_path: Path | None, learned_init: bool,
              face_index: int | None, align: str, orbit_frames: int, mesh_resolution: int, fast: bool,
              seed: int | None, device: str, force: bool, workers: int, threads: int | None) -> None:
     """Invert the face in PHOTO into a 3D (EG3D) generator, optimising latent and camera (Ko et al.).
@@ -80,7 +84,8 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     CPU time with the built-in 128 px default-3d: the 225 default steps (150 latent, 75 camera) come to about 52 s
     on an idle 2-core CPU at the per-step times measured there (0.24 s per latent step, 0.21 s per camera step,
     2026-12-05; README "A photo in 3D"), then views, orbit, mesh and identity take about 7 s; --steps scales the
-    optimisation, --pti (350 steps) adds about 1.5 to 2 times as much again.
+    optimisation; --pti (350 steps, with the novel-view identity term) adds about 5 to 6 minutes on one core
+    (about 3 without it, --pti-novel-identity 0).
     A progress bar shows the steps.
 
     \b
@@ -98,6 +103,7 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     if wants_batch([photo]):
         check_batch_files(network, encoder=encoder_path, pose=pose_path)
         kwargs = dict(network=network, algorithm=int(algorithm), steps=steps, pti=pti, pti_steps=pti_steps,
+                      pti_novel_identity=pti_novel_identity,
                       encoder_path=encoder_path, pose_path=pose_path, face_index=face_index, align=align,
                       orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed, fast=fast)
         run_batch_command([photo], out, Invert3DTask(kwargs, device), desc="inverting",
@@ -106,7 +112,7 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     rec = run_invert3d(photo, out, network=network, algorithm=int(algorithm), steps=steps, pti=pti,
                        pti_steps=pti_steps, encoder_path=encoder_path, pose_path=pose_path, face_index=face_index,
                        align=align, force=force, orbit_frames=orbit_frames, mesh_resolution=mesh_resolution, seed=seed,
-                       device=device, fast=fast)
+                       device=device, fast=fast, pti_novel_identity=pti_novel_identity)
     cam = rec["camera"]
     click.echo(f"PSNR {rec['psnr_db'] if rec['psnr_db'] is not None else float('inf'):.2f} dB, camera yaw "
                f"{cam['yaw_deg']:+.1f} pitch {cam['pitch_deg']:+.1f} roll {cam['roll_deg']:+.1f} deg, "

@@ -194,13 +194,14 @@ def _largest_face_note(num_faces: int) -> str:
 
 
 def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int, progress: Progress,
-                   identity_weight: float = 0.1, latent_prior_weight: float = 0.0
+                   identity_weight: float = 0.1, latent_prior_weight: float = 0.0, fast: bool = False
                    ) -> tuple[torch.Tensor, np.ndarray, str]:
     """A photo -> ``(latent of a 2D StyleGAN2's space, aligned crop, note)`` through the projector (with these
     :class:`ProjectorConfig` weights), with the ``default`` crop (the one portrait3d's built-in generators are trained
     on), as ``portrait3d edit`` does.
 
-    The latent is ``[1, w_dim]`` for ``"w"``, flat ``[1, num_ws * w_dim]`` for ``"w+"`` (the NRSfM layout).
+    The latent is ``[1, w_dim]`` for ``"w"``, flat ``[1, num_ws * w_dim]`` for ``"w+"`` (the NRSfM layout); ``fast``:
+    the projector's bf16 path (:func:`~portrait3d.methods.projector.photo.project_photo`).
     """
     from portrait3d.methods.projector.photo import project_photo
 
@@ -212,7 +213,7 @@ def _project_photo(G: nn.Module, photo: np.ndarray, space: str, steps: int, prog
         progress((i + 1) / steps, f"projecting into the 2D generator: step {i + 1}/{steps}")
 
     res = project_photo(G, space, photo, steps, None, progress=False, latent_prior_weight=latent_prior_weight,
-                        identity_weight=identity_weight, callback=step)
+                        identity_weight=identity_weight, callback=step, fast=fast)
     return res.latent, res.aligned, _largest_face_note(res.info["num_faces"])
 
 
@@ -586,7 +587,7 @@ class NRSfMAdapter(ModelFileAdapter):
 
         cfg = PhotoEditConfig()  # as `portrait3d edit` projects a photo
         latent, aligned, note = _project_photo(G, _check_photo(source), editor.space, self.settings.project_steps,
-                                               progress, cfg.identity_weight, cfg.latent_prior_weight)
+                                               progress, cfg.identity_weight, cfg.latent_prior_weight, cfg.fast)
         return Embedding(self.key, "photo", {"latent": latent}, aligned=aligned,
                          note=f"{note}{self.settings.project_steps} projector steps.")
 

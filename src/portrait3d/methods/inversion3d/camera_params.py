@@ -37,6 +37,7 @@ from torch import nn
 from portrait3d.errors import UsageError
 from portrait3d.geometry.rotations import axis_rotation
 from portrait3d.networks.eg3d.camera import (
+    camera_from_angles,
     camera_vector,
     create_cam2world_matrix,
     fov_to_intrinsics,
@@ -44,7 +45,7 @@ from portrait3d.networks.eg3d.camera import (
     pose_angles_from_camera,
 )
 
-__all__ = ["CameraParams", "fov_from_intrinsics", "rotation_z_transposed"]
+__all__ = ["CameraParams", "fov_from_intrinsics", "rotation_z_transposed", "view_camera"]
 
 _PITCH_LIMIT = 89.0  # degrees; the look-at frame degenerates at +-90
 
@@ -207,3 +208,19 @@ def fov_from_intrinsics(intrinsics: torch.Tensor) -> float:
     """Inverse of :func:`fov_to_intrinsics` (same 3.14159 / 1.414 constants): degrees from ``f = K[0, 0]``."""
     f = float(torch.as_tensor(intrinsics).reshape(-1, 9)[0, 0])
     return math.atan(1.0 / (f * 1.414)) * 360.0 / 3.14159
+
+
+def view_camera(base: torch.Tensor, yaw_deg: float, pitch_deg: float | None = None) -> torch.Tensor:
+    """Camera ``[1, 25]`` at head yaw ``yaw_deg`` (absolute, degrees) on EG3D's look-at sphere.
+
+    Keeps the roll, distance from the origin and intrinsics of ``base`` (``[25]`` or ``[1, 25]``), and its
+    pitch unless ``pitch_deg`` is given; looks at EG3D's pivot ``(0, 0, 0.2)``.
+    """
+    base = base.reshape(-1)[:25].detach().float().cpu()
+    _, pitch0, roll0, radius = pose_angles_from_camera(base)
+    pitch = float(pitch0 if pitch_deg is None else pitch_deg)
+    if not -90 < pitch < 90:
+        raise UsageError(f"pitch must lie strictly between -90 and 90 degrees, got {pitch:g}")
+    c = camera_from_angles(float(yaw_deg), pitch, radius=float(radius), roll_deg=float(roll0))
+    c[16:] = base[16:]
+    return c[None]

@@ -20,11 +20,13 @@ from torch import nn
 
 from portrait3d.errors import UsageError
 from portrait3d.face.pipeline import face_landmarks68, several_faces_note
+from portrait3d.methods.inversion3d.camera_params import view_camera
 from portrait3d.metrics.psnr import psnr
-from portrait3d.networks.eg3d.camera import camera_from_angles, pose_angles_from_camera
+from portrait3d.networks.eg3d.camera import pose_angles_from_camera
 from portrait3d.utils.visualize import colour_depth, to_uint8
 
-__all__ = ["NOVEL_YAWS", "HISTORY_TAIL", "InversionReport", "IdentityMeter", "invert_photo", "view_camera",
+__all__ = ["NOVEL_YAWS", "PTI_NOVEL_IDENTITY",
+           "HISTORY_TAIL", "InversionReport", "IdentityMeter", "invert_photo", "view_camera",
            "orbit_cameras_at", "render_views", "camera_record", "load_generator", "load_networks", "resolve_align",
            "face_landmarks68", "to_tensor", "load_init_modules", "initialise", "make_inversion_config", "fmt_deg",
            "builtin_init_paths"]
@@ -35,6 +37,9 @@ pairs of ../shared/data/portraits/deepface/master.csv: cosine 0.88-0.92 separate
 them, and dlib's 0.6 same-person distance falls at cosine 0.905 (descriptor norms are about 1.5, not 1)."""
 NOVEL_YAWS = (-30.0, 30.0)
 """Yaws (degrees, absolute) of the two novel views of every inversion."""
+PTI_NOVEL_IDENTITY = 1.0
+"""``invert3d --pti``'s weight of PTI's novel-view identity term (ours; PTIConfig's own default, 0, is PTI as
+published). README "A photo in 3D" has the measurement."""
 HISTORY_TAIL = 10
 
 
@@ -43,22 +48,6 @@ def fmt_deg(v: float) -> str:
     if float(v).is_integer():
         return f"{int(v):+03d}"
     return f"{v:+05.1f}" if abs(v) < 10 else f"{v:+.1f}"
-
-
-def view_camera(base: torch.Tensor, yaw_deg: float, pitch_deg: float | None = None) -> torch.Tensor:
-    """Camera ``[1, 25]`` at head yaw ``yaw_deg`` (absolute, degrees) on EG3D's look-at sphere.
-
-    Keeps the roll, distance from the origin and intrinsics of ``base`` (``[25]`` or ``[1, 25]``), and its
-    pitch unless ``pitch_deg`` is given; looks at EG3D's pivot ``(0, 0, 0.2)``.
-    """
-    base = base.reshape(-1)[:25].detach().float().cpu()
-    _, pitch0, roll0, radius = pose_angles_from_camera(base)
-    pitch = float(pitch0 if pitch_deg is None else pitch_deg)
-    if not -90 < pitch < 90:
-        raise UsageError(f"pitch must lie strictly between -90 and 90 degrees, got {pitch:g}")
-    c = camera_from_angles(float(yaw_deg), pitch, radius=float(radius), roll_deg=float(roll0))
-    c[16:] = base[16:]
-    return c[None]
 
 
 def orbit_cameras_at(base: torch.Tensor, frames: int) -> torch.Tensor:
@@ -228,10 +217,13 @@ FAST_SAMPLES = (12, 12)
 
 
 def make_inversion_config(algorithm: int, steps: int | None, pti: bool, pti_steps: int | None,
-                          seed: int | None, fast: bool = False) -> Any:
+                          seed: int | None, fast: bool = False, pti_novel_identity: float | None = None) -> Any:
     """:class:`~portrait3d.methods.inversion3d.optimize.InversionConfig`; ``None`` keeps its defaults. ``fast``:
     the optimisation renders in bf16 with :data:`FAST_SAMPLES` per ray (the results are rendered in full) and the
-    perceptual loss sees the images at their own size up to 224 px (``perceptual_no_upsample``)."""
+    perceptual loss sees the images at their own size up to 224 px (``perceptual_no_upsample``).
+    ``pti_novel_identity``: with ``pti``, the weight of PTI's novel-view identity term
+    (:attr:`~portrait3d.methods.inversion3d.pti.PTIConfig.novel_view_identity_weight`; ``None``:
+    :data:`PTI_NOVEL_IDENTITY`, 0: PTI as published)."""
     from portrait3d.methods.inversion3d.optimize import InversionConfig
 
     cfg = InversionConfig(algorithm=int(algorithm), pti=bool(pti))
@@ -244,6 +236,9 @@ def make_inversion_config(algorithm: int, steps: int | None, pti: bool, pti_step
         cfg.seed = int(seed)
     if pti and pti_steps is not None:
         cfg.pti_config = dataclasses.replace(cfg.pti_config, steps=int(pti_steps))
+    if pti:
+        weight = PTI_NOVEL_IDENTITY if pti_novel_identity is None else float(pti_novel_identity)
+        cfg.pti_config = dataclasses.replace(cfg.pti_config, novel_view_identity_weight=weight)
     cfg.validate()
     return cfg
 
@@ -393,6 +388,7 @@ class InversionReport:
 
 def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "default-3d", algorithm: int = 1,
                  steps: int | None = None, pti: bool = False, pti_steps: int | None = None,
+                 pti_novel_identity: float | None = None,
                  encoder_path: Path | None = None, pose_path: Path | None = None, face_index: int | None = None,
                  align: str = "auto", orbit_frames: int = 48, mesh_resolution: int = 128, seed: int | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
@@ -406,6 +402,7 @@ def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "defa
         algorithm: 1, 2 or 3 (:data:`portrait3d.methods.inversion3d.optimize.ALGORITHMS`).
         steps, pti_steps, seed: optimiser settings (``None`` = the configuration's defaults).
         pti: pivotal tuning of (a copy of) the generator after the latent / camera optimisation.
+        pti_novel_identity: PTI's novel-view identity weight (``None``: :data:`PTI_NOVEL_IDENTITY`).
         encoder_path / pose_path: ``LatentEncoder`` / ``PoseEstimator`` files for the initial latent / camera
             (else ``w_avg`` / the face pipeline's PnP camera).
         face_index: which face when there are several (0 = largest); required then.
@@ -421,7 +418,8 @@ def invert_photo(image: np.ndarray, *, name: str = "photo", network: str = "defa
     for p, what in ((encoder_path, "encoder"), (pose_path, "pose estimator")):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such {what} file")
-    cfg = make_inversion_config(algorithm, steps, pti, pti_steps, seed, fast=fast)
+    cfg = make_inversion_config(algorithm, steps, pti, pti_steps, seed, fast=fast,
+                                pti_novel_identity=pti_novel_identity)
     times: dict[str, float] = {}
     dev = torch.device(device)
     t = time.perf_counter()

@@ -8,7 +8,7 @@ of the main paper's Algorithm 1) because free tuning of a NeRF-based generator o
 to distort the geometry (bumps, floaters) while fitting the image:
 
     L_pt = lambda_L2 * L2(x, G*(w_p, pi_p)) + lambda_P * L_percep(x, G*(w_p, pi_p))
-           + lambda_depth * L_DS(D*(w_p, pi_p)) [+ lambda_sym * L_sym] [+ lambda_R * L_R]
+           + lambda_depth * L_DS(D*(w_p, pi_p)) [+ lambda_sym * L_sym] [+ lambda_nv * L_nv] [+ lambda_R * L_R]
 
 * ``L2``: pixel mean squared error (PTI's ``L2``);
 * ``L_percep``: :class:`portrait3d.losses.PerceptualLoss` (EfficientNet-Lite0 features, our offline
@@ -22,6 +22,13 @@ to distort the geometry (bumps, floaters) while fitting the image:
   the flipped photo is what the camera mirrored across the face's plane of symmetry would see; tuning on it too
   (pixel MSE + perceptual, ``symmetry_weight``) gives PTI a second view of the head, which one view leaves free
   (:func:`portrait3d.face.dataset.mirror_camera`). Off by default;
+* ``L_nv``: an optional novel-view identity term (ours): at head yaws ``novel_view_yaws`` (absolute, the pivot's
+  pitch, one view per step in turn) the tuned render's dlib descriptor must match the photo's,
+  ``1 - cos(f(G*(w_p, pi_k)), f(x))``. Tuning on one view fits the photo's side of the head and leaves the others free
+  to drift from the person; a recognition network gives the unseen views a target that needs no pixels. The chips are
+  placed by the 68 landmarks detected on the pivot's own render of each view before tuning (a view without a face is
+  skipped). Off by default. Note that dlib's network is also what ``bench/eval_inversion3d.py`` measures identity
+  with, so figures with this term on measure identity with the network that was optimised (README says so);
 * ``L_R``: PTI's optional locality regulariser (Roich et al., "locality regularization"): for a
   random ``w_z = f(z)`` (truncation 0.5), ``w_r = w_p + alpha (w_z - w_p) / ||w_z - w_p||`` must
   render the same with the tuned and the original generator (L2 + perceptual, weighted
@@ -49,7 +56,8 @@ import torch.nn as nn
 
 from portrait3d.methods.projector.projector import device_of
 
-__all__ = ["PTIConfig", "depth_smoothness", "pivotal_tuning", "render"]
+__all__ = ["PTIConfig", "depth_smoothness", "face_landmarks_finder", "novel_view_identity_terms", "pivotal_tuning",
+           "render"]
 
 
 @dataclass
@@ -69,6 +77,8 @@ class PTIConfig:
     locality_interval: int = 1            # apply the locality term every k steps
     symmetry_weight: float = 0.0          # the mirrored pseudo view (flipped photo at the mirrored camera); 0 = off
                                           # (at 1 on 6 photos: same identity kept, -5 dB PSNR; README)
+    novel_view_identity_weight: float = 0.0   # lambda_nv: dlib identity of novel views to the photo; 0 = off
+    novel_view_yaws: tuple[float, ...] = (-40.0, -20.0, 20.0, 40.0)  # absolute head yaws (deg) of those views
     perceptual: str = "efficientnet-lite0"
     perceptual_kwargs: dict[str, Any] = field(default_factory=dict)
     stop_threshold: float = 0.0           # stop once the perceptual term is below this (PTI: LPIPS 0.06); 0 = never
@@ -83,10 +93,17 @@ class PTIConfig:
         if self.locality_interval < 1:
             raise ValueError(f"locality_interval must be >= 1, not {self.locality_interval}")
         for name in ("lr", "mse_weight", "perceptual_weight", "identity_weight", "depth_smooth_weight",
-                     "locality_weight", "locality_alpha", "symmetry_weight", "stop_threshold"):
+                     "locality_weight", "locality_alpha", "symmetry_weight", "novel_view_identity_weight",
+                     "stop_threshold"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
+        if self.novel_view_identity_weight > 0:
+            if not self.novel_view_yaws:
+                raise ValueError("novel_view_identity_weight > 0 needs at least one novel_view_yaws entry")
+            bad = [y for y in self.novel_view_yaws if not (math.isfinite(y) and -90 < y < 90)]
+            if bad:
+                raise ValueError(f"novel_view_yaws must lie strictly between -90 and 90 degrees, not {bad}")
 
 
 def depth_smoothness(depth: torch.Tensor, order: int = 1) -> torch.Tensor:
@@ -150,10 +167,62 @@ def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool 
     return G.synthesis(ws, c, **kw)
 
 
+def face_landmarks_finder() -> tuple[Callable[[np.ndarray], np.ndarray | None], Callable[[], None]]:
+    """``(find, close)``: ``find(image uint8 [H, W, 3])`` -> the largest face's 68 landmarks ``[68, 2]`` (pixels) or
+    ``None`` (the face pipeline's detector and landmarker); ``close()`` frees the detector."""
+    from portrait3d.face.detect import select_face
+    from portrait3d.face.errors import FaceError
+    from portrait3d.face.pipeline import FacePipeline
+
+    pipe = FacePipeline(style="default")
+
+    def find(image: np.ndarray) -> np.ndarray | None:
+        try:
+            dets = pipe.detector.detect(image)
+            return pipe.landmarker.landmarks68(image, select_face(dets)) if dets else None
+        except FaceError:
+            return None
+
+    return find, pipe.close
+
+
+def novel_view_identity_terms(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, yaws: tuple[float, ...],
+                              reference_embedding: torch.Tensor,
+                              landmarks_of: Callable[[np.ndarray], np.ndarray | None],
+                              deterministic: bool = True) -> list[tuple[float, torch.Tensor, nn.Module]]:
+    """The views of :class:`PTIConfig`'s ``L_nv``: ``[(yaw, camera [1, 25], IdentityLoss)]``, one per yaw whose pivot
+    render has a face.
+
+    Each view's camera is ``camera`` turned to head yaw ``yaw`` (absolute degrees; pitch, roll, distance and
+    intrinsics kept: :func:`~portrait3d.methods.inversion3d.camera_params.view_camera`). Its identity loss compares
+    with ``reference_embedding`` ``[1, 128]`` (the photo's dlib descriptor), its chip placed by the landmarks found on
+    ``G``'s render of the pivot ``ws`` at that camera.
+    """
+    from portrait3d.losses.identity import IdentityLoss
+    from portrait3d.methods.inversion3d.camera_params import view_camera
+    from portrait3d.utils.visualize import to_uint8
+
+    dev = ws.device
+    res = int(G.img_resolution)
+    terms: list[tuple[float, torch.Tensor, nn.Module]] = []
+    for yaw in yaws:
+        cam = view_camera(camera, float(yaw)).to(dev)
+        with torch.no_grad():
+            img = to_uint8(render(G, ws, cam, deterministic)["image"].float())[0]
+        lm = landmarks_of(img)
+        if lm is None:
+            continue
+        loss = IdentityLoss(reference_embedding=reference_embedding.detach().cpu(), landmarks=lm,
+                            image_size=(res, res)).to(dev).eval()
+        terms.append((float(yaw), cam, loss))
+    return terms
+
+
 def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target: torch.Tensor,
                    cfg: PTIConfig | None = None, progress: bool = True, *, landmarks: np.ndarray | None = None,
                    image_loss: nn.Module | None = None, callback: Callable[..., Any] | None = None,
-                   step_offset: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
+                   step_offset: int = 0, landmarks_of: Callable[[np.ndarray], np.ndarray | None] | None = None,
+                   ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Fine-tune a copy of the EG3D generator around the pivot ``(ws, camera)`` (PTI + depth smoothness).
 
     Args:
@@ -170,11 +239,17 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
             reconstruction terms instead of building one from ``cfg``.
         callback: ``callback(step, record, G_tuned, image)`` after every step; ``True`` stops.
         step_offset: added to the ``step`` of every record (to continue an inversion's history).
+        landmarks_of: the 68-landmark finder that places the novel views' chips (``L_nv``; default: the face
+            pipeline's, :func:`face_landmarks_finder`).
 
     Returns:
         ``(G_tuned, history)``: the tuned copy (eval mode, ``requires_grad`` off) and one dict per
         step (``step``, ``phase='pti'``, ``lr``, ``loss``, ``mse``, ``perceptual``, ``identity``,
-        ``depth_smooth``, ``symmetry``, ``locality``; zero-weight terms absent).
+        ``depth_smooth``, ``symmetry``, ``novel_view_identity`` with ``novel_view_yaw``, ``locality``; zero-weight
+        terms absent).
+
+    Raises:
+        ValueError: ``L_nv`` asked without ``landmarks`` (the photo's descriptor needs them).
     """
     from portrait3d.methods.inversion3d.losses import ImageLoss, LossWeights
 
@@ -208,6 +283,30 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                                 perceptual_kwargs=cfg.perceptual_kwargs).to(dev)
         mirror_cam = mirror_camera(camera[0].cpu())[None].to(dev)
 
+    novel_views: list[tuple[float, torch.Tensor, nn.Module]] = []
+    if cfg.novel_view_identity_weight > 0 and cfg.steps > 0:
+        ident = getattr(image_loss, "identity_module", None)
+        if ident is not None and hasattr(ident, "reference_embedding"):
+            ref_emb = ident.reference_embedding
+        elif landmarks is not None:
+            from portrait3d.losses.identity import IdentityLoss
+            from portrait3d.methods.projector.projector import scaled_landmarks
+
+            tgt = image_loss.target
+            ref_emb = IdentityLoss(tgt.cpu(), scaled_landmarks(landmarks, int(target.shape[-1]),
+                                                                int(tgt.shape[-1]))).reference_embedding
+        else:
+            raise ValueError("the novel-view identity term needs the photo's landmarks (landmarks=)")
+        close = None
+        if landmarks_of is None:
+            landmarks_of, close = face_landmarks_finder()
+        try:
+            novel_views = novel_view_identity_terms(G, ws, camera, tuple(cfg.novel_view_yaws), ref_emb, landmarks_of,
+                                                    cfg.deterministic)
+        finally:
+            if close is not None:
+                close()
+
     history: list[dict[str, Any]] = []
     bar = None
     if progress and cfg.steps > 0:
@@ -228,6 +327,11 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                 sym, _ = mirror_loss(render(G_t, ws, mirror_cam, cfg.deterministic)["image"])
                 loss = loss + cfg.symmetry_weight * sym
                 record["symmetry"] = float(sym.detach())
+            if novel_views:
+                yaw, nv_cam, nv_loss = novel_views[step % len(novel_views)]
+                nv = nv_loss(render(G_t, ws, nv_cam, cfg.deterministic)["image"]).mean()
+                loss = loss + cfg.novel_view_identity_weight * nv
+                record["novel_view_identity"], record["novel_view_yaw"] = float(nv.detach()), yaw
             if use_locality and step % cfg.locality_interval == 0:
                 z = torch.randn([1, G.z_dim], generator=gen).to(dev)
                 with torch.no_grad():

@@ -91,6 +91,8 @@ class PhotoEditConfig:
     identity_weight: float = 1.0       # the projector's dlib identity term (ProjectorConfig: 0.1)
     latent_prior_weight: float = 0.02  # the projector's Mahalanobis prior on w (ProjectorConfig: 0)
     lambda_id: float = 1.0             # eq. 15's lambda_ID, to the photo (seeds: the paper's 0.01, to the render)
+    fast: bool = True                  # the projection in bf16, perceptual loss at the generator's size (projector
+                                       # .photo.project_photo's fast path; README "Photos, and the feedback edit")
 
 
 def project_photo(G: nn.Module, editor: Any, image: np.ndarray | Path, project_steps: int,
@@ -103,7 +105,7 @@ def project_photo(G: nn.Module, editor: Any, image: np.ndarray | Path, project_s
     if editor.space == "z":
         raise UsageError("photos can be edited only with a W or W+ editor (Z has no projector)")
     return _project(G, editor.space, image, project_steps, face_index, name=name,
-                    latent_prior_weight=cfg.latent_prior_weight, identity_weight=cfg.identity_weight)
+                    latent_prior_weight=cfg.latent_prior_weight, identity_weight=cfg.identity_weight, fast=cfg.fast)
 
 
 @dataclass

@@ -16,7 +16,10 @@ from portrait3d.face.pipeline import face_landmarks68, several_faces_note
 from portrait3d.methods.projector.projector import ProjectorConfig, project
 from portrait3d.utils.visualize import to_uint8
 
-__all__ = ["PhotoLatent", "project_photo"]
+__all__ = ["FAST_PERCEPTUAL_MAX", "PhotoLatent", "project_photo"]
+
+FAST_PERCEPTUAL_MAX = 224
+"""The largest input of the perceptual loss on the fast path (the network's own training size)."""
 
 
 @dataclass
@@ -32,14 +35,17 @@ class PhotoLatent:
 
 def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_steps: int, face_index: int | None,
                   name: str = "photo", progress: bool = True, latent_prior_weight: float = 0.0,
-                  identity_weight: float = 0.1, callback: Callable[..., Any] | None = None) -> PhotoLatent:
+                  identity_weight: float = 0.1, callback: Callable[..., Any] | None = None,
+                  fast: bool = False) -> PhotoLatent:
     """Align ``image`` (an array or a path) in portrait3d's default crop and project it into ``space``.
 
     Raises:
         FaceError: no face, or ``face_index`` out of range; UsageError: a space the projector does not have.
         Several faces without ``face_index``: the largest is used, and ``info["notes"]`` says so.
     ``latent_prior_weight``: :class:`ProjectorConfig`'s, to keep the latent where edit directions hold;
-    ``identity_weight``: its dlib identity term's; ``callback``: :func:`project`'s, after every step.
+    ``identity_weight``: its dlib identity term's; ``callback``: :func:`project`'s, after every step; ``fast``: the
+    projector in bf16 (:attr:`ProjectorConfig.precision`) with the perceptual loss at the generator's size (up to
+    :data:`FAST_PERCEPTUAL_MAX`) instead of 224 px.
     """
     from portrait3d.face.pipeline import FacePipeline
 
@@ -50,11 +56,15 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
     aligned = face.aligned.image
     target = torch.as_tensor(aligned).permute(2, 0, 1)[None].float() / 127.5 - 1
     landmarks = face_landmarks68(face)
-    res = project(G, target, ProjectorConfig(space=space, steps=project_steps, latent_prior_weight=latent_prior_weight,
-                                             identity_weight=identity_weight),
-                  landmarks=landmarks, progress=progress, callback=callback)
+    cfg = ProjectorConfig(space=space, steps=project_steps, latent_prior_weight=latent_prior_weight,
+                          identity_weight=identity_weight)
+    if fast:
+        cfg.precision = "bf16"
+        cfg.perceptual_kwargs = {"resize": min(int(G.img_resolution), FAST_PERCEPTUAL_MAX)}
+    res = project(G, target, cfg, landmarks=landmarks, progress=progress, callback=callback)
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
     return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(res.image)[0],
                        info={"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
-                             "projection_steps": project_steps, "notes": several_faces_note(face, face_index, name)},
+                             "projection_steps": project_steps, "projection_fast": bool(fast),
+                             "notes": several_faces_note(face, face_index, name)},
                        landmarks=landmarks)

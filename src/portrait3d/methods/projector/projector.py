@@ -43,11 +43,13 @@ from torch.func import functional_call
 
 from portrait3d.errors import UsageError
 
-__all__ = ["SPACES", "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
+__all__ = ["SPACES", "PRECISIONS",
+           "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
            "resize_target", "synthesize", "as_target_image", "device_of", "lr_at", "latent_noise_scale",
            "scaled_landmarks"]
 
 SPACES = ("w", "w+", "w->w+")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -75,12 +77,17 @@ class ProjectorConfig:
     # norm 80-100 against 16 +- 2 for samples), where edit directions learned from samples no longer hold.
     latent_prior_weight: float = 0.0
     seed: int = 0                       # noise-map initialisation and latent noise
+    # "bf16": the synthesis and the perceptual and identity networks run under bf16 autocast (AMX on a CPU); the
+    # latent, the noise maps, the pixel loss and the optimiser stay float32.
+    precision: str = "fp32"
 
     def validate(self) -> None:
         if self.space not in SPACES:
             raise UsageError(f"space must be one of {SPACES}, not {self.space!r}")
         if self.steps < 1:
             raise UsageError(f"steps must be >= 1, not {self.steps}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.w_avg_samples < 1:
             raise UsageError(f"w_avg_samples must be >= 1, not {self.w_avg_samples}")
         for name in ("lr", "lr_rampup", "lr_rampdown", "initial_noise_factor", "noise_ramp", "noise_reg_weight",
@@ -305,6 +312,9 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
     phases = [("w", cfg.steps)] if cfg.space == "w" else [("w+", cfg.steps)] if cfg.space == "w+" else \
         [("w", cfg.steps // 2), ("w+", cfg.steps - cfg.steps // 2)]
 
+    def amp() -> Any:
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     history: list[dict[str, Any]] = []
     bar = None
     if progress:
@@ -329,7 +339,8 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
                 w_noise_scale = latent_noise_scale(w_std, cfg.initial_noise_factor, cfg.noise_ramp, t)
                 w_noise = torch.randn(w_opt.shape, generator=gen).to(dev) * w_noise_scale
                 ws = (w_opt + w_noise).expand(1, num_ws, w_dim)
-                img = synthesize(G, ws, noise)
+                with amp():
+                    img = synthesize(G, ws, noise).float()
 
                 record: dict[str, Any] = {"step": step, "phase": phase, "lr": lr, "w_noise": w_noise_scale}
                 loss = img.new_zeros([])
@@ -338,11 +349,13 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
                     loss = loss + cfg.mse_weight * mse
                     record["mse"] = float(mse.detach())
                 if percept is not None:
-                    p = (percept.distance(img, target_feats) if cache else percept(img, target_r)).mean()
+                    with amp():
+                        p = (percept.distance(img, target_feats) if cache else percept(img, target_r)).float().mean()
                     loss = loss + cfg.perceptual_weight * p
                     record["perceptual"] = float(p.detach())
                 if ident is not None:
-                    idl = ident(img).mean()
+                    with amp():
+                        idl = ident(img).float().mean()
                     loss = loss + cfg.identity_weight * idl
                     record["identity"] = float(idl.detach())
                 if cfg.latent_prior_weight > 0:
