@@ -205,6 +205,7 @@ def novel_view_identity_terms(G: nn.Module, ws: torch.Tensor, camera: torch.Tens
     dev = ws.device
     res = int(G.img_resolution)
     terms: list[tuple[float, torch.Tensor, nn.Module]] = []
+    encoder = None  # one dlib network for every view
     for yaw in yaws:
         cam = view_camera(camera, float(yaw)).to(dev)
         with torch.no_grad():
@@ -213,7 +214,8 @@ def novel_view_identity_terms(G: nn.Module, ws: torch.Tensor, camera: torch.Tens
         if lm is None:
             continue
         loss = IdentityLoss(reference_embedding=reference_embedding.detach().cpu(), landmarks=lm,
-                            image_size=(res, res)).to(dev).eval()
+                            image_size=(res, res), encoder=encoder).to(dev).eval()
+        encoder = loss.encoder
         terms.append((float(yaw), cam, loss))
     return terms
 
