@@ -53,17 +53,12 @@ class Identity:
         self.ref = dlib_descriptor(photo, landmarks)
 
     def __call__(self, image: np.ndarray) -> tuple[float, float] | None:
-        from portrait3d.face.detect import select_face
-        from portrait3d.face.errors import FaceError
         from portrait3d.face.identity import cosine_similarity, dlib_descriptor
 
-        try:
-            dets = self.pipe.detector.detect(image)
-            if not dets:
-                return None
-            d = dlib_descriptor(image, self.pipe.landmarker.landmarks68(image, select_face(dets)))
-        except FaceError:
+        lm = self.pipe.find_landmarks68(image)
+        if lm is None:
             return None
+        d = dlib_descriptor(image, lm)
         return float(cosine_similarity(self.ref, d)), float(np.linalg.norm(self.ref - d))
 
 

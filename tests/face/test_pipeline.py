@@ -43,6 +43,17 @@ def test_several_faces_policy(pipe_eg3d):
         pipe_eg3d(path, face_index=2)
 
 
+def test_find_landmarks68_is_the_largest_face_or_none(pipe_eg3d):
+    """The measuring form for renders: the largest face's 68 landmarks, as the pipeline finds them, or None."""
+    from portrait3d.face.io import load_image
+
+    path = shared_path(f"{EXAMPLES}/two_people.jpg")
+    lm = pipe_eg3d.find_landmarks68(load_image(path))
+    assert lm.shape == (68, 2)
+    np.testing.assert_array_equal(lm, pipe_eg3d(path).landmarks)
+    assert pipe_eg3d.find_landmarks68(np.full((200, 200, 3), 127, np.uint8)) is None
+
+
 def test_no_face_is_an_error(pipe_eg3d, tmp_path):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((200, 200, 3), 127, np.uint8)).save(blank)

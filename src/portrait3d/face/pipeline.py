@@ -99,6 +99,17 @@ class FacePipeline(ReleasesOnExit):
         return FaceResult(image=image, detection=face, num_faces=len(detections), landmarks=lm68, aligned=aligned,
                           pose=pose, camera=camera_from_pose(pose))
 
+    def find_landmarks68(self, image: np.ndarray) -> np.ndarray | None:
+        """The largest face's 68 iBUG landmarks ``[68, 2]`` (pixels) in ``image`` (uint8 ``[H, W, 3]``), or ``None``
+        where no face is found: the measuring instrument for generated renders, which may have no face."""
+        from portrait3d.face.errors import FaceError
+
+        try:
+            dets = self.detector.detect(image)
+            return self.landmarker.landmarks68(image, select_face(dets)) if dets else None
+        except FaceError:
+            return None
+
     def pose_notes(self, face: FaceResult, name: str, disagree_deg: float = 15.0) -> list[str]:
         """Warnings about the head pose behind ``face.camera`` (``[]`` when there is nothing to say): MediaPipe's
         468-point mesh is fitted too (:func:`~portrait3d.face.pose.estimate_head_pose_mesh`, robust to profile

@@ -258,16 +258,10 @@ class IdentityMeter:
 
     def measure(self, image: np.ndarray) -> dict[str, float] | None:
         """``{"cosine", "distance"}`` of ``image``'s face against the reference, ``None`` where none is found."""
-        from portrait3d.face.detect import select_face
-        from portrait3d.face.errors import FaceError
         from portrait3d.face.identity import cosine_similarity, dlib_descriptor
 
-        try:
-            dets = self.pipe.detector.detect(image)
-            if not dets:
-                return None
-            lm = self.pipe.landmarker.landmarks68(image, select_face(dets))
-        except FaceError:
+        lm = self.pipe.find_landmarks68(image)
+        if lm is None:
             return None
         if self._ref is None:
             self._ref = dlib_descriptor(self.reference, self.reference_landmarks)

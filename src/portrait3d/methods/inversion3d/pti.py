@@ -56,8 +56,7 @@ import torch.nn as nn
 
 from portrait3d.methods.projector.projector import device_of
 
-__all__ = ["PTIConfig", "depth_smoothness", "face_landmarks_finder", "novel_view_identity_terms", "pivotal_tuning",
-           "render"]
+__all__ = ["PTIConfig", "depth_smoothness", "novel_view_identity_terms", "pivotal_tuning", "render"]
 
 
 @dataclass
@@ -167,25 +166,6 @@ def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool 
     return G.synthesis(ws, c, **kw)
 
 
-def face_landmarks_finder() -> tuple[Callable[[np.ndarray], np.ndarray | None], Callable[[], None]]:
-    """``(find, close)``: ``find(image uint8 [H, W, 3])`` -> the largest face's 68 landmarks ``[68, 2]`` (pixels) or
-    ``None`` (the face pipeline's detector and landmarker); ``close()`` frees the detector."""
-    from portrait3d.face.detect import select_face
-    from portrait3d.face.errors import FaceError
-    from portrait3d.face.pipeline import FacePipeline
-
-    pipe = FacePipeline(style="default")
-
-    def find(image: np.ndarray) -> np.ndarray | None:
-        try:
-            dets = pipe.detector.detect(image)
-            return pipe.landmarker.landmarks68(image, select_face(dets)) if dets else None
-        except FaceError:
-            return None
-
-    return find, pipe.close
-
-
 def novel_view_identity_terms(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, yaws: tuple[float, ...],
                               reference_embedding: torch.Tensor,
                               landmarks_of: Callable[[np.ndarray], np.ndarray | None],
@@ -242,7 +222,7 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
         callback: ``callback(step, record, G_tuned, image)`` after every step; ``True`` stops.
         step_offset: added to the ``step`` of every record (to continue an inversion's history).
         landmarks_of: the 68-landmark finder that places the novel views' chips (``L_nv``; default: the face
-            pipeline's, :func:`face_landmarks_finder`).
+            pipeline's, :meth:`portrait3d.face.pipeline.FacePipeline.find_landmarks68`).
 
     Returns:
         ``(G_tuned, history)``: the tuned copy (eval mode, ``requires_grad`` off) and one dict per
@@ -299,15 +279,18 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                                                                 int(tgt.shape[-1]))).reference_embedding
         else:
             raise ValueError("the novel-view identity term needs the photo's landmarks (landmarks=)")
-        close = None
+        pipe = None
         if landmarks_of is None:
-            landmarks_of, close = face_landmarks_finder()
+            from portrait3d.face.pipeline import FacePipeline
+
+            pipe = FacePipeline(style="default")
+            landmarks_of = pipe.find_landmarks68
         try:
             novel_views = novel_view_identity_terms(G, ws, camera, tuple(cfg.novel_view_yaws), ref_emb, landmarks_of,
                                                     cfg.deterministic)
         finally:
-            if close is not None:
-                close()
+            if pipe is not None:
+                pipe.close()
 
     history: list[dict[str, Any]] = []
     bar = None
