@@ -56,19 +56,18 @@ def label_angles(camera: torch.Tensor) -> tuple[float, float, float]:
     return float(yaw), float(pitch), float(roll)
 
 
-def pnp_camera(image: np.ndarray, detector: Any, landmarker: Any) -> tuple[torch.Tensor | None, np.ndarray | None]:
-    """Face pipeline's camera ``[1, 25]`` of a rendered crop ``uint8 [R, R, 3]`` and its ``[68, 2]`` landmarks;
-    ``(None, None)`` when no face is found."""
-    from portrait3d.face.detect import select_face
+def pnp_camera(image: np.ndarray, pipe: Any) -> tuple[torch.Tensor | None, np.ndarray | None]:
+    """Face pipeline's camera ``[1, 25]`` of a rendered crop ``uint8 [R, R, 3]`` and its ``[68, 2]`` landmarks
+    (:meth:`FacePipeline.find_landmarks68`, then PnP); ``(None, None)`` when no face is found."""
     from portrait3d.face.errors import FaceError
     from portrait3d.face.pipeline import EG3D_FOV_DEG
     from portrait3d.face.pose import camera_from_pose, estimate_head_pose
 
+    lm = pipe.find_landmarks68(image)
+    if lm is None:
+        return None, None
+    lm = np.asarray(lm, np.float64)
     try:
-        dets = detector.detect(image)
-        if not dets:
-            return None, None
-        lm = np.asarray(landmarker.landmarks68(image, select_face(dets)), np.float64)
         pose = estimate_head_pose(lm, (image.shape[1], image.shape[0]), fov_deg=EG3D_FOV_DEG)
     except (FaceError, ValueError):
         return None, None
@@ -107,7 +106,7 @@ def _fmt(v: float) -> str:
               help="PoseEstimator file (default: the face pipeline's PnP camera).")
 @click.option("--encoder", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="LatentEncoder file for Algorithm 1's initial latent (default: w_avg).")
-@click.option("--steps", type=click.IntRange(min=0), default=None, show_default="InversionConfig default (400)",
+@click.option("--steps", type=click.IntRange(min=0), default=None, show_default="InversionConfig's default",
               help="Algorithm 1 steps (0: initial camera only).")
 @click.option("--batch", type=click.IntRange(min=1), default=8, help="Pairs rendered at once.")
 @click.option("--seed", type=int, default=0, help="Pair seed (offset by a fixed evaluation key) and optimiser seed.")
@@ -122,8 +121,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
     """Camera error of P (or PnP) alone and after Algorithm 1, on generated images with known cameras."""
     from tqdm import tqdm
 
-    from portrait3d.face.detect import FaceDetector
-    from portrait3d.face.landmarks import LandmarkDetector
+    from portrait3d.face.pipeline import FacePipeline
     from portrait3d.methods.inversion3d.optimize import InversionConfig, invert
     from portrait3d.methods.inversion3d.pseudo import PseudoPairConfig, sample_pseudo_pairs
     from portrait3d.utils.visualize import to_uint8
@@ -146,9 +144,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
     per_image: list[dict[str, Any]] = []
     loss_description = ""
     t_start = time.perf_counter()
-    detector = landmarker = None
-    if P is None:
-        detector, landmarker = FaceDetector("mediapipe"), LandmarkDetector("dlib")
+    pipe = FacePipeline() if P is None else None
     try:
         bar = tqdm(total=n, desc="camera recovery", unit="image", disable=not progress)
         done = 0
@@ -165,7 +161,7 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
                         cam0 = P.camera(x).detach().float().reshape(1, 25)
                     source = "P"
                 else:
-                    cam0, lm = pnp_camera(to_uint8(x)[0], detector, landmarker)
+                    cam0, lm = pnp_camera(to_uint8(x)[0], pipe)
                     source = "PnP" if cam0 is not None else "frontal (no face)"
                     if cam0 is None:
                         cam0 = camera_from_angles(0.0, 0.0, radius=radius, pivot=pivot).reshape(1, 25)
@@ -190,9 +186,8 @@ def main(network: str, n: int, yaw_range: tuple[float, float], pitch_range: tupl
             done += m
         bar.close()
     finally:
-        for obj in (detector, landmarker):
-            if obj is not None:
-                obj.close()
+        if pipe is not None:
+            pipe.close()
 
     no_face = "frontal (no face)"
     groups = [("PnP found a face" if P is None else "all", [r for r in per_image if r["init_source"] != no_face])]

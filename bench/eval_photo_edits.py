@@ -44,10 +44,12 @@ import torch
 @click.option("--metric", type=click.Choice(["prior", "euclidean"]), default="prior")
 @click.option("--project-steps", type=int, default=300)
 @click.option("--fast/--exact", default=True, help="`edit --fast/--exact` (its default: fast).")
+@click.option("--pti-steps", type=int, default=None, help="`edit --pti-steps` [its default].")
 @click.option("--threads", type=int, default=1)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n: int, yaw: float, mode: str,
-         feedback: int, lambda_id: float | None, metric: str, project_steps: int, fast: bool, threads: int,
+         feedback: int, lambda_id: float | None, metric: str, project_steps: int, fast: bool, pti_steps: int | None,
+         threads: int,
          out: Path) -> None:
     from PIL import Image
 
@@ -71,7 +73,7 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
                 try:
                     rec = run_edit(str(photos / name), network, editor_path, EditSpec(yaw=yaw, absolute=False), mode,
                                    50, lambda_id, Path(tmp), False, "mediapipe", project_steps, None, metric=metric,
-                                   feedback=feedback, fast=fast)
+                                   feedback=feedback, fast=fast, pti_steps=pti_steps)
                 except Exception as e:  # a photo the command refuses counts as a failure, with its reason
                     rows.append({"photo": name, "error": f"{type(e).__name__}: {e}"})
                     click.echo(f"[{k + 1}/{len(picks)}] {name}: {rows[-1]['error']}")
@@ -84,7 +86,8 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
             m = measure_pose_identity({"photo": photo, "original": ims["original"], "edited": ims["edited"],
                                        "projection": ims["projection"]}, analyzer=fa)
             m_orig = measure_pose_identity({"original": ims["original"], "edited": ims["edited"]}, analyzer=fa)
-            row = {"photo": name, "seconds": seconds, "tool_yaw_change": (rec.get("head_pose_change_deg") or [None])[0]}
+            row = {"photo": name, "seconds": seconds, "tool_yaw_change": (rec.get("head_pose_change_deg") or [None])[0],
+                   "pti_steps": rec.get("pti_steps")}
             if m["original"].get("face") and m["edited"].get("face"):
                 row["yaw_original"], row["yaw_edited"] = m["original"]["yaw_deg"], m["edited"]["yaw_deg"]
                 row["yaw_change"] = row["yaw_edited"] - row["yaw_original"]
@@ -119,7 +122,8 @@ def main(photos: Path, holdout: Path, editor_path: Path | None, network: str, n:
         "identity_photo_projection_mean": mean("identity_photo_projection"),
         "identity_original_edited_mean": mean("identity_original_edited"),
         "seconds_mean": mean("seconds"), "seconds_max": max((r["seconds"] for r in done), default=None),
-        "threads": threads, "project_steps": project_steps, "fast": fast, "network": network,
+        "threads": threads, "project_steps": project_steps, "fast": fast,
+        "pti_steps": rows[0].get("pti_steps") if rows else None, "network": network,
         "editor": str(editor_path) if editor_path else "shipped",
     }
     (out / "results.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))

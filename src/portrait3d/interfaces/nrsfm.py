@@ -80,7 +80,8 @@ def run_build(network: str, out: Path, space: str, samples: int, basis: int, bac
 
 # ----------------------------------------------------------------------------- edit
 def source_latent(G: Any, editor: Any, source: str, project_steps: int, face_index: int | None, out: Path,
-                  force: bool, fast: bool = True) -> tuple[torch.Tensor, dict[str, Any], PhotoLatent | None]:
+                  force: bool, fast: bool = True, pti_steps: int | None = None
+                  ) -> tuple[torch.Tensor, dict[str, Any], PhotoLatent | None]:
     """A seed (an integer) or a photo path -> a latent of the editor's space, what to record of it, and the photo's
     projection (None for a seed); a photo's crop and projection are written to ``out`` (``aligned.png``,
     ``projection.png``); ``fast``: :attr:`PhotoEditConfig.fast`."""
@@ -92,13 +93,14 @@ def source_latent(G: Any, editor: Any, source: str, project_steps: int, face_ind
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{source} is neither a seed (integer) nor an existing photo")
-    cfg = PhotoEditConfig(fast=fast)
+    cfg = PhotoEditConfig(fast=fast) if pti_steps is None else PhotoEditConfig(fast=fast, pti_steps=pti_steps)
     pl = project_photo(G, editor, path, project_steps, face_index, name=str(path), cfg=cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_image(out / "aligned.png", pl.aligned, overwrite=force)
     save_image(out / "projection.png", pl.projection, overwrite=force)
     return pl.latent, {**pl.info, "projection": {"identity_weight": cfg.identity_weight,
-                                                 "latent_prior_weight": cfg.latent_prior_weight}}, pl
+                                                 "latent_prior_weight": cfg.latent_prior_weight,
+                                                 "pti_steps": cfg.pti_steps}}, pl
 
 
 def _save_edit(out: Path, rep: EditReport, grid: np.ndarray, extra: dict[str, Any], force: bool) -> dict[str, Any]:
@@ -116,11 +118,13 @@ def _save_edit(out: Path, rep: EditReport, grid: np.ndarray, extra: dict[str, An
 def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mode: str, steps: int,
              lambda_id: float | None, out: Path, force: bool, detector: str = "template", project_steps: int = 300,
              face_index: int | None = None, device: str = "cpu", metric: str = "prior",
-             feedback: int = 1, fast: bool = True) -> dict[str, Any]:
+             feedback: int = 1, fast: bool = True, pti_steps: int | None = None) -> dict[str, Any]:
     """``portrait3d edit``: see the module docstring for what lands in ``out`` (``fast``: a photo's projection on
-    the fast path, :attr:`PhotoEditConfig.fast`). ``feedback``: re-edits whose asked
-    angles are corrected by what the edited face's landmarks measure (:func:`edit_and_measure`). ``lambda_id``
-    None: the paper's 0.01 to the original render for a seed, :class:`PhotoEditConfig`'s to the photo for a photo."""
+    the fast path, :attr:`PhotoEditConfig.fast`; ``pti_steps``: pivotal tuning after it, None for
+    :attr:`PhotoEditConfig.pti_steps`, the edit then rendering with the tuned generator). ``feedback``: re-edits
+    whose asked angles are corrected by what the edited face's landmarks measure (:func:`edit_and_measure`).
+    ``lambda_id`` None: the paper's 0.01 to the original render for a seed, :class:`PhotoEditConfig`'s to the photo
+    for a photo."""
     from portrait3d.checkpoints import load_network
 
     editor = resolve_editor(network, editor_path)
@@ -128,7 +132,9 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
     check_outputs(out, EDIT_OUTPUTS + ("aligned.png", "projection.png"), force)
     G = load_network(network, device=device).eval().requires_grad_(False)
     editor.phi.to(device)
-    latent0, extra, photo = source_latent(G, editor, source, project_steps, face_index, out, force, fast)
+    latent0, extra, photo = source_latent(G, editor, source, project_steps, face_index, out, force, fast, pti_steps)
+    if photo is not None and photo.generator is not None:
+        G = photo.generator  # pivotal tuning: the edit renders with the generator tuned to the photo
     if lambda_id is None:
         lambda_id = DEFAULT_LAMBDA_ID if photo is None else PhotoEditConfig().lambda_id
     reference = None if photo is None else (photo.aligned, photo.landmarks)
@@ -147,7 +153,7 @@ def run_edit(source: str, network: str, editor_path: Path | None, spec: Any, mod
 def run_transfer(source: str, target: str, network: str, editor_path: Path | None, part: str, mode: str, steps: int,
                  lambda_id: float | None, out: Path, force: bool, detector: str = "template",
                  project_steps: int = 300, device: str = "cpu", metric: str = "prior",
-                 fast: bool = True) -> dict[str, Any]:
+                 fast: bool = True, pti_steps: int | None = None) -> dict[str, Any]:
     """``portrait3d transfer SOURCE TARGET``: TARGET's face with SOURCE's pose and/or expression (Sec. 4.4)."""
     from portrait3d.checkpoints import load_network
     from portrait3d.methods.nrsfm.data import synthesize
@@ -158,12 +164,16 @@ def run_transfer(source: str, target: str, network: str, editor_path: Path | Non
     G = load_network(network, device=device).eval().requires_grad_(False)
     editor.phi.to(device)
     lambda_id = DEFAULT_LAMBDA_ID if lambda_id is None else lambda_id
-    w_src, src_info, _ = source_latent(G, editor, source, project_steps, None, out / "source_inversion", force, fast)
-    w_tgt, tgt_info, _ = source_latent(G, editor, target, project_steps, None, out / "target_inversion", force, fast)
+    # The source gives only its parameters: pivotal tuning (if any) is spent on the target, whose face is edited.
+    w_src, src_info, _ = source_latent(G, editor, source, project_steps, None, out / "source_inversion", force, fast,
+                                       pti_steps=0)
+    w_tgt, tgt_info, tgt_photo = source_latent(G, editor, target, project_steps, None, out / "target_inversion",
+                                               force, fast, pti_steps)
     with torch.no_grad():
         q = transfer_target(editor.params(w_tgt), editor.params(w_src), editor.layout, part)
         src_img = to_uint8(synthesize(G, w_src, editor.space))[0]
-    rep = edit_and_measure(G, editor, w_tgt, q, mode, steps, lambda_id, detector, metric)
+    G_target = tgt_photo.generator if tgt_photo is not None and tgt_photo.generator is not None else G
+    rep = edit_and_measure(G_target, editor, w_tgt, q, mode, steps, lambda_id, detector, metric)
     out.mkdir(parents=True, exist_ok=True)
     save_image(out / "source.png", src_img, overwrite=force)
     extra = {"network": network, "space": editor.space, "metric": metric, "part": part, "source": src_info,

@@ -153,3 +153,21 @@ def test_novel_view_identity_pulls_the_unseen_views_toward_the_photo(tiny_eg3d):
         pivotal_tuning(G, ws, c, target, cfg, progress=False, landmarks_of=landmarks_of)
     with pytest.raises(ValueError, match="novel_view_yaws"):
         PTIConfig(novel_view_identity_weight=1.0, novel_view_yaws=(95.0,)).validate()
+
+
+def test_novel_views_share_the_given_dlib_network(tiny_eg3d):
+    """Every view's identity loss uses the one dlib network it is given (the photo descriptor's), not one of its own."""
+    import numpy as np
+
+    from portrait3d.losses.identity import IdentityLoss
+    from portrait3d.methods.inversion3d.pti import novel_view_identity_terms
+
+    G = tiny_eg3d
+    ws, c, target = _pivot_problem(G)
+    res = int(G.img_resolution)
+    lm = np.random.default_rng(0).uniform(0.3 * res, 0.7 * res, (68, 2))
+    photo = IdentityLoss(target, lm)
+    terms = novel_view_identity_terms(G, ws, c, (-20.0, 20.0), photo.reference_embedding, lambda image: lm,
+                                      encoder=photo.encoder)
+    assert [yaw for yaw, _, _ in terms] == [-20.0, 20.0]
+    assert all(loss.encoder is photo.encoder for _, _, loss in terms)

@@ -93,6 +93,10 @@ def _edit_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--fast/--exact", default=True,
                      help="A photo's projection in bf16 with the perceptual loss at the generator's size (about 1.5x "
                           "faster on a CPU), or in float32 at 224 px."),
+        click.option("--pti-steps", type=click.IntRange(0, 100000), default=None,
+                     show_default="0 (PhotoEditConfig.pti_steps)",
+                     help="Pivotal tuning steps after a photo's projection (Roich et al.; 0: off): the edit then "
+                          "renders with the generator tuned to the photo."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."),
         click.option("--force", is_flag=True, help="Overwrite existing outputs."),
     ]
@@ -127,8 +131,8 @@ def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll:
          expr: tuple[str, ...],
          face_index: int | None, feedback: int, network: str, editor_path: Path | None, mode: str, metric: str,
          steps: int, lambda_id: float | None,
-         detector: str, project_steps: int, fast: bool, out: Path, force: bool, workers: int, device: str,
-         threads: int | None) -> None:
+         detector: str, project_steps: int, fast: bool, pti_steps: int | None, out: Path, force: bool, workers: int,
+         device: str, threads: int | None) -> None:
     """Edit head pose and expression of SOURCE (a seed, or a photo that is inverted first).
 
     CPU time on one core at 128 px: a linear edit of a seed takes about a second, a gradient edit (50 steps) tens of
@@ -151,12 +155,12 @@ def edit(source: str, method: str, yaw: float | None, pitch: float | None, roll:
                         network=network,
                         editor_path=editor_path, mode=mode, metric=metric, steps=steps, lambda_id=lambda_id,
                         feedback=feedback, detector=detector,
-                        project_steps=project_steps, device=device, fast=fast)
+                        project_steps=project_steps, device=device, fast=fast, pti_steps=pti_steps)
         run_batch_command([source], out, task, desc="editing", config={"command": "edit", **task.__dict__},
                           workers=workers, force=force)
         return
     rec = run_edit(source, network, editor_path, spec, mode, steps, lambda_id, out, force, detector, project_steps,
-                   face_index, device=device, metric=metric, feedback=feedback, fast=fast)
+                   face_index, device=device, metric=metric, feedback=feedback, fast=fast, pti_steps=pti_steps)
     _echo_edit_summary(rec, out)
 
 
@@ -181,6 +185,7 @@ class EditTask(ItemTask):
     device: str = "cpu"
     feedback: int = 1
     fast: bool = True
+    pti_steps: int | None = None
 
     def run(self, item: BatchItem, out_dir: Path) -> dict[str, Any]:
         from portrait3d.interfaces.nrsfm import run_edit
@@ -190,7 +195,7 @@ class EditTask(ItemTask):
                         absolute=not self.relative)
         rec = run_edit(str(item.path), self.network, self.editor_path, spec, self.mode, self.steps, self.lambda_id,
                        out_dir, False, self.detector, self.project_steps, self.face_index, device=self.device,
-                       metric=self.metric, feedback=self.feedback, fast=self.fast)
+                       metric=self.metric, feedback=self.feedback, fast=self.fast, pti_steps=self.pti_steps)
         return {k: rec[k] for k in ("identity_similarity_dlib", "head_pose_change_deg", "edit_seconds") if k in rec}
 
 
@@ -220,8 +225,8 @@ def _echo_edit_summary(rec: dict, out: Path) -> None:
 @compute_options
 @fail_cleanly
 def transfer(source: str, target: str, part: str, network: str, editor_path: Path | None, mode: str, metric: str,
-             steps: int, lambda_id: float | None, detector: str, project_steps: int, fast: bool, out: Path,
-             force: bool, device: str, threads: int | None) -> None:
+             steps: int, lambda_id: float | None, detector: str, project_steps: int, fast: bool,
+             pti_steps: int | None, out: Path, force: bool, device: str, threads: int | None) -> None:
     """Give TARGET the pose and/or expression of SOURCE (each a seed or a photo).
 
     \b
@@ -233,5 +238,5 @@ def transfer(source: str, target: str, part: str, network: str, editor_path: Pat
     from portrait3d.interfaces.nrsfm import run_transfer
 
     rec = run_transfer(source, target, network, editor_path, part, mode, steps, lambda_id, out, force, detector,
-                       project_steps, device=device, metric=metric, fast=fast)
+                       project_steps, device=device, metric=metric, fast=fast, pti_steps=pti_steps)
     _echo_edit_summary(rec, out)

@@ -81,9 +81,8 @@ def invert3d(photo: Path, out: Path, network: str, algorithm: str, steps: int | 
     orbit.mp4, latent.npy, result.json (and generator.safetensors with --pti) to OUT; `portrait3d render OUT`
     re-renders them from other angles.
 
-    CPU time with the built-in 128 px default-3d: the 225 default steps (150 latent, 75 camera) come to about 52 s
-    on an idle 2-core CPU at the per-step times measured there (0.24 s per latent step, 0.21 s per camera step,
-    2026-12-05; README "A photo in 3D"), then views, orbit, mesh and identity take about 7 s; --steps scales the
+    CPU time with the built-in 128 px default-3d: the 200 default steps (134 latent, 66 camera) take about 40-45 s on
+    an idle 2-core CPU, then views, orbit, mesh and identity about 7 s (README "A photo in 3D"); --steps scales the
     optimisation; --pti (350 steps, with the novel-view identity term) adds about 5 to 6 minutes on one core
     (about 3 without it, --pti-novel-identity 0).
     A progress bar shows the steps.

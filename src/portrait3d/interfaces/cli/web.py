@@ -31,7 +31,7 @@ from portrait3d.utils.compute import setup_compute
 @click.option("--pie-steps", type=(click.IntRange(0, 100000), click.IntRange(0, 100000)), default=(150, 100),
               help="PIE embedding steps per photo: in W, then in W+.")
 @click.option("--steps", type=click.IntRange(0, 100000), default=40,
-              help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 225); "
+              help="3D inversion steps per photo (few: the editor is interactive; portrait3d invert3d uses 200); "
                    "with a W_tri encoder, the steps of the Refine button.")
 @click.option("--learned-init/--no-learned-init", default=True, show_default=True,
               help="Start each 3D inversion from the encoder / pose estimator shipped beside a built-in --network-3d "

@@ -169,14 +169,16 @@ def render(G: nn.Module, ws: torch.Tensor, c: torch.Tensor, deterministic: bool 
 def novel_view_identity_terms(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, yaws: tuple[float, ...],
                               reference_embedding: torch.Tensor,
                               landmarks_of: Callable[[np.ndarray], np.ndarray | None],
-                              deterministic: bool = True) -> list[tuple[float, torch.Tensor, nn.Module]]:
+                              deterministic: bool = True, encoder: nn.Module | None = None
+                              ) -> list[tuple[float, torch.Tensor, nn.Module]]:
     """The views of :class:`PTIConfig`'s ``L_nv``: ``[(yaw, camera [1, 25], IdentityLoss)]``, one per yaw whose pivot
     render has a face.
 
     Each view's camera is ``camera`` turned to head yaw ``yaw`` (absolute degrees; pitch, roll, distance and
     intrinsics kept: :func:`~portrait3d.methods.inversion3d.camera_params.view_camera`). Its identity loss compares
     with ``reference_embedding`` ``[1, 128]`` (the photo's dlib descriptor), its chip placed by the landmarks found on
-    ``G``'s render of the pivot ``ws`` at that camera.
+    ``G``'s render of the pivot ``ws`` at that camera. ``encoder``: the dlib network to use (default: one built for
+    the first view), shared by every view.
     """
     from portrait3d.losses.identity import IdentityLoss
     from portrait3d.methods.inversion3d.camera_params import view_camera
@@ -185,7 +187,6 @@ def novel_view_identity_terms(G: nn.Module, ws: torch.Tensor, camera: torch.Tens
     dev = ws.device
     res = int(G.img_resolution)
     terms: list[tuple[float, torch.Tensor, nn.Module]] = []
-    encoder = None  # one dlib network for every view
     for yaw in yaws:
         cam = view_camera(camera, float(yaw)).to(dev)
         with torch.no_grad():
@@ -268,16 +269,13 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
     novel_views: list[tuple[float, torch.Tensor, nn.Module]] = []
     if cfg.novel_view_identity_weight > 0 and cfg.steps > 0:
         ident = getattr(image_loss, "identity_module", None)
-        if ident is not None and hasattr(ident, "reference_embedding"):
-            ref_emb = ident.reference_embedding
-        elif landmarks is not None:
+        if (ident is None or not hasattr(ident, "reference_embedding")) and landmarks is not None:
             from portrait3d.losses.identity import IdentityLoss
             from portrait3d.methods.projector.projector import scaled_landmarks
 
             tgt = image_loss.target
-            ref_emb = IdentityLoss(tgt.cpu(), scaled_landmarks(landmarks, int(target.shape[-1]),
-                                                                int(tgt.shape[-1]))).reference_embedding
-        else:
+            ident = IdentityLoss(tgt.cpu(), scaled_landmarks(landmarks, int(target.shape[-1]), int(tgt.shape[-1])))
+        if ident is None or not hasattr(ident, "reference_embedding"):
             raise ValueError("the novel-view identity term needs the photo's landmarks (landmarks=)")
         pipe = None
         if landmarks_of is None:
@@ -286,8 +284,10 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
             pipe = FacePipeline(style="default")
             landmarks_of = pipe.find_landmarks68
         try:
-            novel_views = novel_view_identity_terms(G, ws, camera, tuple(cfg.novel_view_yaws), ref_emb, landmarks_of,
-                                                    cfg.deterministic)
+            # the photo's descriptor and every view share one dlib network
+            novel_views = novel_view_identity_terms(G, ws, camera, tuple(cfg.novel_view_yaws),
+                                                    ident.reference_embedding, landmarks_of, cfg.deterministic,
+                                                    encoder=getattr(ident, "encoder", None))
         finally:
             if pipe is not None:
                 pipe.close()

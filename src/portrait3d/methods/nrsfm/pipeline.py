@@ -93,6 +93,8 @@ class PhotoEditConfig:
     lambda_id: float = 1.0             # eq. 15's lambda_ID, to the photo (seeds: the paper's 0.01, to the render)
     fast: bool = True                  # the projection in bf16, perceptual loss at the generator's size (projector
                                        # .photo.project_photo's fast path; README "Photos, and the feedback edit")
+    pti_steps: int = 0                 # pivotal tuning after the projection (projector.pti); the edit then renders
+                                       # with the tuned generator
 
 
 def project_photo(G: nn.Module, editor: Any, image: np.ndarray | Path, project_steps: int,
@@ -105,7 +107,8 @@ def project_photo(G: nn.Module, editor: Any, image: np.ndarray | Path, project_s
     if editor.space == "z":
         raise UsageError("photos can be edited only with a W or W+ editor (Z has no projector)")
     return _project(G, editor.space, image, project_steps, face_index, name=name,
-                    latent_prior_weight=cfg.latent_prior_weight, identity_weight=cfg.identity_weight, fast=cfg.fast)
+                    latent_prior_weight=cfg.latent_prior_weight, identity_weight=cfg.identity_weight, fast=cfg.fast,
+                    pti_steps=cfg.pti_steps)
 
 
 @dataclass

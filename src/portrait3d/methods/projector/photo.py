@@ -31,12 +31,13 @@ class PhotoLatent:
     projection: np.ndarray          # the projected latent rendered, uint8 [R, R, 3]
     info: dict[str, Any]
     landmarks: np.ndarray | None = None  # dlib's 68 points of the crop, pixels [68, 2]
+    generator: nn.Module | None = None   # the generator tuned to the photo by pivotal tuning (None: not tuned)
 
 
 def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_steps: int, face_index: int | None,
                   name: str = "photo", progress: bool = True, latent_prior_weight: float = 0.0,
                   identity_weight: float = 0.1, callback: Callable[..., Any] | None = None,
-                  fast: bool = False) -> PhotoLatent:
+                  fast: bool = False, pti_steps: int = 0) -> PhotoLatent:
     """Align ``image`` (an array or a path) in portrait3d's default crop and project it into ``space``.
 
     Raises:
@@ -45,7 +46,10 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
     ``latent_prior_weight``: :class:`ProjectorConfig`'s, to keep the latent where edit directions hold;
     ``identity_weight``: its dlib identity term's; ``callback``: :func:`project`'s, after every step; ``fast``: the
     projector in bf16 (:attr:`ProjectorConfig.precision`) with the perceptual loss at the generator's size (up to
-    :data:`FAST_PERCEPTUAL_MAX`) instead of 224 px.
+    :data:`FAST_PERCEPTUAL_MAX`) instead of 224 px; ``pti_steps``: that many
+    steps of pivotal tuning (:func:`~portrait3d.methods.projector.pti.pivotal_tuning`, PTI's losses, the same
+    precision as the projection) after the projection, whose tuned generator is returned in
+    :attr:`PhotoLatent.generator` and renders :attr:`PhotoLatent.projection`.
     """
     from portrait3d.face.pipeline import FacePipeline
 
@@ -63,8 +67,18 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
         cfg.perceptual_kwargs = {"resize": min(int(G.img_resolution), FAST_PERCEPTUAL_MAX)}
     res = project(G, target, cfg, landmarks=landmarks, progress=progress, callback=callback)
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
-    return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(res.image)[0],
-                       info={"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
-                             "projection_steps": project_steps, "projection_fast": bool(fast),
-                             "notes": several_faces_note(face, face_index, name)},
-                       landmarks=landmarks)
+    info = {"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
+            "projection_steps": project_steps, "projection_fast": bool(fast), "pti_steps": int(pti_steps),
+            "notes": several_faces_note(face, face_index, name)}
+    image, tuned = res.image, None
+    if pti_steps > 0:
+        from portrait3d.methods.projector.pti import PivotalTuningConfig, pivotal_tuning
+
+        pti_cfg = PivotalTuningConfig(steps=pti_steps, precision=cfg.precision,
+                                      perceptual_kwargs=dict(cfg.perceptual_kwargs))
+        tuned_res = pivotal_tuning(G, res.ws, target, pti_cfg, progress=progress)
+        image, tuned = tuned_res.image, tuned_res.generator
+        last = tuned_res.losses[-1] if tuned_res.losses else {}
+        info["pti_last"] = {k: v for k, v in last.items() if k in ("mse", "perceptual", "loss")}
+    return PhotoLatent(latent=latent.detach(), aligned=aligned, projection=to_uint8(image)[0], info=info,
+                       landmarks=landmarks, generator=tuned)
