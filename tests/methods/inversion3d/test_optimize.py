@@ -106,7 +106,7 @@ def test_phase_schedule_and_validation():
     assert phase_schedule(_cfg(algorithm=1, steps=4)) == ["latent", "camera"] * 2
     default = phase_schedule(InversionConfig())
     assert default[:6] == ["latent", "latent", "camera"] * 2
-    assert (default.count("latent"), default.count("camera")) == (150, 75)
+    assert (default.count("latent"), default.count("camera")) == (134, 66)
     assert phase_schedule(_cfg(algorithm=2, steps=3)) == ["latent"] * 3
     assert phase_schedule(_cfg(algorithm=3, steps=3)) == ["joint"] * 3
     for bad in (dict(algorithm=4), dict(space="z"), dict(lr_cam=-1.0), dict(warp_norm="l3"),
