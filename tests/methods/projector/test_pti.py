@@ -47,6 +47,9 @@ def test_locality_latent_lies_alpha_from_the_pivot():
     w_r = locality_latent(w_p, w_z, 30.0)
     torch.testing.assert_close((w_r - w_p).norm(dim=-1), torch.full((2,), 30.0))
     torch.testing.assert_close(torch.nn.functional.cosine_similarity(w_r - w_p, w_z - w_p), torch.ones(2))
+    # a [N, num_ws, w_dim] code moves alpha in all its layers together (PTI's norm over the whole code)
+    w_p, w_z = torch.zeros(2, 3, 8), torch.randn(2, 3, 8)
+    torch.testing.assert_close((locality_latent(w_p, w_z, 30.0) - w_p).flatten(1).norm(dim=1), torch.full((2,), 30.0))
 
 
 def test_locality_regulariser_holds_other_latents(tiny_stylegan2):

@@ -47,53 +47,40 @@ import copy
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from portrait3d.methods.projector.projector import device_of
+from portrait3d.methods.projector.projector import device_of, finite_loss
+from portrait3d.methods.projector.pti import PTISettings, locality_distance, locality_latent
 
 __all__ = ["PTIConfig", "depth_smoothness", "novel_view_identity_terms", "pivotal_tuning", "render"]
 
 
 @dataclass
-class PTIConfig:
-    """Settings of :func:`pivotal_tuning` (PTI defaults plus Ko et al.'s depth regulariser)."""
+class PTIConfig(PTISettings):
+    """Settings of :func:`pivotal_tuning`: PTI's (:class:`~portrait3d.methods.projector.pti.PTISettings`: steps,
+    learning rate, loss weights, locality regulariser), Ko et al.'s depth regulariser and our optional terms."""
 
-    steps: int = 350                      # PTI: max_pti_steps
-    lr: float = 3e-4                      # PTI: pti_learning_rate (Adam)
-    mse_weight: float = 1.0               # PTI: pt_l2_lambda
-    perceptual_weight: float = 1.0        # PTI: pt_lpips_lambda (ours: EfficientNet-Lite0 distance)
-    identity_weight: float = 0.0          # optional identity term (needs landmarks)
     depth_smooth_weight: float = 1.0      # lambda_depth of Ko et al.'s depth regulariser (our value)
     depth_smooth_order: int = 1           # 1: RegNeRF's squared first differences; 2: second differences
-    locality_weight: float = 0.0          # PTI's locality regulariser (0.1 when enabled there); 0 = off
-    locality_alpha: float = 30.0          # PTI: regulizer_alpha
-    locality_truncation: float = 0.5      # truncation of the sampled w_z (as PTI samples them)
     locality_interval: int = 1            # apply the locality term every k steps
     symmetry_weight: float = 0.0          # the mirrored pseudo view (flipped photo at the mirrored camera); 0 = off
                                           # (at 1 on 6 photos: same identity kept, -5 dB PSNR; README)
     novel_view_identity_weight: float = 0.0   # lambda_nv: dlib identity of novel views to the photo; 0 = off
     novel_view_yaws: tuple[float, ...] = (-40.0, -20.0, 20.0, 40.0)  # absolute head yaws (deg) of those views
-    perceptual: str = "efficientnet-lite0"
-    perceptual_kwargs: dict[str, Any] = field(default_factory=dict)
-    stop_threshold: float = 0.0           # stop once the perceptual term is below this (PTI: LPIPS 0.06); 0 = never
     deterministic: bool = True            # deterministic ray sampling while tuning (less gradient noise)
-    seed: int = 0                         # locality-regulariser latents
 
     def validate(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"PTI steps must be >= 0, not {self.steps}")
+        super().validate()
         if self.depth_smooth_order not in (1, 2):
             raise ValueError(f"depth_smooth_order must be 1 or 2, not {self.depth_smooth_order}")
         if self.locality_interval < 1:
             raise ValueError(f"locality_interval must be >= 1, not {self.locality_interval}")
-        for name in ("lr", "mse_weight", "perceptual_weight", "identity_weight", "depth_smooth_weight",
-                     "locality_weight", "locality_alpha", "symmetry_weight", "novel_view_identity_weight",
-                     "stop_threshold"):
+        for name in ("depth_smooth_weight", "symmetry_weight", "novel_view_identity_weight"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, not {v!r}")
@@ -321,18 +308,13 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                 z = torch.randn([1, G.z_dim], generator=gen).to(dev)
                 with torch.no_grad():
                     w_z = G.mapping(z, camera, truncation_psi=cfg.locality_truncation)  # [1, num_ws, w_dim]
-                    direction = w_z - ws                                     # norm over the whole code, as PTI
-                    w_r = ws + cfg.locality_alpha * direction / direction.norm().clamp_min(1e-8)
+                    w_r = locality_latent(ws, w_z, cfg.locality_alpha)
                     ref = render(G, w_r, camera, cfg.deterministic)["image"]
                 img_r = render(G_t, w_r, camera, cfg.deterministic)["image"]
-                loc = (img_r - ref).square().mean()
-                if percept is not None:
-                    loc = loc + percept(img_r, ref).mean()
+                loc = locality_distance(img_r, ref, percept)
                 loss = loss + cfg.locality_weight * loc
                 record["locality"] = float(loc.detach())
-            record["loss"] = float(loss.detach())
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"pivotal tuning diverged at step {step}: loss {record['loss']}")
+            record["loss"] = finite_loss(loss, "pivotal tuning", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

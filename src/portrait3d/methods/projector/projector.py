@@ -46,7 +46,7 @@ from portrait3d.errors import UsageError
 __all__ = ["SPACES", "PRECISIONS",
            "ProjectionResult", "ProjectorConfig", "compute_w_stats", "noise_buffer_names", "project",
            "resize_target", "synthesize", "as_target_image", "device_of", "lr_at", "latent_noise_scale",
-           "scaled_landmarks"]
+           "scaled_landmarks", "image_loss_modules", "image_loss_terms", "finite_loss"]
 
 SPACES = ("w", "w+", "w->w+")
 PRECISIONS = ("fp32", "bf16")
@@ -242,6 +242,76 @@ def scaled_landmarks(landmarks, src: int, dst: int) -> np.ndarray:
     return (lm + 0.5) * s - 0.5
 
 
+def finite_loss(loss: torch.Tensor, what: str, step: int) -> float:
+    """``float(loss)``, or ``FloatingPointError`` naming ``what`` diverged at ``step``."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} diverged at step {step}: loss {value}")
+    return value
+
+
+def image_loss_modules(cfg: Any, target: torch.Tensor, src_size: int, landmarks=None,
+                       perceptual_loss: nn.Module | None = None, identity_loss: nn.Module | None = None
+                       ) -> tuple[nn.Module | None, nn.Module | None, list[torch.Tensor] | None]:
+    """The perceptual and identity modules of an image loss against ``target`` ``[1, 3, R, R]`` (on its device, eval
+    mode), and the target's perceptual features where the module can cache them.
+
+    ``cfg`` holds ``perceptual_weight``, ``perceptual``, ``perceptual_kwargs`` and ``identity_weight``
+    (:class:`ProjectorConfig`, or pivotal tuning's config); a zero weight gives ``None``. The identity term needs
+    ``landmarks`` (``[68, 2]`` pixels of the target as given, ``src_size`` px) or a ready ``identity_loss``.
+
+    Returns:
+        ``(percept, ident, target_features)``; ``target_features`` is ``None`` when ``percept`` has no
+        ``features`` / ``distance`` pair (then call ``percept(image, target)``).
+    """
+    dev, res = target.device, int(target.shape[-1])
+    percept = ident = None
+    if cfg.perceptual_weight > 0:
+        if perceptual_loss is None:
+            from portrait3d.losses.perceptual import perceptual_loss as make_perceptual
+
+            perceptual_loss = make_perceptual(cfg.perceptual, **cfg.perceptual_kwargs)
+        percept = perceptual_loss.to(dev).eval()
+    if cfg.identity_weight > 0 and (landmarks is not None or identity_loss is not None):
+        if identity_loss is None:
+            from portrait3d.losses.identity import IdentityLoss
+
+            identity_loss = IdentityLoss(target.cpu(), scaled_landmarks(landmarks, src_size, res))
+        ident = identity_loss.to(dev).eval()
+    feats = None
+    if percept is not None and hasattr(percept, "features") and hasattr(percept, "distance"):
+        with torch.no_grad():
+            feats = [f.detach() for f in percept.features(target)]
+    return percept, ident, feats
+
+
+def image_loss_terms(img: torch.Tensor, target: torch.Tensor, cfg: Any, percept: nn.Module | None,
+                     ident: nn.Module | None, target_features: list[torch.Tensor] | None,
+                     amp: Callable[[], Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``mse_weight * MSE(img, target) + perceptual_weight * P(img, target) + identity_weight * ID(img)`` and each
+    term's value, for the modules of :func:`image_loss_modules` (``None`` leaves a term out; ``target_features``
+    the target's cached perceptual features, or ``None``). ``amp()``: the autocast context the networks run in.
+    ``img``, ``target``: ``[1, 3, R, R]`` float32."""
+    loss = img.new_zeros([])
+    terms: dict[str, float] = {}
+    if cfg.mse_weight > 0:
+        mse = (img - target).square().mean()
+        loss = loss + cfg.mse_weight * mse
+        terms["mse"] = float(mse.detach())
+    if percept is not None:
+        with amp():
+            p = (percept.distance(img, target_features) if target_features is not None
+                 else percept(img, target)).float().mean()
+        loss = loss + cfg.perceptual_weight * p
+        terms["perceptual"] = float(p.detach())
+    if ident is not None:
+        with amp():
+            idl = ident(img).float().mean()
+        loss = loss + cfg.identity_weight * idl
+        terms["identity"] = float(idl.detach())
+    return loss, terms
+
+
 def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = None, landmarks=None,
             progress: bool = True, callback: Callable[..., Any] | None = None, *,
             c: torch.Tensor | None = None, perceptual_loss: nn.Module | None = None,
@@ -277,23 +347,7 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
     target_r = resize_target(target.to(dev, torch.float32), res).detach()
 
     # -- loss terms ------------------------------------------------------------------------
-    percept = None
-    if cfg.perceptual_weight > 0:
-        if perceptual_loss is None:
-            from portrait3d.losses.perceptual import perceptual_loss as make_perceptual
-
-            perceptual_loss = make_perceptual(cfg.perceptual, **cfg.perceptual_kwargs)
-        percept = perceptual_loss.to(dev).eval()
-    ident = None
-    if cfg.identity_weight > 0 and (landmarks is not None or identity_loss is not None):
-        if identity_loss is None:
-            from portrait3d.losses.identity import IdentityLoss
-
-            identity_loss = IdentityLoss(target_r.cpu(), scaled_landmarks(landmarks, src_size, res))
-        ident = identity_loss.to(dev).eval()
-    with torch.no_grad():
-        cache = percept is not None and hasattr(percept, "features") and hasattr(percept, "distance")
-        target_feats = [f.detach() for f in percept.features(target_r)] if cache else None
+    percept, ident, target_feats = image_loss_modules(cfg, target_r, src_size, landmarks, perceptual_loss, identity_loss)
 
     # -- initial latent and noise maps --------------------------------------------------------
     if cfg.latent_prior_weight > 0:
@@ -342,22 +396,8 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
                 with amp():
                     img = synthesize(G, ws, noise).float()
 
-                record: dict[str, Any] = {"step": step, "phase": phase, "lr": lr, "w_noise": w_noise_scale}
-                loss = img.new_zeros([])
-                if cfg.mse_weight > 0:
-                    mse = (img - target_r).square().mean()
-                    loss = loss + cfg.mse_weight * mse
-                    record["mse"] = float(mse.detach())
-                if percept is not None:
-                    with amp():
-                        p = (percept.distance(img, target_feats) if cache else percept(img, target_r)).float().mean()
-                    loss = loss + cfg.perceptual_weight * p
-                    record["perceptual"] = float(p.detach())
-                if ident is not None:
-                    with amp():
-                        idl = ident(img).float().mean()
-                    loss = loss + cfg.identity_weight * idl
-                    record["identity"] = float(idl.detach())
+                loss, terms = image_loss_terms(img, target_r, cfg, percept, ident, target_feats, amp)
+                record: dict[str, Any] = {"step": step, "phase": phase, "lr": lr, "w_noise": w_noise_scale, **terms}
                 if cfg.latent_prior_weight > 0:
                     prior = ((w_opt - w_avg[:, None]) @ w_whiten).square().sum(-1).mean() / w_dim
                     loss = loss + cfg.latent_prior_weight * prior
@@ -366,9 +406,7 @@ def project(G: nn.Module, target: torch.Tensor, cfg: ProjectorConfig | None = No
                     reg = _noise_regularizer(list(noise.values()))
                     loss = loss + cfg.noise_reg_weight * reg
                     record["noise_reg"] = float(reg.detach())
-                record["loss"] = float(loss.detach())
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"projection diverged at step {step}: loss {record['loss']}")
+                record["loss"] = finite_loss(loss, "projection", step)
 
                 opt.zero_grad(set_to_none=True)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # nothing lands in G's .grad

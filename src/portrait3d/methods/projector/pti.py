@@ -23,6 +23,7 @@ The caller's generator is never modified: a deep copy is tuned and returned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -36,16 +37,20 @@ from portrait3d.methods.projector.projector import (
     PRECISIONS,
     as_target_image,
     device_of,
+    finite_loss,
+    image_loss_modules,
+    image_loss_terms,
     resize_target,
-    scaled_landmarks,
 )
 
-__all__ = ["PivotalTuningConfig", "PivotalTuningResult", "pivotal_tuning", "locality_latent"]
+__all__ = ["PTISettings", "PivotalTuningConfig", "PivotalTuningResult", "pivotal_tuning", "locality_latent",
+           "locality_distance"]
 
 
 @dataclass
-class PivotalTuningConfig:
-    """Settings of :func:`pivotal_tuning` (PTI's defaults)."""
+class PTISettings:
+    """PTI's own settings (Roich et al.; the official defaults), shared by the 2D tuner here and EG3D's
+    (:class:`portrait3d.methods.inversion3d.pti.PTIConfig`)."""
 
     steps: int = 350                   # PTI: max_pti_steps
     lr: float = 3e-4                   # PTI: pti_learning_rate (Adam)
@@ -54,23 +59,33 @@ class PivotalTuningConfig:
     identity_weight: float = 0.0       # ours: dlib identity to the photo (needs landmarks); 0 = off
     locality_weight: float = 0.0       # PTI's locality regulariser (0.1 for L2 and LPIPS when enabled); 0 = off
     locality_alpha: float = 30.0       # PTI: regulizer_alpha
-    locality_truncation: float = 0.5   # truncation of the sampled w_z
+    locality_truncation: float = 0.5   # truncation of the sampled w_z (as PTI samples them)
     perceptual: str = "efficientnet-lite0"
     perceptual_kwargs: dict[str, Any] = field(default_factory=dict)
     stop_threshold: float = 0.0        # stop once the perceptual term is below this (PTI: LPIPS 0.06); 0 = never
-    precision: str = "fp32"            # "bf16": synthesis and loss networks under bf16 autocast, Adam in float32
     seed: int = 0                      # the locality regulariser's latents
 
     def validate(self) -> None:
+        """Raises :class:`~portrait3d.errors.UsageError` (a ``ValueError``) for a setting that cannot be used."""
         if self.steps < 0:
             raise UsageError(f"PTI steps must be >= 0, not {self.steps}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         for name in ("lr", "mse_weight", "perceptual_weight", "identity_weight", "locality_weight",
                      "locality_alpha", "locality_truncation", "stop_threshold"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise UsageError(f"{name} must be a finite non-negative number, not {v!r}")
+
+
+@dataclass
+class PivotalTuningConfig(PTISettings):
+    """Settings of :func:`pivotal_tuning`: PTI's (:class:`PTISettings`) and the precision of the tuning renders."""
+
+    precision: str = "fp32"            # "bf16": synthesis and loss networks under bf16 autocast, Adam in float32
+
+    def validate(self) -> None:
+        super().validate()
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
 
 
 @dataclass
@@ -85,10 +100,24 @@ class PivotalTuningResult:
 
 
 def locality_latent(w_pivot: torch.Tensor, w_z: torch.Tensor, alpha: float) -> torch.Tensor:
-    """PTI's eq. 4: ``w_r = w_p + alpha (w_z - w_p) / ||w_z - w_p||_2``, a latent at distance ``alpha`` from the
-    pivot towards a sampled ``w_z`` (norm over the last dimension). Shapes ``[..., w_dim]``."""
+    """PTI's eq. 4: ``w_r = w_p + alpha (w_z - w_p) / ||w_z - w_p||_2``, a code at distance ``alpha`` from the pivot
+    towards a sampled ``w_z``; the norm is over each sample's whole code (all layers, as PTI's code computes it).
+    Shapes ``[N, ...]``."""
     d = w_z - w_pivot
-    return w_pivot + alpha * d / d.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    norm = d.flatten(1).norm(dim=1).clamp_min(1e-8).reshape([-1] + [1] * (d.ndim - 1))
+    return w_pivot + alpha * d / norm
+
+
+def locality_distance(out: torch.Tensor, ref: torch.Tensor, percept: nn.Module | None,
+                      amp: Callable[[], Any] | None = None) -> torch.Tensor:
+    """PTI's locality regulariser for one code (eq. 5): ``L2(out, ref) + L_percep(out, ref)`` between the tuned and
+    the original generator's renders ``[N, 3, R, R]`` (the perceptual part only with a ``percept`` module; under
+    ``amp()`` when given)."""
+    loc = (out - ref).square().mean()
+    if percept is not None:
+        with amp() if amp is not None else contextlib.nullcontext():
+            loc = loc + percept(out, ref).float().mean()
+    return loc
 
 
 def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
@@ -121,23 +150,10 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
     if ws.ndim != 3 or ws.shape[0] != 1 or ws.shape[1] != int(G.num_ws):
         raise UsageError(f"the pivot must be [1, {int(G.num_ws)}, {int(G.w_dim)}], not {list(ws.shape)}")
 
-    percept = None
-    if cfg.perceptual_weight > 0 or (cfg.locality_weight > 0 and perceptual_loss is not None):
-        if perceptual_loss is None:
-            from portrait3d.losses.perceptual import perceptual_loss as make_perceptual
-
-            perceptual_loss = make_perceptual(cfg.perceptual, **cfg.perceptual_kwargs)
-        percept = perceptual_loss.to(dev).eval().requires_grad_(False)
-    ident = None
-    if cfg.identity_weight > 0 and (landmarks is not None or identity_loss is not None):
-        if identity_loss is None:
-            from portrait3d.losses.identity import IdentityLoss
-
-            identity_loss = IdentityLoss(target_r.cpu(), scaled_landmarks(landmarks, src_size, res))
-        ident = identity_loss.to(dev).eval()
-    with torch.no_grad():
-        cache = percept is not None and hasattr(percept, "features") and hasattr(percept, "distance")
-        target_feats = [f.detach() for f in percept.features(target_r)] if cache else None
+    percept, ident, target_feats = image_loss_modules(cfg, target_r, src_size, landmarks, perceptual_loss, identity_loss)
+    for module in (percept, ident):
+        if module is not None:
+            module.requires_grad_(False)  # only the synthesis network's weights collect gradients
 
     G_t = copy.deepcopy(G).eval().requires_grad_(False)
     params = list(G_t.synthesis.parameters())
@@ -149,10 +165,6 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
     def amp() -> Any:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
-    def perceptual_term(img: torch.Tensor, ref: torch.Tensor, feats: list[torch.Tensor] | None) -> torch.Tensor:
-        with amp():
-            return (percept.distance(img, feats) if feats is not None else percept(img, ref)).float().mean()
-
     history: list[dict[str, Any]] = []
     bar = None
     if progress and cfg.steps:
@@ -163,21 +175,8 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
         for step in range(cfg.steps):
             with amp():
                 img = G_t.synthesis(ws, noise_mode="const").float()
-            record: dict[str, Any] = {"step": step}
-            loss = img.new_zeros([])
-            if cfg.mse_weight > 0:
-                mse = (img - target_r).square().mean()
-                loss = loss + cfg.mse_weight * mse
-                record["mse"] = float(mse.detach())
-            if percept is not None and cfg.perceptual_weight > 0:
-                p = perceptual_term(img, target_r, target_feats if cache else None)
-                loss = loss + cfg.perceptual_weight * p
-                record["perceptual"] = float(p.detach())
-            if ident is not None:
-                with amp():
-                    idl = ident(img).float().mean()
-                loss = loss + cfg.identity_weight * idl
-                record["identity"] = float(idl.detach())
+            loss, terms = image_loss_terms(img, target_r, cfg, percept, ident, target_feats, amp)
+            record: dict[str, Any] = {"step": step, **terms}
             if cfg.locality_weight > 0:
                 z = torch.randn([1, int(G.z_dim)], generator=gen).to(dev)
                 with torch.no_grad():
@@ -187,14 +186,10 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
                         ref = G.synthesis(w_r, noise_mode="const").float()
                 with amp():
                     out = G_t.synthesis(w_r, noise_mode="const").float()
-                loc = (out - ref).square().mean()
-                if percept is not None:
-                    loc = loc + perceptual_term(out, ref, None)
+                loc = locality_distance(out, ref, percept, amp)
                 loss = loss + cfg.locality_weight * loc
                 record["locality"] = float(loc.detach())
-            record["loss"] = float(loss.detach())
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"pivotal tuning diverged at step {step}: loss {record['loss']}")
+            record["loss"] = finite_loss(loss, "pivotal tuning", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
