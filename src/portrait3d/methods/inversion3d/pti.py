@@ -54,8 +54,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from portrait3d.methods.projector.projector import device_of, finite_loss
-from portrait3d.methods.projector.pti import PTISettings, locality_distance, locality_latent
+from portrait3d.methods.projector.projector import device_of, finite_loss, scaled_landmarks
+from portrait3d.methods.projector.pti import PTISettings, locality_distance, sample_locality_code
 
 __all__ = ["PTIConfig", "depth_smoothness", "novel_view_identity_terms", "pivotal_tuning", "render"]
 
@@ -258,7 +258,6 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
         ident = getattr(image_loss, "identity_module", None)
         if (ident is None or not hasattr(ident, "reference_embedding")) and landmarks is not None:
             from portrait3d.losses.identity import IdentityLoss
-            from portrait3d.methods.projector.projector import scaled_landmarks
 
             tgt = image_loss.target
             ident = IdentityLoss(tgt.cpu(), scaled_landmarks(landmarks, int(target.shape[-1]), int(tgt.shape[-1])))
@@ -305,10 +304,8 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target:
                 loss = loss + cfg.novel_view_identity_weight * nv
                 record["novel_view_identity"], record["novel_view_yaw"] = float(nv.detach()), yaw
             if use_locality and step % cfg.locality_interval == 0:
-                z = torch.randn([1, G.z_dim], generator=gen).to(dev)
+                w_r = sample_locality_code(G, ws, cfg, gen, c=camera)
                 with torch.no_grad():
-                    w_z = G.mapping(z, camera, truncation_psi=cfg.locality_truncation)  # [1, num_ws, w_dim]
-                    w_r = locality_latent(ws, w_z, cfg.locality_alpha)
                     ref = render(G, w_r, camera, cfg.deterministic)["image"]
                 img_r = render(G_t, w_r, camera, cfg.deterministic)["image"]
                 loc = locality_distance(img_r, ref, percept)

@@ -65,7 +65,11 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
     if fast:
         cfg.precision = "bf16"
         cfg.perceptual_kwargs = {"resize": min(int(G.img_resolution), FAST_PERCEPTUAL_MAX)}
-    res = project(G, target, cfg, landmarks=landmarks, progress=progress, callback=callback)
+    from portrait3d.losses.perceptual import perceptual_loss
+
+    # one perceptual network for the projection and the tuning after it
+    percept = perceptual_loss(cfg.perceptual, **cfg.perceptual_kwargs) if cfg.perceptual_weight > 0 else None
+    res = project(G, target, cfg, landmarks=landmarks, progress=progress, callback=callback, perceptual_loss=percept)
     latent = res.ws[:, 0] if space == "w" else res.ws.reshape(1, -1)
     info = {"photo": name, "num_faces": face.num_faces, "photo_pose_deg": list(face.pose.angles),
             "projection_steps": project_steps, "projection_fast": bool(fast), "pti_steps": int(pti_steps),
@@ -74,9 +78,9 @@ def project_photo(G: nn.Module, space: str, image: np.ndarray | Path, project_st
     if pti_steps > 0:
         from portrait3d.methods.projector.pti import PivotalTuningConfig, pivotal_tuning
 
-        pti_cfg = PivotalTuningConfig(steps=pti_steps, precision=cfg.precision,
+        pti_cfg = PivotalTuningConfig(steps=pti_steps, precision=cfg.precision, perceptual=cfg.perceptual,
                                       perceptual_kwargs=dict(cfg.perceptual_kwargs))
-        tuned_res = pivotal_tuning(G, res.ws, target, pti_cfg, progress=progress)
+        tuned_res = pivotal_tuning(G, res.ws, target, pti_cfg, progress=progress, perceptual_loss=percept)
         image, tuned = tuned_res.image, tuned_res.generator
         last = tuned_res.losses[-1] if tuned_res.losses else {}
         info["pti_last"] = {k: v for k, v in last.items() if k in ("mse", "perceptual", "loss")}

@@ -44,7 +44,7 @@ from portrait3d.methods.projector.projector import (
 )
 
 __all__ = ["PTISettings", "PivotalTuningConfig", "PivotalTuningResult", "pivotal_tuning", "locality_latent",
-           "locality_distance"]
+           "locality_distance", "sample_locality_code"]
 
 
 @dataclass
@@ -106,6 +106,17 @@ def locality_latent(w_pivot: torch.Tensor, w_z: torch.Tensor, alpha: float) -> t
     d = w_z - w_pivot
     norm = d.flatten(1).norm(dim=1).clamp_min(1e-8).reshape([-1] + [1] * (d.ndim - 1))
     return w_pivot + alpha * d / norm
+
+
+def sample_locality_code(G: nn.Module, w_pivot: torch.Tensor, cfg: PTISettings, generator: torch.Generator,
+                         c: torch.Tensor | None = None) -> torch.Tensor:
+    """One code of PTI's locality regulariser: ``z ~ N(0, I)`` from ``generator`` (a CPU generator, so the same
+    codes on every device), ``w_z = f(z)`` at ``cfg.locality_truncation`` (label ``c`` for a conditional mapping),
+    then :func:`locality_latent` at ``cfg.locality_alpha`` from the pivot ``[1, num_ws, w_dim]``. No gradients."""
+    z = torch.randn([1, int(G.z_dim)], generator=generator).to(w_pivot.device)
+    with torch.no_grad():
+        w_z = G.mapping(z, c, truncation_psi=cfg.locality_truncation)  # [1, num_ws, w_dim]
+        return locality_latent(w_pivot, w_z, cfg.locality_alpha)
 
 
 def locality_distance(out: torch.Tensor, ref: torch.Tensor, percept: nn.Module | None,
@@ -178,12 +189,9 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
             loss, terms = image_loss_terms(img, target_r, cfg, percept, ident, target_feats, amp)
             record: dict[str, Any] = {"step": step, **terms}
             if cfg.locality_weight > 0:
-                z = torch.randn([1, int(G.z_dim)], generator=gen).to(dev)
-                with torch.no_grad():
-                    w_z = G.mapping(z, None, truncation_psi=cfg.locality_truncation)
-                    w_r = locality_latent(ws, w_z, cfg.locality_alpha)
-                    with amp():
-                        ref = G.synthesis(w_r, noise_mode="const").float()
+                w_r = sample_locality_code(G, ws, cfg, gen)
+                with torch.no_grad(), amp():
+                    ref = G.synthesis(w_r, noise_mode="const").float()
                 with amp():
                     out = G_t.synthesis(w_r, noise_mode="const").float()
                 loc = locality_distance(out, ref, percept, amp)
