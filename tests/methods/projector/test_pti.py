@@ -42,6 +42,20 @@ def test_tuning_fits_the_target_and_leaves_G_alone(tiny_stylegan2):
     assert all(not p.requires_grad for p in res.generator.parameters()) and not res.generator.training
 
 
+def test_fine_layer_tuning_moves_only_the_blocks_asked(tiny_stylegan2):
+    G = tiny_stylegan2
+    ws, target = _pivot_and_target(G)
+    top = max(G.synthesis.block_resolutions)
+    res = pivotal_tuning(G, ws, target, PivotalTuningConfig(steps=20, lr=3e-3, perceptual_weight=0.0,
+                                                             min_resolution=top), progress=False)
+    before, tuned = _snapshot(G), res.generator.state_dict()
+    moved = {k for k in before if not torch.equal(tuned[k], before[k])}
+    assert moved and all(k.startswith(f"synthesis.b{top}.") for k in moved)
+    assert res.losses[-1]["mse"] < res.losses[0]["mse"]
+    with pytest.raises(UsageError, match="no synthesis block"):
+        pivotal_tuning(G, ws, target, PivotalTuningConfig(steps=1, min_resolution=2 * top), progress=False)
+
+
 def test_locality_latent_lies_alpha_from_the_pivot():
     w_p, w_z = torch.zeros(2, 8), torch.randn(2, 8)
     w_r = locality_latent(w_p, w_z, 30.0)
@@ -75,5 +89,7 @@ def test_bad_settings_are_refused(tiny_stylegan2):
         pivotal_tuning(G, ws, target, PivotalTuningConfig(lr=-1.0), progress=False)
     with pytest.raises(UsageError, match="precision"):
         pivotal_tuning(G, ws, target, PivotalTuningConfig(precision="fp8"), progress=False)
+    with pytest.raises(UsageError, match="min_resolution"):
+        pivotal_tuning(G, ws, target, PivotalTuningConfig(min_resolution=-1), progress=False)
     with pytest.raises(UsageError, match="pivot"):
         pivotal_tuning(G, ws[:, :1], target, PivotalTuningConfig(steps=1), progress=False)

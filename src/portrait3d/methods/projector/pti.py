@@ -43,8 +43,8 @@ from portrait3d.methods.projector.projector import (
     resize_target,
 )
 
-__all__ = ["PTISettings", "PivotalTuningConfig", "PivotalTuningResult", "pivotal_tuning", "locality_latent",
-           "locality_distance", "sample_locality_code"]
+__all__ = ["PTISettings", "PivotalTuningConfig", "PivotalTuningResult", "pivotal_tuning", "tuned_parameters",
+           "locality_latent", "locality_distance", "sample_locality_code"]
 
 
 @dataclass
@@ -81,11 +81,15 @@ class PivotalTuningConfig(PTISettings):
     """Settings of :func:`pivotal_tuning`: PTI's (:class:`PTISettings`) and the precision of the tuning renders."""
 
     precision: str = "fp32"            # "bf16": synthesis and loss networks under bf16 autocast, Adam in float32
+    min_resolution: int = 0            # ours: tune only the synthesis blocks of at least this resolution (64: the
+                                       # fine layers; the coarse blocks that place the head stay G's); 0 = all (PTI)
 
     def validate(self) -> None:
         super().validate()
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.min_resolution < 0:
+            raise UsageError(f"min_resolution must be >= 0, not {self.min_resolution}")
 
 
 @dataclass
@@ -97,6 +101,21 @@ class PivotalTuningResult:
     losses: list[dict[str, Any]]
     image: torch.Tensor
     perceptual: str = ""
+
+
+def tuned_parameters(G: nn.Module, min_resolution: int = 0) -> list[nn.Parameter]:
+    """The synthesis parameters pivotal tuning moves: every one (``min_resolution`` 0, PTI), or those of the blocks
+    ``b{res}`` with ``res >= min_resolution``. Raises :class:`UsageError` when that leaves none."""
+    syn = G.synthesis
+    if min_resolution <= 0:
+        params = list(syn.parameters())
+    else:
+        params = [p for res in syn.block_resolutions if res >= min_resolution
+                  for p in getattr(syn, f"b{res}").parameters()]
+    if not params:
+        raise UsageError(f"no synthesis block of resolution >= {min_resolution} "
+                         f"(blocks: {', '.join(map(str, syn.block_resolutions))})")
+    return params
 
 
 def locality_latent(w_pivot: torch.Tensor, w_z: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -167,7 +186,7 @@ def pivotal_tuning(G: nn.Module, ws: torch.Tensor, target: torch.Tensor,
             module.requires_grad_(False)  # only the synthesis network's weights collect gradients
 
     G_t = copy.deepcopy(G).eval().requires_grad_(False)
-    params = list(G_t.synthesis.parameters())
+    params = tuned_parameters(G_t, cfg.min_resolution)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
